@@ -1,0 +1,21 @@
+"""Lighthouse attention for Hugging Face Transformers.
+
+``import lighthouse_hf`` registers ``attn_implementation="lighthouse"`` with Transformers.
+"""
+
+from .config import ATTN_IMPLEMENTATION, LighthouseConfig
+from .integration import apply_lighthouse, register
+from .ops import compressed_length, lighthouse_attention
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "LighthouseConfig",
+    "apply_lighthouse",
+    "compressed_length",
+    "lighthouse_attention",
+    "__version__",
+]

@@ -1,0 +1,178 @@
+"""Plain PyTorch Lighthouse attention: the CPU path and the oracle for the fused kernels.
+
+Vectorized over batch, heads and tiles; the only Python loops run over pyramid levels.
+Step numbers refer to the specification (pyramid, scores, cascade, causal order, attention,
+scatter back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .plan import HALF_TILE, TILE, LighthousePlan
+
+# Scores are L2 norms (>= 0): padding sits below every real entry, and entries already taken
+# by the query half sit below padding, so the key half never takes an entry twice.
+_PADDING_SCORE = -1.0
+_TAKEN_SCORE = float("-inf")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The compressed sequence of every (batch, query head), in causal order.
+
+    All tensors are ``[B, H, compressed_len]`` int64.
+    ``level`` and ``local`` say which pyramid entry each element is (entry ``local`` of ``level``);
+    ``index`` is its row in the concatenated pyramid; ``key`` is the exact integer position key
+    (the specification's key times ``2**(levels-1)``), strictly increasing along the last axis.
+    """
+
+    plan: LighthousePlan
+    level: torch.Tensor
+    local: torch.Tensor
+    index: torch.Tensor
+    key: torch.Tensor
+    refined: torch.Tensor
+    """True for entries selected at levels >= 1 (their children are entries one level down)."""
+
+
+def level_scores(x: torch.Tensor, plan: LighthousePlan) -> list[torch.Tensor]:
+    """Max-pooled float32 L2 norms of ``x`` ``[B, h, S, D]`` per level: ``[B, h, level_len]``."""
+    norms = torch.linalg.vector_norm(x[:, :, : plan.real_len].float(), dim=-1)
+    norms = F.pad(norms, (0, plan.padded_len - plan.real_len), value=_PADDING_SCORE)
+    return [norms.unflatten(-1, (-1, plan.pooling**level)).amax(-1) for level in range(plan.levels)]
+
+
+def _choose(query_score: torch.Tensor, key_score: torch.Tensor) -> torch.Tensor:
+    """Mask of the 64 best candidates by query score plus the 64 best of the rest by key score.
+
+    Ties go to the earlier candidate (stable sort), so the choice is defined for any input.
+    """
+
+    def best(score: torch.Tensor) -> torch.Tensor:
+        return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :HALF_TILE]
+
+    chosen = torch.zeros_like(query_score, dtype=torch.bool)
+    chosen.scatter_(-1, best(query_score), True)
+    chosen.scatter_(-1, best(key_score.masked_fill(chosen, _TAKEN_SCORE)), True)
+    return chosen
+
+
+def _children(parents: torch.Tensor, pooling: int) -> torch.Tensor:
+    """``[..., n]`` sorted parent indices to ``[..., n * pooling]`` sorted child indices."""
+    offsets = torch.arange(pooling, device=parents.device)
+    return (parents.unsqueeze(-1) * pooling + offsets).flatten(-2)
+
+
+@torch.no_grad()
+def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> Selection:
+    """Steps 2-4: scores, the top-k cascade per tile, and the causal order.
+
+    ``q`` is ``[B, H, S, D]``, ``k`` is ``[B, Hkv, S, D]``; each query head selects on its own,
+    with the key scores of its KV head (computed once per KV head).
+    """
+    batch, heads = q.shape[:2]
+    group = heads // k.shape[1]
+    levels, pooling = plan.levels, plan.pooling
+    query_scores = level_scores(q, plan)
+    key_scores = [s.repeat_interleave(group, dim=1) for s in level_scores(k, plan)]
+    unit = 2 ** (levels - 1)  # makes every key an integer
+
+    coarse = levels - 1
+    candidates = torch.arange(plan.n_coarse_padded, device=q.device).view(plan.tiles, plan.tile_len)
+    candidates = candidates.expand(batch, heads, -1, -1)
+    parts = []  # (level, local index, refined) per level, each [B, H, tiles, n]
+    for level in range(coarse, 0, -1):
+        tiled = (batch, heads, plan.tiles, -1)
+        chosen = _choose(
+            query_scores[level].gather(-1, candidates.reshape(batch, heads, -1)).view(tiled),
+            key_scores[level].gather(-1, candidates.reshape(batch, heads, -1)).view(tiled),
+        )
+        parts.append((level, candidates, chosen))
+        parents = candidates.masked_select(chosen).view(batch, heads, plan.tiles, TILE)
+        candidates = _children(parents, pooling)
+    parts.append((0, candidates, torch.zeros_like(candidates, dtype=torch.bool)))
+
+    level = torch.cat([torch.full_like(c, lv).flatten(2) for lv, c, _ in parts], dim=-1)
+    local = torch.cat([c.flatten(2) for _, c, _ in parts], dim=-1)
+    refined = torch.cat([r.flatten(2) for _, _, r in parts], dim=-1)
+    width = pooling**level
+    key = torch.where(
+        refined,
+        (local + 1) * width * unit - 2 ** (coarse - level),  # just after the span's last token
+        local * width * unit,  # the span's first token
+    )
+    key, order = torch.sort(key, dim=-1)
+    level, local, refined = (t.gather(-1, order) for t in (level, local, refined))
+    offsets = torch.tensor([plan.level_offset(m) for m in range(levels)], device=q.device)
+    return Selection(plan, level, local, offsets[level] + local, key, refined)
+
+
+def pyramid(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
+    """Step 1: level 0 then the mean-pooled levels, concatenated: ``[B, h, sum(level_len), D]``."""
+    x = x[:, :, : plan.padded_len]
+    x = F.pad(x, (0, 0, 0, plan.padded_len - x.shape[2]))
+    levels = [x] + [
+        x.unflatten(2, (-1, plan.pooling**level)).mean(3) for level in range(1, plan.levels)
+    ]
+    return torch.cat(levels, dim=2)
+
+
+def gather_entries(pyramid_rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``[B, H, n]`` of ``pyramid_rows`` ``[B, h, N, D]``, query head ``i`` reading
+    from KV head ``i // (H // h)``: ``[B, H, n, D]``."""
+    batch, heads, n = index.shape
+    kv_heads, dim = pyramid_rows.shape[1], pyramid_rows.shape[-1]
+    grouped = index.reshape(batch, kv_heads, -1, 1).expand(-1, -1, -1, dim)
+    return pyramid_rows.gather(2, grouped).view(batch, heads, n, dim)
+
+
+def scatter_back(out: torch.Tensor, selection: Selection, seq_len: int) -> torch.Tensor:
+    """Step 6 as a gather: each position takes at most one entry per level.
+
+    Entry ``j`` of level ``l`` (width ``c``) lands on positions ``[j*c + c - 1, j*c + 2c - 1)``;
+    levels are summed in float32; positions nothing reaches stay zero.
+    """
+    plan = selection.plan
+    batch, heads, n, dim = out.shape
+    with_zero_row = F.pad(out, (0, 0, 0, 1))  # row n stays zero for slots nothing fills
+    result = out.new_zeros(batch, heads, seq_len, dim, dtype=torch.float32)
+    position = torch.arange(n, device=out.device).expand(batch, heads, n)
+    for level in range(plan.levels):
+        width = plan.pooling**level
+        slots = plan.level_len(level)
+        # Where each slot of this level sits in the compressed sequence (n: nowhere). Entries of
+        # other levels are parked in an extra slot that is cut off below.
+        source = torch.full((batch, heads, slots + 1), n, device=out.device)
+        target = torch.where(selection.level == level, selection.local, slots)
+        source.scatter_(-1, target, position)
+        real_slots = plan.real_len // width
+        rows = gather_entries(with_zero_row, source[..., :real_slots])
+        start = width - 1
+        stop = min(seq_len, start + real_slots * width)
+        if stop > start:
+            spread = rows.repeat_interleave(width, dim=2)[:, :, : stop - start]
+            result[:, :, start:stop] += spread
+    return result.to(out.dtype)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection, scale: float | None
+) -> torch.Tensor:
+    """Steps 1, 5 and 6 for a given selection: differentiable in q, k and v."""
+    plan = selection.plan
+    index = selection.index
+    q_sel = gather_entries(pyramid(q, plan), index)
+    k_sel = gather_entries(pyramid(k, plan), index)
+    v_sel = gather_entries(pyramid(v, plan), index)
+    out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, scale=scale)
+    return scatter_back(out, selection, q.shape[2])
+
+
+def lighthouse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: LighthousePlan, scale: float | None
+) -> torch.Tensor:
+    return attend(q, k, v, select(q, k, plan), scale)

@@ -1,0 +1,24 @@
+"""Per-family adapters (installed as ``lighthouse_hf.patches``).
+
+Llama, Qwen2, Qwen3 and Mistral all dispatch attention through Transformers' registry, so no
+modeling code is patched; an adapter only states what differs between families: which layers run a
+sliding window and how many KV heads a layer has. Any other architecture gets the generic adapter,
+which reads the same facts from the standard config fields.
+"""
+
+from __future__ import annotations
+
+from .base import FamilyAdapter, generic
+from .llama import ADAPTER as LLAMA
+from .mistral import ADAPTER as MISTRAL
+from .qwen2 import ADAPTER as QWEN2
+from .qwen3 import ADAPTER as QWEN3
+
+ADAPTERS = {adapter.model_type: adapter for adapter in (LLAMA, MISTRAL, QWEN2, QWEN3)}
+
+
+def adapter_for(config) -> FamilyAdapter:
+    return ADAPTERS.get(getattr(config, "model_type", None), generic)
+
+
+__all__ = ["FamilyAdapter", "ADAPTERS", "adapter_for"]
