@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+
+# Each module defines add_subcommand(subparsers), which sets ``run=`` (args -> exit code) as default.
+_SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         'attention registered as attn_implementation="lighthouse".',
     )
     parser.add_argument("--version", action="version", version=f"lighthouse-hf {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMAND_MODULES:
+        importlib.import_module(f"lighthouse_hf.{name}").add_subcommand(subparsers)
     return parser
 
 

@@ -29,12 +29,19 @@ def _check_min_seq_len(value: object) -> int | None:
     return value
 
 
+def _check_recovery_step(value: object) -> int | None:
+    if value is not None and (not _is_int(value) or value < 0):
+        raise ValueError(f"recovery_step must be None or an integer >= 0, got {value!r}")
+    return value
+
+
 _CHECKS = {
     "levels": check_levels,
     "pooling": check_pooling,
     "topk": check_topk,
     "dense_layers": _check_dense_layers,
     "min_seq_len": _check_min_seq_len,
+    "recovery_step": _check_recovery_step,
 }
 
 
@@ -47,6 +54,8 @@ class LighthouseConfig:
     - ``dense_layers``: layers that always use dense SDPA; negative indices count from the end
       (the paper keeps the first two and last two layers dense).
     - ``min_seq_len``: below this length use dense SDPA; None uses Lighthouse whenever it compresses.
+    - ``recovery_step``: the global training step at which dense recovery began (None: never);
+      written by the training workflow so that a checkpoint says which phase it is in.
     """
 
     levels: int = 3
@@ -54,6 +63,7 @@ class LighthouseConfig:
     topk: int = 2048
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
     min_seq_len: int | None = None
+    recovery_step: int | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _CHECKS:
