@@ -1,0 +1,152 @@
+"""Long-document training data: tokenize, concatenate with EOS, cut into fixed-length blocks.
+
+Every block is exactly ``seq_len`` tokens and nothing is padded, so Lighthouse always runs (a
+padding mask would send a layer to its dense fallback). Blocks are plain causal sequences: no
+``position_ids`` restart and no document mask is produced, so attention crosses document
+boundaries inside a block, the model sees the EOS between two documents and positions count
+from the block's start. That matches how Lighthouse runs: its pyramid pools across the whole
+block, and the library does not mask documents (a packed-document mask would make every layer
+fall back to dense SDPA).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
+
+from .ops.plan import _is_int
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+    from transformers import PreTrainedTokenizerBase
+
+Tokenizer = Union["PreTrainedTokenizerBase", Callable[[list[str]], Sequence[Sequence[int]]]]
+"""A Transformers tokenizer, or any function from a list of texts to their lists of token ids."""
+
+
+def _check_seq_len(seq_len: object) -> int:
+    if not _is_int(seq_len) or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    return seq_len
+
+
+def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int) -> Iterator[list[int]]:
+    """Blocks of exactly ``seq_len`` tokens from documents of token ids, each document followed by
+    ``eos_token_id``. Lazy (one document and one block in memory at a time); the last, incomplete
+    block is dropped rather than padded."""
+    _check_seq_len(seq_len)
+    if not _is_int(eos_token_id) or eos_token_id < 0:
+        raise ValueError(f"eos_token_id must be an integer >= 0, got {eos_token_id!r}")
+    buffer: list[int] = []
+    for document in documents:
+        buffer.extend(document)
+        buffer.append(eos_token_id)
+        start = 0
+        while len(buffer) - start >= seq_len:
+            yield buffer[start : start + seq_len]
+            start += seq_len
+        del buffer[:start]  # once per document, so a very long document costs linear time
+
+
+def _tokenize_function(tokenizer: Tokenizer) -> Callable[[list[str]], Sequence[Sequence[int]]]:
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        # verbose=False: documents longer than the model's context are the point here.
+        return lambda texts: tokenizer(texts, verbose=False)["input_ids"]
+    if callable(tokenizer):
+        return tokenizer
+    raise ValueError(
+        f"tokenizer must be a Transformers tokenizer or a function from texts to token ids, got {type(tokenizer).__name__}"
+    )
+
+
+def _resolve_eos(tokenizer: Tokenizer, eos_token_id: int | None) -> int:
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        raise ValueError("eos_token_id must be given: the tokenizer has no eos_token_id")
+    return eos_token_id
+
+
+def _texts(dataset: Iterable[dict[str, Any]], text_column: str, batch_size: int, progress: Any) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for row in dataset:
+        batch.append(row[text_column])
+        if len(batch) == batch_size:
+            yield batch
+            progress.update(len(batch))
+            batch = []
+    if batch:
+        yield batch
+        progress.update(len(batch))
+
+
+def _generate_blocks(
+    dataset: Iterable[dict[str, Any]],
+    tokenizer: Tokenizer,
+    seq_len: int,
+    eos_token_id: int,
+    text_column: str,
+    batch_size: int,
+    with_labels: bool,
+    total: int | None,
+) -> Iterator[dict[str, list[int]]]:
+    from tqdm.auto import tqdm
+
+    tokenize = _tokenize_function(tokenizer)
+    # A streaming dataset is consumed while training runs: the Trainer's bar shows that progress.
+    progress = tqdm(total=total, desc=f"Packing documents into {seq_len}-token blocks", unit="doc", disable=total is None)
+    with progress:
+        documents = (ids for texts in _texts(dataset, text_column, batch_size, progress) for ids in tokenize(texts))
+        for block in pack_documents(documents, seq_len, eos_token_id):
+            yield {"input_ids": block, "labels": block} if with_labels else {"input_ids": block}
+
+
+def pack_dataset(
+    dataset: "Dataset | IterableDataset",
+    tokenizer: Tokenizer,
+    seq_len: int,
+    *,
+    text_column: str = "text",
+    eos_token_id: int | None = None,
+    batch_size: int = 1000,
+    with_labels: bool = True,
+) -> "Dataset | IterableDataset":
+    """Turn a ``datasets`` text dataset into causal-LM training blocks of exactly ``seq_len`` tokens.
+
+    Documents (rows of ``text_column``) are tokenized ``batch_size`` at a time, each is followed by
+    ``eos_token_id`` (default: the tokenizer's), and the stream is cut into blocks; the final
+    incomplete block is dropped, nothing is padded. Returns rows ``{"input_ids", "labels"}``
+    (``labels`` equal to ``input_ids``; the model shifts them), ready for ``Trainer`` with its
+    default collator. A ``Dataset`` gives a ``Dataset`` (built once, with a progress bar, cached by
+    ``datasets``); an ``IterableDataset`` (``streaming=True``) gives an ``IterableDataset`` that
+    packs lazily while it is read.
+
+    Attention crosses document boundaries inside a block (see the module docstring).
+    """
+    from datasets import Dataset, Features, IterableDataset, Sequence as SequenceFeature, Value
+
+    _check_seq_len(seq_len)
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise ValueError(f"dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
+    columns = dataset.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"text_column {text_column!r} is not a column of the dataset (columns: {columns})")
+    _tokenize_function(tokenizer)  # reject a bad tokenizer now, not when the data is first read
+    eos_token_id = _resolve_eos(tokenizer, eos_token_id)
+    block = SequenceFeature(Value("int32"), length=seq_len)
+    features = Features({"input_ids": block, "labels": block} if with_labels else {"input_ids": block})
+    gen_kwargs = dict(
+        dataset=dataset,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        eos_token_id=eos_token_id,
+        text_column=text_column,
+        batch_size=batch_size,
+        with_labels=with_labels,
+    )
+    if isinstance(dataset, IterableDataset):
+        return IterableDataset.from_generator(_generate_blocks, features=features, gen_kwargs={**gen_kwargs, "total": None})
+    return Dataset.from_generator(_generate_blocks, features=features, gen_kwargs={**gen_kwargs, "total": len(dataset)})

@@ -1,0 +1,123 @@
+"""Two-stage training with ``transformers.Trainer``: Lighthouse pre-training, then dense recovery.
+
+The switch is a pure function of the global step: steps ``1..at`` run with Lighthouse and every
+later step runs with dense SDPA. That is what makes resuming simple: a run resumed from any
+checkpoint lands in the phase its global step belongs to, whatever the model object in memory
+says, and the losses that follow equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
+from .ops.plan import _is_int
+
+logger = logging.get_logger(__name__)
+
+DENSE_IMPLEMENTATION = "sdpa"
+"""What the recovery phase runs: the dense attention that Lighthouse layers fall back to."""
+
+
+def lighthouse_models(model: torch.nn.Module) -> Iterator[PreTrainedModel]:
+    """The outermost Transformers models inside ``model`` (a model, a PEFT wrapper, a DDP wrapper)
+    that currently dispatch attention to Lighthouse."""
+    seen_configs: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel) or id(module.config) in seen_configs:
+            continue
+        seen_configs.add(id(module.config))
+        if module.config._attn_implementation == ATTN_IMPLEMENTATION:
+            yield module
+
+
+def switch_to_dense(model: torch.nn.Module, recovery_step: int) -> list[PreTrainedModel]:
+    """Switch every Lighthouse model inside ``model`` to dense SDPA and record ``recovery_step`` in
+    its ``config.lighthouse``; returns the models it switched."""
+    switched = list(lighthouse_models(model))
+    for pretrained in switched:
+        settings = LighthouseConfig.from_model_config(pretrained.config)
+        settings.recovery_step = recovery_step
+        setattr(pretrained.config, CONFIG_KEY, settings.to_dict())
+        pretrained.set_attn_implementation(DENSE_IMPLEMENTATION)
+    return switched
+
+
+def _check_at(at: object) -> int | float:
+    if _is_int(at) and at >= 0:
+        return at
+    if isinstance(at, float) and 0.0 < at < 1.0:
+        return at
+    raise ValueError(
+        f"at must be an int >= 0 (the global step at which recovery begins) or a float in (0, 1) "
+        f"(that fraction of max_steps), got {at!r}"
+    )
+
+
+class RecoveryCallback(TrainerCallback):
+    """Switch Lighthouse models to dense SDPA ("recovery") once training reaches a chosen step.
+
+    ``at`` is an int (the absolute global step) or a float in (0, 1) (a fraction of
+    ``max_steps``, rounded to the nearest step). The first ``at`` optimizer steps run with
+    Lighthouse, all later ones dense. The switch happens in ``on_step_end``, after an optimizer
+    step and before the next forward, so it never separates a forward from its backward (nor the
+    recomputed forwards of gradient checkpointing, nor the micro-batches of one accumulated step),
+    and a checkpoint saved at step ``at`` already holds the dense model.
+
+    Every switched model gets ``config.lighthouse["recovery_step"] = at`` (so saved checkpoints
+    say which phase they are in), the switch is logged, and ``state.log_history`` gets an entry
+    ``{"lighthouse_recovery_step": at, "step": at}``. A run resumed from a checkpoint at or past
+    ``at`` switches before its first step; one resumed from an earlier checkpoint stays on
+    Lighthouse until ``at``.
+    """
+
+    def __init__(self, at: int | float) -> None:
+        self.at = _check_at(at)
+        self.recovery_step: int | None = None
+        """The global step at which recovery begins; resolved when training starts."""
+
+    def resolve(self, max_steps: int) -> int:
+        """The global step at which recovery begins, for a run of ``max_steps`` steps."""
+        step = max(1, round(self.at * max_steps)) if isinstance(self.at, float) else self.at
+        if step > max_steps:
+            raise ValueError(
+                f"at={self.at!r} puts recovery at step {step}, after the last step ({max_steps}); "
+                "choose a step <= max_steps or a fraction in (0, 1)"
+            )
+        return step
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
+    ) -> None:
+        self.recovery_step = self.resolve(state.max_steps)
+        if state.global_step < self.recovery_step:
+            if not any(True for _ in lighthouse_models(model)):
+                logger.warning(
+                    "RecoveryCallback: the model does not use Lighthouse attention, so there is nothing to "
+                    f'switch at step {self.recovery_step}; set attn_implementation="{ATTN_IMPLEMENTATION}" '
+                    "(e.g. with lighthouse_hf.apply_lighthouse) to train with it."
+                )
+            return
+        # A run resumed inside the recovery phase (or asked to recover from the start).
+        if switch_to_dense(model, self.recovery_step):
+            logger.info(
+                f"Lighthouse: step {state.global_step} is in the dense recovery phase that began at step "
+                f"{self.recovery_step}; training continues with dense {DENSE_IMPLEMENTATION} attention."
+            )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
+    ) -> None:
+        if state.global_step != self.recovery_step:
+            return
+        switched = switch_to_dense(model, self.recovery_step)
+        if switched:
+            logger.info(
+                f"Lighthouse: dense recovery begins after step {self.recovery_step} of {state.max_steps}; "
+                f"switched {len(switched)} model(s) to {DENSE_IMPLEMENTATION} attention."
+            )
+            state.log_history.append({"lighthouse_recovery_step": self.recovery_step, "step": state.global_step})
