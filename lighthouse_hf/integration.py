@@ -10,6 +10,7 @@ applies and Transformers' own SDPA function everywhere else, so dense calls matc
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,15 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.utils import logging
 
 from . import patches
 from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
 from .ops import LighthousePlan, lighthouse_attention
 
-logger = logging.get_logger(__name__)
+
+
+class LighthouseWarning(UserWarning):
+    """Lighthouse does not run as configured somewhere (Python shows each message once by default)."""
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,14 @@ def lighthouse_attention_forward(
     dense = _dense_reason(module, query, key, attention_mask, settings)
     if dense is None:
         if dropout:
-            logger.warning_once("Lighthouse attention applies no attention dropout (attention_dropout is ignored).")
+            warnings.warn("Lighthouse attention applies no attention dropout (attention_dropout is ignored).", LighthouseWarning)
         out = lighthouse_attention(
             query, key, value, levels=settings.levels, pooling=settings.pooling, topk=settings.topk, scale=scaling
         )
         return out.transpose(1, 2).contiguous(), None
     reason, tell = dense
     if tell:
-        logger.warning_once(f"Lighthouse attention falls back to dense SDPA for inputs with {reason}.")
+        warnings.warn(f"Lighthouse attention falls back to dense SDPA for inputs with {reason}.", LighthouseWarning)
     kwargs.pop("sliding_window", None)  # already part of the mask
     mask = _dense_mask(attention_mask, query, key)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -180,10 +183,11 @@ def prepare_config(config: Any) -> LighthouseConfig:
     windowed = sorted(set(adapter.windowed_layers(config)) - dense_layers)
     if windowed:
         window = adapter.windowed_layers(config)[windowed[0]]
-        logger.warning_once(
+        warnings.warn(
             f"{adapter.model_type}: layers {windowed} have a {window}-token sliding window. Lighthouse "
             "has no window: in those layers it attends over the whole causal prefix through its "
-            "pyramid. Dense layers and dense fallbacks keep the window."
+            "pyramid. Dense layers and dense fallbacks keep the window.",
+            LighthouseWarning,
         )
     return settings
 

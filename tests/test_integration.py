@@ -1,0 +1,269 @@
+"""Transformers integration: registry entries, settings in config.json, four model families."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sliding_window_causal_mask_function
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import lighthouse_hf
+from lighthouse_hf import LighthouseConfig, apply_lighthouse, compressed_length
+from lighthouse_hf.integration import DeferredMask, LighthouseWarning, lighthouse_mask
+
+SEQ = 2048  # with topk=128 Lighthouse compresses 2048 to 640 entries
+SETTINGS = {"topk": 128, "dense_layers": [0]}
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=SEQ,
+)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "qwen2": lambda: Qwen2Config(**TINY),
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def saved_model(request, tmp_path_factory):
+    torch.manual_seed(0)
+    config = FAMILIES[request.param]()
+    config.lighthouse = dict(SETTINGS)
+    path = tmp_path_factory.mktemp(request.param)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def load(path, attn="lighthouse", **kwargs):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32, **kwargs)
+
+
+def tokens(batch=1, seq=SEQ, seed=0):
+    return torch.randint(0, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registered_with_public_calls():
+    assert ALL_ATTENTION_FUNCTIONS["lighthouse"] is lighthouse_hf.integration.lighthouse_attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS["lighthouse"] is lighthouse_mask
+
+
+def test_family_trains_with_lighthouse(saved_model):
+    model = load(saved_model)
+    assert model.config._attn_implementation == "lighthouse"
+    assert model.config.lighthouse == LighthouseConfig(**SETTINGS).to_dict()
+    dense = load(saved_model, "sdpa")
+    x = tokens()
+    model.train()
+    out = model(x, labels=x)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # Lighthouse really ran: the sparse model differs from the same weights under dense SDPA
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, dense(x).logits, atol=1e-3)
+
+
+def test_dense_paths_equal_sdpa_exactly(saved_model):
+    model, dense = load(saved_model), load(saved_model, "sdpa")
+    with torch.no_grad():
+        short = tokens(seq=300)  # too short to compress
+        torch.testing.assert_close(model(short).logits, dense(short).logits, rtol=0, atol=0)
+        model.config.lighthouse["dense_layers"] = [0, 1, 2]
+        x = tokens()
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=0, atol=0)
+
+
+def test_eval_forward_uses_lighthouse_too(saved_model):
+    model = load(saved_model).eval()
+    x = tokens()
+    with torch.no_grad():
+        eval_logits = model(x).logits
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, eval_logits)
+
+
+def test_generate_matches_sdpa(saved_model):
+    model, dense = load(saved_model).eval(), load(saved_model, "sdpa").eval()
+    prompt = tokens(batch=2, seq=12)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0  # left padding in the second row
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=mask)
+    assert torch.equal(model.generate(prompt, **settings), dense.generate(prompt, **settings))
+
+
+def test_save_load_round_trip_keeps_settings(saved_model, tmp_path):
+    model = load(saved_model)
+    model.config.lighthouse["topk"] = 256
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).lighthouse["topk"] == 256
+    assert load(tmp_path).config.lighthouse == LighthouseConfig(**{**SETTINGS, "topk": 256}).to_dict()
+
+
+def test_switch_to_sdpa_and_back(saved_model):
+    model, dense = load(saved_model), load(saved_model, "sdpa")
+    x = tokens()
+    with torch.no_grad():
+        sparse_logits = model(x).logits
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=0, atol=0)
+        model.set_attn_implementation("lighthouse")
+        torch.testing.assert_close(model(x).logits, sparse_logits, rtol=0, atol=0)
+
+
+def test_padding_falls_back_to_dense_with_a_warning(saved_model):
+    model, dense = load(saved_model), load(saved_model, "sdpa")
+    x = tokens(batch=2)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    with pytest.warns(LighthouseWarning, match="falls back to dense SDPA for inputs with padding"), torch.no_grad():
+        logits = model(x, attention_mask=mask).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits, dense(x, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+def test_packed_documents_fall_back_to_dense(saved_model):
+    model, dense = load(saved_model), load(saved_model, "sdpa")
+    x = tokens()
+    position_ids = torch.cat([torch.arange(1000), torch.arange(SEQ - 1000)])[None]
+    with pytest.warns(LighthouseWarning, match="packed-document boundaries"), torch.no_grad():
+        logits = model(x, position_ids=position_ids, use_cache=False).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits, dense(x, position_ids=position_ids, use_cache=False).logits, rtol=0, atol=0)
+
+
+def test_mistral_sliding_window(tmp_path):
+    config = MistralConfig(**TINY, sliding_window=512)
+    config.lighthouse = {"topk": 128, "dense_layers": [0]}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.warns(LighthouseWarning, match=r"mistral: layers \[1, 2\] have a 512-token sliding window"):
+        model = load(tmp_path)
+    dense = load(tmp_path, "sdpa")
+    x = tokens()
+    with torch.no_grad():
+        # with every layer dense the windowed masks must match Transformers' own exactly
+        model.config.lighthouse["dense_layers"] = [0, 1, 2]
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=0, atol=0)
+        model.config.lighthouse["dense_layers"] = [0]
+        assert not torch.allclose(model(x).logits, dense(x).logits, atol=1e-3)
+
+
+def test_qwen2_sliding_layers(tmp_path):
+    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=256, max_window_layers=1)
+    config.lighthouse = {"topk": 128, "dense_layers": [0, 1, 2]}
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    assert lighthouse_hf.patches.adapter_for(config).windowed_layers(config) == {1: 256, 2: 256}
+    with torch.no_grad():
+        x = tokens()
+        torch.testing.assert_close(load(tmp_path)(x).logits, load(tmp_path, "sdpa")(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"topk": 100}, "config.lighthouse: topk must be a positive multiple of 128"),
+        ({"levels": 0}, "config.lighthouse: levels must be an integer >= 1"),
+        ({"pooling": 6}, "config.lighthouse: pooling must be a power of two"),
+        ({"top_k": 128}, r"config.lighthouse: config.lighthouse has unknown keys \['top_k'\]"),
+        ({"dense_layers": [0, 7]}, r"dense_layers entries \[7\] lie outside a model of 3 layers"),
+        ({"min_seq_len": 0}, "min_seq_len must be None or an integer >= 1"),
+        ([1, 2], "config.lighthouse must be a dict"),
+    ],
+)
+def test_bad_settings_fail_at_load(tmp_path, settings, message):
+    config = LlamaConfig(**TINY)
+    config.lighthouse = settings
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), attn_implementation="lighthouse")
+
+
+def test_missing_keys_take_defaults_and_are_written_back():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="lighthouse")
+    assert model.config.lighthouse == LighthouseConfig().to_dict()
+
+
+def test_apply_lighthouse_to_model_and_config():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    assert model.config._attn_implementation == "sdpa"
+    apply_lighthouse(model, LighthouseConfig(topk=256), dense_layers=[])
+    assert model.config._attn_implementation == "lighthouse"
+    assert model.config.lighthouse["topk"] == 256 and model.config.lighthouse["dense_layers"] == []
+    config = apply_lighthouse(LlamaConfig(**TINY), topk=128)
+    assert AutoModelForCausalLM.from_config(config).config._attn_implementation == "lighthouse"
+    with pytest.raises(ValueError, match="pooling must be a power of two"):
+        apply_lighthouse(model, pooling=3)
+
+
+def test_settings_dataclass_validates_when_set():
+    settings = LighthouseConfig()
+    settings.topk = 1024
+    with pytest.raises(ValueError, match="topk must be a positive multiple of 128"):
+        settings.topk = 1000
+    with pytest.raises(AttributeError, match="no setting 'top_k'"):
+        settings.top_k = 5
+    assert settings.dense_layer_set(30) == {0, 1, 28, 29}
+
+
+def test_mask_function_never_builds_a_square_mask():
+    seq = 131072
+    common = dict(batch_size=2, q_length=seq, kv_length=seq, device="cpu")
+    assert lighthouse_mask(**common) is None
+    assert lighthouse_mask(**common, attention_mask=torch.ones(2, seq, dtype=torch.long)) is None
+    padding = torch.ones(2, seq, dtype=torch.long)
+    padding[1, :7] = 0
+    mask = lighthouse_mask(**common, attention_mask=padding)
+    assert mask.shape == (2, seq) and mask.dtype == torch.bool and mask.sum() == 2 * seq - 7
+    windowed = lighthouse_mask(**common, local_size=4096)
+    assert isinstance(windowed, DeferredMask) and windowed.reason is None
+    assert lighthouse_mask(batch_size=1, q_length=1, kv_length=seq, q_offset=seq - 1, device="cpu") is None
+
+
+def test_deferred_mask_materializes_the_sliding_window():
+    window = sliding_window_causal_mask_function(3)
+    mask = lighthouse_mask(batch_size=1, q_length=6, kv_length=6, local_size=3, mask_function=window, device="cpu")
+    expected = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
+    assert torch.equal(mask.materialize()[0, 0], expected)
+
+
+def test_other_registry_architectures(tmp_path):
+    """Any model that dispatches through the registry works; Phi-3 and OLMo-2 were tried."""
+    from transformers import Olmo2Config, Phi3Config
+
+    for config in (Phi3Config(**TINY, pad_token_id=0), Olmo2Config(**TINY)):
+        config.lighthouse = dict(SETTINGS)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="lighthouse")
+        dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+        dense.load_state_dict(model.state_dict())
+        x = tokens()
+        out = model(x, labels=x)
+        out.loss.backward()
+        assert not torch.allclose(out.logits, dense(x).logits, atol=1e-3)
+
+
+def test_two_layer_model_at_16k_forward_backward():
+    """The issue's CPU budget check: a 2-layer tiny model at S=16384 (timing is reported by
+    `python examples/quickstart.py`, not asserted)."""
+    seq = 16384
+    assert compressed_length(seq, topk=256) == 3072
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 2, "max_position_embeddings": seq})
+    config.lighthouse = {"topk": 256, "dense_layers": []}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="lighthouse")
+    x = tokens(seq=seq)
+    model(x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
