@@ -77,15 +77,17 @@ def test_selection_length_and_order():
 
 
 def test_exact_integer_keys_beyond_float32_precision():
-    # float32 keys cannot tell these apart past 2**24 tokens; the integer keys can.
-    plan = LighthousePlan(2**25, 3, 4, 128)
-    assert plan.compressed_len == 2**25 // 16 + 2 * 4 * 128
-    unit = 4
-    last_token, refined_block = (2**25 - 1) * unit, 2**25 * unit - 1
-    assert last_token < refined_block and torch.tensor(float(last_token) / unit, dtype=torch.float32) == torch.tensor(
-        (float(refined_block)) / unit, dtype=torch.float32
-    )
-    assert torch.tensor([last_token, refined_block]).argsort().tolist() == [0, 1]
+    """At 2**25 tokens float32 cannot tell the last token of a block from the block's summary
+    (keys 2**25 - 1 and 2**25 - 1/2); the integer keys order them exactly."""
+    plan = LighthousePlan(2**25, 2, 4, 128)
+    level = torch.tensor([0, 1, 1])
+    local = torch.tensor([2**25 - 1, 2**23 - 1, 2**23])
+    refined = torch.tensor([False, True, False])
+    keys = reference.position_keys(level, local, refined, plan)
+    assert keys.dtype == torch.int64
+    assert keys.tolist() == [2 * (2**25 - 1), 2 * 2**25 - 1, 2 * 2**25]
+    as_float32 = (keys.double() / 2).float()
+    assert as_float32[0] == as_float32[1]  # what float32 keys would have made of it
 
 
 def test_levels_one_is_dense_sdpa():

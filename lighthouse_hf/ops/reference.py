@@ -79,7 +79,6 @@ def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> Selection:
     levels, pooling = plan.levels, plan.pooling
     query_scores = level_scores(q, plan)
     key_scores = [s.repeat_interleave(group, dim=1) for s in level_scores(k, plan)]
-    unit = 2 ** (levels - 1)  # makes every key an integer
 
     coarse = levels - 1
     candidates = torch.arange(plan.n_coarse_padded, device=q.device).view(plan.tiles, plan.tile_len)
@@ -99,16 +98,25 @@ def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> Selection:
     level = torch.cat([torch.full_like(c, lv).flatten(2) for lv, c, _ in parts], dim=-1)
     local = torch.cat([c.flatten(2) for _, c, _ in parts], dim=-1)
     refined = torch.cat([r.flatten(2) for _, _, r in parts], dim=-1)
-    width = pooling**level
-    key = torch.where(
+    key, order = torch.sort(position_keys(level, local, refined, plan), dim=-1)
+    level, local, refined = (t.gather(-1, order) for t in (level, local, refined))
+    offsets = torch.tensor([plan.level_offset(m) for m in range(levels)], device=q.device)
+    return Selection(plan, level, local, offsets[level] + local, key, refined)
+
+
+def position_keys(
+    level: torch.Tensor, local: torch.Tensor, refined: torch.Tensor, plan: LighthousePlan
+) -> torch.Tensor:
+    """Step 4's position keys times ``2**(levels-1)``, which makes them exact int64 integers
+    (the specification's ``-2**-l`` offsets become ``-2**(levels-1-l)``)."""
+    coarse = plan.levels - 1
+    width = plan.pooling**level
+    unit = 2**coarse
+    return torch.where(
         refined,
         (local + 1) * width * unit - 2 ** (coarse - level),  # just after the span's last token
         local * width * unit,  # the span's first token
     )
-    key, order = torch.sort(key, dim=-1)
-    level, local, refined = (t.gather(-1, order) for t in (level, local, refined))
-    offsets = torch.tensor([plan.level_offset(m) for m in range(levels)], device=q.device)
-    return Selection(plan, level, local, offsets[level] + local, key, refined)
 
 
 def pyramid(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
