@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import fused, reference
 from .plan import TILE, LighthousePlan, check_settings
 
 __all__ = ["lighthouse_attention", "compressed_length", "LighthousePlan", "check_settings", "TILE"]
@@ -79,4 +79,6 @@ def lighthouse_attention(
     plan = LighthousePlan(q.shape[2], levels, pooling, topk)
     if not plan.compresses:
         return dense_causal_attention(q, k, v, scale)
+    if fused.handles(q):
+        return fused.lighthouse_attention(q, k, v, plan, scale)
     return reference.lighthouse_attention(q, k, v, plan, scale)

@@ -1,0 +1,331 @@
+"""The fused Lighthouse path for CUDA tensors: Triton selection, gather and scatter kernels around
+PyTorch's SDPA on the compressed sequence.
+
+Each Triton step is a ``torch.library.custom_op`` (namespace ``lighthouse_hf``) with a fake
+implementation and, where it is differentiable, an autograd formula whose backward is again a
+custom op; SDPA in between stays an ordinary PyTorch call, so ``torch.compile`` traces the whole
+layer with ``fullgraph=True``. Triton is imported only when a kernel first runs.
+
+Data flow per call (shapes per (batch, query head); ``n`` is the compressed length):
+``select`` -> ``entry_local``/``entry_row`` (level-major listing, [n] int32 each) and ``inverse``
+([levels, padded_len] int32, -1 where a slot is not an entry); ``gather_entries`` -> pooled
+q/k/v rows in causal order; SDPA; ``scatter_entries`` -> the output over all positions.
+"""
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from .plan import TILE, LighthousePlan
+from .reference import Selection
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NO_LIMIT = 2**31 - 1
+_TILE_ELEMENTS = 8192  # elements per loaded block: 16-32 KB in flight per program
+
+
+def handles(q: torch.Tensor) -> bool:
+    """Whether the fused path runs for these inputs (CUDA, a dtype Triton accumulates exactly enough)."""
+    return TRITON_AVAILABLE and q.is_cuda and q.dtype in FUSED_DTYPES
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
+    return LighthousePlan(seq_len, levels, pooling, topk)
+
+
+def _level_scores(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
+    """Max-pooled float32 L2 norms of levels 1..L-1: ``[B*h, L-1, padded_len // p]`` (levels end-padded).
+
+    Same arithmetic as the reference's ``level_scores`` (float32 inputs give identical norms); other
+    dtypes are upcast inside the norm instead of through a float32 copy of ``x``.
+    """
+    real = x[:, :, : plan.real_len]
+    norms = torch.linalg.vector_norm(real, dim=-1) if x.dtype == torch.float32 else torch.linalg.vector_norm(
+        real, dim=-1, dtype=torch.float32
+    )
+    norms = F.pad(norms.flatten(0, 1), (0, plan.padded_len - plan.real_len), value=-1.0)
+    out = norms.new_empty(norms.shape[0], plan.levels - 1, plan.padded_len // plan.pooling)
+    for level in range(1, plan.levels):
+        norms = norms.unflatten(-1, (-1, plan.pooling)).amax(-1)  # max of maxima: exact
+        out[:, level - 1, : norms.shape[-1]] = norms
+    return out
+
+
+Tensor = torch.Tensor
+
+
+def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    from . import kernels
+
+    plan = _plan(q.shape[2], levels, pooling, topk)
+    batch, heads = q.shape[:2]
+    n = plan.compressed_len
+    entry_local = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
+    entry_row = torch.empty_like(entry_local)
+    inverse = torch.full((batch * heads, levels, plan.padded_len), -1, dtype=torch.int32, device=q.device)
+    coarse_block = _next_power_of_2(plan.tile_len)
+    scratch_row = max(coarse_block, TILE * pooling)
+    scratch = torch.empty(
+        batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
+    )
+    kernels.select_kernel[(plan.tiles, batch * heads)](
+        _level_scores(q, plan),
+        _level_scores(k, plan),
+        entry_local,
+        entry_row,
+        inverse,
+        scratch,
+        heads,
+        heads // k.shape[1],
+        plan.padded_len,
+        plan.tile_len,
+        plan.padded_len // pooling,
+        n,
+        LEVELS=levels,
+        POOL=pooling,
+        COARSE_BLOCK=coarse_block,
+        SCRATCH_ROW=scratch_row,
+        num_warps=4,
+    )
+    return (
+        entry_local.view(batch, heads, n),
+        entry_row.view(batch, heads, n),
+        inverse.view(batch, heads, levels, plan.padded_len),
+    )
+
+
+def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
+    """(level, start, length) of each level's part of the level-major listing."""
+    per_level = plan.pooling * plan.topk
+    parts = [(level, level * per_level, per_level) for level in range(plan.levels - 1)]
+    return parts + [(plan.levels - 1, (plan.levels - 1) * per_level, plan.n_coarse_padded)]
+
+
+def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool):
+    """Fill every compressed row from the spans of its entry (see ``entries_kernel``)."""
+    from . import kernels
+
+    src_q = sources[0]
+    batch, heads, seq_len, dim = src_q.shape
+    with_kv = len(sources) == 3
+    group = heads // sources[1].shape[1] if with_kv else 1
+    src_k, src_v = (sources[1], sources[2]) if with_kv else (src_q, src_q)
+    dst_q, dst_k, dst_v = destinations if with_kv else (destinations[0],) * 3
+    block_d = _next_power_of_2(dim)
+    n = entry_local.shape[-1]
+    for level, start, length in _listing(plan):
+        width = plan.pooling**level
+        chunk = min(width, 16)
+        block_r = max(1, min(64, _TILE_ELEMENTS // (chunk * block_d)))
+        kernels.entries_kernel[(_cdiv(length, block_r), batch * heads)](
+            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
+            heads, group, seq_len, dim, n, start, length,
+            plan.real_len // width if shifted else _NO_LIMIT,
+            *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
+            WIDTH=width,
+            SHIFT=width - 1 if shifted else 0,
+            SCALE=1.0 if shifted else 1.0 / width,
+            WITH_KV=with_kv,
+            CHUNK=chunk,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+
+
+def _run_positions(sources, destinations, inverse, plan, group: int, *, shifted: bool):
+    """Fill every position from the compressed rows covering it (see ``positions_kernel``)."""
+    from . import kernels
+
+    batch, heads_out, seq_len, dim = destinations[0].shape
+    block_d = _next_power_of_2(dim)
+    block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
+    two = len(sources) == 2
+    kernels.positions_kernel[(_cdiv(seq_len, block_p), batch * heads_out)](
+        sources[0], sources[-1], destinations[0], destinations[-1], inverse,
+        heads_out, group, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
+        LEVELS=plan.levels,
+        POOL=plan.pooling,
+        SHIFTED=shifted,
+        TWO=two,
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _gather_impl(
+    q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, levels: int, pooling: int, topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    plan = _plan(q.shape[2], levels, pooling, topk)
+    batch, heads, _, dim = q.shape
+    n = entry_local.shape[-1]
+    out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
+    sources = [_last_axis_contiguous(x) for x in (q, k, v)]
+    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False)
+    return tuple(out)
+
+
+def _gather_backward_impl(
+    dq_sel: Tensor, dk_sel: Tensor, dv_sel: Tensor, inverse: Tensor, kv_heads: int, seq_len: int, levels: int, pooling: int, topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    plan = _plan(seq_len, levels, pooling, topk)
+    batch, heads, _, dim = dq_sel.shape
+    dq = dq_sel.new_empty(batch, heads, seq_len, dim)
+    dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
+    dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
+    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, 1, shifted=False)
+    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, heads // kv_heads, shifted=False)
+    return dq, dk, dv
+
+
+def _scatter_impl(
+    out_sel: Tensor, inverse: Tensor, entry_local: Tensor, entry_row: Tensor, seq_len: int, levels: int, pooling: int, topk: int
+) -> Tensor:
+    plan = _plan(seq_len, levels, pooling, topk)
+    batch, heads, _, dim = out_sel.shape
+    out = out_sel.new_empty(batch, heads, seq_len, dim)
+    _run_positions([out_sel.contiguous()], [out], inverse, plan, 1, shifted=True)
+    return out
+
+
+def _scatter_backward_impl(
+    grad_out: Tensor, entry_local: Tensor, entry_row: Tensor, levels: int, pooling: int, topk: int
+) -> Tensor:
+    plan = _plan(grad_out.shape[2], levels, pooling, topk)
+    batch, heads, _, dim = grad_out.shape
+    grad_sel = grad_out.new_empty(batch, heads, entry_local.shape[-1], dim)
+    _run_entries([_last_axis_contiguous(grad_out)], [grad_sel], entry_local, entry_row, plan, shifted=True)
+    return grad_sel
+
+
+# ---- custom ops: what torch.compile sees ----
+
+_select_op = torch.library.custom_op("lighthouse_hf::select", mutates_args=(), device_types="cuda")(_select_impl)
+_gather_op = torch.library.custom_op("lighthouse_hf::gather_entries", mutates_args=(), device_types="cuda")(_gather_impl)
+_gather_backward_op = torch.library.custom_op(
+    "lighthouse_hf::gather_entries_backward", mutates_args=(), device_types="cuda"
+)(_gather_backward_impl)
+_scatter_op = torch.library.custom_op("lighthouse_hf::scatter_entries", mutates_args=(), device_types="cuda")(_scatter_impl)
+_scatter_backward_op = torch.library.custom_op(
+    "lighthouse_hf::scatter_entries_backward", mutates_args=(), device_types="cuda"
+)(_scatter_backward_impl)
+
+
+@_select_op.register_fake
+def _(q, k, levels, pooling, topk):
+    plan = _plan(q.shape[2], levels, pooling, topk)
+    batch, heads = q.shape[:2]
+    listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
+    return listing, torch.empty_like(listing), q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
+
+
+@_gather_op.register_fake
+def _(q, k, v, entry_local, entry_row, inverse, levels, pooling, topk):
+    shape = (*q.shape[:2], entry_local.shape[-1], q.shape[-1])
+    return tuple(q.new_empty(shape) for _ in range(3))
+
+
+@_gather_backward_op.register_fake
+def _(dq_sel, dk_sel, dv_sel, inverse, kv_heads, seq_len, levels, pooling, topk):
+    batch, heads, _, dim = dq_sel.shape
+    return (
+        dq_sel.new_empty(batch, heads, seq_len, dim),
+        dk_sel.new_empty(batch, kv_heads, seq_len, dim),
+        dv_sel.new_empty(batch, kv_heads, seq_len, dim),
+    )
+
+
+@_scatter_op.register_fake
+def _(out_sel, inverse, entry_local, entry_row, seq_len, levels, pooling, topk):
+    return out_sel.new_empty(*out_sel.shape[:2], seq_len, out_sel.shape[-1])
+
+
+@_scatter_backward_op.register_fake
+def _(grad_out, entry_local, entry_row, levels, pooling, topk):
+    return grad_out.new_empty(*grad_out.shape[:2], entry_local.shape[-1], grad_out.shape[-1])
+
+
+def _gather_setup(ctx, inputs, output):
+    q, k, _, _, _, inverse, levels, pooling, topk = inputs
+    ctx.save_for_backward(inverse)
+    ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
+
+
+def _gather_backward(ctx, dq_sel, dk_sel, dv_sel):
+    (inverse,) = ctx.saved_tensors
+    dq, dk, dv = _gather_backward_op(dq_sel, dk_sel, dv_sel, inverse, *ctx.settings)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, _, entry_local, entry_row, _, levels, pooling, topk = inputs
+    ctx.save_for_backward(entry_local, entry_row)
+    ctx.settings = (levels, pooling, topk)
+
+
+def _scatter_backward(ctx, grad_out):
+    entry_local, entry_row = ctx.saved_tensors
+    return _scatter_backward_op(grad_out, entry_local, entry_row, *ctx.settings), None, None, None, None, None, None, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+def compressed_attention(q_sel: Tensor, k_sel: Tensor, v_sel: Tensor, scale: float | None) -> Tensor:
+    """Step 5: causal SDPA over the compressed sequence (every query head has its own rows)."""
+    return F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, scale=scale)
+
+
+def lighthouse_attention(q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan, scale: float | None) -> Tensor:
+    settings = (plan.levels, plan.pooling, plan.topk)
+    entry_local, entry_row, inverse = _select_op(q.detach(), k.detach(), *settings)
+    q_sel, k_sel, v_sel = _gather_op(q, k, v, entry_local, entry_row, inverse, *settings)
+    out_sel = compressed_attention(q_sel, k_sel, v_sel, scale)
+    return _scatter_op(out_sel, inverse, entry_local, entry_row, q.shape[2], *settings)
+
+
+def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tensor, plan: LighthousePlan) -> Selection:
+    """The reference's :class:`Selection` (causal order, int64) from the kernels' listing."""
+    batch, heads, n = entry_local.shape
+    device = entry_local.device
+    rows = entry_row.long()
+    listed_level = torch.cat(
+        [torch.full((length,), level, device=device) for level, _, length in _listing(plan)]
+    ).expand(batch, heads, n)
+    level = torch.empty(batch, heads, n, dtype=torch.long, device=device).scatter_(-1, rows, listed_level)
+    local = torch.empty_like(level).scatter_(-1, rows, entry_local.long())
+    # An entry at level >= 1 is refined exactly when its first child is an entry one level down.
+    first_child = (level - 1).clamp(min=0) * plan.padded_len + local * plan.pooling
+    child_row = inverse.flatten(2).gather(-1, first_child.clamp(max=plan.levels * plan.padded_len - 1))
+    refined = (level > 0) & (child_row >= 0)
+    coarse = plan.levels - 1
+    width = plan.pooling**level
+    key = torch.where(
+        refined,
+        (local + 1) * width * 2**coarse - 2 ** (coarse - level),
+        local * width * 2**coarse,
+    )
+    offsets = torch.tensor([plan.level_offset(m) for m in range(plan.levels)], device=device)
+    return Selection(plan, level, local, offsets[level] + local, key, refined)
+
+
+@torch.no_grad()
+def select(q: Tensor, k: Tensor, plan: LighthousePlan) -> Selection:
+    """Steps 2-4 with the selection kernel; equals ``reference.select`` on float32 inputs."""
+    return selection_from_listing(*_select_impl(q, k, plan.levels, plan.pooling, plan.topk), plan)

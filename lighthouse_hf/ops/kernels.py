@@ -1,0 +1,289 @@
+"""Triton kernels of the fused Lighthouse path (imported only when a CUDA tensor needs them).
+
+Three kernels, each a gather (no atomics anywhere, so every result is bitwise reproducible):
+
+* ``select_kernel``: one program per (batch, query head, tile) runs the top-k cascade of its tile
+  and writes every entry straight to its causal position. A tile owns a contiguous span of
+  positions and a data-independent number of entries, so its entries start at
+  ``tile * per_tile`` in the compressed sequence; inside the tile the causal order is the post-order
+  of the refinement tree (children before the selected entry that summarises them), so each
+  entry's position follows from subtree sizes, without a sort.
+* ``entries_kernel``: for one pyramid level, reads the span of every entry of that level (the mean
+  of its positions, or for the scatter's backward the sum of the output gradient over the
+  positions it reaches) and writes the row where the entry sits in the compressed sequence.
+* ``positions_kernel``: for every sequence position, sums over levels (and over the query heads of
+  a KV head) the one compressed row per level that covers it, found through the inverse map
+  ``slot -> compressed row`` that ``select_kernel`` writes. Used for the scatter back (shifted
+  spans) and for the gradient of the pooled gather (plain spans, scaled by 1/width).
+
+The compressed sequence also has a *level-major* listing (level 0 entries first, tile by tile,
+then level 1, ..., the coarsest level last) holding each entry's local index and its causal row;
+that is what ``entries_kernel`` walks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# The selection kernel's scratch holds, per level, five rows of SCRATCH_ROW int32 (the second
+# index in ``(level * 5 + kind) * SCRATCH_ROW``): 0 selected entries by rank, 1 chosen flags by
+# candidate, 2 subtree sizes by candidate, 3 child-subtree totals by rank, 4 first rows by rank.
+SCRATCH_KINDS = 5
+
+
+@triton.jit
+def _ordered(score):
+    """float32 -> int32 with the same order (for non-NaN scores)."""
+    bits = score.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _take_best(key, COUNT: tl.constexpr):
+    """Mask of the COUNT largest keys; among equal keys the lower lane wins (a stable sort's choice).
+
+    Finds the COUNT-th largest key bit by bit (32 counting passes), then takes every key above it
+    and the first ties in lane order.
+    """
+    threshold = tl.where(tl.sum((key >= 0).to(tl.int32), axis=0) >= COUNT, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        trial = threshold | (1 << bit)
+        threshold = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= COUNT, trial, threshold)
+    above = key > threshold
+    room = COUNT - tl.sum(above.to(tl.int32), axis=0)
+    tie = key == threshold
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
+
+
+@triton.jit
+def _choose(q_scores, k_scores, candidates, valid):
+    """The cascade's choice among one tile's candidates: 64 by query score, then 64 of the rest by key score."""
+    q_key = tl.where(valid, _ordered(tl.load(q_scores + candidates, mask=valid, other=0.0)), -2147483648)
+    chosen = _take_best(q_key, 64)
+    # Entries already taken, and lanes past the tile, sit below every score (the reference's -inf).
+    k_key = tl.where(valid & ~chosen, _ordered(tl.load(k_scores + candidates, mask=valid, other=0.0)), -2147483648)
+    return chosen | _take_best(k_key, 64)
+
+
+@triton.jit
+def select_kernel(
+    q_scores,  # [B*H, LEVELS-1, score_stride] float32: max-pooled query norms of levels 1..L-1
+    k_scores,  # [B*Hkv, LEVELS-1, score_stride] float32
+    entry_local,  # out [B*H, selected_len] int32, level-major: the entry's index inside its level
+    entry_row,  # out [B*H, selected_len] int32, level-major: the entry's causal row
+    inverse,  # out [B*H, LEVELS, padded_len] int32, pre-filled with -1: slot -> causal row
+    scratch,  # [B*H*tiles, LEVELS, SCRATCH_KINDS, SCRATCH_ROW] int32
+    heads,
+    group,
+    padded_len,
+    tile_len,
+    score_stride,
+    selected_len,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
+    COARSE_BLOCK: tl.constexpr,
+    SCRATCH_ROW: tl.constexpr,
+):
+    TILE: tl.constexpr = 128
+    CHILDREN: tl.constexpr = 128 * POOL
+    COARSE: tl.constexpr = LEVELS - 1
+    tile = tl.program_id(0)
+    tiles = tl.num_programs(0)
+    bh = tl.program_id(1)
+    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
+    q_scores += bh.to(tl.int64) * (COARSE * score_stride)
+    k_scores += kv_bh.to(tl.int64) * (COARSE * score_stride)
+    entry_local += bh.to(tl.int64) * selected_len
+    entry_row += bh.to(tl.int64) * selected_len
+    inverse += bh.to(tl.int64) * (LEVELS * padded_len)
+    scratch += (bh.to(tl.int64) * tiles + tile) * (LEVELS * 5 * SCRATCH_ROW)
+    per_tile = tile_len + COARSE * CHILDREN
+    ranks = tl.arange(0, TILE)
+    children = tl.arange(0, CHILDREN)
+    coarse = tl.arange(0, COARSE_BLOCK)
+    in_tile = coarse < tile_len
+    coarse_local = tile * tile_len + coarse
+
+    # Phase 1, top-down: the cascade. Selected entries are kept by rank (their order in the tile).
+    chosen = _choose(q_scores + (COARSE - 1) * score_stride, k_scores + (COARSE - 1) * score_stride, coarse_local, in_tile)
+    rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(scratch + (COARSE * 5 + 0) * SCRATCH_ROW + rank, coarse_local, mask=chosen)
+    tl.store(scratch + (COARSE * 5 + 1) * SCRATCH_ROW + coarse, chosen.to(tl.int32))
+    tl.debug_barrier()
+    for level in tl.static_range(COARSE - 1, 0, -1):
+        parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + children // POOL)
+        local = parent * POOL + children % POOL
+        chosen = _choose(q_scores + (level - 1) * score_stride, k_scores + (level - 1) * score_stride, local, children < CHILDREN)
+        rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, local, mask=chosen)
+        tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + children, chosen.to(tl.int32))
+        tl.debug_barrier()
+
+    # Phase 2, bottom-up: subtree sizes (an entry plus, when selected, everything below it).
+    for level in tl.static_range(1, COARSE):
+        chosen_flag = tl.load(scratch + (level * 5 + 1) * SCRATCH_ROW + children)
+        rank = tl.cumsum(chosen_flag, axis=0) - 1
+        if level == 1:
+            size = 1 + chosen_flag * POOL
+        else:
+            below = tl.load(scratch + (level * 5 + 3) * SCRATCH_ROW + rank, mask=chosen_flag > 0, other=0)
+            size = 1 + below
+        tl.store(scratch + (level * 5 + 2) * SCRATCH_ROW + children, size)
+        tl.store(scratch + ((level + 1) * 5 + 3) * SCRATCH_ROW + ranks, tl.sum(tl.reshape(size, (TILE, POOL)), axis=1))
+        tl.debug_barrier()
+    chosen_flag = tl.load(scratch + (COARSE * 5 + 1) * SCRATCH_ROW + coarse, mask=in_tile, other=0)
+    rank = tl.cumsum(chosen_flag, axis=0) - 1
+    if COARSE == 1:
+        size = 1 + chosen_flag * POOL
+    else:
+        size = 1 + tl.load(scratch + (COARSE * 5 + 3) * SCRATCH_ROW + rank, mask=chosen_flag > 0, other=0)
+    size = tl.where(in_tile, size, 0)
+
+    # Phase 3, top-down: causal rows. A subtree occupies a contiguous run of rows that ends with its root.
+    start = tile * per_tile + tl.cumsum(size, axis=0) - size
+    row = start + size - 1
+    listed = COARSE * tiles * CHILDREN + coarse_local
+    tl.store(entry_local + listed, coarse_local, mask=in_tile)
+    tl.store(entry_row + listed, row, mask=in_tile)
+    tl.store(inverse + COARSE * padded_len + coarse_local, row, mask=in_tile)
+    tl.store(scratch + (COARSE * 5 + 4) * SCRATCH_ROW + rank, start, mask=chosen_flag > 0)
+    tl.debug_barrier()
+    for level in tl.static_range(COARSE - 1, 0, -1):
+        parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + children // POOL)
+        local = parent * POOL + children % POOL
+        chosen_flag = tl.load(scratch + (level * 5 + 1) * SCRATCH_ROW + children)
+        size = tl.load(scratch + (level * 5 + 2) * SCRATCH_ROW + children)
+        sizes = tl.reshape(size, (TILE, POOL))
+        before = tl.reshape(tl.cumsum(sizes, axis=1) - sizes, (CHILDREN,))
+        start = tl.load(scratch + ((level + 1) * 5 + 4) * SCRATCH_ROW + children // POOL) + before
+        row = start + size - 1
+        listed = level * tiles * CHILDREN + tile * CHILDREN + children
+        tl.store(entry_local + listed, local)
+        tl.store(entry_row + listed, row)
+        tl.store(inverse + level * padded_len + local, row)
+        rank = tl.cumsum(chosen_flag, axis=0) - 1
+        tl.store(scratch + (level * 5 + 4) * SCRATCH_ROW + rank, start, mask=chosen_flag > 0)
+        tl.debug_barrier()
+    parent = tl.load(scratch + (1 * 5 + 0) * SCRATCH_ROW + children // POOL)
+    local = parent * POOL + children % POOL
+    row = tl.load(scratch + (1 * 5 + 4) * SCRATCH_ROW + children // POOL) + children % POOL
+    listed = tile * CHILDREN + children
+    tl.store(entry_local + listed, local)
+    tl.store(entry_row + listed, row)
+    tl.store(inverse + local, row)
+
+
+@triton.jit
+def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask,
+                WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum over ``WIDTH`` consecutive positions from ``first`` of one head of ``src``: [BLOCK_R, BLOCK_D] fp32."""
+    base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    steps = tl.arange(0, CHUNK)
+    total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for step in range(0, WIDTH, CHUNK):
+        position = first[:, None] + step + steps[None, :]
+        live = use[:, None] & (position < seq_len)
+        offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
+        rows = tl.load(base + offsets, mask=live[:, :, None] & d_mask[None, None, :], other=0.0)
+        total += tl.sum(rows.to(tl.float32), axis=1)
+    return total
+
+
+@triton.jit
+def entries_kernel(
+    src_q, src_k, src_v,  # [B, h, S, D] (any strides with a contiguous last axis)
+    dst_q, dst_k, dst_v,  # [B*H, selected_len, D] contiguous
+    entry_local, entry_row,  # [B*H, selected_len] int32, level-major
+    heads, group, seq_len, dim, selected_len, listed_start, listed_len, local_limit,
+    q_stride_b, q_stride_h, q_stride_s,
+    k_stride_b, k_stride_h, k_stride_s,
+    v_stride_b, v_stride_h, v_stride_s,
+    WIDTH: tl.constexpr,
+    SHIFT: tl.constexpr,
+    SCALE: tl.constexpr,
+    WITH_KV: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rows of one level's entries: ``SCALE`` times the sum over positions
+    ``[local*WIDTH + SHIFT, local*WIDTH + SHIFT + WIDTH)`` (< seq_len) of the source, written to the
+    entry's causal row; entries with ``local >= local_limit`` get zero rows. q is read from query head
+    h, k and v (when ``WITH_KV``) from KV head h // group."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < listed_len
+    listed = bh.to(tl.int64) * selected_len + listed_start + r
+    local = tl.load(entry_local + listed, mask=r_mask, other=0)
+    row = tl.load(entry_row + listed, mask=r_mask, other=0)
+    use = r_mask & (local < local_limit)
+    first = local * WIDTH + SHIFT
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + d[None, :]
+    out_mask = r_mask[:, None] & d_mask[None, :]
+    total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+    tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
+    if WITH_KV:
+        total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+        tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
+        total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+        tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def positions_kernel(
+    src_a, src_b,  # [B*H, selected_len, D] contiguous
+    dst_a, dst_b,  # [B, heads_out, S, D] contiguous
+    inverse,  # [B*H, LEVELS, padded_len] int32
+    heads_out, group, seq_len, dim, selected_len, padded_len, real_len,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    TWO: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per position: the sum over levels, then over the ``group`` query heads of output head
+    ``hx`` (in head order), of the compressed row that covers it. ``SHIFTED``: entry j of width c
+    covers ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back);
+    otherwise it covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling)."""
+    block = tl.program_id(0)
+    bx = tl.program_id(1)
+    b = bx // heads_out
+    hx = bx % heads_out
+    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = position < seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for level in tl.static_range(LEVELS):
+        WIDTH: tl.constexpr = POOL**level
+        if SHIFTED:
+            moved = position - (WIDTH - 1)
+            slot = tl.maximum(moved, 0) // WIDTH
+            covered = p_mask & (moved >= 0) & (slot < real_len // WIDTH)
+            weight = 1.0
+        else:
+            slot = position // WIDTH
+            covered = p_mask & (slot < padded_len // WIDTH)
+            weight = 1.0 / WIDTH
+        for member in range(group):
+            head = bx.to(tl.int64) * group + member
+            row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
+            found = covered & (row >= 0)
+            offsets = (head * selected_len + row)[:, None] * dim + d[None, :]
+            mask = found[:, None] & d_mask[None, :]
+            total_a += tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+            if TWO:
+                total_b += tl.load(src_b + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+    out = (bx.to(tl.int64) * seq_len + position)[:, None] * dim + d[None, :]
+    out_mask = p_mask[:, None] & d_mask[None, :]
+    tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)
+    if TWO:
+        tl.store(dst_b + out, total_b.to(dst_b.dtype.element_ty), mask=out_mask)
