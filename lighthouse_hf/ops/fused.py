@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import TILE, LighthousePlan
-from .reference import Selection
+from .reference import Selection, position_keys
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -314,13 +314,7 @@ def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tens
     first_child = (level - 1).clamp(min=0) * plan.padded_len + local * plan.pooling
     child_row = inverse.flatten(2).gather(-1, first_child.clamp(max=plan.levels * plan.padded_len - 1))
     refined = (level > 0) & (child_row >= 0)
-    coarse = plan.levels - 1
-    width = plan.pooling**level
-    key = torch.where(
-        refined,
-        (local + 1) * width * 2**coarse - 2 ** (coarse - level),
-        local * width * 2**coarse,
-    )
+    key = position_keys(level, local, refined, plan)
     offsets = torch.tensor([plan.level_offset(m) for m in range(plan.levels)], device=device)
     return Selection(plan, level, local, offsets[level] + local, key, refined)
 

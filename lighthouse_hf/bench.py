@@ -1,0 +1,270 @@
+"""``lighthouse-hf bench``: Lighthouse against dense SDPA and SDPA on the compressed sequence.
+
+Operator mode (default): for each sequence length and setting, medians over CUDA-event timings
+(after warm-up, rotating through several independently drawn input sets so no run reuses the
+last one's cache) of
+
+* ``dense``: causal SDPA over all S positions, cuDNN backend where it runs (K/V expanded to the
+  query heads beforehand, outside the timed region, so every backend sees plain MHA);
+* ``lighthouse``: the public ``lighthouse_attention`` (the fused path on CUDA);
+* ``sdpa_sel``: causal SDPA alone on random [B, H, S_sel, D] tensors, once with the cuDNN backend
+  and once with the backend Lighthouse uses inside (``compressed_attention``);
+
+forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
+call (inputs, outputs and gradients included). ``--e2e`` instead times whole bf16 training steps
+(gradient checkpointing, AdamW) of a 30-layer Llama with hidden 1024 under ``sdpa`` and
+``lighthouse`` attention and reports tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .ops import compressed_length, fused, lighthouse_attention
+
+GB = 1e9
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time Lighthouse against dense SDPA and SDPA on the compressed sequence (needs CUDA)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seq", type=_size, nargs="+", default=[32768, 65536, 131072, 262144],
+                        help="sequence lengths (32K, 64k and 131072 all work)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
+    parser.add_argument("--dim", type=int, default=128, help="head dimension")
+    parser.add_argument("--levels", type=int, nargs="+", default=[3])
+    parser.add_argument("--pooling", type=int, nargs="+", default=[4])
+    parser.add_argument("--topk", type=int, nargs="+", default=[2048])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"])
+    parser.add_argument("--no-dense", action="store_true", help="skip dense SDPA (slow at long S)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per variant")
+    parser.add_argument("--input-sets", type=int, default=3, help="input sets rotated through")
+    parser.add_argument("--e2e", action="store_true", help="end-to-end training-step mode instead")
+    parser.add_argument("--e2e-seq", type=_size, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--e2e-layers", type=int, default=30)
+    parser.add_argument("--e2e-steps", type=int, default=3, help="timed training steps per setting")
+    parser.add_argument("--e2e-dense-layers", type=int, nargs="*", default=[0, 1, -2, -1],
+                        help="layers kept dense in the Lighthouse model (default: the paper's first and last two)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.set_defaults(run=run)
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("lighthouse-hf bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = _e2e(args) if args.e2e else _operators(args)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"device: {report['device']}, torch {report['torch']}")
+        _print_e2e(results) if args.e2e else _print_operators(results)
+    return 0
+
+
+def time_median(fn: Callable[[int], object], *, warmup: int, iters: int, input_sets: int) -> float:
+    """Median milliseconds of ``fn(i)`` over ``iters`` calls, input set ``i`` rotating."""
+    for i in range(warmup):
+        fn(i % input_sets)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i % input_sets)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[int], object], make_inputs: Callable[[], object]) -> float:
+    """Peak allocated GB over one call with a single input set allocated."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    inputs = make_inputs()
+    fn_inputs = [inputs]
+    fn(0, fn_inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / GB
+    del inputs, fn_inputs
+    return peak
+
+
+def _attention_step(attend: Callable, backward: bool) -> Callable:
+    """``step(i, sets)``: run ``attend`` on input set ``i`` (and its backward, with fresh gradients)."""
+
+    def step(i, sets):
+        q, k, v, grad = sets[i]
+        if not backward:
+            with torch.no_grad():
+                return attend(q, k, v)
+        out = attend(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    return step
+
+
+def _operators(args: argparse.Namespace) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = getattr(torch, args.dtype)
+    kv_heads = args.kv_heads or args.heads
+    results = []
+
+    def draw(batch, heads, seq, requires_grad):
+        return torch.randn(batch, heads, seq, args.dim, device="cuda", dtype=dtype, requires_grad=requires_grad)
+
+    def make_sets(seq, heads_kv, count, backward):
+        return [
+            (draw(args.batch, args.heads, seq, backward), draw(args.batch, heads_kv, seq, backward),
+             draw(args.batch, heads_kv, seq, backward), draw(args.batch, args.heads, seq, False))
+            for _ in range(count)
+        ]
+
+    def measure(attend, seq, heads_kv, backward, context=nullcontext):
+        step = _attention_step(attend, backward)
+        with context():
+            sets = make_sets(seq, heads_kv, args.input_sets, backward)
+            ms = time_median(lambda i: step(i, sets), warmup=args.warmup, iters=args.iters, input_sets=args.input_sets)
+            del sets
+            peak = peak_memory(step, lambda: make_sets(seq, heads_kv, 1, backward)[0])
+        return {"ms": ms, "peak_gb": peak}
+
+    def cudnn():
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+    def dense(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    for seq in args.seq:
+        for levels in args.levels:
+            for pooling in args.pooling:
+                for topk in args.topk:
+                    n_sel = compressed_length(seq, levels=levels, pooling=pooling, topk=topk)
+                    settings = dict(levels=levels, pooling=pooling, topk=topk)
+
+                    def lighthouse(q, k, v, settings=settings):
+                        return lighthouse_attention(q, k, v, **settings)
+
+                    for mode in args.modes:
+                        backward = mode == "fwd+bwd"
+                        row = {"seq": seq, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads,
+                               "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, "seq_sel": n_sel}
+                        row["lighthouse"] = measure(lighthouse, seq, kv_heads, backward)
+                        row["sdpa_sel"] = measure(
+                            lambda q, k, v: fused.compressed_attention(q, k, v, None), n_sel, args.heads, backward
+                        )
+                        row["sdpa_sel_cudnn"] = measure(dense, n_sel, args.heads, backward, cudnn)
+                        if not args.no_dense:
+                            row["dense_cudnn"] = measure(dense, seq, args.heads, backward, cudnn)
+                        base = row["sdpa_sel_cudnn"]["ms"]
+                        row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
+                        row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
+                        if "dense_cudnn" in row:
+                            row["speedup_over_dense"] = row["dense_cudnn"]["ms"] / row["lighthouse"]["ms"]
+                            row["memory_vs_dense"] = row["lighthouse"]["peak_gb"] / row["dense_cudnn"]["peak_gb"]
+                        row["ms_per_head"] = row["lighthouse"]["ms"] / args.heads
+                        results.append(row)
+                        if not args.json:
+                            print(_operator_line(row), flush=True)
+    return results
+
+
+def _operator_line(row: dict) -> str:
+    dense = row.get("dense_cudnn")
+    return (
+        f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} H{row['heads']}/{row['kv_heads']} "
+        f"{row['mode']:>7}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
+        f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
+        + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
+        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x)"
+    )
+
+
+def _print_operators(results: list[dict]) -> None:
+    print()
+    print("| S | mode | L/p/K | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | SDPA(S_sel) cuDNN ms | "
+          "SDPA(S_sel) own ms | ratio | Lighthouse GB | dense GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        dense = row.get("dense_cudnn", {"ms": float("nan"), "peak_gb": float("nan")})
+        print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
+              f"{row['heads']}/{row['kv_heads']} | {row['seq_sel']} | {dense['ms']:.2f} | {row['lighthouse']['ms']:.2f} | "
+              f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | "
+              f"{row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} |")
+
+
+def _e2e(args: argparse.Namespace) -> list[dict]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .integration import apply_lighthouse
+
+    results = []
+    for seq in args.e2e_seq:
+        row = {"seq": seq, "layers": args.e2e_layers}
+        for implementation in ("sdpa", "lighthouse"):
+            config = LlamaConfig(
+                vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=args.e2e_layers,
+                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq,
+            )
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to("cuda", torch.bfloat16)
+            if implementation == "lighthouse":
+                apply_lighthouse(model, levels=args.levels[0], pooling=args.pooling[0], topk=args.topk[0],
+                                 dense_layers=args.e2e_dense_layers)
+            model.gradient_checkpointing_enable()
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            batches = [torch.randint(0, 32000, (1, seq), device="cuda") for _ in range(2)]
+
+            def step(i):
+                loss = model(input_ids=batches[i % 2], labels=batches[i % 2]).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            torch.cuda.reset_peak_memory_stats()
+            ms = time_median(step, warmup=1, iters=args.e2e_steps, input_sets=2)
+            row[implementation] = {"ms": ms, "tokens_per_s": seq / (ms / 1e3),
+                                   "peak_gb": torch.cuda.max_memory_allocated() / GB}
+            del model, optimizer, batches
+            torch.cuda.empty_cache()
+        row["speedup"] = row["sdpa"]["ms"] / row["lighthouse"]["ms"]
+        results.append(row)
+        if not args.json:
+            print(f"S={seq}: sdpa {row['sdpa']['tokens_per_s']:.0f} tok/s, lighthouse "
+                  f"{row['lighthouse']['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x", flush=True)
+    return results
+
+
+def _print_e2e(results: list[dict]) -> None:
+    print()
+    print("| S | sdpa tok/s | lighthouse tok/s | speedup | sdpa GB | lighthouse GB |")
+    print("|---|---|---|---|---|---|")
+    for row in results:
+        print(f"| {row['seq']} | {row['sdpa']['tokens_per_s']:.0f} | {row['lighthouse']['tokens_per_s']:.0f} | "
+              f"{row['speedup']:.2f} | {row['sdpa']['peak_gb']:.1f} | {row['lighthouse']['peak_gb']:.1f} |")

@@ -1,0 +1,200 @@
+"""The fused Triton path against the reference path, on a CUDA GPU (skipped without one).
+
+Every test draws fresh random inputs. Shapes cover odd S (the padded tile grid), B > 1, GQA,
+L = 2..5, p = 2/4/8 and head sizes that are not powers of two.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lighthouse_hf.ops import fused, lighthouse_attention, reference
+from lighthouse_hf.ops.plan import LighthousePlan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not fused.TRITON_AVAILABLE, reason="needs Triton"),
+]
+
+# (batch, heads, kv_heads, seq_len, head_dim, levels, pooling, topk)
+SHAPES = [
+    (1, 2, 2, 2048, 64, 3, 4, 128),
+    (2, 4, 2, 1000, 32, 2, 2, 128),
+    (1, 4, 1, 3001, 64, 3, 2, 256),
+    (1, 2, 2, 5000, 128, 4, 2, 128),
+    (2, 8, 2, 4096, 64, 3, 4, 256),
+    (1, 2, 1, 1500, 80, 3, 2, 256),  # one padding entry in the coarsest level
+    (1, 2, 2, 9000, 64, 5, 2, 128),
+    (1, 2, 2, 6000, 64, 3, 8, 128),  # 35 padding entries, some selected; 48 tail positions
+    (3, 6, 3, 7777, 128, 3, 4, 384),
+    (1, 4, 4, 16384, 128, 3, 4, 512),
+]
+FIELDS = ("level", "local", "index", "key", "refined")
+
+
+def _ids(shape):
+    return "B{}-H{}-Hkv{}-S{}-D{}-L{}-p{}-K{}".format(*shape)
+
+
+def _inputs(shape, dtype, seed, requires_grad=False):
+    batch, heads, kv_heads, seq_len, dim, *_ = shape
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+
+    def draw(h):
+        x = torch.randn(batch, h, seq_len, dim, device="cuda", generator=generator, dtype=torch.float32)
+        return x.to(dtype).requires_grad_(requires_grad)
+
+    return draw(heads), draw(kv_heads), draw(kv_heads)
+
+
+def _settings(shape):
+    levels, pooling, topk = shape[5:]
+    return dict(levels=levels, pooling=pooling, topk=topk)
+
+
+def _plan(shape):
+    return LighthousePlan(shape[3], *shape[5:])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _fused_and_reference(shape, dtype, seed):
+    """Outputs and gradients of the fused path (in ``dtype``) and of the reference in float32 with
+    the fused path's selection (so that the comparison is about numerics, not tie-breaking)."""
+    q, k, v = _inputs(shape, dtype, seed, requires_grad=True)
+    plan = _plan(shape)
+    out = lighthouse_attention(q, k, v, **_settings(shape))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    selection = fused.select(q.detach(), k.detach(), plan)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    expected = reference.attend(q32, k32, v32, selection, None)
+    expected.backward(grad.float())
+    return (out, q.grad, k.grad, v.grad), (expected, q32.grad, k32.grad, v32.grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_selection_equals_reference_fp32(shape):
+    assert _plan(shape).compresses
+    q, k, _ = _inputs(shape, torch.float32, seed=shape[3])
+    expected = reference.select(q, k, _plan(shape))
+    got = fused.select(q, k, _plan(shape))
+    for name in FIELDS:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("shape", SHAPES[:6], ids=_ids)
+def test_selection_equals_reference_on_bf16_inputs(shape):
+    q, k, _ = _inputs(shape, torch.bfloat16, seed=shape[3] + 1)
+    expected = reference.select(q, k, _plan(shape))
+    got = fused.select(q, k, _plan(shape))
+    for name in FIELDS:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_fp32_outputs_and_gradients(shape):
+    # The full reference (its own selection, pyramid and SDPA) against the dispatched public function.
+    q, k, v = _inputs(shape, torch.float32, seed=shape[3] + 2, requires_grad=True)
+    out = lighthouse_attention(q, k, v, **_settings(shape))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q_ref, k_ref, v_ref = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    expected = reference.lighthouse_attention(q_ref, k_ref, v_ref, _plan(shape), None)
+    expected.backward(grad)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for got, want in ((out, expected), (q.grad, q_ref.grad), (k.grad, k_ref.grad), (v.grad, v_ref.grad)):
+        assert torch.isfinite(got).all()
+        assert _relative(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_half_precision_outputs_and_gradients(shape, dtype):
+    got, expected = _fused_and_reference(shape, dtype, seed=shape[3] + 3)
+    assert got[0].dtype == dtype
+    for g, e in zip(got, expected):
+        assert torch.isfinite(g).all()
+        assert _relative(g, e) < 1e-2
+
+
+def test_unreached_positions_are_zero():
+    # The first level-1 block (positions 0-3) has tiny norms, so it is rejected and stays coarse:
+    # it reaches positions 3-6 only, and no entry reaches positions 0-2.
+    shape = (1, 1, 1, 2048, 64, 3, 4, 128)
+    q, k, v = _inputs(shape, torch.float32, seed=11)
+    q[:, :, :4] *= 1e-3
+    k[:, :, :4] *= 1e-3
+    out = lighthouse_attention(q, k, v, **_settings(shape))
+    expected = reference.lighthouse_attention(q, k, v, _plan(shape), None)
+    assert (expected[:, :, :3] == 0).all() and (expected[:, :, 3] != 0).all()
+    assert (out[:, :, :3] == 0).all()
+    assert _relative(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4], SHAPES[8]], ids=_ids)
+def test_bitwise_deterministic(shape, dtype):
+    runs = []
+    for _ in range(2):
+        q, k, v = _inputs(shape, dtype, seed=5, requires_grad=True)
+        out = lighthouse_attention(q, k, v, **_settings(shape))
+        out.backward(torch.ones_like(out))
+        runs.append((out, q.grad, k.grad, v.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_compiled_function_matches_eager():
+    shape = (1, 4, 2, 4096, 64, 3, 4, 256)
+    q, k, v = _inputs(shape, torch.bfloat16, seed=7, requires_grad=True)
+
+    def attention(q, k, v):
+        return lighthouse_attention(q, k, v, **_settings(shape))
+
+    compiled = torch.compile(attention, fullgraph=True)
+    eager_out = attention(q, k, v)
+    eager_grads = torch.autograd.grad(eager_out.sum(), (q, k, v))
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert _relative(out, eager_out) < 1e-3
+    for g, e in zip(grads, eager_grads):
+        assert _relative(g, e) < 1e-3
+
+
+def test_compiled_llama_decoder_layer():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import lighthouse_hf
+
+    seq_len = 4096
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq_len,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
+    lighthouse_hf.apply_lighthouse(model, topk=256, dense_layers=[])
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, seq_len, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    position_ids = torch.arange(seq_len, device="cuda")[None]
+    position_embeddings = model.model.rotary_emb(hidden, position_ids)
+
+    def run(layer_fn):
+        out = layer_fn(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, torch.autograd.grad(out.float().square().mean(), hidden)[0]
+
+    eager_out, eager_grad = run(layer)
+    out, grad = run(torch.compile(layer, fullgraph=True))
+    assert _relative(out, eager_out) < 1e-2
+    assert _relative(grad, eager_grad) < 1e-2
