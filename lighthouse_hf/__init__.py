@@ -4,8 +4,10 @@
 """
 
 from .config import ATTN_IMPLEMENTATION, LighthouseConfig
+from .data import pack_dataset, pack_documents
 from .integration import apply_lighthouse, register
 from .ops import compressed_length, lighthouse_attention
+from .training import RecoveryCallback
 
 __version__ = "0.1.0"
 
@@ -14,8 +16,11 @@ register()
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "LighthouseConfig",
+    "RecoveryCallback",
     "apply_lighthouse",
     "compressed_length",
     "lighthouse_attention",
+    "pack_dataset",
+    "pack_documents",
     "__version__",
 ]

@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # Each module defines add_subcommand(subparsers), which sets ``run=`` (args -> exit code) as default.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("bench", "export")
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("bench", "demo", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
