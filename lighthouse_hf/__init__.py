@@ -5,6 +5,7 @@
 
 from .config import ATTN_IMPLEMENTATION, LighthouseConfig
 from .data import pack_dataset, pack_documents
+from .export import ExportReport, export_checkpoint
 from .integration import apply_lighthouse, register
 from .ops import compressed_length, lighthouse_attention
 from .training import RecoveryCallback
@@ -15,10 +16,12 @@ register()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "ExportReport",
     "LighthouseConfig",
     "RecoveryCallback",
     "apply_lighthouse",
     "compressed_length",
+    "export_checkpoint",
     "lighthouse_attention",
     "pack_dataset",
     "pack_documents",

@@ -338,6 +338,8 @@ def _merge_adapter(model: Any, adapter_dir: Path) -> tuple[Any, set[str]]:
     mismatch = f"the adapter {adapter_dir} does not match its base model"
     try:
         config = PeftConfig.from_pretrained(adapter_dir)
+        # The base was chosen on purpose (--adapter, or resolved from this very field): no rename warning.
+        config.base_model_name_or_path = model.name_or_path
         peft_model = get_peft_model(model, config)
         result = peft_model.load_adapter(adapter_dir, adapter_name="default")
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
@@ -372,6 +374,17 @@ def _logits(model: Any, probe: torch.Tensor) -> torch.Tensor:
         return model(probe).logits
 
 
+def _cast(model: Any, dtype: torch.dtype) -> None:
+    """Cast what a checkpoint stores, as loading it with ``dtype=`` would: buffers that the model
+    computes itself and does not save (rotary ``inv_freq``) keep their dtype, as in a fresh load."""
+    saved = model.state_dict().keys()
+    computed = {name: buffer for name, buffer in model.named_buffers() if name not in saved}
+    model.to(dtype)
+    for name, buffer in computed.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, buffer)
+
+
 def strip_lighthouse(config: Any) -> None:
     """Remove every lighthouse-hf setting from a Transformers config and its sub-configs."""
     for sub in [config] + [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]:
@@ -380,7 +393,7 @@ def strip_lighthouse(config: Any) -> None:
 
 
 def _lighthouse_traces(node: Any, path: str = "config") -> list[str]:
-    """Where a config.json still mentions lighthouse-hf: its key, or an attention implementation."""
+    """Keys of a config.json that belong to lighthouse-hf or record an attention implementation."""
     traces = []
     if isinstance(node, dict):
         for key, value in node.items():
@@ -390,8 +403,6 @@ def _lighthouse_traces(node: Any, path: str = "config") -> list[str]:
     elif isinstance(node, list):
         for i, value in enumerate(node):
             traces += _lighthouse_traces(value, f"{path}[{i}]")
-    elif isinstance(node, str) and "lighthouse" in node.lower():
-        traces.append(f"{path} = {node!r}")
     return traces
 
 
@@ -490,8 +501,9 @@ def _check_tensors(out: Path, expected: dict[str, Callable[[], torch.Tensor]]) -
         raise VerificationError(f"written tensors differ from the source: {differing}")
 
 
-def _plain_load_check(out: Path, probe: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Run plain_load_check.py in a fresh isolated interpreter; returns its logits and findings."""
+def _plain_load_check(out: Path, probe: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Run plain_load_check.py in a fresh isolated interpreter and require its logits to equal
+    ``reference`` bit for bit; returns them and what loaded them."""
     script = Path(__file__).with_name("plain_load_check.py")
     with tempfile.TemporaryDirectory(prefix="lighthouse-export-check-") as io:
         torch.save(probe, Path(io) / "probe.pt")
@@ -513,7 +525,13 @@ def _plain_load_check(out: Path, probe: torch.Tensor) -> tuple[torch.Tensor, dic
         raise VerificationError(f"plain Transformers loaded the exported checkpoint with problems: {problems}")
     if result["config_has_lighthouse"] or result["lighthouse_registered"] or result["lighthouse_modules"]:
         raise VerificationError(f"the plain load saw lighthouse-hf: {result}")
-    return logits, result
+    if not _same_bits(logits, reference):
+        diff = (logits.double() - reference.double()).abs().max().item()
+        raise VerificationError(
+            f"plain Transformers' logits differ from the source's under dense SDPA in {reference.dtype} "
+            f"(max abs diff {diff:.3e}; loaded as {result['dtype']} with {result['attn_implementation']})"
+        )
+    return logits, f"transformers {result['transformers_version']}, {result['attn_implementation']}"
 
 
 def _check_destination(dst: Path, source: Source, overwrite: bool) -> None:
@@ -591,7 +609,7 @@ def export_checkpoint(
     source_logits = _logits(model, probe) if verify else None
     strip_lighthouse(model.config)
     if target_dtype is not None and target_dtype != source_dtype:
-        model.to(target_dtype)
+        _cast(model, target_dtype)
     reference_logits = _logits(model, probe) if verify and model.dtype != source_dtype else source_logits
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -610,15 +628,8 @@ def export_checkpoint(
         checked_with = max_logit_diff = None
         if verify:
             _check_tensors(staged, _expected_tensors(source, model, changed_modules))
-            logits, result = _plain_load_check(staged, probe)
-            if not _same_bits(logits, reference_logits):
-                diff = (logits.double() - reference_logits.double()).abs().max().item()
-                raise VerificationError(
-                    f"plain Transformers' logits differ from the source's under dense SDPA in {_dtype_name(model.dtype)} "
-                    f"(max abs diff {diff:.3e}; loaded as {result['dtype']} with {result['attn_implementation']})"
-                )
+            logits, checked_with = _plain_load_check(staged, probe, reference_logits)
             max_logit_diff = (logits.double() - source_logits.double()).abs().max().item()
-            checked_with = f"transformers {result['transformers_version']}, {result['attn_implementation']}"
         _replace_directory(staged, dst)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

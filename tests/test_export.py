@@ -1,0 +1,444 @@
+"""``lighthouse-hf export``: round trips for the four families, LoRA merge, sharding, casting, bad input,
+and interrupted writes. Sources are tiny models trained a few steps with Lighthouse actually running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import lighthouse_hf
+from lighthouse_hf import export as export_module
+from lighthouse_hf.cli import main
+from lighthouse_hf.export import ExportError, export_checkpoint
+
+SEQ_LEN = 2048
+VOCAB = 256
+TOPK = 128
+LIGHTHOUSE = dict(topk=TOPK, dense_layers=[])
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=SEQ_LEN,
+)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**SMALL, tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(**SMALL, tie_word_embeddings=False),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=16, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None, tie_word_embeddings=False),
+}
+TRAINER_FAMILY = "qwen2"  # saved through a Trainer checkpoint; the others with save_pretrained
+
+
+def _batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def _lighthouse_model(family: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family]())
+    return lighthouse_hf.apply_lighthouse(model, **LIGHTHOUSE)
+
+
+class _CountLighthouseCalls:
+    """Counts calls of the Lighthouse path (a dense fallback would not count)."""
+
+    def __enter__(self):
+        self.patch = mock.patch.object(
+            lighthouse_hf.integration, "lighthouse_attention", wraps=lighthouse_hf.integration.lighthouse_attention
+        )
+        return self.patch.__enter__()
+
+    def __exit__(self, *exc):
+        return self.patch.__exit__(*exc)
+
+
+def _train(model, steps: int, seed: int = 0) -> None:
+    """A few AdamW steps at a length where Lighthouse compresses; asserts that it ran in every layer."""
+    assert lighthouse_hf.compressed_length(SEQ_LEN, topk=TOPK) < SEQ_LEN
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    with _CountLighthouseCalls() as calls:
+        for step in range(steps):
+            ids = _batch(seed + step)
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert calls.call_count == steps * model.config.num_hidden_layers
+    model.eval()
+
+
+def _start_recovery(model, step: int) -> None:
+    """What the training workflow does at the start of dense recovery: record it, switch to SDPA."""
+    model.config.lighthouse["recovery_step"] = step
+    model.set_attn_implementation("sdpa")
+
+
+def _save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w2").save_pretrained(directory)
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        ids = _batch(index)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+class _RecoverAfterFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            _start_recovery(model, step=1)
+
+
+def _trainer_checkpoint(model, out: Path) -> Path:
+    """Two Trainer steps, the first with Lighthouse and the second dense; returns checkpoint-2."""
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=1, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_TokenDataset(), callbacks=[_RecoverAfterFirstStep()])
+    with _CountLighthouseCalls() as calls:
+        trainer.train()
+    assert calls.call_count == model.config.num_hidden_layers
+    return out / "checkpoint-2"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """family -> SRC directory: Lighthouse steps, then the recovery marker."""
+    root = tmp_path_factory.mktemp("sources")
+    paths = {}
+    for family in FAMILIES:
+        model = _lighthouse_model(family)
+        if family == TRAINER_FAMILY:
+            paths[family] = _trainer_checkpoint(model, root / family)
+            continue
+        _train(model, steps=2)
+        _start_recovery(model, step=2)
+        model.save_pretrained(root / family)
+        paths[family] = root / family
+    _save_tokenizer(paths["llama"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def adapter(sources, tmp_path_factory):
+    """A LoRA adapter on the saved Llama, trained two steps with Lighthouse; saved with the base's path."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(sources["llama"])
+    lighthouse_hf.apply_lighthouse(base, **LIGHTHOUSE)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _train(model, steps=2, seed=10)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+def _export(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["export", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+def _leftovers(dst: Path) -> list[str]:
+    return [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_round_trip(family, sources, tmp_path, capsys):
+    src, dst = sources[family], tmp_path / "exported"
+    code, out, err = _export(capsys, src, dst)
+    assert code == 0, err
+    assert "identical to the float32 source's under dense SDPA" in out
+    assert "NEVER RAN" not in out and "recovery" not in err
+    text = (dst / "config.json").read_text()
+    assert "lighthouse" not in text.lower() and "attn_implementation" not in text
+    assert json.loads(text)["model_type"] == family
+    assert not (dst / "optimizer.pt").exists() and not (dst / "trainer_state.json").exists()
+    assert not _leftovers(dst)
+
+    source_tensors, exported = _tensors(src), _tensors(dst)
+    assert exported.keys() == source_tensors.keys()
+    assert all(torch.equal(exported[name], source_tensors[name]) for name in exported)
+    tied = FAMILIES[family]().tie_word_embeddings
+    assert ("lm_head.weight" in exported) != tied
+    assert ("lm_head.weight tied" in out) == tied
+
+    if family == "llama":
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            assert (dst / name).read_bytes() == (src / name).read_bytes()
+        assert AutoTokenizer.from_pretrained(dst)("w5 w7")["input_ids"] == [5, 7]
+
+
+def test_trainer_output_dir_is_not_a_model_but_names_its_checkpoint(sources, tmp_path, capsys):
+    code, _, err = _export(capsys, sources[TRAINER_FAMILY].parent, tmp_path / "exported")
+    assert code == 2
+    assert "not a model directory" in err and "checkpoint-2" in err
+
+
+def test_warns_when_never_recovered(sources, tmp_path, capsys):
+    src = tmp_path / "unrecovered"
+    shutil.copytree(sources["llama"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["lighthouse"]["recovery_step"] = None
+    (src / "config.json").write_text(json.dumps(config))
+
+    code, out, err = _export(capsys, src, tmp_path / "warned", "--no-verify")
+    assert code == 0
+    assert "warning:" in err and "never ran dense recovery" in err and "--allow-unrecovered" in err
+    assert "NEVER RAN" in out and "verified   NO" in out
+    code, _, err = _export(capsys, src, tmp_path / "silenced", "--no-verify", "--allow-unrecovered")
+    assert code == 0 and "never ran dense recovery" not in err
+
+
+def test_sharded(sources, tmp_path, capsys):
+    dst = tmp_path / "sharded"
+    code, out, err = _export(capsys, sources["mistral"], dst, "--max-shard-size", "100KB")
+    assert code == 0, err
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in dst.glob("*.safetensors"))
+    assert len(shards) > 1 and not (dst / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    exported = _tensors(dst)
+    assert index["weight_map"].keys() == exported.keys() == _tensors(sources["mistral"]).keys()
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in exported.values())
+    assert f"in {len(shards)} safetensors shards" in out
+
+
+def test_dtype_cast(sources, tmp_path, capsys):
+    src, dst = sources["qwen3"], tmp_path / "bf16"
+    code, out, err = _export(capsys, src, dst, "--dtype", "bfloat16")
+    assert code == 0, err
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+    source_tensors, exported = _tensors(src), _tensors(dst)
+    assert all(t.dtype == torch.bfloat16 for t in exported.values())
+    assert all(torch.equal(exported[name], source_tensors[name].bfloat16()) for name in exported)
+    assert "float32 -> bfloat16" in out and "identical to the source's cast to bfloat16" in out
+    assert "max abs diff" in out
+
+
+def test_lora_merge(sources, adapter, tmp_path, capsys):
+    from peft import PeftModel
+
+    base_dir = sources["llama"]
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    dst = tmp_path / "merged"
+    code, out, err = _export(capsys, adapter, dst)  # SRC is the adapter; its base is found locally
+    assert code == 0, err
+    assert "LoRA adapter" in out and "identical to the float32 source's" in out
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).merge_and_unload()
+    expected, base_tensors, exported = reference.state_dict(), _tensors(base_dir), _tensors(dst)
+    assert exported.keys() == base_tensors.keys()
+    assert all(torch.equal(exported[name], expected[name]) for name in exported)
+    changed = {name for name in exported if not torch.equal(exported[name], base_tensors[name])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qv"}
+    assert "lora" not in (dst / "config.json").read_text().lower()
+
+
+def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
+    copy = tmp_path / "base-copy"  # the adapter's recorded base path is not needed with --adapter
+    shutil.copytree(sources["llama"], copy)
+    code, out, err = _export(capsys, copy, tmp_path / "merged", "--adapter", adapter, "--no-verify")
+    assert code == 0, err
+    merged, base = _tensors(tmp_path / "merged"), _tensors(copy)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one message, nothing written
+
+
+def _save_untrained(config, directory: Path) -> Path:
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def _copy_with_config(src: Path, out: Path, name: str, **changes) -> Path:
+    shutil.copytree(src, out)
+    config = json.loads((out / name).read_text())
+    (out / name).write_text(json.dumps({**config, **changes}))
+    return out
+
+
+def _unknown_model_type(tmp_path, sources, adapter):
+    return [_copy_with_config(sources["llama"], tmp_path / "src", "config.json", model_type="no-such-model")]
+
+
+def _garbage_weights(tmp_path, sources, adapter):
+    shutil.copytree(sources["llama"], tmp_path / "src")
+    (tmp_path / "src" / "model.safetensors").write_bytes(b"\x00not safetensors at all" * 100)
+    return [tmp_path / "src"]
+
+
+def _no_weights(tmp_path, sources, adapter):
+    (tmp_path / "src").mkdir()
+    shutil.copy(sources["llama"] / "config.json", tmp_path / "src")
+    return [tmp_path / "src"]
+
+
+def _empty_dir(tmp_path, sources, adapter):
+    (tmp_path / "src").mkdir()
+    return [tmp_path / "src"]
+
+
+def _base_not_found(tmp_path, sources, adapter):
+    return [_copy_with_config(adapter, tmp_path / "src", "adapter_config.json", base_model_name_or_path="/no/such/base")]
+
+
+def _narrower_base(tmp_path, sources, adapter):
+    base = _save_untrained(LlamaConfig(**{**SMALL, "hidden_size": 32}), tmp_path / "narrow-llama")
+    return [base, "--adapter", adapter]
+
+
+def _base_without_targets(tmp_path, sources, adapter):
+    base = _save_untrained(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2), tmp_path / "gpt2")
+    return [base, "--adapter", adapter]
+
+
+BAD_INPUTS = {
+    "missing SRC": (lambda tmp_path, sources, adapter: [tmp_path / "nowhere"], "does not exist"),
+    "SRC a file": (lambda tmp_path, sources, adapter: [sources["llama"] / "config.json"], "is not a directory"),
+    "SRC not a model": (_empty_dir, "not a model directory"),
+    "unknown model type": (_unknown_model_type, "no-such-model"),
+    "unreadable weights": (_garbage_weights, "cannot read the weights"),
+    "no weights": (_no_weights, "no weights"),
+    "adapter base not found": (_base_not_found, "neither a local directory nor in the Hugging Face cache"),
+    "adapter with other shapes": (_narrower_base, "does not match its base"),
+    "adapter for absent modules": (_base_without_targets, "does not match its base"),
+    "adapter option not an adapter": (
+        lambda tmp_path, sources, adapter: [sources["llama"], "--adapter", sources["qwen3"]],
+        "not a PEFT adapter directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(case, sources, adapter, tmp_path, capsys):
+    make_args, message = BAD_INPUTS[case]
+    src, *options = make_args(tmp_path, sources, adapter)
+    dst = tmp_path / "exported"
+    code, out, err = _export(capsys, src, dst, *options)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2, err
+    assert len(errors) == 1 and message in errors[0], err
+    assert out == "" and not dst.exists() and not _leftovers(dst)
+
+
+def test_dst_overlapping_src_is_refused(sources, tmp_path, capsys):
+    inside = sources["llama"] / "exported"
+    code, _, err = _export(capsys, sources["llama"], inside)
+    assert code == 2 and "overlaps the source" in err and not inside.exists()
+
+
+def test_refuses_non_empty_dst_without_overwrite(sources, tmp_path, capsys):
+    dst = tmp_path / "taken"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    code, _, err = _export(capsys, sources["llama"], dst)
+    assert code == 2 and "--overwrite" in err and (dst / "keep.txt").read_text() == "mine"
+    code, _, err = _export(capsys, sources["llama"], dst, "--overwrite", "--no-verify")
+    assert code == 0, err
+    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
+    assert not _leftovers(dst)
+
+
+def test_bad_shard_size_is_a_usage_error(sources, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(sources["llama"]), str(tmp_path / "x"), "--max-shard-size", "lots"])
+    assert exit_info.value.code == 2 and "max shard size" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="dtype"):
+        export_checkpoint(sources["llama"], tmp_path / "x", dtype="int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted or failed writes leave no DST (and an existing DST as it was)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_write_leaves_no_dst(existing, sources, tmp_path, monkeypatch):
+    dst = tmp_path / "exported"
+    if existing:
+        dst.mkdir()
+        (dst / "old.txt").write_text("old")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_copy_side_files", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(sources["llama"], dst, max_shard_size="100KB", overwrite=existing)
+    if existing:
+        assert os.listdir(dst) == ["old.txt"]
+    else:
+        assert not dst.exists()
+    assert not _leftovers(dst)
+
+
+def test_killed_write_leaves_no_dst(sources, tmp_path):
+    dst = tmp_path / "exported"
+    # The process dies (SIGKILL) after the weights are written, before the rename.
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from lighthouse_hf import export
+        export._copy_side_files = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+        export.export_checkpoint({str(sources['llama'])!r}, {str(dst)!r}, max_shard_size="100KB")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert not dst.exists()
+    (staged,) = [tmp_path / name for name in _leftovers(dst)]  # only the hidden staging directory
+    assert list(staged.glob("model-*.safetensors"))
+
+
+def test_failed_verification_writes_nothing(sources, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export_module, "strip_lighthouse", lambda config: None)
+    dst = tmp_path / "exported"
+    code, out, err = _export(capsys, sources["llama"], dst)
+    assert code == 1 and "verification failed" in err and "config.lighthouse" in err
+    assert out == "" and not dst.exists() and not _leftovers(dst)
