@@ -54,7 +54,11 @@ TOKENIZER_DIRS = ("additional_chat_templates",)
 GENERATION_CONFIG = "generation_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Decimal units as the Hugging Face Hub counts them ("5GB" is 5 * 10**9 bytes), binary ones by name.
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
 
 
 class ExportError(ValueError):
@@ -233,7 +237,9 @@ def _resolve_base(adapter_dir: Path) -> Path:
     """The base model of a PEFT adapter directory, found on this machine (a directory or the HF cache)."""
     base = _read_json(adapter_dir / ADAPTER_CONFIG, "adapter config").get("base_model_name_or_path")
     if not base:
-        raise ExportError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass it: export BASE DST --adapter {adapter_dir}")
+        raise ExportError(
+            f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass it: export BASE DST --adapter {adapter_dir}"
+        )
     for candidate in (Path(base), adapter_dir / base):
         if (candidate / "config.json").is_file():
             return candidate
@@ -249,8 +255,10 @@ def _resolve_base(adapter_dir: Path) -> Path:
 
 
 def _model_dir_error(path: Path) -> ExportError:
-    steps = [int(p.name.removeprefix("checkpoint-")) for p in path.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
-    hint = f" (a Trainer output directory? its latest checkpoint is {path / f'checkpoint-{max(steps)}'})" if steps else ""
+    steps = [p.name.removeprefix("checkpoint-") for p in path.glob("checkpoint-*")]
+    steps = [int(step) for step in steps if step.isdigit()]
+    latest = path / f"checkpoint-{max(steps)}" if steps else None
+    hint = f" (a Trainer output directory? its latest checkpoint is {latest})" if latest else ""
     return ExportError(f"{path} is not a model directory: it has no config.json{hint}")
 
 
@@ -283,7 +291,8 @@ def inspect_source(src: str | os.PathLike, adapter: str | os.PathLike | None = N
             settings = _read_json(config_dir / "config.json", "model config").get(CONFIG_KEY)
             if settings is not None:
                 break
-    return Source(model_dir, adapter_dir, config, SourceWeights(model_dir), settings if isinstance(settings, dict) else None)
+    settings = settings if isinstance(settings, dict) else None
+    return Source(model_dir, adapter_dir, config, SourceWeights(model_dir), settings)
 
 
 def _check_model_type(model_dir: Path, config: dict) -> None:
@@ -517,7 +526,9 @@ def _plain_load_check(out: Path, probe: torch.Tensor, reference: torch.Tensor) -
             text=True,
         )
         if proc.returncode != 0:
-            raise VerificationError(f"plain Transformers could not load the exported checkpoint:\n{proc.stderr[-4000:]}")
+            raise VerificationError(
+                f"plain Transformers could not load the exported checkpoint:\n{proc.stderr[-4000:]}"
+            )
         result = json.loads((Path(io) / "result.json").read_text())
         logits = torch.load(Path(io) / "logits.pt", weights_only=True)
     problems = {key: value for key, value in result["loading_problems"].items() if value}
@@ -669,7 +680,9 @@ def add_subcommand(subparsers: Any) -> None:
         "PEFT adapter) as a plain Transformers checkpoint in safetensors, verified in a fresh process "
         "in which lighthouse_hf cannot be imported. Exit codes: 0 done, 1 verification failed, 2 bad input.",
     )
-    parser.add_argument("src", metavar="SRC", help="saved model directory, Trainer checkpoint, or PEFT adapter directory")
+    parser.add_argument(
+        "src", metavar="SRC", help="saved model directory, Trainer checkpoint, or PEFT adapter directory"
+    )
     parser.add_argument("dst", metavar="DST", help="directory to create (must be absent or empty unless --overwrite)")
     parser.add_argument("--adapter", metavar="DIR", help="PEFT (LoRA) adapter directory to merge into SRC")
     parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the source dtype)")

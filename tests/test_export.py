@@ -246,6 +246,7 @@ def test_sharded(sources, tmp_path, capsys):
     assert index["weight_map"].keys() == exported.keys() == _tensors(sources["mistral"]).keys()
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in exported.values())
     assert f"in {len(shards)} safetensors shards" in out
+    assert f"Writing model shards: 100%|██████████| {len(shards)}/{len(shards)}" in err  # the progress bar
 
 
 def test_dtype_cast(sources, tmp_path, capsys):
@@ -285,7 +286,8 @@ def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
     code, out, err = _export(capsys, copy, tmp_path / "merged", "--adapter", adapter, "--no-verify")
     assert code == 0, err
     merged, base = _tensors(tmp_path / "merged"), _tensors(copy)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q_proj], base[q_proj])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +328,8 @@ def _empty_dir(tmp_path, sources, adapter):
 
 
 def _base_not_found(tmp_path, sources, adapter):
-    return [_copy_with_config(adapter, tmp_path / "src", "adapter_config.json", base_model_name_or_path="/no/such/base")]
+    moved = _copy_with_config(adapter, tmp_path / "src", "adapter_config.json", base_model_name_or_path="/no/such/base")
+    return [moved]
 
 
 def _narrower_base(tmp_path, sources, adapter):
@@ -366,6 +369,16 @@ def test_bad_input(case, sources, adapter, tmp_path, capsys):
     assert code == 2, err
     assert len(errors) == 1 and message in errors[0], err
     assert out == "" and not dst.exists() and not _leftovers(dst)
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lighthouse_hf", "export", str(tmp_path / "nowhere"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"lighthouse-hf export: error: SRC {tmp_path / 'nowhere'} does not exist"]
 
 
 def test_dst_overlapping_src_is_refused(sources, tmp_path, capsys):
