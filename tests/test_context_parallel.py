@@ -1,0 +1,82 @@
+"""Context parallelism on the CPU: two gloo processes equal one process, outputs and gradients."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lighthouse_hf import lighthouse_attention
+from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel
+from lighthouse_hf.ops import LighthousePlan, reference
+
+WORLD = 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def local_chunks(x, rank):
+    chunks = x.chunk(2 * WORLD, dim=2)
+    return torch.cat([chunks[rank], chunks[2 * WORLD - 1 - rank]], dim=2)
+
+
+def worker(rank, port, seq, settings, heads, kv_heads):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, heads, seq, 8, generator=g)
+        k = torch.randn(2, kv_heads, seq, 8, generator=g)
+        v = torch.randn(2, kv_heads, seq, 8, generator=g)
+        weight = torch.randn(2, heads, seq, 8, generator=g)
+        full = [x.clone().requires_grad_() for x in (q, k, v)]
+        expected = lighthouse_attention(*full, **settings)
+        (expected * weight).sum().backward()
+
+        local = [local_chunks(x, rank).requires_grad_() for x in (q, k, v)]
+        out = lighthouse_attention_context_parallel(*local, **settings)
+        (out * local_chunks(weight, rank)).sum().backward()
+        assert rel_err(out, local_chunks(expected, rank)) < 1e-5
+        for mine, theirs in zip(local, full):
+            assert rel_err(mine.grad, local_chunks(theirs.grad, rank)) < 1e-5
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "seq, settings, heads, kv_heads",
+    [
+        (8192, dict(levels=3, pooling=4, topk=512), 2, 1),  # chunk boundaries on tile boundaries
+        (6000, dict(levels=3, pooling=4, topk=256), 2, 2),  # not aligned: gathered fallback
+    ],
+)
+def test_two_ranks_equal_one(seq, settings, heads, kv_heads):
+    mp.spawn(worker, args=(free_port(), seq, settings, heads, kv_heads), nprocs=WORLD)
+
+
+def test_chunk_local_selection_is_the_global_selection():
+    seq, chunks = 8192, 4
+    plan = LighthousePlan(seq, 3, 4, 512)
+    local_plan = chunk_plan(seq, chunks, 3, 4, 512)
+    assert local_plan is not None and local_plan.compressed_len * chunks == plan.compressed_len
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, seq, 8, generator=g), torch.randn(1, 2, seq, 8, generator=g)
+    whole = reference.select(q, k, plan)
+    unit = 2 ** (plan.levels - 1)
+    per_chunk = []
+    for i, (q_c, k_c) in enumerate(zip(q.chunk(chunks, 2), k.chunk(chunks, 2))):
+        part = reference.select(q_c, k_c, local_plan)
+        per_chunk.append(part.key + i * (seq // chunks) * unit)
+    assert torch.equal(torch.cat(per_chunk, dim=-1), whole.key)
+    assert chunk_plan(6000, chunks, 3, 4, 256) is None
