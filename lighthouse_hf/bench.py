@@ -22,7 +22,7 @@ import argparse
 import json
 import statistics
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -52,6 +52,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"])
     parser.add_argument("--no-dense", action="store_true", help="skip dense SDPA (slow at long S)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="run Lighthouse and its own SDPA under torch.use_deterministic_algorithms(True), "
+                        "where PyTorch's attention backward is bitwise reproducible (the cuDNN baselines run as usual)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per variant")
     parser.add_argument("--input-sets", type=int, default=3, help="input sets rotated through")
@@ -82,6 +85,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"device: {report['device']}, torch {report['torch']}")
         _print_e2e(results) if args.e2e else _print_operators(results)
     return 0
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def time_median(fn: Callable[[int], object], *, warmup: int, iters: int, input_sets: int) -> float:
@@ -145,7 +158,7 @@ def _operators(args: argparse.Namespace) -> list[dict]:
             for _ in range(count)
         ]
 
-    def measure(attend, seq, heads_kv, backward, context=nullcontext):
+    def measure(attend, seq, heads_kv, backward, context):
         step = _attention_step(attend, backward)
         with context():
             sets = make_sets(seq, heads_kv, args.input_sets, backward)
@@ -154,8 +167,13 @@ def _operators(args: argparse.Namespace) -> list[dict]:
             peak = peak_memory(step, lambda: make_sets(seq, heads_kv, 1, backward)[0])
         return {"ms": ms, "peak_gb": peak}
 
+    @contextmanager
     def cudnn():
-        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+        with deterministic_algorithms(False), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            yield
+
+    def own():
+        return deterministic_algorithms(args.deterministic)
 
     def dense(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -173,10 +191,11 @@ def _operators(args: argparse.Namespace) -> list[dict]:
                     for mode in args.modes:
                         backward = mode == "fwd+bwd"
                         row = {"seq": seq, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads,
-                               "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, "seq_sel": n_sel}
-                        row["lighthouse"] = measure(lighthouse, seq, kv_heads, backward)
+                               "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, "seq_sel": n_sel,
+                               "deterministic": args.deterministic}
+                        row["lighthouse"] = measure(lighthouse, seq, kv_heads, backward, own)
                         row["sdpa_sel"] = measure(
-                            lambda q, k, v: fused.compressed_attention(q, k, v, None), n_sel, args.heads, backward
+                            lambda q, k, v: fused.compressed_attention(q, k, v, None), n_sel, args.heads, backward, own
                         )
                         row["sdpa_sel_cudnn"] = measure(dense, n_sel, args.heads, backward, cudnn)
                         if not args.no_dense:
@@ -198,7 +217,7 @@ def _operator_line(row: dict) -> str:
     dense = row.get("dense_cudnn")
     return (
         f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} H{row['heads']}/{row['kv_heads']} "
-        f"{row['mode']:>7}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
+        f"{row['mode']:>7}{' det' if row['deterministic'] else ''}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
         f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
         + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
         + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x)"

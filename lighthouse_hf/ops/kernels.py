@@ -263,16 +263,16 @@ def positions_kernel(
     total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     for level in tl.static_range(LEVELS):
-        WIDTH: tl.constexpr = POOL**level
+        # The level's entry width is POOL**level (a compile-time constant, so divisions are shifts).
         if SHIFTED:
-            moved = position - (WIDTH - 1)
-            slot = tl.maximum(moved, 0) // WIDTH
-            covered = p_mask & (moved >= 0) & (slot < real_len // WIDTH)
+            moved = position - (POOL**level - 1)
+            slot = tl.maximum(moved, 0) // POOL**level
+            covered = p_mask & (moved >= 0) & (slot < real_len // POOL**level)
             weight = 1.0
         else:
-            slot = position // WIDTH
-            covered = p_mask & (slot < padded_len // WIDTH)
-            weight = 1.0 / WIDTH
+            slot = position // POOL**level
+            covered = p_mask & (slot < padded_len // POOL**level)
+            weight = 1.0 / POOL**level
         for member in range(group):
             head = bx.to(tl.int64) * group + member
             row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
