@@ -98,7 +98,7 @@ class ExportReport:
     """Transformers version and attention implementation of the plain load check."""
     warnings: list[str] = field(default_factory=list)
 
-    def format(self) -> str:
+    def __str__(self) -> str:
         cast = self.source_dtype if self.dtype == self.source_dtype else f"{self.source_dtype} -> {self.dtype}"
         shard_word = "shard" if self.shards == 1 else "shards"
         lines = [
@@ -107,7 +107,7 @@ class ExportReport:
             + (f", LoRA adapter {self.adapter} merged" if self.adapter else ""),
             f"  tensors    {self.tensors}" + (f" ({', '.join(self.tied)} tied, stored once)" if self.tied else ""),
             f"  bytes      {self.bytes:,} in {self.shards} safetensors {shard_word}",
-            f"  files      {', '.join(self.copied_files) or 'no tokenizer or generation config in SRC'}",
+            f"  files      {', '.join(self.copied_files) or 'none copied (SRC has no tokenizer or generation config)'}",
         ]
         if not self.lighthouse_settings_found:
             lines.append("  recovery   no Lighthouse settings in SRC's config")
@@ -162,10 +162,9 @@ class SourceWeights:
     """The tensors of a checkpoint directory, read lazily from its safetensors or PyTorch files."""
 
     def __init__(self, model_dir: Path):
-        self.files = self._weight_files(model_dir)
         self.file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
-        for path in self.files:
+        for path in self._weight_files(model_dir):
             handle = self._open(path)
             for name in handle.keys():
                 self.file_of[name] = path
@@ -284,7 +283,7 @@ def inspect_source(src: str | os.PathLike, adapter: str | os.PathLike | None = N
         raise ExportError(f"the adapter directory {adapter_dir} has no {' or '.join(ADAPTER_WEIGHTS)}")
     config = _read_json(model_dir / "config.json", "model config")
     _check_model_type(model_dir, config)
-    # A Trainer checkpoint of a LoRA run may carry the full config (with the recovery marker) beside the adapter.
+    # An adapter directory that carries its own config.json (recovery marker included) outranks the base's.
     settings = None
     for config_dir in (adapter_dir, model_dir):
         if config_dir is not None and (config_dir / "config.json").is_file():
@@ -647,7 +646,7 @@ def export_checkpoint(
         raise
 
     return ExportReport(
-        src=Path(src),
+        src=Path(src).absolute(),
         dst=dst,
         adapter=source.adapter_dir,
         model_type=source.config["model_type"],
@@ -737,5 +736,5 @@ def run(args: argparse.Namespace) -> int:
         except VerificationError as error:
             print(f"{prefix}: verification failed, nothing written: {error}", file=sys.stderr)
             return 1
-    print(report.format())
+    print(report)
     return 0
