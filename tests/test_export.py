@@ -67,17 +67,11 @@ def _lighthouse_model(family: str):
     return lighthouse_hf.apply_lighthouse(model, **LIGHTHOUSE)
 
 
-class _CountLighthouseCalls:
-    """Counts calls of the Lighthouse path (a dense fallback would not count)."""
-
-    def __enter__(self):
-        self.patch = mock.patch.object(
-            lighthouse_hf.integration, "lighthouse_attention", wraps=lighthouse_hf.integration.lighthouse_attention
-        )
-        return self.patch.__enter__()
-
-    def __exit__(self, *exc):
-        return self.patch.__exit__(*exc)
+def _count_lighthouse_calls():
+    """A context manager whose mock counts calls of the Lighthouse path (dense fallbacks do not count)."""
+    return mock.patch.object(
+        lighthouse_hf.integration, "lighthouse_attention", wraps=lighthouse_hf.integration.lighthouse_attention
+    )
 
 
 def _train(model, steps: int, seed: int = 0) -> None:
@@ -85,7 +79,7 @@ def _train(model, steps: int, seed: int = 0) -> None:
     assert lighthouse_hf.compressed_length(SEQ_LEN, topk=TOPK) < SEQ_LEN
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    with _CountLighthouseCalls() as calls:
+    with _count_lighthouse_calls() as calls:
         for step in range(steps):
             ids = _batch(seed + step)
             model(ids, labels=ids).loss.backward()
@@ -131,7 +125,7 @@ def _trainer_checkpoint(model, out: Path) -> Path:
         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_TokenDataset(), callbacks=[_RecoverAfterFirstStep()])
-    with _CountLighthouseCalls() as calls:
+    with _count_lighthouse_calls() as calls:
         trainer.train()
     assert calls.call_count == model.config.num_hidden_layers
     return out / "checkpoint-2"
@@ -246,7 +240,7 @@ def test_sharded(sources, tmp_path, capsys):
     assert index["weight_map"].keys() == exported.keys() == _tensors(sources["mistral"]).keys()
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in exported.values())
     assert f"in {len(shards)} safetensors shards" in out
-    assert f"Writing model shards: 100%|██████████| {len(shards)}/{len(shards)}" in err  # the progress bar
+    assert "Writing model shards" in err and f"{len(shards)}/{len(shards)}" in err  # the progress bar
 
 
 def test_dtype_cast(sources, tmp_path, capsys):
