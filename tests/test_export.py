@@ -207,6 +207,18 @@ def test_round_trip(family, sources, tmp_path, capsys):
         assert AutoTokenizer.from_pretrained(dst)("w5 w7")["input_ids"] == [5, 7]
 
 
+def test_pytorch_bin_source(sources, tmp_path, capsys):
+    """Checkpoints from before safetensors (pytorch_model.bin) export to safetensors too."""
+    src, dst = tmp_path / "bin-source", tmp_path / "exported"
+    src.mkdir()
+    shutil.copy(sources["llama"] / "config.json", src)
+    torch.save(_tensors(sources["llama"]), src / "pytorch_model.bin")
+    code, out, err = _export(capsys, src, dst)
+    assert code == 0, err
+    assert "identical to the float32 source's" in out
+    assert _tensors(dst).keys() == _tensors(sources["llama"]).keys()
+
+
 def test_trainer_output_dir_is_not_a_model_but_names_its_checkpoint(sources, tmp_path, capsys):
     code, _, err = _export(capsys, sources[TRAINER_FAMILY].parent, tmp_path / "exported")
     assert code == 2
@@ -241,6 +253,12 @@ def test_sharded(sources, tmp_path, capsys):
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in exported.values())
     assert f"in {len(shards)} safetensors shards" in out
     assert "Writing model shards" in err and f"{len(shards)}/{len(shards)}" in err  # the progress bar
+
+    # A sharded checkpoint is a valid SRC too: back to one file, read through the index.
+    code, out, err = _export(capsys, dst, tmp_path / "one-file")
+    assert code == 0, err
+    assert "in 1 safetensors shard" in out
+    assert all(torch.equal(t, exported[name]) for name, t in _tensors(tmp_path / "one-file").items())
 
 
 def test_dtype_cast(sources, tmp_path, capsys):
