@@ -143,6 +143,16 @@ def _dense_reason(
     return None
 
 
+def _autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, rotary embeddings leave q and k in float32 while v is in the autocast dtype;
+    SDPA (an autocast op) casts all three to that dtype, so Lighthouse does the same."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def lighthouse_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -159,6 +169,7 @@ def lighthouse_attention_forward(
     if dense is None:
         if dropout:
             warnings.warn("Lighthouse attention applies no attention dropout (attention_dropout is ignored).", LighthouseWarning)
+        query, key, value = _autocast_dtype(query, key, value)
         out = lighthouse_attention(
             query, key, value, levels=settings.levels, pooling=settings.pooling, topk=settings.topk, scale=scaling
         )
