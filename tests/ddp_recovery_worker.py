@@ -21,7 +21,7 @@ def main(output_dir: Path) -> None:
     probe = PhaseProbe()
     trainer = Trainer(
         model=tiny_lighthouse_model(),
-        args=training_args(output_dir / "run", max_steps=3, ddp_backend="gloo"),
+        args=training_args(output_dir / "run", max_steps=3, ddp_backend="gloo", ddp_find_unused_parameters=False),
         train_dataset=RandomBlocks(8),
         callbacks=[RecoveryCallback(at=2), probe],
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_recovery_after_the_last_step_raises(tmp_path, monkeypatch):
 def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path, monkeypatch):
     probe = PhaseProbe(monkeypatch.setattr)
     trainer, _ = train(
-        tmp_path, 2, probe, steps=3, gradient_accumulation_steps=2, gradient_checkpointing=True, bf16=True
+        tmp_path, 2, probe, steps=3, gradient_accumulation_steps=2, activation_checkpointing=True, bf16=True
     )
     # 2 micro-batches x 2 layers x (forward + recomputed forward): all of a step or none of it.
     assert probe.lighthouse_calls == [8, 8, 0]
@@ -134,9 +135,12 @@ def test_lora_keeps_lighthouse_trains_only_adapters_and_switches(tmp_path, monke
 
 def test_ddp_two_processes_on_gloo(tmp_path):
     script = Path(__file__).with_name("ddp_recovery_worker.py")
+    with socket.socket() as probe_socket:  # a free port for the rendezvous
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
