@@ -98,6 +98,12 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         model = AutoModelForCausalLM.from_pretrained(
             args.model, gguf_file=args.gguf_file, config=config, dtype=torch.float32
         )
+        if args.gguf_file:
+            # Transformers dequantizes GGUF weights on load but still marks the model quantized,
+            # which Trainer refuses to train: move the weights into a plain model.
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(model.state_dict())
+            model = plain
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, gguf_file=args.gguf_file)
     if args.seq_len > model.config.max_position_embeddings:
         logger.warning(

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:<24}{len(losses):>6}  {losses[0]:>8.3f} -> {losses[-1]:<15.3f}{report.throughput(name):>9,.0f}")
     print(f"held-out loss (last {HELD_OUT_FRACTION:.0%} of the book, nats per byte):")
     for label, loss in report.held_out_losses.items():
-        print(f"  {label:<38}{loss:.3f}  ({loss / math.log(2):.2f} bits/byte)")
+        print(f"  {label:<40}{loss:.3f}  ({loss / math.log(2):.2f} bits/byte)")
 
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)
