@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         bf16=args.bf16,
         activation_checkpointing=args.gradient_checkpointing,
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
         seed=args.seed,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=packed, callbacks=[recovery, step_log])

@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        dataloader_pin_memory=False,
         disable_tqdm=True,
         seed=args.seed,
     )

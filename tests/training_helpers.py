@@ -53,6 +53,7 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        dataloader_pin_memory=False,
         disable_tqdm=True,
         seed=0,
         dataloader_num_workers=0,
