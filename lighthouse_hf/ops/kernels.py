@@ -33,6 +33,28 @@ SCRATCH_KINDS = 5
 
 
 @triton.jit
+def norms_kernel(
+    src,  # [B, h, S, D] (any strides with a contiguous last axis), half precision
+    norms,  # out [B*h, padded_len] float32
+    heads, dim, real_len, padded_len, stride_b, stride_h, stride_s,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """L2 norm of every real position in float32 (correctly rounded square root); -1 for positions
+    from ``real_len`` to ``padded_len`` (padding, below every real score)."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    real = position < real_len
+    base = src + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    rows = tl.load(base + position.to(tl.int64)[:, None] * stride_s + d[None, :],
+                   mask=real[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
+    norm = tl.where(real, tl.sqrt_rn(tl.sum(rows * rows, axis=1)), -1.0)
+    tl.store(norms + bh.to(tl.int64) * padded_len + position, norm, mask=position < padded_len)
+
+
+@triton.jit
 def _ordered(score):
     """float32 -> int32 with the same order (for non-NaN scores)."""
     bits = score.to(tl.int32, bitcast=True)
