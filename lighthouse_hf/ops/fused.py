@@ -4,7 +4,14 @@ PyTorch's SDPA on the compressed sequence.
 Each Triton step is a ``torch.library.custom_op`` (namespace ``lighthouse_hf``) with a fake
 implementation and, where it is differentiable, an autograd formula whose backward is again a
 custom op; SDPA in between stays an ordinary PyTorch call, so ``torch.compile`` traces the whole
-layer with ``fullgraph=True``. Triton is imported only when a kernel first runs.
+layer with ``fullgraph=True``. Eager calls reach the same kernels through
+``torch.autograd.Function`` twins, which cost less host time than custom-op dispatch. Triton is
+imported only when a kernel first runs.
+
+Determinism: the Lighthouse kernels are gathers without atomics, bitwise reproducible; the SDPA
+follows PyTorch's setting (its default cuDNN backward is not bitwise reproducible; under
+``torch.use_deterministic_algorithms(True)`` PyTorch uses a deterministic backward and the whole
+path is bitwise reproducible).
 
 Data flow per call (shapes per (batch, query head); ``n`` is the compressed length):
 ``select`` -> ``entry_local``/``entry_row`` (level-major listing, [n] int32 each) and ``inverse``
