@@ -46,34 +46,33 @@ def _plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
     return LighthousePlan(seq_len, levels, pooling, topk)
 
 
-def _padded_norms(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
-    """float32 L2 norms of the real positions, then -1 up to ``padded_len``: ``[B*h, padded_len]``.
+def _level_scores(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
+    """Max-pooled float32 L2 norms of levels 1..L-1: ``[B*h, L-1, padded_len // p]`` (levels end-padded).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
-    selections) are identical to it; half-precision inputs use one Triton pass (the ATen reduction
-    with an upcast ran at a third of the memory bandwidth).
+    selections) are identical to it. Half-precision inputs take one Triton pass that also
+    max-pools (the ATen reduction with an upcast ran at a third of the memory bandwidth, and the
+    pyramid cost a dozen small launches); its float32 sums may differ from ATen's in the last bit.
     """
-    if x.dtype == torch.float32:
-        norms = torch.linalg.vector_norm(x[:, :, : plan.real_len], dim=-1)
-        return F.pad(norms.flatten(0, 1), (0, plan.padded_len - plan.real_len), value=-1.0)
-    from . import kernels
-
     batch, heads, _, dim = x.shape
-    x = _last_axis_contiguous(x)
-    norms = torch.empty(batch * heads, plan.padded_len, dtype=torch.float32, device=x.device)
+    stride = plan.padded_len // plan.pooling
+    out = torch.empty(batch * heads, plan.levels - 1, stride, dtype=torch.float32, device=x.device)
     block_d = _next_power_of_2(dim)
     block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
-    kernels.norms_kernel[(_cdiv(plan.padded_len, block_p), batch * heads)](
-        x, norms, heads, dim, plan.real_len, plan.padded_len, *x.stride()[:3],
-        BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+    if x.dtype != torch.float32 and plan.coarse_width <= block_p:
+        from . import kernels
+
+        x = _last_axis_contiguous(x)
+        kernels.scores_kernel[(_cdiv(plan.padded_len, block_p), batch * heads)](
+            x, out, heads, dim, plan.real_len, plan.padded_len, stride, *x.stride()[:3],
+            LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        )
+        return out
+    real = x[:, :, : plan.real_len]
+    norms = torch.linalg.vector_norm(real, dim=-1) if x.dtype == torch.float32 else torch.linalg.vector_norm(
+        real, dim=-1, dtype=torch.float32
     )
-    return norms
-
-
-def _level_scores(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
-    """Max-pooled float32 L2 norms of levels 1..L-1: ``[B*h, L-1, padded_len // p]`` (levels end-padded)."""
-    norms = _padded_norms(x, plan)
-    out = norms.new_empty(norms.shape[0], plan.levels - 1, plan.padded_len // plan.pooling)
+    norms = F.pad(norms.flatten(0, 1), (0, plan.padded_len - plan.real_len), value=-1.0)
     for level in range(1, plan.levels):
         norms = norms.unflatten(-1, (-1, plan.pooling)).amax(-1)  # max of maxima: exact
         out[:, level - 1, : norms.shape[-1]] = norms

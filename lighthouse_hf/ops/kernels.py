@@ -33,15 +33,19 @@ SCRATCH_KINDS = 5
 
 
 @triton.jit
-def norms_kernel(
+def scores_kernel(
     src,  # [B, h, S, D] (any strides with a contiguous last axis), half precision
-    norms,  # out [B*h, padded_len] float32
-    heads, dim, real_len, padded_len, stride_b, stride_h, stride_s,
+    scores,  # out [B*h, LEVELS-1, score_stride] float32: max-pooled norms of levels 1..L-1
+    heads, dim, real_len, padded_len, score_stride, stride_b, stride_h, stride_s,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """L2 norm of every real position in float32 (correctly rounded square root); -1 for positions
-    from ``real_len`` to ``padded_len`` (padding, below every real score)."""
+    """Norms and their max-pooled levels in one pass: the L2 norm of every real position in
+    float32 (correctly rounded square root), -1 for padding positions (below every real score),
+    then per level the maximum over each entry's span. Needs ``POOL**(LEVELS-1) <= BLOCK_P`` so
+    that every span lies inside one program's block."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     position = block * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -51,7 +55,11 @@ def norms_kernel(
     rows = tl.load(base + position.to(tl.int64)[:, None] * stride_s + d[None, :],
                    mask=real[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
     norm = tl.where(real, tl.sqrt_rn(tl.sum(rows * rows, axis=1)), -1.0)
-    tl.store(norms + bh.to(tl.int64) * padded_len + position, norm, mask=position < padded_len)
+    scores += bh.to(tl.int64) * ((LEVELS - 1) * score_stride)
+    for level in tl.static_range(1, LEVELS):
+        pooled = tl.max(tl.reshape(norm, (BLOCK_P // POOL**level, POOL**level)), axis=1)
+        entry = block * (BLOCK_P // POOL**level) + tl.arange(0, BLOCK_P // POOL**level)
+        tl.store(scores + (level - 1) * score_stride + entry, pooled, mask=entry < padded_len // POOL**level)
 
 
 @triton.jit
