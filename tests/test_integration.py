@@ -267,3 +267,26 @@ def test_two_layer_model_at_16k_forward_backward():
     x = tokens(seq=seq)
     model(x, labels=x).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_decoder_layer_captures_as_one_graph():
+    """torch.compile(fullgraph=True) of a Lighthouse decoder layer (graph capture is what can break;
+    the aot_eager backend needs no C++ compiler; the GPU suite compiles with inductor)."""
+    config = LlamaConfig(**TINY)
+    config.lighthouse = {"topk": 128, "dense_layers": []}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="lighthouse")
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, SEQ, TINY["hidden_size"], requires_grad=True)
+    position_ids = torch.arange(SEQ)[None]
+    position_embeddings = model.model.rotary_emb(hidden, position_ids)
+
+    def run(layer_fn):
+        out = layer_fn(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, torch.autograd.grad(out.square().mean(), hidden)[0]
+
+    eager_out, eager_grad = run(layer)
+    out, grad = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(grad, eager_grad)
