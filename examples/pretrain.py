@@ -32,6 +32,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 import lighthouse_hf
+from lighthouse_hf.training import activation_checkpointing
 
 logger = logging.getLogger("pretrain")
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
+        **activation_checkpointing(args.gradient_checkpointing),
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=args.seed,

@@ -23,6 +23,14 @@ DENSE_IMPLEMENTATION = "sdpa"
 """What the recovery phase runs: the dense attention that Lighthouse layers fall back to."""
 
 
+def activation_checkpointing(enabled: bool) -> dict[str, bool]:
+    """The ``TrainingArguments`` keyword for activation checkpointing in the installed Transformers
+    (``gradient_checkpointing`` became ``activation_checkpointing`` during 5.x; the old name warns)."""
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled}
+
+
 def lighthouse_models(model: torch.nn.Module) -> Iterator[PreTrainedModel]:
     """The outermost Transformers models inside ``model`` (a model, a PEFT wrapper, a DDP wrapper)
     that currently dispatch attention to Lighthouse."""

@@ -15,6 +15,7 @@ from transformers import Trainer
 
 import lighthouse_hf
 from lighthouse_hf import RecoveryCallback
+from lighthouse_hf.training import activation_checkpointing
 from training_helpers import NUM_LAYERS, PhaseProbe, RandomBlocks, step_losses, tiny_lighthouse_model, training_args
 
 LIGHTHOUSE, DENSE = "lighthouse", "sdpa"
@@ -67,7 +68,7 @@ def test_recovery_after_the_last_step_raises(tmp_path, monkeypatch):
 def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path, monkeypatch):
     probe = PhaseProbe(monkeypatch.setattr)
     trainer, _ = train(
-        tmp_path, 2, probe, steps=3, gradient_accumulation_steps=2, activation_checkpointing=True, bf16=True
+        tmp_path, 2, probe, steps=3, gradient_accumulation_steps=2, bf16=True, **activation_checkpointing(True)
     )
     # 2 micro-batches x 2 layers x (forward + recomputed forward): all of a step or none of it.
     assert probe.lighthouse_calls == [8, 8, 0]
