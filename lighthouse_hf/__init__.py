@@ -5,6 +5,7 @@
 
 from .config import ATTN_IMPLEMENTATION, LighthouseConfig
 from .data import pack_dataset, pack_documents
+from .distributed import ContextParallelTrainer, shard_batch
 from .export import ExportReport, export_checkpoint
 from .integration import apply_lighthouse, register
 from .ops import compressed_length, lighthouse_attention
@@ -16,6 +17,7 @@ register()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "ContextParallelTrainer",
     "ExportReport",
     "LighthouseConfig",
     "RecoveryCallback",
@@ -25,5 +27,6 @@ __all__ = [
     "lighthouse_attention",
     "pack_dataset",
     "pack_documents",
+    "shard_batch",
     "__version__",
 ]

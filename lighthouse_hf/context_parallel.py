@@ -2,7 +2,8 @@
 
 Layout: with ``world`` ranks the sequence is cut into ``2 * world`` equal chunks and rank ``r``
 holds chunks ``r`` and ``2 * world - 1 - r`` concatenated (the head/tail load balancing of causal
-context parallelism), for q, k, v and the output alike.
+context parallelism, the same layout as ``torch.distributed.tensor.experimental.context_parallel``),
+for token ids, positions, q, k, v and the output alike.
 
 Why this is exact: tiles own contiguous position ranges and every tile's compressed length is
 fixed, so when chunk boundaries fall on tile boundaries, selecting inside a chunk with
@@ -13,19 +14,31 @@ with a lower-right causal mask. The one cross-chunk effect is the scatter's righ
 entry's output lands up to ``pooling**(levels-1) - 1`` positions past its span, so each chunk hands
 that halo to the next chunk. When chunk boundaries do not fall on tile boundaries (or the setting
 pads the coarsest level), the ranks all-gather q, k and v and each computes its own chunks of the
-single-device result: still exact, with the memory of one device.
+single-device result: still exact, with the memory of one device (a ``LighthouseWarning`` says so).
+
+Dense layers (and every other call that runs dense) all-gather k and v and attend each local query
+chunk to its causal prefix. Only ``torch.distributed`` collectives are used: all-gather forward,
+reduce-scatter (all-reduce on gloo) backward.
+
+In a Transformers model the attention function takes this path when the forward call carries
+``lighthouse_cp_group=<process group>`` (see ``lighthouse_hf.distributed.shard_batch``); the
+group travels with the call, so two models in one process never share context-parallel state.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-
-from .ops import LighthousePlan, check_settings, lighthouse_attention
-from .ops import reference
+from . import patches
+from .config import LighthouseConfig
+from .integration import DeferredMask, LighthouseWarning, _autocast_dtype
+from .ops import LighthousePlan, check_settings, fused, lighthouse_attention, reference
 
 
 def chunk_plan(seq_len: int, chunks: int, levels: int, pooling: int, topk: int) -> LighthousePlan | None:
@@ -39,6 +52,34 @@ def chunk_plan(seq_len: int, chunks: int, levels: int, pooling: int, topk: int) 
 
 def _global_chunks(world: int, rank: int) -> tuple[int, int]:
     return rank, 2 * world - 1 - rank
+
+
+def _group_shape(group) -> tuple[int, int]:
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
+    """This rank's head and tail chunks of ``x`` along ``dim`` (whose length must be a multiple of
+    ``2 * world``)."""
+    world, rank = _group_shape(group)
+    if x.shape[dim] % (2 * world):
+        raise ValueError(
+            f"the sequence length ({x.shape[dim]}) must be a multiple of 2 * group size ({2 * world}) "
+            "to split it into head/tail chunks"
+        )
+    chunks = x.chunk(2 * world, dim=dim)
+    return torch.cat([chunks[c] for c in _global_chunks(world, rank)], dim=dim)
+
+
+def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
+    """The whole sequence from every rank's head/tail part along ``dim`` (not differentiable)."""
+    world, _ = _group_shape(group)
+    moved = x.movedim(dim, 0).contiguous()
+    gathered = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
+    dist.all_gather_into_tensor(gathered, moved, group=group)
+    halves = [part.chunk(2, dim=0) for part in gathered.chunk(world, dim=0)]
+    ordered = [halves[i][0] for i in range(world)] + [halves[world - 1 - i][1] for i in range(world)]
+    return torch.cat(ordered, dim=0).movedim(0, dim)
 
 
 class _AllGather(torch.autograd.Function):
@@ -75,6 +116,43 @@ def _gather_chunks(local: torch.Tensor, group, world: int) -> list[torch.Tensor]
     return [halves[i][0] for i in range(world)] + [halves[world - 1 - i][1] for i in range(world)]
 
 
+def _causal_prefix_attention(q_part, keys, values, chunk, scale, dropout=0.0):
+    """``q_part`` is global chunk ``chunk`` of equal-length chunks; ``keys``/``values`` hold the
+    whole sequence in global order. Causal attention of the chunk to its prefix (lower-right mask)."""
+    length = q_part.shape[2]
+    prefix_k, prefix_v = keys[:, :, : (chunk + 1) * length], values[:, :, : (chunk + 1) * length]
+    mask = causal_lower_right(length, prefix_k.shape[2])
+    return F.scaled_dot_product_attention(q_part, prefix_k, prefix_v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+class _ChunkSelection:
+    """Steps 1-4 for one chunk with the chunk's plan, and step 6 into the chunk plus its halo.
+    The fused Triton kernels run on CUDA, the reference path elsewhere."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> None:
+        self.plan = plan
+        self.use_fused = fused.handles(q)
+        settings = (plan.levels, plan.pooling, plan.topk)
+        if self.use_fused:
+            self.listing = fused._select_impl(q.detach(), k.detach(), *settings)
+        else:
+            self.selection = reference.select(q, k, plan)
+
+    def gather(self, q, k, v):
+        if self.use_fused:
+            entry_local, entry_row, inverse = self.listing
+            plan = self.plan
+            return fused._GatherEntries.apply(q, k, v, entry_local, entry_row, inverse, plan.levels, plan.pooling, plan.topk)
+        return tuple(reference.gather_entries(reference.pyramid(x, self.plan), self.selection.index) for x in (q, k, v))
+
+    def scatter(self, out_sel: torch.Tensor, length: int) -> torch.Tensor:
+        if self.use_fused:
+            entry_local, entry_row, inverse = self.listing
+            plan = self.plan
+            return fused._ScatterEntries.apply(out_sel, inverse, entry_local, entry_row, length, plan.levels, plan.pooling, plan.topk)
+        return reference.scatter_back(out_sel, self.selection, length)
+
+
 def lighthouse_attention_context_parallel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,32 +169,36 @@ def lighthouse_attention_context_parallel(
     ``q`` is ``[B, H, 2 * chunk, D]``, ``k`` and ``v`` ``[B, Hkv, 2 * chunk, D]``; differentiable.
     """
     check_settings(levels, pooling, topk)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world, rank = _group_shape(group)
     if q.shape[2] % 2:
         raise ValueError(f"q must hold two equal chunks along the sequence, got length {q.shape[2]}")
     chunk_len = q.shape[2] // 2
     seq_len = 2 * world * chunk_len
     plan = chunk_plan(seq_len, 2 * world, levels, pooling, topk)
     if plan is None:
+        warnings.warn(
+            f"context parallelism at {seq_len} tokens over {world} ranks: chunk boundaries do not fall on "
+            "Lighthouse tile boundaries, so every rank gathers the whole sequence (exact, but with one "
+            "device's memory). lighthouse_hf.context_parallel.chunk_plan tells which lengths split.",
+            LighthouseWarning,
+        )
         return _gathered_attention(q, k, v, group, world, rank, levels, pooling, topk, scale)
 
-    compressed = []
-    for part in (slice(0, chunk_len), slice(chunk_len, None)):
-        q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
-        selection = reference.select(q_part, k_part, plan)
-        q_sel, k_sel, v_sel = (reference.gather_entries(reference.pyramid(x, plan), selection.index) for x in (q_part, k_part, v_part))
-        compressed.append((selection, q_sel, k_sel, v_sel))
-    keys = _gather_chunks(torch.cat([c[2] for c in compressed], dim=2), group, world)
-    values = _gather_chunks(torch.cat([c[3] for c in compressed], dim=2), group, world)
+    parts = (slice(0, chunk_len), slice(chunk_len, None))
+    selections, compressed = [], []
+    for part in parts:
+        selection = _ChunkSelection(q[:, :, part], k[:, :, part], plan)
+        selections.append(selection)
+        compressed.append(selection.gather(q[:, :, part], k[:, :, part], v[:, :, part]))
+    keys = torch.cat(_gather_chunks(torch.cat([c[1] for c in compressed], dim=2), group, world), dim=2)
+    values = torch.cat(_gather_chunks(torch.cat([c[2] for c in compressed], dim=2), group, world), dim=2)
 
     width = plan.coarse_width
     outputs, halos = [], []
-    for chunk, (selection, q_sel, _, _) in zip(_global_chunks(world, rank), compressed):
-        prefix_k, prefix_v = torch.cat(keys[: chunk + 1], dim=2), torch.cat(values[: chunk + 1], dim=2)
-        mask = causal_lower_right(q_sel.shape[2], prefix_k.shape[2])
-        out_sel = F.scaled_dot_product_attention(q_sel, prefix_k, prefix_v, attn_mask=mask, scale=scale)
+    for chunk, selection, (q_sel, _, _) in zip(_global_chunks(world, rank), selections, compressed):
+        out_sel = _causal_prefix_attention(q_sel, keys, values, chunk, scale)
         # positions chunk_len .. chunk_len + width - 2 belong to the next chunk: the halo
-        spread = reference.scatter_back(out_sel, selection, chunk_len + width - 1)
+        spread = selection.scatter(out_sel, chunk_len + width - 1)
         outputs.append(spread[:, :, :chunk_len])
         halos.append(spread[:, :, chunk_len:])
     incoming = _gather_chunks(torch.cat(halos, dim=2), group, world)
@@ -131,3 +213,100 @@ def _gathered_attention(q, k, v, group, world, rank, levels, pooling, topk, scal
     out = lighthouse_attention(*full, levels=levels, pooling=pooling, topk=topk, scale=scale)
     chunks = out.chunk(2 * world, dim=2)
     return torch.cat([chunks[c] for c in _global_chunks(world, rank)], dim=2)
+
+
+def dense_attention_context_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """This rank's part of dense causal attention over the whole sequence (same layout and shapes
+    as :func:`lighthouse_attention_context_parallel`); differentiable."""
+    world, rank = _group_shape(group)
+    if q.shape[2] % 2:
+        raise ValueError(f"q must hold two equal chunks along the sequence, got length {q.shape[2]}")
+    repeat = q.shape[1] // k.shape[1]
+    keys, values = (torch.cat(_gather_chunks(x, group, world), dim=2) for x in (k, v))
+    if repeat > 1:
+        keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+    q_chunks = q.chunk(2, dim=2)
+    outputs = [
+        _causal_prefix_attention(q_part, keys, values, chunk, scale, dropout)
+        for q_part, chunk in zip(q_chunks, _global_chunks(world, rank))
+    ]
+    return torch.cat(outputs, dim=2)
+
+
+def _mask_problem(attention_mask: Any) -> str | None:
+    """What in ``attention_mask`` context parallelism cannot honour; None: plain causal.
+
+    Head/tail position ids jump between the two chunks, which Transformers reads as packed
+    documents; that mask is expected here and stands for plain causal attention."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, DeferredMask):
+        if attention_mask.reason in (None, "packed-document boundaries"):
+            return None
+        return attention_mask.reason
+    if isinstance(attention_mask, torch.Tensor):
+        return "padding" if attention_mask.dim() == 2 else "an explicit 4-D attention mask"
+    return f"an attention mask of type {type(attention_mask).__name__}"
+
+
+def context_parallel_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    *,
+    group: dist.ProcessGroup,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The ``"lighthouse"`` attention function's path when the sequence is split across ``group``:
+    ``[B, H, S_local, D]`` in, ``[B, S_local, H, D]`` out. Lighthouse layers run
+    :func:`lighthouse_attention_context_parallel`, dense layers and sequences Lighthouse does not
+    shorten run :func:`dense_attention_context_parallel`."""
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            "context parallelism splits whole sequences: query and key lengths must match "
+            f"(got {query.shape[2]} and {key.shape[2]}); decode without lighthouse_cp_group"
+        )
+    problem = _mask_problem(attention_mask)
+    if problem is not None:
+        raise ValueError(
+            f"context parallelism needs plain causal attention over whole sequences, but the inputs have {problem}; "
+            "pass unpadded sequences without an attention_mask (lighthouse_hf.distributed.shard_batch does)"
+        )
+    world, _ = _group_shape(group)
+    seq_len = query.shape[2] * world
+    settings = LighthouseConfig.from_model_config(module.config)
+    query, key, value = _autocast_dtype(query, key, value)
+    layer_idx = getattr(module, "layer_idx", None)
+    num_layers = patches.adapter_for(module.config).num_layers(module.config)
+    dense = (
+        (layer_idx is not None and layer_idx in settings.dense_layer_set(num_layers))
+        or (settings.min_seq_len is not None and seq_len < settings.min_seq_len)
+        or not LighthousePlan(seq_len, settings.levels, settings.pooling, settings.topk).compresses
+    )
+    if dense:
+        if sliding_window is not None and sliding_window < seq_len:
+            raise ValueError(
+                f"layer {layer_idx} has a {sliding_window}-token sliding window, which context-parallel dense "
+                "attention does not apply; list it outside dense_layers or train it without context parallelism"
+            )
+        out = dense_attention_context_parallel(query, key, value, group=group, scale=scaling, dropout=dropout)
+    else:
+        if dropout:
+            warnings.warn("Lighthouse attention applies no attention dropout (attention_dropout is ignored).", LighthouseWarning)
+        out = lighthouse_attention_context_parallel(
+            query, key, value, group=group, levels=settings.levels, pooling=settings.pooling, topk=settings.topk, scale=scaling
+        )
+    return out.transpose(1, 2).contiguous()

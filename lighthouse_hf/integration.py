@@ -23,6 +23,8 @@ from . import patches
 from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
 from .ops import LighthousePlan, lighthouse_attention
 
+CONTEXT_PARALLEL_KWARG = "lighthouse_cp_group"
+"""Forward keyword naming the process group a sharded sequence is split across (context parallelism)."""
 
 
 class LighthouseWarning(UserWarning):
@@ -164,6 +166,15 @@ def lighthouse_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered under ``"lighthouse"``: ``[B, H, S, D]`` in, ``[B, S, H, D]`` out."""
+    group = kwargs.pop(CONTEXT_PARALLEL_KWARG, None)
+    if group is not None:
+        # imported here: context_parallel builds on this module
+        from .context_parallel import context_parallel_attention_forward
+
+        out = context_parallel_attention_forward(
+            module, query, key, value, attention_mask, group=group, dropout=dropout, scaling=scaling, **kwargs
+        )
+        return out, None
     settings = LighthouseConfig.from_model_config(module.config)
     dense = _dense_reason(module, query, key, attention_mask, settings)
     if dense is None:
