@@ -149,7 +149,8 @@ class _ChunkSelection:
         if self.use_fused:
             entry_local, entry_row, inverse = self.listing
             plan = self.plan
-            return fused._ScatterEntries.apply(out_sel, inverse, entry_local, entry_row, length, plan.levels, plan.pooling, plan.topk)
+            settings = (plan.levels, plan.pooling, plan.topk)
+            return fused._ScatterEntries.apply(out_sel, inverse, entry_local, entry_row, length, *settings)
         return reference.scatter_back(out_sel, self.selection, length)
 
 
