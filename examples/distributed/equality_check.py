@@ -41,7 +41,7 @@ FP32_TOL = 1e-5
 PRESETS = {
     # layer: (seq, heads, kv heads, head dim, settings); unaligned: a length whose chunks miss tiles
     "gpu": dict(
-        layer=(65536, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
+        layer=(32768, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
         unaligned=(40000, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
         model=("small", 32768, dict(levels=3, pooling=4, topk=2048, dense_layers=[0, -1])),
         dtypes=("float32", "bfloat16"),
