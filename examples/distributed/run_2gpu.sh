@@ -16,18 +16,13 @@ BUDGET=${BUDGET:-525}
 START=$(date +%s)
 mkdir -p "$OUT/logs"
 
-# The package from this tree without installing it: setup.cfg maps patches/ to lighthouse_hf.patches,
-# so a shim directory links both; "python -P" keeps the checkout's own lighthouse_hf/ off sys.path.
-SRC="$WORK/src/lighthouse_hf"
-mkdir -p "$SRC"
-for entry in lighthouse_hf/*; do ln -s "$PWD/$entry" "$SRC/"; done
-ln -s "$PWD/patches" "$SRC/patches"
-export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
+# The package from this tree (setup.cfg maps patches/ to lighthouse_hf.patches, so it must be installed).
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 
 {
   echo "start $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  python -P -c "import sys, torch, transformers, accelerate, lighthouse_hf; print(sys.version.split()[0], torch.__version__, transformers.__version__, accelerate.__version__, lighthouse_hf.__file__)"
+  python3 -c "import sys, torch, transformers, accelerate, lighthouse_hf; print(sys.version.split()[0], torch.__version__, transformers.__version__, accelerate.__version__, lighthouse_hf.__file__)"
 } 2>&1 | tee "$OUT/summary.txt"
 
 step() {  # step NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, what is left of BUDGET)
@@ -46,14 +41,14 @@ step() {  # step NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, what is
   grep -E "PASSED|FAILED|Traceback|Error" "$OUT/logs/$name.log" | grep -v Warning | tail -n 4 | tee -a "$OUT/summary.txt"
 }
 
-RUN2=(python -m torch.distributed.run --standalone --nproc-per-node 2)
+RUN2=(python3 -m torch.distributed.run --standalone --nproc-per-node 2)
 D=examples/distributed
 step equality 95 "${RUN2[@]}" $D/equality_check.py --out "$WORK/equality"
 step trainer_cp 75 "${RUN2[@]}" $D/trainer_check.py --mode cp --out "$WORK/trainer_cp"
 step trainer_ddp 55 "${RUN2[@]}" $D/trainer_check.py --mode ddp --out "$WORK/trainer_ddp"
 step trainer_fsdp2 55 "${RUN2[@]}" $D/trainer_check.py --mode fsdp2 --out "$WORK/trainer_fsdp2"
-step bench_1gpu 120 python -m torch.distributed.run --standalone --nproc-per-node 1 $D/bench_cp.py --out "$WORK/bench" --search
+step bench_1gpu 120 python3 -m torch.distributed.run --standalone --nproc-per-node 1 $D/bench_cp.py --out "$WORK/bench" --search
 step bench_cp2 120 "${RUN2[@]}" $D/bench_cp.py --out "$WORK/bench" --search
 
-python $D/summarize.py "$WORK" "$OUT/results.json" 2>&1 | tee -a "$OUT/summary.txt"
+python3 $D/summarize.py "$WORK" "$OUT/results.json" 2>&1 | tee -a "$OUT/summary.txt"
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
