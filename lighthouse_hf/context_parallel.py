@@ -35,9 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from . import patches
 from .config import LighthouseConfig
-from .integration import DeferredMask, LighthouseWarning, _autocast_dtype
+from .integration import DeferredMask, LighthouseWarning, _autocast_dtype, _is_dense_layer, _length_reason
 from .ops import LighthousePlan, check_settings, fused, lighthouse_attention, reference
 
 
@@ -71,6 +70,12 @@ def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim:
     return torch.cat([chunks[c] for c in _global_chunks(world, rank)], dim=dim)
 
 
+def _in_global_order(halves: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Rank r's (head, tail) pieces, r = 0..world-1, as the 2 * world chunks in sequence order
+    (rank r holds chunks r and 2 * world - 1 - r)."""
+    return [head for head, _ in halves] + [tail for _, tail in reversed(halves)]
+
+
 def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
     """The whole sequence from every rank's head/tail part along ``dim`` (not differentiable)."""
     world, _ = _group_shape(group)
@@ -78,8 +83,7 @@ def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, di
     gathered = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
     dist.all_gather_into_tensor(gathered, moved, group=group)
     halves = [part.chunk(2, dim=0) for part in gathered.chunk(world, dim=0)]
-    ordered = [halves[i][0] for i in range(world)] + [halves[world - 1 - i][1] for i in range(world)]
-    return torch.cat(ordered, dim=0).movedim(0, dim)
+    return torch.cat(_in_global_order(halves), dim=0).movedim(0, dim)
 
 
 class _AllGather(torch.autograd.Function):
@@ -112,8 +116,7 @@ def _gather_chunks(local: torch.Tensor, group, world: int) -> list[torch.Tensor]
     """All-gather every rank's ``[head chunk, tail chunk]`` (along dim 2; differentiable) and
     return the chunks in global order."""
     gathered = _AllGather.apply(local, group)
-    halves = [t.chunk(2, dim=2) for t in gathered.chunk(world, dim=0)]
-    return [halves[i][0] for i in range(world)] + [halves[world - 1 - i][1] for i in range(world)]
+    return _in_global_order([t.chunk(2, dim=2) for t in gathered.chunk(world, dim=0)])
 
 
 def _causal_prefix_attention(q_part, keys, values, chunk, scale, dropout=0.0):
@@ -183,7 +186,7 @@ def lighthouse_attention_context_parallel(
             "device's memory). lighthouse_hf.context_parallel.chunk_plan tells which lengths split.",
             LighthouseWarning,
         )
-        return _gathered_attention(q, k, v, group, world, rank, levels, pooling, topk, scale)
+        return _gathered_attention(q, k, v, group, world, levels, pooling, topk, scale)
 
     parts = (slice(0, chunk_len), slice(chunk_len, None))
     selections, compressed = [], []
@@ -209,11 +212,10 @@ def lighthouse_attention_context_parallel(
     return torch.cat(outputs, dim=2)
 
 
-def _gathered_attention(q, k, v, group, world, rank, levels, pooling, topk, scale):
+def _gathered_attention(q, k, v, group, world, levels, pooling, topk, scale):
     full = [torch.cat(_gather_chunks(x, group, world), dim=2) for x in (q, k, v)]
     out = lighthouse_attention(*full, levels=levels, pooling=pooling, topk=topk, scale=scale)
-    chunks = out.chunk(2 * world, dim=2)
-    return torch.cat([chunks[c] for c in _global_chunks(world, rank)], dim=2)
+    return shard_sequence(out, group, dim=2)
 
 
 def dense_attention_context_parallel(
@@ -290,17 +292,10 @@ def context_parallel_attention_forward(
     seq_len = query.shape[2] * world
     settings = LighthouseConfig.from_model_config(module.config)
     query, key, value = _autocast_dtype(query, key, value)
-    layer_idx = getattr(module, "layer_idx", None)
-    num_layers = patches.adapter_for(module.config).num_layers(module.config)
-    dense = (
-        (layer_idx is not None and layer_idx in settings.dense_layer_set(num_layers))
-        or (settings.min_seq_len is not None and seq_len < settings.min_seq_len)
-        or not LighthousePlan(seq_len, settings.levels, settings.pooling, settings.topk).compresses
-    )
-    if dense:
+    if _is_dense_layer(module, settings) or _length_reason(seq_len, settings) is not None:
         if sliding_window is not None and sliding_window < seq_len:
             raise ValueError(
-                f"layer {layer_idx} has a {sliding_window}-token sliding window, which context-parallel dense "
+                f"layer {getattr(module, 'layer_idx', None)} has a {sliding_window}-token sliding window, which context-parallel dense "
                 "attention does not apply; list it outside dense_layers or train it without context parallelism"
             )
         out = dense_attention_context_parallel(query, key, value, group=group, scale=scaling, dropout=dropout)

@@ -34,7 +34,7 @@ from transformers import Trainer
 
 from .context_parallel import shard_sequence
 from .integration import CONTEXT_PARALLEL_KWARG
-from .training import lighthouse_models
+from .training import uses_lighthouse
 
 IGNORE_INDEX = -100
 """Label value the Transformers losses skip."""
@@ -63,7 +63,7 @@ def shard_batch(model: torch.nn.Module, batch: Mapping[str, Any], group: dist.Pr
     DDP or FSDP2 over the same ranks, which average gradients, multiply the loss by the group size
     before ``backward`` (Trainer does this itself).
     """
-    if not any(True for _ in lighthouse_models(model)):
+    if not uses_lighthouse(model):
         raise ValueError(
             'shard_batch needs a model with attn_implementation="lighthouse"; for dense SDPA use '
             "torch.distributed.tensor.experimental.context_parallel (Trainer with accelerate's ParallelismConfig)"
@@ -122,7 +122,7 @@ class ContextParallelTrainer(Trainer):
         self, model: torch.nn.Module, inputs: dict[str, Any]
     ) -> tuple[Callable[[], contextlib.AbstractContextManager], dict[str, Any]]:
         config = getattr(self.accelerator, "parallelism_config", None)
-        if config is None or not config.cp_enabled or not any(True for _ in lighthouse_models(model)):
+        if config is None or not config.cp_enabled or not uses_lighthouse(model):
             return super()._prepare_context_parallel_inputs(model, inputs)
         sharded = shard_batch(model, inputs, self.accelerator.torch_device_mesh["cp"].get_group())
         # Trainer counts the predicted tokens over the whole step (all micro-batches, all ranks).

@@ -116,6 +116,21 @@ def _dense_mask(
     return attention_mask
 
 
+def _is_dense_layer(module: torch.nn.Module, settings: LighthouseConfig) -> bool:
+    layer_idx = getattr(module, "layer_idx", None)
+    num_layers = patches.adapter_for(module.config).num_layers(module.config)
+    return layer_idx is not None and layer_idx in settings.dense_layer_set(num_layers)
+
+
+def _length_reason(seq_len: int, settings: LighthouseConfig) -> str | None:
+    """Why a sequence of ``seq_len`` runs dense whatever its inputs; None: long enough for Lighthouse."""
+    if settings.min_seq_len is not None and seq_len < settings.min_seq_len:
+        return "shorter than min_seq_len"
+    if not LighthousePlan(seq_len, settings.levels, settings.pooling, settings.topk).compresses:
+        return "too short to compress"
+    return None
+
+
 def _dense_reason(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -124,9 +139,7 @@ def _dense_reason(
     settings: LighthouseConfig,
 ) -> tuple[str, bool] | None:
     """Why this call runs dense, and whether the user should hear about it; None: run Lighthouse."""
-    layer_idx = getattr(module, "layer_idx", None)
-    num_layers = patches.adapter_for(module.config).num_layers(module.config)
-    if layer_idx is not None and layer_idx in settings.dense_layer_set(num_layers):
+    if _is_dense_layer(module, settings):
         return "dense layer", False
     seq_len = query.shape[2]
     if seq_len != key.shape[2]:
@@ -138,11 +151,8 @@ def _dense_reason(
             return "query offsets", False
     elif isinstance(attention_mask, torch.Tensor):
         return ("padding" if attention_mask.dim() == 2 else "an explicit 4-D attention mask"), True
-    if settings.min_seq_len is not None and seq_len < settings.min_seq_len:
-        return "shorter than min_seq_len", False
-    if not LighthousePlan(seq_len, settings.levels, settings.pooling, settings.topk).compresses:
-        return "too short to compress", False
-    return None
+    length = _length_reason(seq_len, settings)
+    return None if length is None else (length, False)
 
 
 def _autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -43,6 +43,11 @@ def lighthouse_models(model: torch.nn.Module) -> Iterator[PreTrainedModel]:
             yield module
 
 
+def uses_lighthouse(model: torch.nn.Module) -> bool:
+    """Whether any Transformers model inside ``model`` dispatches attention to Lighthouse."""
+    return next(lighthouse_models(model), None) is not None
+
+
 def switch_to_dense(model: torch.nn.Module, recovery_step: int) -> list[PreTrainedModel]:
     """Switch every Lighthouse model inside ``model`` to dense SDPA and record ``recovery_step`` in
     its ``config.lighthouse``; returns the models it switched."""
@@ -103,7 +108,7 @@ class RecoveryCallback(TrainerCallback):
     ) -> None:
         self.recovery_step = self.resolve(state.max_steps)
         if state.global_step < self.recovery_step:
-            if not any(True for _ in lighthouse_models(model)):
+            if not uses_lighthouse(model):
                 logger.warning(
                     "RecoveryCallback: the model does not use Lighthouse attention, so there is nothing to "
                     f'switch at step {self.recovery_step}; set attn_implementation="{ATTN_IMPLEMENTATION}" '

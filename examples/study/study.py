@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 import lighthouse_hf
-from lighthouse_hf.training import activation_checkpointing, lighthouse_models
+from lighthouse_hf.training import activation_checkpointing, uses_lighthouse
 
 ARMS = ("dense", "recovery", "lighthouse")
 HELD_OUT_KEY_RESIDUE = 3
@@ -239,10 +239,6 @@ def build_model(
 def non_embedding_parameters(model) -> int:
     embedding = model.get_input_embeddings().weight
     return sum(p.numel() for p in model.parameters() if p is not embedding)
-
-
-def uses_lighthouse(model) -> bool:
-    return any(True for _ in lighthouse_models(model))
 
 
 class attention:
