@@ -19,6 +19,7 @@ Data flow per call (shapes per (batch, query head); ``n`` is the compressed leng
 q/k/v rows in causal order; SDPA; ``scatter_entries`` -> the output over all positions.
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -29,7 +30,6 @@ from .reference import Selection, position_keys
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NO_LIMIT = 2**31 - 1
 _TILE_ELEMENTS = 8192  # elements per loaded block: 16-32 KB in flight per program
 
 
@@ -46,33 +46,47 @@ def _plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
     return LighthousePlan(seq_len, levels, pooling, topk)
 
 
-def _level_scores(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
-    """Max-pooled float32 L2 norms of levels 1..L-1: ``[B*h, L-1, padded_len // p]`` (levels end-padded).
+@functools.cache
+def _kernels():
+    """The Triton kernels module, imported on first use (the CPU path never imports Triton)."""
+    from . import kernels
+
+    return kernels
+
+
+def _score_pyramids(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
+    each (levels end-padded).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
-    selections) are identical to it. Half-precision inputs take one Triton pass that also
-    max-pools (the ATen reduction with an upcast ran at a third of the memory bandwidth, and the
-    pyramid cost a dozen small launches); its float32 sums may differ from ATen's in the last bit.
+    selections) are identical to it. Half-precision inputs take one Triton pass over q and k that
+    also max-pools (the ATen reduction with an upcast ran at a third of the memory bandwidth, and
+    the pyramid cost a dozen small launches); its float32 sums may differ from ATen's in the last bit.
     """
-    batch, heads, _, dim = x.shape
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    out = torch.empty(batch * heads, plan.levels - 1, stride, dtype=torch.float32, device=x.device)
     block_d = _next_power_of_2(dim)
     block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
-    if x.dtype != torch.float32 and plan.coarse_width <= block_p:
-        from . import kernels
+    if q.dtype == torch.float32 or plan.coarse_width > block_p:
+        return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride)
+    scores = torch.empty(batch * (heads + kv_heads), plan.levels - 1, stride, dtype=torch.float32, device=q.device)
+    q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
+    _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), batch * (heads + kv_heads))](
+        q, k, scores, batch * heads, heads, kv_heads, dim, plan.real_len, plan.padded_len, stride,
+        *q.stride()[:3], *k.stride()[:3],
+        LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+    )
+    return scores[: batch * heads], scores[batch * heads :]
 
-        x = _last_axis_contiguous(x)
-        kernels.scores_kernel[(_cdiv(plan.padded_len, block_p), batch * heads)](
-            x, out, heads, dim, plan.real_len, plan.padded_len, stride, *x.stride()[:3],
-            LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
-        )
-        return out
+
+def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> torch.Tensor:
     real = x[:, :, : plan.real_len]
     norms = torch.linalg.vector_norm(real, dim=-1) if x.dtype == torch.float32 else torch.linalg.vector_norm(
         real, dim=-1, dtype=torch.float32
     )
     norms = F.pad(norms.flatten(0, 1), (0, plan.padded_len - plan.real_len), value=-1.0)
+    out = norms.new_empty(norms.shape[0], plan.levels - 1, stride)
     for level in range(1, plan.levels):
         norms = norms.unflatten(-1, (-1, plan.pooling)).amax(-1)  # max of maxima: exact
         out[:, level - 1, : norms.shape[-1]] = norms
@@ -83,8 +97,7 @@ Tensor = torch.Tensor
 
 
 def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
-    from . import kernels
-
+    kernels = _kernels()
     plan = _plan(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     n = plan.compressed_len
@@ -97,8 +110,7 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
     kernels.select_kernel[(plan.tiles, batch * heads)](
-        _level_scores(q, plan),
-        _level_scores(k, plan),
+        *_score_pyramids(q, k, plan),
         entry_local,
         entry_row,
         inverse,
@@ -131,8 +143,7 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
 
 def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool):
     """Fill every compressed row from the spans of its entry (see ``entries_kernel``)."""
-    from . import kernels
-
+    kernels = _kernels()
     src_q = sources[0]
     batch, heads, seq_len, dim = src_q.shape
     with_kv = len(sources) == 3
@@ -140,42 +151,33 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     src_k, src_v = (sources[1], sources[2]) if with_kv else (src_q, src_q)
     dst_q, dst_k, dst_v = destinations if with_kv else (destinations[0],) * 3
     block_d = _next_power_of_2(dim)
-    n = entry_local.shape[-1]
-    for level, start, length in _listing(plan):
-        width = plan.pooling**level
-        chunk = min(width, 16)
-        block_r = max(1, min(64, _TILE_ELEMENTS // (chunk * block_d)))
-        kernels.entries_kernel[(_cdiv(length, block_r), batch * heads)](
-            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
-            heads, group, seq_len, dim, n, start, length,
-            plan.real_len // width if shifted else _NO_LIMIT,
-            *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
-            WIDTH=width,
-            SHIFT=width - 1 if shifted else 0,
-            SCALE=1.0 if shifted else 1.0 / width,
-            WITH_KV=with_kv,
-            CHUNK=chunk,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
+    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
+    kernels.entries_kernel[(blocks, batch * heads)](
+        src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
+        heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
+        *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
+        LEVELS=plan.levels,
+        POOL=plan.pooling,
+        TOPK=plan.topk,
+        SHIFTED=shifted,
+        WITH_KV=with_kv,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
 
 
 def _run_positions(sources, destinations, inverse, plan, group: int, *, shifted: bool):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``)."""
-    from . import kernels
-
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
     block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
-    two = len(sources) == 2
-    kernels.positions_kernel[(_cdiv(seq_len, block_p), batch * heads_out)](
+    _kernels().positions_kernel[(_cdiv(seq_len, block_p), batch * heads_out)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
-        heads_out, group, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
+        group, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,
-        TWO=two,
+        TWO=len(sources) == 2,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         num_warps=4,

@@ -8,13 +8,17 @@ Three kernels, each a gather (no atomics anywhere, so every result is bitwise re
   ``tile * per_tile`` in the compressed sequence; inside the tile the causal order is the post-order
   of the refinement tree (children before the selected entry that summarises them), so each
   entry's position follows from subtree sizes, without a sort.
-* ``entries_kernel``: for one pyramid level, reads the span of every entry of that level (the mean
-  of its positions, or for the scatter's backward the sum of the output gradient over the
-  positions it reaches) and writes the row where the entry sits in the compressed sequence.
+* ``entries_kernel``: for every entry of every level, reads its span (the mean of its positions,
+  or for the scatter's backward the sum of the output gradient over the positions it reaches) and
+  writes the row where the entry sits in the compressed sequence.
 * ``positions_kernel``: for every sequence position, sums over levels (and over the query heads of
   a KV head) the one compressed row per level that covers it, found through the inverse map
   ``slot -> compressed row`` that ``select_kernel`` writes. Used for the scatter back (shifted
   spans) and for the gradient of the pooled gather (plain spans, scaled by 1/width).
+
+``scores_kernel`` covers q and k in one launch and ``entries_kernel`` all levels in one: the
+forward waits on the host until SDPA is queued, and every launch costs the host tens of
+microseconds, more than the GPU work of a short step.
 
 The compressed sequence also has a *level-major* listing (level 0 entries first, tile by tile,
 then level 1, ..., the coarsest level last) holding each entry's local index and its causal row;
@@ -33,33 +37,47 @@ SCRATCH_KINDS = 5
 
 
 @triton.jit
+def _score_pyramid(src, scores, b, h, stride_b, stride_h, stride_s, block, dim, real_len, padded_len, score_stride,
+                   LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    real = position < real_len
+    base = src + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    rows = tl.load(base + position.to(tl.int64)[:, None] * stride_s + d[None, :],
+                   mask=real[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
+    norm = tl.where(real, tl.sqrt_rn(tl.sum(rows * rows, axis=1)), -1.0)
+    for level in tl.static_range(1, LEVELS):
+        pooled = tl.max(tl.reshape(norm, (BLOCK_P // POOL**level, POOL**level)), axis=1)
+        entry = block * (BLOCK_P // POOL**level) + tl.arange(0, BLOCK_P // POOL**level)
+        tl.store(scores + (level - 1) * score_stride + entry, pooled, mask=entry < padded_len // POOL**level)
+
+
+@triton.jit
 def scores_kernel(
-    src,  # [B, h, S, D] (any strides with a contiguous last axis), half precision
-    scores,  # out [B*h, LEVELS-1, score_stride] float32: max-pooled norms of levels 1..L-1
-    heads, dim, real_len, padded_len, score_stride, stride_b, stride_h, stride_s,
+    src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
+    scores,  # out [B*H + B*Hkv, LEVELS-1, score_stride] float32: max-pooled norms of levels 1..L-1
+    q_rows, heads_q, heads_k, dim, real_len, padded_len, score_stride,
+    q_stride_b, q_stride_h, q_stride_s,
+    k_stride_b, k_stride_h, k_stride_s,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Norms and their max-pooled levels in one pass: the L2 norm of every real position in
-    float32 (correctly rounded square root), -1 for padding positions (below every real score),
-    then per level the maximum over each entry's span. Needs ``POOL**(LEVELS-1) <= BLOCK_P`` so
-    that every span lies inside one program's block."""
+    """Norms and their max-pooled levels in one pass, query heads' rows first, then the key heads':
+    the L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
+    positions (below every real score), then per level the maximum over each entry's span. Needs
+    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block."""
     block = tl.program_id(0)
-    bh = tl.program_id(1)
-    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    d = tl.arange(0, BLOCK_D)
-    real = position < real_len
-    base = src + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
-    rows = tl.load(base + position.to(tl.int64)[:, None] * stride_s + d[None, :],
-                   mask=real[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
-    norm = tl.where(real, tl.sqrt_rn(tl.sum(rows * rows, axis=1)), -1.0)
-    scores += bh.to(tl.int64) * ((LEVELS - 1) * score_stride)
-    for level in tl.static_range(1, LEVELS):
-        pooled = tl.max(tl.reshape(norm, (BLOCK_P // POOL**level, POOL**level)), axis=1)
-        entry = block * (BLOCK_P // POOL**level) + tl.arange(0, BLOCK_P // POOL**level)
-        tl.store(scores + (level - 1) * score_stride + entry, pooled, mask=entry < padded_len // POOL**level)
+    row = tl.program_id(1)
+    out = scores + row.to(tl.int64) * ((LEVELS - 1) * score_stride)
+    if row < q_rows:
+        _score_pyramid(src_q, out, row // heads_q, row % heads_q, q_stride_b, q_stride_h, q_stride_s, block, dim,
+                       real_len, padded_len, score_stride, LEVELS, POOL, BLOCK_P, BLOCK_D)
+    else:
+        kv_row = row - q_rows
+        _score_pyramid(src_k, out, kv_row // heads_k, kv_row % heads_k, k_stride_b, k_stride_h, k_stride_s, block, dim,
+                       real_len, padded_len, score_stride, LEVELS, POOL, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -220,76 +238,98 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     return total
 
 
+def entries_per_program(width: int, block_d: int) -> int:
+    """Entries of ``width`` positions that one ``entries_kernel`` program fills: about 8192 elements
+    in flight (16-32 KB), summed ``min(width, 16)`` positions at a time. ``_level_entries`` repeats
+    this formula at compile time; the host uses it for the grid."""
+    return max(1, min(64, 8192 // (min(width, 16) * block_d)))
+
+
+@triton.jit
+def _level_entries(
+    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
+    block, level_first_block, bh, group, seq_len, dim, selected_len, coarse_len, real_len, heads,
+    q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
+    LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
+    SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The entries of one level, when program ``block`` falls in the level's blocks (which start at
+    ``level_first_block``); returns where the next level's blocks start."""
+    WIDTH: tl.constexpr = POOL**LEVEL
+    CHUNK: tl.constexpr = min(WIDTH, 16)  # entries_per_program's formula
+    BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
+    SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
+    SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
+    if LEVEL < LEVELS - 1:
+        listed_len = POOL * TOPK
+    else:
+        listed_len = coarse_len
+    level_blocks = (listed_len + BLOCK_R - 1) // BLOCK_R
+    if (block >= level_first_block) & (block < level_first_block + level_blocks):
+        b = bh // heads
+        h = bh % heads
+        r = (block - level_first_block) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = r < listed_len
+        listed = bh.to(tl.int64) * selected_len + LEVEL * POOL * TOPK + r
+        local = tl.load(entry_local + listed, mask=r_mask, other=0)
+        row = tl.load(entry_row + listed, mask=r_mask, other=0)
+        use = r_mask & (local < real_len // WIDTH) if SHIFTED else r_mask
+        first = local * WIDTH + SHIFT
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < dim
+        out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + d[None, :]
+        out_mask = r_mask[:, None] & d_mask[None, :]
+        total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+        tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
+        if WITH_KV:
+            total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+            tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
+            total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+            tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
+    return level_first_block + level_blocks
+
+
 @triton.jit
 def entries_kernel(
     src_q, src_k, src_v,  # [B, h, S, D] (any strides with a contiguous last axis)
     dst_q, dst_k, dst_v,  # [B*H, selected_len, D] contiguous
     entry_local, entry_row,  # [B*H, selected_len] int32, level-major
-    heads, group, seq_len, dim, selected_len, listed_start, listed_len, local_limit,
+    heads, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     v_stride_b, v_stride_h, v_stride_s,
-    WIDTH: tl.constexpr,
-    SHIFT: tl.constexpr,
-    SCALE: tl.constexpr,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
+    TOPK: tl.constexpr,
+    SHIFTED: tl.constexpr,
     WITH_KV: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rows of one level's entries: ``SCALE`` times the sum over positions
-    ``[local*WIDTH + SHIFT, local*WIDTH + SHIFT + WIDTH)`` (< seq_len) of the source, written to the
-    entry's causal row; entries with ``local >= local_limit`` get zero rows. q is read from query head
-    h, k and v (when ``WITH_KV``) from KV head h // group."""
+    """Rows of every entry: for an entry of width ``c = POOL**level`` and local index ``j``, the mean
+    of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
+    ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
+    the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
+    h // group. Programs along axis 0 take the levels one after another, each level in blocks of
+    ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list ``POOL * TOPK`` entries,
+    the coarsest ``coarse_len``."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < listed_len
-    listed = bh.to(tl.int64) * selected_len + listed_start + r
-    local = tl.load(entry_local + listed, mask=r_mask, other=0)
-    row = tl.load(entry_row + listed, mask=r_mask, other=0)
-    use = r_mask & (local < local_limit)
-    first = local * WIDTH + SHIFT
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < dim
-    out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + d[None, :]
-    out_mask = r_mask[:, None] & d_mask[None, :]
-    total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
-    tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
-    if WITH_KV:
-        total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
-        tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
-        total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
-        tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
+    level_first_block = 0
+    for level in tl.static_range(LEVELS):
+        level_first_block = _level_entries(
+            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
+            block, level_first_block, bh, group, seq_len, dim, selected_len, coarse_len, real_len, heads,
+            q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
+            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, BLOCK_D,
+        )
 
 
 @triton.jit
-def positions_kernel(
-    src_a, src_b,  # [B*H, selected_len, D] contiguous
-    dst_a, dst_b,  # [B, heads_out, S, D] contiguous
-    inverse,  # [B*H, LEVELS, padded_len] int32
-    heads_out, group, seq_len, dim, selected_len, padded_len, real_len,
-    LEVELS: tl.constexpr,
-    POOL: tl.constexpr,
-    SHIFTED: tl.constexpr,
-    TWO: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Per position: the sum over levels, then over the ``group`` query heads of output head
-    ``hx`` (in head order), of the compressed row that covers it. ``SHIFTED``: entry j of width c
-    covers ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back);
-    otherwise it covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling)."""
-    block = tl.program_id(0)
-    bx = tl.program_id(1)
-    b = bx // heads_out
-    hx = bx % heads_out
-    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = position < seq_len
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < dim
+def _covering_rows(src_a, src_b, inverse, bx, group, position, p_mask, d, d_mask, dim, selected_len, padded_len,
+                   real_len, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr, TWO: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per position of output head ``bx``: the sum over levels, then over its ``group`` query heads
+    (in head order), of the compressed row covering it, from ``src_a`` (and ``src_b`` when ``TWO``)."""
     total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     for level in tl.static_range(LEVELS):
@@ -312,8 +352,42 @@ def positions_kernel(
             total_a += tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32) * weight
             if TWO:
                 total_b += tl.load(src_b + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+    return total_a, total_b
+
+
+@triton.jit
+def positions_kernel(
+    src_a, src_b,  # [B*H, selected_len, D] contiguous
+    dst_a, dst_b,  # [B, heads_out, S, D] contiguous
+    inverse,  # [B*H, LEVELS, padded_len] int32
+    group, seq_len, dim, selected_len, padded_len, real_len,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    TWO: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per position, the compressed rows covering it summed over levels: ``dst_a`` from ``src_a``
+    for every query head alone, or with ``TWO`` (the gradients of k and v) ``dst_a`` and ``dst_b``
+    of a KV head from ``src_a`` and ``src_b``, summed over its ``group`` query heads. ``SHIFTED``:
+    entry j of width c covers ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the
+    scatter back); otherwise it covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the
+    mean pooling)."""
+    block = tl.program_id(0)
+    bx = tl.program_id(1)
+    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = position < seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < dim
     out = (bx.to(tl.int64) * seq_len + position)[:, None] * dim + d[None, :]
     out_mask = p_mask[:, None] & d_mask[None, :]
-    tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)
     if TWO:
+        total_a, total_b = _covering_rows(src_a, src_b, inverse, bx, group, position, p_mask, d, d_mask, dim,
+                                          selected_len, padded_len, real_len, LEVELS, POOL, SHIFTED, True,
+                                          BLOCK_P, BLOCK_D)
         tl.store(dst_b + out, total_b.to(dst_b.dtype.element_ty), mask=out_mask)
+    else:  # one query head per output head: a compile-time group of 1
+        total_a, _ = _covering_rows(src_a, src_a, inverse, bx, 1, position, p_mask, d, d_mask, dim, selected_len,
+                                    padded_len, real_len, LEVELS, POOL, SHIFTED, False, BLOCK_P, BLOCK_D)
+    tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TILE = 128
 """Entries selected per tile and level: half of them by query score, half by key score."""
@@ -49,57 +49,50 @@ class LighthousePlan:
     ``tiles`` tiles of at least 128 entries, the coarsest level is padded at the end to
     ``tiles * tile_len`` entries. Padding entries score below every real entry, sort after every
     real entry and their outputs are dropped, so real positions never see them.
+
+    The derived sizes are plain attributes, computed once: the fused path reads them a few dozen
+    times per call, on the host's critical path.
     """
 
     seq_len: int
     levels: int
     pooling: int
     topk: int
+    coarse_width: int = field(init=False, repr=False, compare=False)
+    n_coarse: int = field(init=False, repr=False, compare=False)
+    real_len: int = field(init=False, repr=False, compare=False)
+    tiles: int = field(init=False, repr=False, compare=False)
+    tile_len: int = field(init=False, repr=False, compare=False)
+    n_coarse_padded: int = field(init=False, repr=False, compare=False)
+    padded_len: int = field(init=False, repr=False, compare=False)
+    is_padded: bool = field(init=False, repr=False, compare=False)
+    """False exactly where the published method is defined (no padding needed)."""
+    compressed_len: int = field(init=False, repr=False, compare=False)
+    """Entries per (batch, head): ``S // p**(L-1) + (L-1) * p * K`` (padding included)."""
+    compresses: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_settings(self.levels, self.pooling, self.topk)
-
-    @property
-    def coarse_width(self) -> int:
-        return self.pooling ** (self.levels - 1)
-
-    @property
-    def n_coarse(self) -> int:
-        return self.seq_len // self.coarse_width
-
-    @property
-    def real_len(self) -> int:
-        return self.n_coarse * self.coarse_width
-
-    @property
-    def tiles(self) -> int:
-        return self.topk // TILE
-
-    @property
-    def tile_len(self) -> int:
-        return max(TILE, math.ceil(self.n_coarse / self.tiles))
-
-    @property
-    def n_coarse_padded(self) -> int:
-        return self.tiles * self.tile_len
-
-    @property
-    def padded_len(self) -> int:
-        return self.n_coarse_padded * self.coarse_width
-
-    @property
-    def is_padded(self) -> bool:
-        """False exactly where the published method is defined (no padding needed)."""
-        return self.n_coarse_padded != self.n_coarse
-
-    @property
-    def compressed_len(self) -> int:
-        """Entries per (batch, head): ``S // p**(L-1) + (L-1) * p * K`` (padding included)."""
-        return self.n_coarse_padded + (self.levels - 1) * self.pooling * self.topk
-
-    @property
-    def compresses(self) -> bool:
-        return self.levels > 1 and self.compressed_len < self.seq_len
+        coarse_width = self.pooling ** (self.levels - 1)
+        n_coarse = self.seq_len // coarse_width
+        tiles = self.topk // TILE
+        tile_len = max(TILE, math.ceil(n_coarse / tiles))
+        n_coarse_padded = tiles * tile_len
+        compressed_len = n_coarse_padded + (self.levels - 1) * self.pooling * self.topk
+        derived = dict(
+            coarse_width=coarse_width,
+            n_coarse=n_coarse,
+            real_len=n_coarse * coarse_width,
+            tiles=tiles,
+            tile_len=tile_len,
+            n_coarse_padded=n_coarse_padded,
+            padded_len=n_coarse_padded * coarse_width,
+            is_padded=n_coarse_padded != n_coarse,
+            compressed_len=compressed_len,
+            compresses=self.levels > 1 and compressed_len < self.seq_len,
+        )
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def level_len(self, level: int) -> int:
         """Entries of ``level`` in the padded pyramid."""
