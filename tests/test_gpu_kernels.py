@@ -123,6 +123,13 @@ def test_half_precision_outputs_and_gradients(shape, dtype):
         assert _relative(g, e) < 1e-2
 
 
+def test_batch_past_the_grid_limit_is_a_clear_error():
+    # An expanded view: 65536 sequences without the memory (the check comes before any launch).
+    q = torch.zeros(1, 1, 4096, 16, device="cuda", dtype=torch.bfloat16).expand(65536, -1, -1, -1)
+    with pytest.raises(ValueError, match="batch <= 65535"):
+        lighthouse_attention(q, q, q, topk=128)
+
+
 def test_unreached_positions_are_zero():
     # The first level-1 block (positions 0-3) has tiny norms, so it is rejected and stays coarse:
     # it reaches positions 3-6 only, and no entry reaches positions 0-2.

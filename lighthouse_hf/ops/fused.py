@@ -31,6 +31,7 @@ from .reference import Selection, position_keys
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TILE_ELEMENTS = 8192  # elements per loaded block: 16-32 KB in flight per program
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
 
 
 def handles(q: torch.Tensor) -> bool:
@@ -72,7 +73,7 @@ def _score_pyramids(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> t
         return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride)
     scores = torch.empty(batch * (heads + kv_heads), plan.levels - 1, stride, dtype=torch.float32, device=q.device)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
-    _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), batch * (heads + kv_heads))](
+    _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
         q, k, scores, batch * heads, heads, kv_heads, dim, plan.real_len, plan.padded_len, stride,
         *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
@@ -100,6 +101,11 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
     kernels = _kernels()
     plan = _plan(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
+    if batch > _MAX_GRID_YZ or heads + k.shape[1] > _MAX_GRID_YZ:
+        raise ValueError(
+            f"the CUDA kernels take batch <= {_MAX_GRID_YZ} and heads + kv_heads <= {_MAX_GRID_YZ}; got batch={batch}, "
+            f"heads={heads}, kv_heads={k.shape[1]} (split the batch)"
+        )
     n = plan.compressed_len
     entry_local = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
     entry_row = torch.empty_like(entry_local)
@@ -109,7 +115,7 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    kernels.select_kernel[(plan.tiles, batch * heads)](
+    kernels.select_kernel[(plan.tiles, heads, batch)](
         *_score_pyramids(q, k, plan),
         entry_local,
         entry_row,
@@ -152,7 +158,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     dst_q, dst_k, dst_v = destinations if with_kv else (destinations[0],) * 3
     block_d = _next_power_of_2(dim)
     blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
-    kernels.entries_kernel[(blocks, batch * heads)](
+    kernels.entries_kernel[(blocks, heads, batch)](
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
         heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
         *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
@@ -166,14 +172,15 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     )
 
 
-def _run_positions(sources, destinations, inverse, plan, group: int, *, shifted: bool):
-    """Fill every position from the compressed rows covering it (see ``positions_kernel``)."""
+def _run_positions(sources, destinations, inverse, plan, *, shifted: bool):
+    """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
+    source for an output over the query heads, two (dk and dv) for outputs over the KV heads."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
     block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
-    _kernels().positions_kernel[(_cdiv(seq_len, block_p), batch * heads_out)](
+    _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
-        group, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
+        sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,
@@ -212,8 +219,8 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, 1, shifted=False)
-    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, heads // kv_heads, shifted=False)
+    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False)
+    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
     return dq, dk, dv
 
 
@@ -223,7 +230,7 @@ def _scatter_impl(
     plan = _plan(seq_len, levels, pooling, topk)
     batch, heads, _, dim = out_sel.shape
     out = out_sel.new_empty(batch, heads, seq_len, dim)
-    _run_positions([out_sel.contiguous()], [out], inverse, plan, 1, shifted=True)
+    _run_positions([out_sel.contiguous()], [out], inverse, plan, shifted=True)
     return out
 
 

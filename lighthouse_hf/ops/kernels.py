@@ -64,19 +64,22 @@ def scores_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Norms and their max-pooled levels in one pass, query heads' rows first, then the key heads':
-    the L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
-    positions (below every real score), then per level the maximum over each entry's span. Needs
+    """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
+    L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
+    positions (below every real score), then per level the maximum over each entry's span. Query
+    heads' rows come first in ``scores``, then the key heads' (from row ``q_rows``). Needs
     ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block."""
     block = tl.program_id(0)
-    row = tl.program_id(1)
-    out = scores + row.to(tl.int64) * ((LEVELS - 1) * score_stride)
-    if row < q_rows:
-        _score_pyramid(src_q, out, row // heads_q, row % heads_q, q_stride_b, q_stride_h, q_stride_s, block, dim,
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    if head < heads_q:
+        out = scores + (b * heads_q + head).to(tl.int64) * ((LEVELS - 1) * score_stride)
+        _score_pyramid(src_q, out, b, head, q_stride_b, q_stride_h, q_stride_s, block, dim,
                        real_len, padded_len, score_stride, LEVELS, POOL, BLOCK_P, BLOCK_D)
     else:
-        kv_row = row - q_rows
-        _score_pyramid(src_k, out, kv_row // heads_k, kv_row % heads_k, k_stride_b, k_stride_h, k_stride_s, block, dim,
+        kv_head = head - heads_q
+        out = scores + (q_rows + b * heads_k + kv_head).to(tl.int64) * ((LEVELS - 1) * score_stride)
+        _score_pyramid(src_k, out, b, kv_head, k_stride_b, k_stride_h, k_stride_s, block, dim,
                        real_len, padded_len, score_stride, LEVELS, POOL, BLOCK_P, BLOCK_D)
 
 
@@ -138,8 +141,10 @@ def select_kernel(
     COARSE: tl.constexpr = LEVELS - 1
     tile = tl.program_id(0)
     tiles = tl.num_programs(0)
-    bh = tl.program_id(1)
-    kv_bh = (bh // heads) * (heads // group) + (bh % heads) // group
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * heads + h
+    kv_bh = b * (heads // group) + h // group
     q_scores += bh.to(tl.int64) * (COARSE * score_stride)
     k_scores += kv_bh.to(tl.int64) * (COARSE * score_stride)
     entry_local += bh.to(tl.int64) * selected_len
@@ -248,7 +253,7 @@ def entries_per_program(width: int, block_d: int) -> int:
 @triton.jit
 def _level_entries(
     src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
-    block, level_first_block, bh, group, seq_len, dim, selected_len, coarse_len, real_len, heads,
+    block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
     SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -266,8 +271,6 @@ def _level_entries(
         listed_len = coarse_len
     level_blocks = (listed_len + BLOCK_R - 1) // BLOCK_R
     if (block >= level_first_block) & (block < level_first_block + level_blocks):
-        b = bh // heads
-        h = bh % heads
         r = (block - level_first_block) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask = r < listed_len
         listed = bh.to(tl.int64) * selected_len + LEVEL * POOL * TOPK + r
@@ -309,27 +312,47 @@ def entries_kernel(
     of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
-    h // group. Programs along axis 0 take the levels one after another, each level in blocks of
+    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each level in blocks of
     ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list ``POOL * TOPK`` entries,
     the coarsest ``coarse_len``."""
     block = tl.program_id(0)
-    bh = tl.program_id(1)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * heads + h
     level_first_block = 0
     for level in tl.static_range(LEVELS):
         level_first_block = _level_entries(
             src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
-            block, level_first_block, bh, group, seq_len, dim, selected_len, coarse_len, real_len, heads,
+            block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
             q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
             level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, BLOCK_D,
         )
 
 
 @triton.jit
-def _covering_rows(src_a, src_b, inverse, bx, group, position, p_mask, d, d_mask, dim, selected_len, padded_len,
-                   real_len, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr, TWO: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per position of output head ``bx``: the sum over levels, then over its ``group`` query heads
-    (in head order), of the compressed row covering it, from ``src_a`` (and ``src_b`` when ``TWO``)."""
+def positions_kernel(
+    src_a, src_b,  # [B*H, selected_len, D] contiguous
+    dst_a, dst_b,  # [B, heads_out, S, D] contiguous
+    inverse,  # [B*H, LEVELS, padded_len] int32
+    group, seq_len, dim, selected_len, padded_len, real_len,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    TWO: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per position (grid: blocks, output heads, B): the sum over levels, then over the ``group``
+    query heads of the output head (in head order), of the compressed row that covers it, from
+    ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
+    ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
+    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling)."""
+    block = tl.program_id(0)
+    bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = position < seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < dim
     total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     for level in tl.static_range(LEVELS):
@@ -352,42 +375,8 @@ def _covering_rows(src_a, src_b, inverse, bx, group, position, p_mask, d, d_mask
             total_a += tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32) * weight
             if TWO:
                 total_b += tl.load(src_b + offsets, mask=mask, other=0.0).to(tl.float32) * weight
-    return total_a, total_b
-
-
-@triton.jit
-def positions_kernel(
-    src_a, src_b,  # [B*H, selected_len, D] contiguous
-    dst_a, dst_b,  # [B, heads_out, S, D] contiguous
-    inverse,  # [B*H, LEVELS, padded_len] int32
-    group, seq_len, dim, selected_len, padded_len, real_len,
-    LEVELS: tl.constexpr,
-    POOL: tl.constexpr,
-    SHIFTED: tl.constexpr,
-    TWO: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Per position, the compressed rows covering it summed over levels: ``dst_a`` from ``src_a``
-    for every query head alone, or with ``TWO`` (the gradients of k and v) ``dst_a`` and ``dst_b``
-    of a KV head from ``src_a`` and ``src_b``, summed over its ``group`` query heads. ``SHIFTED``:
-    entry j of width c covers ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the
-    scatter back); otherwise it covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the
-    mean pooling)."""
-    block = tl.program_id(0)
-    bx = tl.program_id(1)
-    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = position < seq_len
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < dim
     out = (bx.to(tl.int64) * seq_len + position)[:, None] * dim + d[None, :]
     out_mask = p_mask[:, None] & d_mask[None, :]
-    if TWO:
-        total_a, total_b = _covering_rows(src_a, src_b, inverse, bx, group, position, p_mask, d, d_mask, dim,
-                                          selected_len, padded_len, real_len, LEVELS, POOL, SHIFTED, True,
-                                          BLOCK_P, BLOCK_D)
-        tl.store(dst_b + out, total_b.to(dst_b.dtype.element_ty), mask=out_mask)
-    else:  # one query head per output head: a compile-time group of 1
-        total_a, _ = _covering_rows(src_a, src_a, inverse, bx, 1, position, p_mask, d, d_mask, dim, selected_len,
-                                    padded_len, real_len, LEVELS, POOL, SHIFTED, False, BLOCK_P, BLOCK_D)
     tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)
+    if TWO:
+        tl.store(dst_b + out, total_b.to(dst_b.dtype.element_ty), mask=out_mask)
