@@ -43,6 +43,11 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _positions_per_program(block_d: int) -> int:
+    """Sequence positions per program of the kernels that tile [positions, head dim]."""
+    return max(16, min(128, _TILE_ELEMENTS // block_d))
+
+
 def _plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
     return LighthousePlan(seq_len, levels, pooling, topk)
 
@@ -68,7 +73,7 @@ def _score_pyramids(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> t
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
     block_d = _next_power_of_2(dim)
-    block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
+    block_p = _positions_per_program(block_d)
     if q.dtype == torch.float32 or plan.coarse_width > block_p:
         return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride)
     scores = torch.empty(batch * (heads + kv_heads), plan.levels - 1, stride, dtype=torch.float32, device=q.device)
@@ -177,7 +182,7 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool):
     source for an output over the query heads, two (dk and dv) for outputs over the KV heads."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
-    block_p = max(16, min(128, _TILE_ELEMENTS // block_d))
+    block_p = _positions_per_program(block_d)
     _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,

@@ -312,9 +312,9 @@ def entries_kernel(
     of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
-    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each level in blocks of
-    ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list ``POOL * TOPK`` entries,
-    the coarsest ``coarse_len``."""
+    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each
+    level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
+    ``POOL * TOPK`` entries, the coarsest ``coarse_len``."""
     block = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
