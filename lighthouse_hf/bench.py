@@ -2,7 +2,7 @@
 
 Operator mode (default): for each sequence length and setting, medians over CUDA-event timings
 (after warm-up, rotating through several independently drawn input sets so no run reuses the
-last one's cache) of
+last one's cache, the variants taking turns) of
 
 * ``dense``: causal SDPA over all S positions, cuDNN backend where it runs (K/V expanded to the
   query heads beforehand, outside the timed region, so every backend sees plain MHA);
@@ -11,7 +11,9 @@ last one's cache) of
   and once with the backend Lighthouse uses inside (``compressed_attention``);
 
 forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
-call (inputs, outputs and gradients included). ``--e2e`` instead times whole bf16 training steps
+call (inputs, outputs and gradients included). Times are per call with calls queued back to back,
+as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
+which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead times whole bf16 training steps
 (gradient checkpointing, AdamW) of a 30-layer Llama with hidden 1024 under ``sdpa`` and
 ``lighthouse`` attention and reports tokens per second.
 """
@@ -23,6 +25,7 @@ import json
 import statistics
 import sys
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable
 
 import torch
@@ -97,20 +100,34 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def time_median(fn: Callable[[int], object], *, warmup: int, iters: int, input_sets: int) -> float:
-    """Median milliseconds of ``fn(i)`` over ``iters`` calls, input set ``i`` rotating."""
-    for i in range(warmup):
-        fn(i % input_sets)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(i % input_sets)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+def time_interleaved(steps: dict[str, Callable[[int], object]], *, warmup: int, iters: int, input_sets: int) -> dict:
+    """Median milliseconds per call of each ``steps[name](i)``, input set ``i`` rotating.
+
+    The variants take turns, one round each at a time, so clock and temperature drift reach all of
+    them alike. A round starts from an idle GPU: the first call's time (``latency_ms``) includes
+    the host's work before its first kernel; while it runs, the host queues ``input_sets`` more
+    calls back to back, as a training loop does, and their times (``ms``) are device time per
+    call. ``iters`` such calls per variant are taken.
+    """
+    for name, step in steps.items():
+        for i in range(warmup):
+            step(i % input_sets)
+    times = {name: [] for name in steps}
+    latencies = {name: [] for name in steps}
+    for _ in range(-(-iters // input_sets)):
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            events = []
+            for i in range(input_sets + 1):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(i % input_sets)
+                stop.record()
+                events.append((start, stop))
+            torch.cuda.synchronize()
+            latencies[name].append(events[0][0].elapsed_time(events[0][1]))
+            times[name].extend(start.elapsed_time(stop) for start, stop in events[1:])
+    return {name: {"ms": statistics.median(times[name]), "latency_ms": statistics.median(latencies[name])} for name in steps}
 
 
 def peak_memory(fn: Callable[[int], object], make_inputs: Callable[[], object]) -> float:
@@ -125,6 +142,14 @@ def peak_memory(fn: Callable[[int], object], make_inputs: Callable[[], object]) 
     peak = torch.cuda.max_memory_allocated() / GB
     del inputs, fn_inputs
     return peak
+
+
+def _in_context(context: Callable, fn: Callable[[int], object]) -> Callable[[int], object]:
+    def call(i):
+        with context():
+            return fn(i)
+
+    return call
 
 
 def _attention_step(attend: Callable, backward: bool) -> Callable:
@@ -158,14 +183,21 @@ def _operators(args: argparse.Namespace) -> list[dict]:
             for _ in range(count)
         ]
 
-    def measure(attend, seq, heads_kv, backward, context):
-        step = _attention_step(attend, backward)
-        with context():
+    def measure(variants: dict, backward: bool) -> dict:
+        """``variants``: name -> (attend, seq, kv heads, context); timed in turns, then each one's peak."""
+        steps = {}
+        for name, (attend, seq, heads_kv, context) in variants.items():
             sets = make_sets(seq, heads_kv, args.input_sets, backward)
-            ms = time_median(lambda i: step(i, sets), warmup=args.warmup, iters=args.iters, input_sets=args.input_sets)
-            del sets
-            peak = peak_memory(step, lambda: make_sets(seq, heads_kv, 1, backward)[0])
-        return {"ms": ms, "peak_gb": peak}
+            steps[name] = _in_context(context, partial(_attention_step(attend, backward), sets=sets))
+        del sets
+        timed = time_interleaved(steps, warmup=args.warmup, iters=args.iters, input_sets=args.input_sets)
+        del steps  # frees the input sets before the peak-memory runs
+        for name, (attend, seq, heads_kv, context) in variants.items():
+            with context():
+                timed[name]["peak_gb"] = peak_memory(
+                    _attention_step(attend, backward), lambda: make_sets(seq, heads_kv, 1, backward)[0]
+                )
+        return timed
 
     @contextmanager
     def cudnn():
@@ -193,13 +225,14 @@ def _operators(args: argparse.Namespace) -> list[dict]:
                         row = {"seq": seq, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads,
                                "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, "seq_sel": n_sel,
                                "deterministic": args.deterministic}
-                        row["lighthouse"] = measure(lighthouse, seq, kv_heads, backward, own)
-                        row["sdpa_sel"] = measure(
-                            lambda q, k, v: fused.compressed_attention(q, k, v, None), n_sel, args.heads, backward, own
-                        )
-                        row["sdpa_sel_cudnn"] = measure(dense, n_sel, args.heads, backward, cudnn)
+                        variants = {
+                            "lighthouse": (lighthouse, seq, kv_heads, own),
+                            "sdpa_sel": (lambda q, k, v: fused.compressed_attention(q, k, v, None), n_sel, args.heads, own),
+                            "sdpa_sel_cudnn": (dense, n_sel, args.heads, cudnn),
+                        }
                         if not args.no_dense:
-                            row["dense_cudnn"] = measure(dense, seq, args.heads, backward, cudnn)
+                            variants["dense_cudnn"] = (dense, seq, args.heads, cudnn)
+                        row.update(measure(variants, backward))
                         base = row["sdpa_sel_cudnn"]["ms"]
                         row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
                         row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
@@ -220,21 +253,23 @@ def _operator_line(row: dict) -> str:
         f"{row['mode']:>7}{' det' if row['deterministic'] else ''}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
         f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
         + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
-        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x)"
+        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x) | "
+        f"latency {row['lighthouse']['latency_ms']:.2f} ms vs {row['sdpa_sel_cudnn']['latency_ms']:.2f}"
     )
 
 
 def _print_operators(results: list[dict]) -> None:
     print()
     print("| S | mode | L/p/K | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | SDPA(S_sel) cuDNN ms | "
-          "SDPA(S_sel) own ms | ratio | Lighthouse GB | dense GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "SDPA(S_sel) own ms | ratio | Lighthouse GB | dense GB | latency: Lighthouse, SDPA(S_sel) cuDNN ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         dense = row.get("dense_cudnn", {"ms": float("nan"), "peak_gb": float("nan")})
         print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
               f"{row['heads']}/{row['kv_heads']} | {row['seq_sel']} | {dense['ms']:.2f} | {row['lighthouse']['ms']:.2f} | "
               f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | "
-              f"{row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} |")
+              f"{row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} | "
+              f"{row['lighthouse']['latency_ms']:.2f}, {row['sdpa_sel_cudnn']['latency_ms']:.2f} |")
 
 
 def _e2e(args: argparse.Namespace) -> list[dict]:
@@ -267,7 +302,7 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
                 optimizer.zero_grad(set_to_none=True)
 
             torch.cuda.reset_peak_memory_stats()
-            ms = time_median(step, warmup=1, iters=args.e2e_steps, input_sets=2)
+            ms = time_interleaved({"step": step}, warmup=1, iters=args.e2e_steps, input_sets=args.e2e_steps)["step"]["ms"]
             row[implementation] = {"ms": ms, "tokens_per_s": seq / (ms / 1e3),
                                    "peak_gb": torch.cuda.max_memory_allocated() / GB}
             del model, optimizer, batches

@@ -21,3 +21,13 @@ def test_patches_live_inside_the_package():
 
     assert set(lighthouse_hf.patches.ADAPTERS) == {"llama", "qwen2", "qwen3", "mistral"}
     assert run(sys.executable, "-I", "-c", "import patches").returncode != 0
+
+
+def test_bench_without_cuda_says_so():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA (tests/test_gpu_kernels.py runs the bench)")
+    result = run("lighthouse-hf", "bench", "--seq", "4096")
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr

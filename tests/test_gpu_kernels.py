@@ -123,6 +123,38 @@ def test_half_precision_outputs_and_gradients(shape, dtype):
         assert _relative(g, e) < 1e-2
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5], SHAPES[7], SHAPES[8]], ids=_ids)
+def test_score_pass_coarse_means_equal_reference_pyramid(shape):
+    # The gather copies the coarsest q and k rows from these means, padding entries and the
+    # positions past real_len included.
+    q, k, _ = _inputs(shape, torch.bfloat16, seed=8)
+    plan = _plan(shape)
+    assert fused._pools_in_score_pass(q, plan)
+    pooled = fused._score_pyramids(q, k, plan)[2]
+    batch, heads = q.shape[:2]
+    offset = plan.level_offset(plan.levels - 1)
+    for rows, x in ((pooled[: batch * heads], q), (pooled[batch * heads :], k)):
+        want = reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1).to(x.dtype)
+        torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
+
+
+def test_bench_reports_every_variant(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "lighthouse_hf", "bench", "--seq", "4096", "--heads", "2", "--topk", "256",
+               "--iters", "2", "--input-sets", "2", "--warmup", "1", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    assert [row["mode"] for row in rows] == ["fwd+bwd", "fwd"]
+    for row in rows:
+        for variant in ("lighthouse", "sdpa_sel", "sdpa_sel_cudnn", "dense_cudnn"):
+            assert row[variant]["ms"] > 0 and row[variant]["latency_ms"] > 0 and row[variant]["peak_gb"] > 0
+        assert row["ratio_to_sdpa_sel_cudnn"] == pytest.approx(row["lighthouse"]["ms"] / row["sdpa_sel_cudnn"]["ms"])
+
+
 def test_batch_past_the_grid_limit_is_a_clear_error():
     # An expanded view: 65536 sequences without the memory (the check comes before any launch).
     q = torch.zeros(1, 1, 4096, 16, device="cuda", dtype=torch.bfloat16).expand(65536, -1, -1, -1)
@@ -176,12 +208,12 @@ def test_lighthouse_kernels_bitwise_deterministic_by_default(shape):
     settings = tuple(shape[5:])
     runs = []
     for _ in range(2):
-        entry_local, entry_row, inverse = fused._select_impl(q, k, *settings)
-        gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, *settings)
+        entry_local, entry_row, inverse, pooled = fused._select_impl(q, k, *settings)
+        gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, pooled, *settings)
         scattered = fused._scatter_impl(gathered[2], inverse, entry_local, entry_row, shape[3], *settings)
         grad_sel = fused._scatter_backward_impl(q, entry_local, entry_row, *settings)
         grads = fused._gather_backward_impl(*gathered, inverse, shape[2], shape[3], *settings)
-        runs.append((entry_local, entry_row, inverse, *gathered, scattered, grad_sel, *grads))
+        runs.append((entry_local, entry_row, inverse, pooled, *gathered, scattered, grad_sel, *grads))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 

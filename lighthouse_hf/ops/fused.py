@@ -60,9 +60,18 @@ def _kernels():
     return kernels
 
 
-def _score_pyramids(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> tuple[torch.Tensor, torch.Tensor]:
+def _pools_in_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
+    """Whether the Triton score pass runs (and writes the coarsest means of q and k on the way):
+    half precision, with every coarsest span inside one program's block of positions."""
+    return q.dtype != torch.float32 and plan.coarse_width <= _positions_per_program(_next_power_of_2(q.shape[-1]))
+
+
+def _score_pyramids(
+    q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
-    each (levels end-padded).
+    each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
+    n_coarse_padded, D]`` (empty where the score pass is ATen's).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
     selections) are identical to it. Half-precision inputs take one Triton pass over q and k that
@@ -72,18 +81,20 @@ def _score_pyramids(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> t
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
+    if not _pools_in_score_pass(q, plan):
+        return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride), q.new_empty(0)
     block_d = _next_power_of_2(dim)
     block_p = _positions_per_program(block_d)
-    if q.dtype == torch.float32 or plan.coarse_width > block_p:
-        return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride)
-    scores = torch.empty(batch * (heads + kv_heads), plan.levels - 1, stride, dtype=torch.float32, device=q.device)
+    rows = batch * (heads + kv_heads)
+    scores = torch.empty(rows, plan.levels - 1, stride, dtype=torch.float32, device=q.device)
+    pooled = q.new_empty(rows, plan.n_coarse_padded, dim)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
-        q, k, scores, batch * heads, heads, kv_heads, dim, plan.real_len, plan.padded_len, stride,
+        q, k, scores, pooled, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len, stride,
         *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
     )
-    return scores[: batch * heads], scores[batch * heads :]
+    return scores[: batch * heads], scores[batch * heads :], pooled
 
 
 def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> torch.Tensor:
@@ -102,7 +113,7 @@ def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> t
 Tensor = torch.Tensor
 
 
-def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
     plan = _plan(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
@@ -120,8 +131,10 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
+    q_scores, k_scores, pooled = _score_pyramids(q, k, plan)
     kernels.select_kernel[(plan.tiles, heads, batch)](
-        *_score_pyramids(q, k, plan),
+        q_scores,
+        k_scores,
         entry_local,
         entry_row,
         inverse,
@@ -142,6 +155,7 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
         entry_local.view(batch, heads, n),
         entry_row.view(batch, heads, n),
         inverse.view(batch, heads, levels, plan.padded_len),
+        pooled,
     )
 
 
@@ -152,8 +166,9 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
     return parts + [(plan.levels - 1, (plan.levels - 1) * per_level, plan.n_coarse_padded)]
 
 
-def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool):
-    """Fill every compressed row from the spans of its entry (see ``entries_kernel``)."""
+def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, pooled=None):
+    """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``pooled``:
+    the score pass's coarsest means of q and k, when it wrote them."""
     kernels = _kernels()
     src_q = sources[0]
     batch, heads, seq_len, dim = src_q.shape
@@ -164,7 +179,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     block_d = _next_power_of_2(dim)
     blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
-        src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row,
+        src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if pooled is None else pooled,
         heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
         *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
         LEVELS=plan.levels,
@@ -172,6 +187,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
         TOPK=plan.topk,
         SHIFTED=shifted,
         WITH_KV=with_kv,
+        COARSE_POOLED=pooled is not None,
         BLOCK_D=block_d,
         num_warps=4,
     )
@@ -183,13 +199,14 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool):
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
     block_p = _positions_per_program(block_d)
-    _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
+    outputs = len(sources)
+    _kernels().positions_kernel[(_cdiv(seq_len, block_p) * outputs, heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,
-        TWO=len(sources) == 2,
+        OUTPUTS=outputs,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         num_warps=4,
@@ -205,14 +222,15 @@ def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_impl(
-    q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, levels: int, pooling: int, topk: int
+    q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, pooled: Tensor,
+    levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = _plan(q.shape[2], levels, pooling, topk)
     batch, heads, _, dim = q.shape
     n = entry_local.shape[-1]
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
-    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False)
+    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, pooled=pooled if pooled.numel() else None)
     return tuple(out)
 
 
@@ -267,11 +285,14 @@ def _(q, k, levels, pooling, topk):
     plan = _plan(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
-    return listing, torch.empty_like(listing), q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
+    inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
+    rows = batch * (heads + k.shape[1])
+    pooled = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if _pools_in_score_pass(q, plan) else q.new_empty(0)
+    return listing, torch.empty_like(listing), inverse, pooled
 
 
 @_gather_op.register_fake
-def _(q, k, v, entry_local, entry_row, inverse, levels, pooling, topk):
+def _(q, k, v, entry_local, entry_row, inverse, pooled, levels, pooling, topk):
     shape = (*q.shape[:2], entry_local.shape[-1], q.shape[-1])
     return tuple(q.new_empty(shape) for _ in range(3))
 
@@ -297,7 +318,7 @@ def _(grad_out, entry_local, entry_row, levels, pooling, topk):
 
 
 def _gather_setup(ctx, inputs, output):
-    q, k, _, _, _, inverse, levels, pooling, topk = inputs
+    q, k, _, _, _, inverse, _, levels, pooling, topk = inputs
     ctx.save_for_backward(inverse)
     ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
 
@@ -305,7 +326,7 @@ def _gather_setup(ctx, inputs, output):
 def _gather_backward(ctx, dq_sel, dk_sel, dv_sel):
     (inverse,) = ctx.saved_tensors
     dq, dk, dv = _gather_backward_op(dq_sel, dk_sel, dv_sel, inverse, *ctx.settings)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -332,15 +353,15 @@ class _GatherEntries(torch.autograd.Function):
     """Eager twin of ``gather_entries`` (autograd.Function calls cost less host time than custom ops)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, entry_local, entry_row, inverse, levels, pooling, topk):
+    def forward(ctx, q, k, v, entry_local, entry_row, inverse, pooled, levels, pooling, topk):
         ctx.save_for_backward(inverse)
         ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
-        return _gather_impl(q, k, v, entry_local, entry_row, inverse, levels, pooling, topk)
+        return _gather_impl(q, k, v, entry_local, entry_row, inverse, pooled, levels, pooling, topk)
 
     @staticmethod
     def backward(ctx, dq_sel, dk_sel, dv_sel):
         (inverse,) = ctx.saved_tensors
-        return (*_gather_backward_impl(dq_sel, dk_sel, dv_sel, inverse, *ctx.settings), None, None, None, None, None, None)
+        return (*_gather_backward_impl(dq_sel, dk_sel, dv_sel, inverse, *ctx.settings), *(None,) * 7)
 
 
 class _ScatterEntries(torch.autograd.Function):
@@ -364,8 +385,8 @@ def lighthouse_attention(q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan, 
         select, gather, scatter = _select_op, _gather_op, _scatter_op
     else:  # same kernels, without the custom-op dispatch on the host's critical path
         select, gather, scatter = _select_impl, _GatherEntries.apply, _ScatterEntries.apply
-    entry_local, entry_row, inverse = select(q.detach(), k.detach(), *settings)
-    q_sel, k_sel, v_sel = gather(q, k, v, entry_local, entry_row, inverse, *settings)
+    entry_local, entry_row, inverse, pooled = select(q.detach(), k.detach(), *settings)
+    q_sel, k_sel, v_sel = gather(q, k, v, entry_local, entry_row, inverse, pooled, *settings)
     out_sel = compressed_attention(q_sel, k_sel, v_sel, scale)
     return scatter(out_sel, inverse, entry_local, entry_row, q.shape[2], *settings)
 
@@ -392,4 +413,5 @@ def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tens
 @torch.no_grad()
 def select(q: Tensor, k: Tensor, plan: LighthousePlan) -> Selection:
     """Steps 2-4 with the selection kernel; equals ``reference.select`` on float32 inputs."""
-    return selection_from_listing(*_select_impl(q, k, plan.levels, plan.pooling, plan.topk), plan)
+    entry_local, entry_row, inverse, _ = _select_impl(q, k, plan.levels, plan.pooling, plan.topk)
+    return selection_from_listing(entry_local, entry_row, inverse, plan)
