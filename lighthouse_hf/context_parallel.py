@@ -137,17 +137,17 @@ class _ChunkSelection:
         self.use_fused = fused.handles(q)
         settings = (plan.levels, plan.pooling, plan.topk)
         if self.use_fused:
-            *self.listing, self.pooled = fused._select_impl(q.detach(), k.detach(), *settings)
+            *self.listing, self.means = fused._select_impl(q.detach(), k.detach(), *settings)
         else:
             self.selection = reference.select(q, k, plan)
 
     def gather(self, q, k, v):
         if self.use_fused:
             entry_local, entry_row, inverse = self.listing
-            pooled, self.pooled = self.pooled, None  # the score pass's means are used once
+            means, self.means = self.means, None  # the score pass's means are used once
             plan = self.plan
             return fused._GatherEntries.apply(
-                q, k, v, entry_local, entry_row, inverse, pooled, plan.levels, plan.pooling, plan.topk
+                q, k, v, entry_local, entry_row, inverse, means, plan.levels, plan.pooling, plan.topk
             )
         return tuple(reference.gather_entries(reference.pyramid(x, self.plan), self.selection.index) for x in (q, k, v))
 

@@ -123,17 +123,20 @@ def test_half_precision_outputs_and_gradients(shape, dtype):
         assert _relative(g, e) < 1e-2
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5], SHAPES[7], SHAPES[8]], ids=_ids)
+# One padding entry in the coarsest level and 7 positions past real_len, whose means it holds.
+PADDED_TAIL = (1, 2, 2, 6007, 64, 3, 4, 256)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5], SHAPES[8], PADDED_TAIL], ids=_ids)
 def test_score_pass_coarse_means_equal_reference_pyramid(shape):
-    # The gather copies the coarsest q and k rows from these means, padding entries and the
-    # positions past real_len included.
+    # The gather copies the coarsest q and k rows from these means.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=8)
     plan = _plan(shape)
-    assert fused._pools_in_score_pass(q, plan)
-    pooled = fused._score_pyramids(q, k, plan)[2]
+    assert fused._means_in_score_pass(q, plan)
+    means = fused._score_pyramids(q, k, plan)[2]
     batch, heads = q.shape[:2]
     offset = plan.level_offset(plan.levels - 1)
-    for rows, x in ((pooled[: batch * heads], q), (pooled[batch * heads :], k)):
+    for rows, x in ((means[: batch * heads], q), (means[batch * heads :], k)):
         want = reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1).to(x.dtype)
         torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
 
@@ -208,12 +211,12 @@ def test_lighthouse_kernels_bitwise_deterministic_by_default(shape):
     settings = tuple(shape[5:])
     runs = []
     for _ in range(2):
-        entry_local, entry_row, inverse, pooled = fused._select_impl(q, k, *settings)
-        gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, pooled, *settings)
+        entry_local, entry_row, inverse, means = fused._select_impl(q, k, *settings)
+        gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, means, *settings)
         scattered = fused._scatter_impl(gathered[2], inverse, entry_local, entry_row, shape[3], *settings)
         grad_sel = fused._scatter_backward_impl(q, entry_local, entry_row, *settings)
         grads = fused._gather_backward_impl(*gathered, inverse, shape[2], shape[3], *settings)
-        runs.append((entry_local, entry_row, inverse, pooled, *gathered, scattered, grad_sel, *grads))
+        runs.append((entry_local, entry_row, inverse, means, *gathered, scattered, grad_sel, *grads))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 

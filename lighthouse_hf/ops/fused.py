@@ -30,7 +30,11 @@ from .reference import Selection, position_keys
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TILE_ELEMENTS = 8192  # elements per loaded block: 16-32 KB in flight per program
+# Elements of one program's [positions, head dim] block. Chosen on the H100 at D=128 (S=256K, bf16):
+# the score pass ran at 2.8 TB/s with 128 positions and 4 warps (it keeps the block for the coarsest
+# means; 64 positions: 2.3 TB/s), the position kernel at 2.5 TB/s with 32 positions (64: 1.3-1.9 TB/s).
+_SCORE_BLOCK_ELEMENTS = 16384
+_POSITION_BLOCK_ELEMENTS = 4096
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
 
 
@@ -43,9 +47,9 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _positions_per_program(block_d: int) -> int:
-    """Sequence positions per program of the kernels that tile [positions, head dim]."""
-    return max(16, min(128, _TILE_ELEMENTS // block_d))
+def _positions_per_program(block_d: int, elements: int) -> int:
+    """Sequence positions per program of a kernel that tiles [positions, head dim] in ``elements``."""
+    return max(16, min(256, elements // block_d))
 
 
 def _plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
@@ -60,10 +64,17 @@ def _kernels():
     return kernels
 
 
-def _pools_in_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
-    """Whether the Triton score pass runs (and writes the coarsest means of q and k on the way):
-    half precision, with every coarsest span inside one program's block of positions."""
-    return q.dtype != torch.float32 and plan.coarse_width <= _positions_per_program(_next_power_of_2(q.shape[-1]))
+def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
+    """Whether the scores come from ``scores_kernel``: half precision, with every coarsest span inside
+    one program's block of positions."""
+    block_p = _positions_per_program(_next_power_of_2(q.shape[-1]), _SCORE_BLOCK_ELEMENTS)
+    return q.dtype != torch.float32 and plan.coarse_width <= block_p
+
+
+def _means_in_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
+    """Whether the score pass also writes the coarsest means of q and k. Spans of up to 16 positions:
+    the compiler keeps a wider span's block whole (168-206 registers per thread at D=128)."""
+    return _triton_score_pass(q, plan) and plan.coarse_width <= 16
 
 
 def _score_pyramids(
@@ -71,7 +82,7 @@ def _score_pyramids(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
-    n_coarse_padded, D]`` (empty where the score pass is ATen's).
+    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
     selections) are identical to it. Half-precision inputs take one Triton pass over q and k that
@@ -81,20 +92,21 @@ def _score_pyramids(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    if not _pools_in_score_pass(q, plan):
+    if not _triton_score_pass(q, plan):
         return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride), q.new_empty(0)
     block_d = _next_power_of_2(dim)
-    block_p = _positions_per_program(block_d)
+    block_p = _positions_per_program(block_d, _SCORE_BLOCK_ELEMENTS)
     rows = batch * (heads + kv_heads)
     scores = torch.empty(rows, plan.levels - 1, stride, dtype=torch.float32, device=q.device)
-    pooled = q.new_empty(rows, plan.n_coarse_padded, dim)
+    with_means = _means_in_score_pass(q, plan)
+    means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
-        q, k, scores, pooled, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len, stride,
-        *q.stride()[:3], *k.stride()[:3],
-        LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        q, k, scores, means if with_means else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
+        stride, *q.stride()[:3], *k.stride()[:3],
+        LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
     )
-    return scores[: batch * heads], scores[batch * heads :], pooled
+    return scores[: batch * heads], scores[batch * heads :], means
 
 
 def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> torch.Tensor:
@@ -131,7 +143,7 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    q_scores, k_scores, pooled = _score_pyramids(q, k, plan)
+    q_scores, k_scores, means = _score_pyramids(q, k, plan)
     kernels.select_kernel[(plan.tiles, heads, batch)](
         q_scores,
         k_scores,
@@ -155,7 +167,7 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
         entry_local.view(batch, heads, n),
         entry_row.view(batch, heads, n),
         inverse.view(batch, heads, levels, plan.padded_len),
-        pooled,
+        means,
     )
 
 
@@ -166,8 +178,8 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
     return parts + [(plan.levels - 1, (plan.levels - 1) * per_level, plan.n_coarse_padded)]
 
 
-def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, pooled=None):
-    """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``pooled``:
+def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None):
+    """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``means``:
     the score pass's coarsest means of q and k, when it wrote them."""
     kernels = _kernels()
     src_q = sources[0]
@@ -179,7 +191,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     block_d = _next_power_of_2(dim)
     blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
-        src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if pooled is None else pooled,
+        src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,
         heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
         *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
         LEVELS=plan.levels,
@@ -187,7 +199,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
         TOPK=plan.topk,
         SHIFTED=shifted,
         WITH_KV=with_kv,
-        COARSE_POOLED=pooled is not None,
+        COARSE_MEANS=means is not None,
         BLOCK_D=block_d,
         num_warps=4,
     )
@@ -198,15 +210,14 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool):
     source for an output over the query heads, two (dk and dv) for outputs over the KV heads."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
-    block_p = _positions_per_program(block_d)
-    outputs = len(sources)
-    _kernels().positions_kernel[(_cdiv(seq_len, block_p) * outputs, heads_out, batch)](
+    block_p = _positions_per_program(block_d, _POSITION_BLOCK_ELEMENTS)
+    _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,
-        OUTPUTS=outputs,
+        TWO=len(sources) == 2,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         num_warps=4,
@@ -222,7 +233,7 @@ def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_impl(
-    q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, pooled: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, means: Tensor,
     levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = _plan(q.shape[2], levels, pooling, topk)
@@ -230,7 +241,7 @@ def _gather_impl(
     n = entry_local.shape[-1]
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
-    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, pooled=pooled if pooled.numel() else None)
+    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means.numel() else None)
     return tuple(out)
 
 
@@ -287,12 +298,12 @@ def _(q, k, levels, pooling, topk):
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    pooled = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if _pools_in_score_pass(q, plan) else q.new_empty(0)
-    return listing, torch.empty_like(listing), inverse, pooled
+    means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if _means_in_score_pass(q, plan) else q.new_empty(0)
+    return listing, torch.empty_like(listing), inverse, means
 
 
 @_gather_op.register_fake
-def _(q, k, v, entry_local, entry_row, inverse, pooled, levels, pooling, topk):
+def _(q, k, v, entry_local, entry_row, inverse, means, levels, pooling, topk):
     shape = (*q.shape[:2], entry_local.shape[-1], q.shape[-1])
     return tuple(q.new_empty(shape) for _ in range(3))
 
@@ -353,10 +364,10 @@ class _GatherEntries(torch.autograd.Function):
     """Eager twin of ``gather_entries`` (autograd.Function calls cost less host time than custom ops)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, entry_local, entry_row, inverse, pooled, levels, pooling, topk):
+    def forward(ctx, q, k, v, entry_local, entry_row, inverse, means, levels, pooling, topk):
         ctx.save_for_backward(inverse)
         ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
-        return _gather_impl(q, k, v, entry_local, entry_row, inverse, pooled, levels, pooling, topk)
+        return _gather_impl(q, k, v, entry_local, entry_row, inverse, means, levels, pooling, topk)
 
     @staticmethod
     def backward(ctx, dq_sel, dk_sel, dv_sel):
@@ -385,8 +396,8 @@ def lighthouse_attention(q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan, 
         select, gather, scatter = _select_op, _gather_op, _scatter_op
     else:  # same kernels, without the custom-op dispatch on the host's critical path
         select, gather, scatter = _select_impl, _GatherEntries.apply, _ScatterEntries.apply
-    entry_local, entry_row, inverse, pooled = select(q.detach(), k.detach(), *settings)
-    q_sel, k_sel, v_sel = gather(q, k, v, entry_local, entry_row, inverse, pooled, *settings)
+    entry_local, entry_row, inverse, means = select(q.detach(), k.detach(), *settings)
+    q_sel, k_sel, v_sel = gather(q, k, v, entry_local, entry_row, inverse, means, *settings)
     out_sel = compressed_attention(q_sel, k_sel, v_sel, scale)
     return scatter(out_sel, inverse, entry_local, entry_row, q.shape[2], *settings)
 

@@ -37,61 +37,60 @@ SCRATCH_KINDS = 5
 
 
 @triton.jit
-def _score_pyramid(src, scores, pooled, b, h, stride_b, stride_h, stride_s, block, dim, seq_len, real_len, padded_len,
-                   score_stride, LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    COARSE_WIDTH: tl.constexpr = POOL ** (LEVELS - 1)
-    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < dim
-    base = src + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    rows = tl.load(base + position.to(tl.int64)[:, None] * stride_s + d[None, :],
-                   mask=(position < seq_len)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=1)), -1.0)
-    for level in tl.static_range(1, LEVELS):
-        pooled_norm = tl.max(tl.reshape(norm, (BLOCK_P // POOL**level, POOL**level)), axis=1)
-        entry = block * (BLOCK_P // POOL**level) + tl.arange(0, BLOCK_P // POOL**level)
-        tl.store(scores + (level - 1) * score_stride + entry, pooled_norm, mask=entry < padded_len // POOL**level)
-    mean = tl.sum(tl.reshape(rows, (BLOCK_P // COARSE_WIDTH, COARSE_WIDTH, BLOCK_D)), axis=1) * (1.0 / COARSE_WIDTH)
-    entry = block * (BLOCK_P // COARSE_WIDTH) + tl.arange(0, BLOCK_P // COARSE_WIDTH)
-    tl.store(pooled + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(pooled.dtype.element_ty),
-             mask=(entry < padded_len // COARSE_WIDTH)[:, None] & d_mask[None, :])
-
-
-@triton.jit
 def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
     scores,  # out [B*H + B*Hkv, LEVELS-1, score_stride] float32: max-pooled norms of levels 1..L-1
-    pooled,  # out [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D]: the coarsest level's means
+    means,  # out with WITH_MEANS: [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D], the coarsest level's means
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
+    WITH_MEANS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
     L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
     positions (below every real score), then per level the maximum over each entry's span. Query
-    heads' rows come first in ``scores`` and ``pooled``, then the key heads'. The same pass writes
-    the coarsest level's means (every coarsest entry is in the compressed sequence), so the
-    gather does not read q and k a second time. Needs ``POOL**(LEVELS-1) <= BLOCK_P`` so that
-    every span lies inside one program's block."""
+    heads' rows come first in ``scores`` and ``means``, then the key heads'. ``WITH_MEANS``: the
+    same pass writes the coarsest level's means (every coarsest entry is in the compressed
+    sequence), so the gather does not read q and k a second time. Needs
+    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block."""
+    WIDTH: tl.constexpr = POOL ** (LEVELS - 1)
+    ENTRIES: tl.constexpr = BLOCK_P // WIDTH
     block = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2)
     if head < heads_q:
         row = b * heads_q + head
-        src, h = src_q, head
-        stride_b, stride_h, stride_s = q_stride_b, q_stride_h, q_stride_s
+        src = src_q + b.to(tl.int64) * q_stride_b + head.to(tl.int64) * q_stride_h
+        stride_s = q_stride_s
     else:
         row = tl.num_programs(2) * heads_q + b * heads_k + head - heads_q
-        src, h = src_k, head - heads_q
-        stride_b, stride_h, stride_s = k_stride_b, k_stride_h, k_stride_s
-    _score_pyramid(src, scores + row.to(tl.int64) * ((LEVELS - 1) * score_stride),
-                   pooled + row.to(tl.int64) * ((padded_len // POOL ** (LEVELS - 1)) * dim),
-                   b, h, stride_b, stride_h, stride_s, block, dim, seq_len, real_len, padded_len, score_stride,
-                   LEVELS, POOL, BLOCK_P, BLOCK_D)
+        src = src_k + b.to(tl.int64) * k_stride_b + (head - heads_q).to(tl.int64) * k_stride_h
+        stride_s = k_stride_s
+    scores += row.to(tl.int64) * ((LEVELS - 1) * score_stride)
+    # The block is loaded as [coarsest entries, their positions, D]: norms reduce the last axis and
+    # the means the middle one, both in the layout of the load (a 2-D load reshaped for the means
+    # went through shared memory and ran at a quarter of the bandwidth).
+    entry = block * ENTRIES + tl.arange(0, ENTRIES)
+    position = entry[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
+                   mask=(position < seq_len)[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+    norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
+    for level in tl.static_range(1, LEVELS):
+        # WIDTH // POOL**level entries of this level per coarsest entry
+        level_norm = tl.max(tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level)), axis=2)
+        slot = entry[:, None] * (WIDTH // POOL**level) + tl.arange(0, WIDTH // POOL**level)[None, :]
+        tl.store(scores + (level - 1) * score_stride + slot, level_norm, mask=slot < padded_len // POOL**level)
+    if WITH_MEANS:
+        mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
+        means += row.to(tl.int64) * ((padded_len // WIDTH) * dim)
+        tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
+                 mask=(entry < padded_len // WIDTH)[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -263,11 +262,11 @@ def entries_per_program(width: int, block_d: int) -> int:
 
 @triton.jit
 def _level_entries(
-    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, pooled,
+    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means,
     block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
-    SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, COARSE_POOLED: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, COARSE_MEANS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
     ``level_first_block``); returns where the next level's blocks start."""
@@ -293,13 +292,13 @@ def _level_entries(
         d_mask = d < dim
         out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + d[None, :]
         out_mask = r_mask[:, None] & d_mask[None, :]
-        if COARSE_POOLED and LEVEL == LEVELS - 1:
+        if COARSE_MEANS and LEVEL == LEVELS - 1:
             # The score pass already wrote these means: [B*H + B*Hkv, coarse_len, D], query heads first.
             kv_row = tl.num_programs(2) * tl.num_programs(1) + b * (tl.num_programs(1) // group) + h // group
             q_mean = (bh.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
             k_mean = (kv_row.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
-            tl.store(dst_q + out, tl.load(pooled + q_mean, mask=out_mask), mask=out_mask)
-            tl.store(dst_k + out, tl.load(pooled + k_mean, mask=out_mask), mask=out_mask)
+            tl.store(dst_q + out, tl.load(means + q_mean, mask=out_mask), mask=out_mask)
+            tl.store(dst_k + out, tl.load(means + k_mean, mask=out_mask), mask=out_mask)
         else:
             total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
             tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
@@ -317,7 +316,7 @@ def entries_kernel(
     src_q, src_k, src_v,  # [B, h, S, D] (any strides with a contiguous last axis)
     dst_q, dst_k, dst_v,  # [B*H, selected_len, D] contiguous
     entry_local, entry_row,  # [B*H, selected_len] int32, level-major
-    pooled,  # with COARSE_POOLED: [B*H + B*Hkv, coarse_len, D], the coarsest means of q and k
+    means,  # with COARSE_MEANS: [B*H + B*Hkv, coarse_len, D], the coarsest means of q and k
     heads, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
@@ -327,7 +326,7 @@ def entries_kernel(
     TOPK: tl.constexpr,
     SHIFTED: tl.constexpr,
     WITH_KV: tl.constexpr,
-    COARSE_POOLED: tl.constexpr,
+    COARSE_MEANS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Rows of every entry: for an entry of width ``c = POOL**level`` and local index ``j``, the mean
@@ -336,8 +335,8 @@ def entries_kernel(
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each
     level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
-    ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_POOLED`` (with ``WITH_KV``): the
-    coarsest q and k rows are copies of the means ``scores_kernel`` wrote to ``pooled``."""
+    ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
+    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote."""
     block = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -345,10 +344,10 @@ def entries_kernel(
     level_first_block = 0
     for level in tl.static_range(LEVELS):
         level_first_block = _level_entries(
-            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, pooled,
+            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means,
             block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
             q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
-            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_POOLED, BLOCK_D,
+            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D,
         )
 
 
@@ -361,51 +360,45 @@ def positions_kernel(
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     SHIFTED: tl.constexpr,
-    OUTPUTS: tl.constexpr,
+    TWO: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per position (grid: blocks * OUTPUTS, output heads, B): the sum over the ``group`` query heads
-    of the output head (in head order), then over levels, of the compressed row that covers it.
-    ``SHIFTED``: entry j of width c covers ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries
-    count (the scatter back); otherwise it covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient
-    of the mean pooling). With two outputs (dk and dv), even programs fill ``dst_a`` from ``src_a``
-    and odd ones ``dst_b`` from ``src_b``: one accumulator per program keeps the registers, and so
-    the programs in flight per SM, at the one-output count.
-
-    The level loop is unrolled and its lookups are independent, so a program has every level's
-    inverse-map load in flight at once and then every level's row load: two memory latencies per
-    query head, where v4 (levels outside a loop over heads) waited for one pair per level."""
-    program = tl.program_id(0)
-    block = program // OUTPUTS
-    src = src_a
-    dst = dst_a
-    if OUTPUTS == 2:
-        if program % 2 == 1:
-            src = src_b
-            dst = dst_b
+    """Per position (grid: blocks, output heads, B): the sum over levels, then over the ``group``
+    query heads of the output head (in head order), of the compressed row that covers it, from
+    ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
+    ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
+    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling)."""
+    block = tl.program_id(0)
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     position = block * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = position < seq_len
     d = tl.arange(0, BLOCK_D)
     d_mask = d < dim
-    total = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    for member in range(group):  # a runtime bound: unrolled, GQA's heads x levels loads took 2x the registers
-        head = bx.to(tl.int64) * group + member
-        for level in tl.static_range(LEVELS):
-            # The level's entry width is POOL**level (a compile-time constant, so divisions are shifts).
-            if SHIFTED:
-                moved = position - (POOL**level - 1)
-                slot = tl.maximum(moved, 0) // POOL**level
-                covered = p_mask & (moved >= 0) & (slot < real_len // POOL**level)
-                weight = 1.0
-            else:
-                slot = position // POOL**level
-                covered = p_mask & (slot < padded_len // POOL**level)
-                weight = 1.0 / POOL**level
+    total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for level in tl.static_range(LEVELS):
+        # The level's entry width is POOL**level (a compile-time constant, so divisions are shifts).
+        if SHIFTED:
+            moved = position - (POOL**level - 1)
+            slot = tl.maximum(moved, 0) // POOL**level
+            covered = p_mask & (moved >= 0) & (slot < real_len // POOL**level)
+            weight = 1.0
+        else:
+            slot = position // POOL**level
+            covered = p_mask & (slot < padded_len // POOL**level)
+            weight = 1.0 / POOL**level
+        for member in range(group):
+            head = bx.to(tl.int64) * group + member
             row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
             found = covered & (row >= 0)
             offsets = (head * selected_len + row)[:, None] * dim + d[None, :]
-            total += tl.load(src + offsets, mask=found[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * weight
+            mask = found[:, None] & d_mask[None, :]
+            total_a += tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+            if TWO:
+                total_b += tl.load(src_b + offsets, mask=mask, other=0.0).to(tl.float32) * weight
     out = (bx.to(tl.int64) * seq_len + position)[:, None] * dim + d[None, :]
-    tl.store(dst + out, total.to(dst.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
+    out_mask = p_mask[:, None] & d_mask[None, :]
+    tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)
+    if TWO:
+        tl.store(dst_b + out, total_b.to(dst_b.dtype.element_ty), mask=out_mask)
