@@ -13,9 +13,9 @@ last one's cache, the variants taking turns) of
 forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
 call (inputs, outputs and gradients included). Times are per call with calls queued back to back,
 as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
-which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead times whole bf16 training steps
-(gradient checkpointing, AdamW) of a 30-layer Llama with hidden 1024 under ``sdpa`` and
-``lighthouse`` attention and reports tokens per second.
+which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead
+times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Llama with hidden
+1024 under ``sdpa`` and ``lighthouse`` attention and reports tokens per second.
 """
 
 from __future__ import annotations
@@ -185,11 +185,12 @@ def _operators(args: argparse.Namespace) -> list[dict]:
 
     def measure(variants: dict, backward: bool) -> dict:
         """``variants``: name -> (attend, seq, kv heads, context); timed in turns, then each one's peak."""
-        steps = {}
-        for name, (attend, seq, heads_kv, context) in variants.items():
-            sets = make_sets(seq, heads_kv, args.input_sets, backward)
-            steps[name] = _in_context(context, partial(_attention_step(attend, backward), sets=sets))
-        del sets
+        steps = {
+            name: _in_context(
+                context, partial(_attention_step(attend, backward), sets=make_sets(seq, heads_kv, args.input_sets, backward))
+            )
+            for name, (attend, seq, heads_kv, context) in variants.items()
+        }
         timed = time_interleaved(steps, warmup=args.warmup, iters=args.iters, input_sets=args.input_sets)
         del steps  # frees the input sets before the peak-memory runs
         for name, (attend, seq, heads_kv, context) in variants.items():

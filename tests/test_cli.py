@@ -1,6 +1,9 @@
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import lighthouse_hf
 
 
@@ -24,9 +27,6 @@ def test_patches_live_inside_the_package():
 
 
 def test_bench_without_cuda_says_so():
-    import pytest
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA (tests/test_gpu_kernels.py runs the bench)")
     result = run("lighthouse-hf", "bench", "--seq", "4096")

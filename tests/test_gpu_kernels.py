@@ -141,7 +141,7 @@ def test_score_pass_coarse_means_equal_reference_pyramid(shape):
         torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
 
 
-def test_bench_reports_every_variant(tmp_path):
+def test_bench_reports_every_variant():
     import json
     import subprocess
     import sys
