@@ -1,32 +1,49 @@
 """Lighthouse attention for Hugging Face Transformers.
 
-``import lighthouse_hf`` registers ``attn_implementation="lighthouse"`` with Transformers.
+``import lighthouse_hf`` registers ``attn_implementation="lighthouse"`` (and its mask function)
+with Transformers' registries, and nothing else. The training, data, context-parallel and export
+APIs load on first use, so importing the package does not import ``Trainer`` or accelerate.
 """
 
+import importlib
+
 from .config import ATTN_IMPLEMENTATION, LighthouseConfig
-from .data import pack_dataset, pack_documents
-from .distributed import ContextParallelTrainer, shard_batch
-from .export import ExportReport, export_checkpoint
+from .dispatch import LighthouseWarning
 from .integration import apply_lighthouse, register
 from .ops import compressed_length, lighthouse_attention
-from .training import RecoveryCallback
 
 __version__ = "0.1.0"
 
 register()
 
+_LAZY = {
+    "ContextParallelTrainer": "distributed",
+    "shard_batch": "distributed",
+    "RecoveryCallback": "training",
+    "pack_dataset": "data",
+    "pack_documents": "data",
+    "ExportReport": "export",
+    "export_checkpoint": "export",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
     "ATTN_IMPLEMENTATION",
-    "ContextParallelTrainer",
-    "ExportReport",
     "LighthouseConfig",
-    "RecoveryCallback",
+    "LighthouseWarning",
+    "__version__",
     "apply_lighthouse",
     "compressed_length",
-    "export_checkpoint",
     "lighthouse_attention",
-    "pack_dataset",
-    "pack_documents",
-    "shard_batch",
-    "__version__",
+    *_LAZY,
 ]

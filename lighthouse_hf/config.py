@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .ops.plan import _is_int, check_levels, check_pooling, check_topk
+from .ops.plan import check_levels, check_pooling, check_topk
+from .validation import is_int
 
 CONFIG_KEY = "lighthouse"
 """The attribute of a Transformers config (and key of ``config.json``) holding the settings."""
@@ -18,19 +19,22 @@ def _check_dense_layers(value: object) -> list[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"dense_layers must be a list of layer indices (negative counts from the end), got {value!r}")
     layers = list(value)
-    if not all(_is_int(layer) for layer in layers):
+    if not all(is_int(layer) for layer in layers):
         raise ValueError(f"dense_layers must hold integers (negative counts from the end), got {value!r}")
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(f"dense_layers lists {repeated} more than once, got {value!r}")
     return layers
 
 
 def _check_min_seq_len(value: object) -> int | None:
-    if value is not None and (not _is_int(value) or value < 1):
+    if value is not None and (not is_int(value) or value < 1):
         raise ValueError(f"min_seq_len must be None or an integer >= 1, got {value!r}")
     return value
 
 
 def _check_recovery_step(value: object) -> int | None:
-    if value is not None and (not _is_int(value) or value < 0):
+    if value is not None and (not is_int(value) or value < 0):
         raise ValueError(f"recovery_step must be None or an integer >= 0, got {value!r}")
     return value
 
@@ -78,23 +82,26 @@ class LighthouseConfig:
         if isinstance(settings, LighthouseConfig):
             return cls(**settings.to_dict())
         if not isinstance(settings, dict):
-            raise ValueError(f"config.{CONFIG_KEY} must be a dict of settings, got {type(settings).__name__}")
+            raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
         unknown = sorted(set(settings) - set(_CHECKS))
         if unknown:
-            raise ValueError(
-                f"config.{CONFIG_KEY} has unknown keys {unknown}; allowed keys: {', '.join(_CHECKS)}"
-            )
+            raise ValueError(f"unknown keys {unknown}; allowed keys: {', '.join(_CHECKS)}")
         return cls(**settings)
 
     @classmethod
     def from_model_config(cls, config: Any) -> "LighthouseConfig":
-        return cls.from_dict(getattr(config, CONFIG_KEY, None))
+        """The settings in ``config.lighthouse``; a ValueError names ``config.lighthouse`` and the bad key."""
+        try:
+            return cls.from_dict(getattr(config, CONFIG_KEY, None))
+        except ValueError as error:
+            raise ValueError(f"config.{CONFIG_KEY}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def dense_layer_set(self, num_layers: int | None) -> frozenset[int]:
-        """The dense layers as non-negative indices; raises if one lies outside the model."""
+        """The dense layers as non-negative indices; raises if one lies outside the model or two
+        entries name the same layer (``[1, -3]`` in 4 layers)."""
         if num_layers is None:
             if any(layer < 0 for layer in self.dense_layers):
                 raise ValueError("dense_layers has negative entries but the model config has no num_hidden_layers")
@@ -105,4 +112,10 @@ class LighthouseConfig:
                 f"dense_layers entries {out_of_range} lie outside a model of {num_layers} layers "
                 f"(allowed: {-num_layers}..{num_layers - 1})"
             )
-        return frozenset(layer % num_layers for layer in self.dense_layers)
+        layers = [layer % num_layers for layer in self.dense_layers]
+        repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+        if repeated:
+            raise ValueError(
+                f"dense_layers entries {self.dense_layers} name layers {repeated} twice in a model of {num_layers} layers"
+            )
+        return frozenset(layers)

@@ -35,9 +35,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .config import LighthouseConfig
-from .integration import DeferredMask, LighthouseWarning, _autocast_dtype, _is_dense_layer, _length_reason
-from .ops import LighthousePlan, check_settings, fused, lighthouse_attention, reference
+from . import dispatch
+from .dispatch import LighthouseWarning
+from .ops import LighthousePlan, check_settings, gather, lighthouse_attention, scatter, select
+
+CONTEXT_PARALLEL_KWARG = "lighthouse_cp_group"
+"""Forward keyword naming the process group a sharded sequence is split across (context parallelism)."""
 
 
 def chunk_plan(seq_len: int, chunks: int, levels: int, pooling: int, topk: int) -> LighthousePlan | None:
@@ -128,38 +131,6 @@ def _causal_prefix_attention(q_part, keys, values, chunk, scale, dropout=0.0):
     return F.scaled_dot_product_attention(q_part, prefix_k, prefix_v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
-class _ChunkSelection:
-    """Steps 1-4 for one chunk with the chunk's plan, and step 6 into the chunk plus its halo.
-    The fused Triton kernels run on CUDA, the reference path elsewhere."""
-
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> None:
-        self.plan = plan
-        self.use_fused = fused.handles(q)
-        settings = (plan.levels, plan.pooling, plan.topk)
-        if self.use_fused:
-            *self.listing, self.means = fused._select_impl(q.detach(), k.detach(), *settings)
-        else:
-            self.selection = reference.select(q, k, plan)
-
-    def gather(self, q, k, v):
-        if self.use_fused:
-            entry_local, entry_row, inverse = self.listing
-            means, self.means = self.means, None  # the score pass's means are used once
-            plan = self.plan
-            return fused._GatherEntries.apply(
-                q, k, v, entry_local, entry_row, inverse, means, plan.levels, plan.pooling, plan.topk
-            )
-        return tuple(reference.gather_entries(reference.pyramid(x, self.plan), self.selection.index) for x in (q, k, v))
-
-    def scatter(self, out_sel: torch.Tensor, length: int) -> torch.Tensor:
-        if self.use_fused:
-            entry_local, entry_row, inverse = self.listing
-            plan = self.plan
-            settings = (plan.levels, plan.pooling, plan.topk)
-            return fused._ScatterEntries.apply(out_sel, inverse, entry_local, entry_row, length, *settings)
-        return reference.scatter_back(out_sel, self.selection, length)
-
-
 def lighthouse_attention_context_parallel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,20 +163,17 @@ def lighthouse_attention_context_parallel(
         return _gathered_attention(q, k, v, group, world, levels, pooling, topk, scale)
 
     parts = (slice(0, chunk_len), slice(chunk_len, None))
-    selections, compressed = [], []
-    for part in parts:
-        selection = _ChunkSelection(q[:, :, part], k[:, :, part], plan)
-        selections.append(selection)
-        compressed.append(selection.gather(q[:, :, part], k[:, :, part], v[:, :, part]))
+    selected = [select(q[:, :, part], k[:, :, part], plan) for part in parts]
+    compressed = [gather(entries, q[:, :, part], k[:, :, part], v[:, :, part]) for entries, part in zip(selected, parts)]
     keys = torch.cat(_gather_chunks(torch.cat([c[1] for c in compressed], dim=2), group, world), dim=2)
     values = torch.cat(_gather_chunks(torch.cat([c[2] for c in compressed], dim=2), group, world), dim=2)
 
     width = plan.coarse_width
     outputs, halos = [], []
-    for chunk, selection, (q_sel, _, _) in zip(_global_chunks(world, rank), selections, compressed):
+    for chunk, entries, (q_sel, _, _) in zip(_global_chunks(world, rank), selected, compressed):
         out_sel = _causal_prefix_attention(q_sel, keys, values, chunk, scale)
         # positions chunk_len .. chunk_len + width - 2 belong to the next chunk: the halo
-        spread = selection.scatter(out_sel, chunk_len + width - 1)
+        spread = scatter(entries, out_sel, chunk_len + width - 1)
         outputs.append(spread[:, :, :chunk_len])
         halos.append(spread[:, :, chunk_len:])
     incoming = _gather_chunks(torch.cat(halos, dim=2), group, world)
@@ -247,22 +215,6 @@ def dense_attention_context_parallel(
     return torch.cat(outputs, dim=2)
 
 
-def _mask_problem(attention_mask: Any) -> str | None:
-    """What in ``attention_mask`` context parallelism cannot honour; None: plain causal.
-
-    Head/tail position ids jump between the two chunks, which Transformers reads as packed
-    documents; that mask is expected here and stands for plain causal attention."""
-    if attention_mask is None:
-        return None
-    if isinstance(attention_mask, DeferredMask):
-        if attention_mask.reason in (None, "packed-document boundaries"):
-            return None
-        return attention_mask.reason
-    if isinstance(attention_mask, torch.Tensor):
-        return "padding" if attention_mask.dim() == 2 else "an explicit 4-D attention mask"
-    return f"an attention mask of type {type(attention_mask).__name__}"
-
-
 def context_parallel_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -283,19 +235,24 @@ def context_parallel_attention_forward(
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             "context parallelism splits whole sequences: query and key lengths must match "
-            f"(got {query.shape[2]} and {key.shape[2]}); decode without lighthouse_cp_group"
+            f"(got {query.shape[2]} and {key.shape[2]}); decode without {CONTEXT_PARALLEL_KWARG}"
         )
-    problem = _mask_problem(attention_mask)
-    if problem is not None:
+    # Head/tail position ids jump between a rank's two chunks, which Transformers reads as packed
+    # documents: that mask is expected here and stands for plain causal attention.
+    problem = dispatch.mask_reason(attention_mask)
+    if problem not in (None, dispatch.PACKED_DOCUMENTS):
         raise ValueError(
             f"context parallelism needs plain causal attention over whole sequences, but the inputs have {problem}; "
             "pass unpadded sequences without an attention_mask (lighthouse_hf.distributed.shard_batch does)"
         )
     world, _ = _group_shape(group)
     seq_len = query.shape[2] * world
-    settings = LighthouseConfig.from_model_config(module.config)
-    query, key, value = _autocast_dtype(query, key, value)
-    if _is_dense_layer(module, settings) or _length_reason(seq_len, settings) is not None:
+    settings = dispatch.settings_of(module)
+    query, key, value = dispatch.autocast_inputs(query, key, value)
+    dense = dispatch.sequence_reason(module, settings, seq_len, dispatch.is_causal_call(module, kwargs))
+    if dense == dispatch.NON_CAUSAL:
+        raise ValueError(f"context parallelism runs causal attention only; layer {getattr(module, 'layer_idx', None)} is not causal")
+    if dense is not None:
         if sliding_window is not None and sliding_window < seq_len:
             raise ValueError(
                 f"layer {getattr(module, 'layer_idx', None)} has a {sliding_window}-token sliding window, which context-parallel dense "
@@ -303,8 +260,7 @@ def context_parallel_attention_forward(
             )
         out = dense_attention_context_parallel(query, key, value, group=group, scale=scaling, dropout=dropout)
     else:
-        if dropout:
-            warnings.warn("Lighthouse attention applies no attention dropout (attention_dropout is ignored).", LighthouseWarning)
+        dispatch.warn_ignored_dropout(dropout)
         out = lighthouse_attention_context_parallel(
             query, key, value, group=group, levels=settings.levels, pooling=settings.pooling, topk=settings.topk, scale=scaling
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
 
-from .ops.plan import _is_int
+from .validation import is_int
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -24,7 +24,7 @@ Tokenizer = Union["PreTrainedTokenizerBase", Callable[[list[str]], Sequence[Sequ
 
 
 def _check_seq_len(seq_len: object) -> int:
-    if not _is_int(seq_len) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
     return seq_len
 
@@ -34,7 +34,7 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_token_i
     ``eos_token_id``. Lazy (one document and one block in memory at a time); the last, incomplete
     block is dropped rather than padded."""
     _check_seq_len(seq_len)
-    if not _is_int(eos_token_id) or eos_token_id < 0:
+    if not is_int(eos_token_id) or eos_token_id < 0:
         raise ValueError(f"eos_token_id must be an integer >= 0, got {eos_token_id!r}")
     buffer: list[int] = []
     for document in documents:
@@ -127,7 +127,7 @@ def pack_dataset(
     from datasets import Dataset, Features, IterableDataset, Sequence as SequenceFeature, Value
 
     _check_seq_len(seq_len)
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise ValueError(f"dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")

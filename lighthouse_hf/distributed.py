@@ -32,8 +32,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
-from .context_parallel import shard_sequence
-from .integration import CONTEXT_PARALLEL_KWARG
+from .context_parallel import CONTEXT_PARALLEL_KWARG, shard_sequence
 from .training import uses_lighthouse
 
 IGNORE_INDEX = -100

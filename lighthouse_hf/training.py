@@ -15,7 +15,8 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 from transformers.utils import logging
 
 from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
-from .ops.plan import _is_int
+from .hf_internals import attn_implementation
+from .validation import is_int
 
 logger = logging.get_logger(__name__)
 
@@ -39,7 +40,7 @@ def lighthouse_models(model: torch.nn.Module) -> Iterator[PreTrainedModel]:
         if not isinstance(module, PreTrainedModel) or id(module.config) in seen_configs:
             continue
         seen_configs.add(id(module.config))
-        if module.config._attn_implementation == ATTN_IMPLEMENTATION:
+        if attn_implementation(module.config) == ATTN_IMPLEMENTATION:
             yield module
 
 
@@ -61,7 +62,7 @@ def switch_to_dense(model: torch.nn.Module, recovery_step: int) -> list[PreTrain
 
 
 def _check_at(at: object) -> int | float:
-    if _is_int(at) and at >= 0:
+    if is_int(at) and at >= 0:
         return at
     if isinstance(at, float) and 0.0 < at < 1.0:
         return at
@@ -82,7 +83,8 @@ class RecoveryCallback(TrainerCallback):
     and a checkpoint saved at step ``at`` already holds the dense model.
 
     Every switched model gets ``config.lighthouse["recovery_step"] = at`` (so saved checkpoints
-    say which phase they are in), the switch is logged, and ``state.log_history`` gets an entry
+    say which phase they are in), the switch is logged in one line at warning level (shown at
+    Transformers' default verbosity), and ``state.log_history`` gets an entry
     ``{"lighthouse_recovery_step": at, "step": at}``. A run resumed from a checkpoint at or past
     ``at`` switches before its first step; one resumed from an earlier checkpoint stays on
     Lighthouse until ``at``.
@@ -117,7 +119,7 @@ class RecoveryCallback(TrainerCallback):
             return
         # A run resumed inside the recovery phase (or asked to recover from the start).
         if switch_to_dense(model, self.recovery_step):
-            logger.info(
+            logger.warning(
                 f"Lighthouse: step {state.global_step} is in the dense recovery phase that began at step "
                 f"{self.recovery_step}; training continues with dense {DENSE_IMPLEMENTATION} attention."
             )
@@ -129,7 +131,7 @@ class RecoveryCallback(TrainerCallback):
             return
         switched = switch_to_dense(model, self.recovery_step)
         if switched:
-            logger.info(
+            logger.warning(
                 f"Lighthouse: dense recovery begins after step {self.recovery_step} of {state.max_steps}; "
                 f"switched {len(switched)} model(s) to {DENSE_IMPLEMENTATION} attention."
             )

@@ -1,6 +1,7 @@
 """Transformers integration: registry entries, settings in config.json, four model families."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import lighthouse_hf
 from lighthouse_hf import LighthouseConfig, apply_lighthouse, compressed_length
-from lighthouse_hf.integration import DeferredMask, LighthouseWarning, lighthouse_mask
+from lighthouse_hf.dispatch import DeferredMask, LighthouseWarning, lighthouse_mask
 
 SEQ = 2048  # with topk=128 Lighthouse compresses 2048 to 640 entries
 SETTINGS = {"topk": 128, "dense_layers": [0]}
@@ -64,11 +65,12 @@ def test_registered_with_public_calls():
 def test_family_trains_with_lighthouse(saved_model):
     model = load(saved_model)
     assert model.config._attn_implementation == "lighthouse"
-    assert model.config.lighthouse == LighthouseConfig(**SETTINGS).to_dict()
     dense = load(saved_model, "sdpa")
     x = tokens()
     model.train()
     out = model(x, labels=x)
+    # the first call checked the settings and recorded every key, defaults included
+    assert model.config.lighthouse == LighthouseConfig(**SETTINGS).to_dict()
     out.loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -111,7 +113,8 @@ def test_save_load_round_trip_keeps_settings(saved_model, tmp_path):
     model.config.lighthouse["topk"] = 256
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).lighthouse["topk"] == 256
-    assert load(tmp_path).config.lighthouse == LighthouseConfig(**{**SETTINGS, "topk": 256}).to_dict()
+    reloaded = load(tmp_path)
+    assert LighthouseConfig.from_model_config(reloaded.config) == LighthouseConfig(**{**SETTINGS, "topk": 256})
 
 
 def test_switch_to_sdpa_and_back(saved_model):
@@ -151,10 +154,11 @@ def test_mistral_sliding_window(tmp_path):
     config.lighthouse = {"topk": 128, "dense_layers": [0]}
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    with pytest.warns(LighthouseWarning, match=r"mistral: layers \[1, 2\] have a 512-token sliding window"):
-        model = load(tmp_path)
-    dense = load(tmp_path, "sdpa")
+    model, dense = load(tmp_path), load(tmp_path, "sdpa")
     x = tokens()
+    with pytest.warns(LighthouseWarning, match=r"mistral: layers \[1, 2\] have a 512-token sliding window"):
+        with torch.no_grad():
+            model(x[:, :16])
     with torch.no_grad():
         # with every layer dense the windowed masks must match Transformers' own exactly
         model.config.lighthouse["dense_layers"] = [0, 1, 2]
@@ -173,29 +177,88 @@ def test_qwen2_sliding_layers(tmp_path):
         torch.testing.assert_close(load(tmp_path)(x).logits, load(tmp_path, "sdpa")(x).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "settings, message",
-    [
-        ({"topk": 100}, "config.lighthouse: topk must be a positive multiple of 128"),
-        ({"levels": 0}, "config.lighthouse: levels must be an integer >= 1"),
-        ({"pooling": 6}, "config.lighthouse: pooling must be a power of two"),
-        ({"top_k": 128}, r"config.lighthouse: config.lighthouse has unknown keys \['top_k'\]"),
-        ({"dense_layers": [0, 7]}, r"dense_layers entries \[7\] lie outside a model of 3 layers"),
-        ({"min_seq_len": 0}, "min_seq_len must be None or an integer >= 1"),
-        ([1, 2], "config.lighthouse must be a dict"),
-    ],
-)
-def test_bad_settings_fail_at_load(tmp_path, settings, message):
+BAD_SETTINGS = [
+    ({"topk": 100}, "config.lighthouse: topk must be a positive multiple of 128"),
+    ({"levels": 0}, "config.lighthouse: levels must be an integer from 1 to 64"),
+    ({"levels": 2**62}, "config.lighthouse: levels must be an integer from 1 to 64"),
+    ({"pooling": 6}, "config.lighthouse: pooling must be a power of two"),
+    ({"top_k": 128}, r"^config.lighthouse: unknown keys \['top_k'\]; allowed keys: levels, "),
+    ({"dense_layers": [0, 7]}, r"config.lighthouse: dense_layers entries \[7\] lie outside a model of 3 layers"),
+    ({"dense_layers": [0, 0]}, r"config.lighthouse: dense_layers lists \[0\] more than once"),
+    ({"dense_layers": [2, -1]}, r"config.lighthouse: dense_layers entries \[2, -1\] name layers \[2\] twice"),
+    ({"min_seq_len": 0}, "config.lighthouse: min_seq_len must be None or an integer >= 1"),
+    ([1, 2], "config.lighthouse: settings must be a dict"),
+]
+
+
+@pytest.mark.parametrize("settings, message", BAD_SETTINGS)
+def test_bad_settings_fail_at_the_first_call(tmp_path, settings, message):
     config = LlamaConfig(**TINY)
     config.lighthouse = settings
     config.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), attn_implementation="lighthouse")
+    with pytest.raises(ValueError, match=message) as raised:
+        model(tokens(seq=16))
+    assert str(raised.value).count("config.lighthouse") == 1
+
+
+@pytest.mark.parametrize("settings, message", [case for case in BAD_SETTINGS if isinstance(case[0], dict)])
+def test_bad_settings_fail_in_apply_lighthouse(settings, message):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    message = message.removeprefix("^").removeprefix("config.lighthouse: ")
     with pytest.raises(ValueError, match=message):
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), attn_implementation="lighthouse")
+        apply_lighthouse(model, **settings)
+    assert model.config._attn_implementation == "sdpa"  # nothing switched
 
 
 def test_missing_keys_take_defaults_and_are_written_back():
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), attn_implementation="lighthouse")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": 6}), attn_implementation="lighthouse")
+    model(tokens(seq=16))
     assert model.config.lighthouse == LighthouseConfig().to_dict()
+
+
+def test_import_modifies_no_transformers_class():
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    for cls in (PreTrainedModel, PreTrainedConfig):
+        for name, attribute in vars(cls).items():
+            function = getattr(attribute, "__func__", attribute)
+            assert not str(getattr(function, "__module__", "")).startswith("lighthouse_hf"), name
+
+
+def test_a_model_without_a_lighthouse_layer_warns():
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 4})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.warns(LighthouseWarning, match=r"covers all 4 layers, so no layer runs Lighthouse"):
+        apply_lighthouse(model)  # the defaults keep layers 0, 1, -2 and -1 dense
+
+
+def test_too_short_training_forward_warns_once_per_model():
+    shortest = lighthouse_hf.ops.shortest_compressed_length(3, 4, 128)
+    models = [AutoModelForCausalLM.from_config(LlamaConfig(**TINY)) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # count what is issued, not what Python's filters show
+        for model in models:
+            apply_lighthouse(model, topk=128, dense_layers=[])
+            model.train()
+            for seq in (300, 400):
+                model(tokens(seq=seq))
+            model.eval()
+            model(tokens(seq=300))
+    short = [w for w in caught if "runs dense SDPA" in str(w.message)]
+    assert len(short) == 2  # once per model, training only
+    assert f"compresses sequences of {shortest} tokens or more" in str(short[0].message)
+    assert compressed_length(shortest - 1, topk=128) == shortest - 1 < SEQ
+
+
+def test_non_causal_module_runs_sdpa_as_transformers_would(saved_model):
+    model, dense = load(saved_model), load(saved_model, "sdpa")
+    for m in (model, dense):
+        for layer in m.model.layers:
+            layer.self_attn.is_causal = False
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=0, atol=0)
 
 
 def test_apply_lighthouse_to_model_and_config():
@@ -204,7 +267,7 @@ def test_apply_lighthouse_to_model_and_config():
     apply_lighthouse(model, LighthouseConfig(topk=256), dense_layers=[])
     assert model.config._attn_implementation == "lighthouse"
     assert model.config.lighthouse["topk"] == 256 and model.config.lighthouse["dense_layers"] == []
-    config = apply_lighthouse(LlamaConfig(**TINY), topk=128)
+    config = apply_lighthouse(LlamaConfig(**TINY), topk=128, dense_layers=[0])
     assert AutoModelForCausalLM.from_config(config).config._attn_implementation == "lighthouse"
     with pytest.raises(ValueError, match="pooling must be a power of two"):
         apply_lighthouse(model, pooling=3)

@@ -189,6 +189,66 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
+@pytest.mark.parametrize("case", NAIVE_CASES[:3], ids=lambda c: "B{}H{}Hkv{}S{}D{}L{}p{}K{}".format(*c))
+def test_float64_keeps_float64_precision(case):
+    batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
+    q, k, v = rand_qkv(batch, heads, kv_heads, seq, dim, dtype=torch.float64, seed=seq)
+    expected, _ = naive_lighthouse(q, k, v, levels, pooling, topk)
+    out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk)
+    assert out.dtype == torch.float64
+    assert rel_err(out, expected) < 1e-12  # float32 anywhere on the way would leave ~1e-7
+
+
+def test_finite_differences_match_gradients_in_float64():
+    q, k, v = (t.requires_grad_() for t in rand_qkv(1, 2, 1, 600, 3, dtype=torch.float64, seed=5))
+
+    def fn(q, k, v):
+        return lighthouse_attention(q, k, v, levels=2, pooling=2, topk=128)
+
+    # Tolerances a float32 accumulation anywhere would fail (its rounding is ~1e-7 of the output).
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-9, rtol=1e-6, fast_mode=True)
+
+
+def test_empty_batch_returns_the_empty_result():
+    q, k, v = (t.requires_grad_() for t in rand_qkv(0, 2, 1, 2048, 8))
+    assert compressed_length(2048, topk=128) < 2048  # a length that compresses
+    out = lighthouse_attention(q, k, v, topk=128)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_levels_beyond_what_the_sequence_pools_run_dense():
+    # 2**39-position coarse blocks: nothing to pool, so (as documented) dense causal SDPA
+    q, k, v = rand_qkv(1, 2, 1, 4096, 8)
+    out = lighthouse_attention(q, k, v, levels=40, pooling=2, topk=128)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True), rtol=0, atol=0)
+    assert compressed_length(4096, levels=40, pooling=2, topk=128) == 4096
+
+
+@pytest.mark.parametrize("seq_len", [-5, 0, 2.5, True, "4096", None])
+def test_compressed_length_validates_seq_len(seq_len):
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1"):
+        compressed_length(seq_len)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(levels=2**62), "levels must be an integer from 1 to 64"), (dict(topk=100), "topk must be")])
+def test_compressed_length_validates_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compressed_length(4096, **kwargs)
+
+
+def test_shortest_compressed_length_is_exact():
+    from lighthouse_hf.ops import shortest_compressed_length
+
+    for levels, pooling, topk in [(3, 4, 2048), (2, 2, 128), (4, 8, 1536), (5, 2, 256)]:
+        shortest = shortest_compressed_length(levels, pooling, topk)
+        assert compressed_length(shortest, levels=levels, pooling=pooling, topk=topk) < shortest
+        for seq_len in range(max(1, shortest - 2000), shortest):
+            assert compressed_length(seq_len, levels=levels, pooling=pooling, topk=topk) == seq_len
+    assert shortest_compressed_length(1, 4, 2048) is None
+
+
 def test_gradients_reach_only_through_gather_and_pooling():
     q, k, v = (t.requires_grad_() for t in rand_qkv(1, 1, 1, 2048, 4, seed=6))
     lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128).sum().backward()
@@ -227,8 +287,9 @@ def test_batch_items_are_independent():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(levels=0), "levels must be an integer >= 1"),
-        (dict(levels=2.0), "levels must be an integer >= 1"),
+        (dict(levels=0), "levels must be an integer from 1 to 64"),
+        (dict(levels=2.0), "levels must be an integer from 1 to 64"),
+        (dict(levels=2**62), "levels must be an integer from 1 to 64"),
         (dict(pooling=3), "pooling must be a power of two >= 2"),
         (dict(pooling=1), "pooling must be a power of two >= 2"),
         (dict(topk=100), "topk must be a positive multiple of 128"),

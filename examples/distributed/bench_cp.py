@@ -34,7 +34,7 @@ from common import MODELS, init_distributed, llama, peak_memory_gib, write_json
 from torch.utils.checkpoint import checkpoint
 
 from lighthouse_hf.distributed import IGNORE_INDEX, shard_batch
-from lighthouse_hf.integration import CONTEXT_PARALLEL_KWARG
+from lighthouse_hf.context_parallel import CONTEXT_PARALLEL_KWARG
 
 PAPER = dict(levels=3, pooling=4, topk=2048)
 LOSS_CHUNK = 16384

@@ -33,7 +33,7 @@ from lighthouse_hf.context_parallel import (
     shard_sequence,
 )
 from lighthouse_hf.distributed import shard_batch
-from lighthouse_hf.integration import LighthouseWarning
+from lighthouse_hf.dispatch import LighthouseWarning
 from lighthouse_hf.ops import dense_causal_attention
 
 FP32_TOL = 1e-5

@@ -30,7 +30,8 @@ from transformers import AttentionInterface, PreTrainedModel, Trainer, TrainerCa
 
 import lighthouse_hf
 from lighthouse_hf import ContextParallelTrainer, RecoveryCallback
-from lighthouse_hf.integration import CONTEXT_PARALLEL_KWARG, lighthouse_attention_forward
+from lighthouse_hf.context_parallel import CONTEXT_PARALLEL_KWARG
+from lighthouse_hf.integration import lighthouse_attention_forward
 
 STEPS, RECOVERY_AT, SAVE_EVERY = 4, 3, 2
 RESUME_TOL = 1e-3

@@ -1,4 +1,4 @@
-"""Lighthouse attention ops: input checks and dispatch to the reference path."""
+"""Lighthouse attention ops: the checked public op, and the steps it is made of (:mod:`.steps`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import fused, reference
-from .plan import TILE, LighthousePlan, check_settings
+from .plan import TILE, LighthousePlan, check_settings, plan_for, shortest_compressed_length
+from .steps import SelectedEntries, compressed_attention, gather, scatter, select
 
-__all__ = ["lighthouse_attention", "compressed_length", "LighthousePlan", "check_settings", "TILE"]
+__all__ = [
+    "TILE",
+    "LighthousePlan",
+    "SelectedEntries",
+    "check_settings",
+    "compressed_attention",
+    "compressed_length",
+    "dense_causal_attention",
+    "gather",
+    "lighthouse_attention",
+    "plan_for",
+    "scatter",
+    "select",
+    "shortest_compressed_length",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,7 +67,10 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 
 def compressed_length(seq_len: int, *, levels: int = 3, pooling: int = 4, topk: int = 2048) -> int:
-    """Length of the sequence Lighthouse attends over, or ``seq_len`` when it would not compress."""
+    """Length of the sequence Lighthouse attends over, or ``seq_len`` when it would not compress.
+
+    Raises ValueError naming the argument when ``seq_len`` is not an integer >= 1 or a setting is
+    outside its allowed values (as :func:`lighthouse_attention` does)."""
     plan = LighthousePlan(seq_len, levels, pooling, topk)
     return plan.compressed_len if plan.compresses else seq_len
 
@@ -72,13 +89,14 @@ def lighthouse_attention(
 
     ``q`` is ``[B, H, S, D]``, ``k`` and ``v`` are ``[B, Hkv, S, D]`` with ``H % Hkv == 0``; returns
     ``[B, H, S, D]`` in q's dtype and device. Where the setting does not compress the sequence
-    (``compressed_length(S) >= S``, e.g. ``levels == 1``) this is dense causal SDPA.
+    (``compressed_length(S) >= S``, e.g. ``levels == 1``) this is dense causal SDPA, and so is an
+    empty batch (``B == 0``).
     """
     check_settings(levels, pooling, topk)
     _check_inputs(q, k, v, scale)
     plan = LighthousePlan(q.shape[2], levels, pooling, topk)
-    if not plan.compresses:
+    if not plan.compresses or q.shape[0] == 0:
         return dense_causal_attention(q, k, v, scale)
-    if fused.handles(q):
-        return fused.lighthouse_attention(q, k, v, plan, scale)
-    return reference.lighthouse_attention(q, k, v, plan, scale)
+    entries = select(q, k, plan)
+    out_sel = compressed_attention(*gather(entries, q, k, v), scale)
+    return scatter(entries, out_sel, plan.seq_len)

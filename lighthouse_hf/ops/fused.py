@@ -21,11 +21,12 @@ q/k/v rows in causal order; SDPA; ``scatter_entries`` -> the output over all pos
 
 import functools
 import importlib.util
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .plan import TILE, LighthousePlan
+from .plan import TILE, LighthousePlan, plan_for
 from .reference import Selection, position_keys
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -50,10 +51,6 @@ def _next_power_of_2(n: int) -> int:
 def _positions_per_program(block_d: int, elements: int) -> int:
     """Sequence positions per program of a kernel that tiles [positions, head dim] in ``elements``."""
     return max(16, min(256, elements // block_d))
-
-
-def _plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
-    return LighthousePlan(seq_len, levels, pooling, topk)
 
 
 @functools.cache
@@ -127,7 +124,7 @@ Tensor = torch.Tensor
 
 def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
-    plan = _plan(q.shape[2], levels, pooling, topk)
+    plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     if batch > _MAX_GRID_YZ or heads + k.shape[1] > _MAX_GRID_YZ:
         raise ValueError(
@@ -236,7 +233,7 @@ def _gather_impl(
     q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, means: Tensor,
     levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = _plan(q.shape[2], levels, pooling, topk)
+    plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads, _, dim = q.shape
     n = entry_local.shape[-1]
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
@@ -248,7 +245,7 @@ def _gather_impl(
 def _gather_backward_impl(
     dq_sel: Tensor, dk_sel: Tensor, dv_sel: Tensor, inverse: Tensor, kv_heads: int, seq_len: int, levels: int, pooling: int, topk: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = _plan(seq_len, levels, pooling, topk)
+    plan = plan_for(seq_len, levels, pooling, topk)
     batch, heads, _, dim = dq_sel.shape
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
@@ -261,7 +258,7 @@ def _gather_backward_impl(
 def _scatter_impl(
     out_sel: Tensor, inverse: Tensor, entry_local: Tensor, entry_row: Tensor, seq_len: int, levels: int, pooling: int, topk: int
 ) -> Tensor:
-    plan = _plan(seq_len, levels, pooling, topk)
+    plan = plan_for(seq_len, levels, pooling, topk)
     batch, heads, _, dim = out_sel.shape
     out = out_sel.new_empty(batch, heads, seq_len, dim)
     _run_positions([out_sel.contiguous()], [out], inverse, plan, shifted=True)
@@ -271,7 +268,7 @@ def _scatter_impl(
 def _scatter_backward_impl(
     grad_out: Tensor, entry_local: Tensor, entry_row: Tensor, levels: int, pooling: int, topk: int
 ) -> Tensor:
-    plan = _plan(grad_out.shape[2], levels, pooling, topk)
+    plan = plan_for(grad_out.shape[2], levels, pooling, topk)
     batch, heads, _, dim = grad_out.shape
     grad_sel = grad_out.new_empty(batch, heads, entry_local.shape[-1], dim)
     _run_entries([_last_axis_contiguous(grad_out)], [grad_sel], entry_local, entry_row, plan, shifted=True)
@@ -293,7 +290,7 @@ _scatter_backward_op = torch.library.custom_op(
 
 @_select_op.register_fake
 def _(q, k, levels, pooling, topk):
-    plan = _plan(q.shape[2], levels, pooling, topk)
+    plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
@@ -355,11 +352,6 @@ _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
-def compressed_attention(q_sel: Tensor, k_sel: Tensor, v_sel: Tensor, scale: float | None) -> Tensor:
-    """Step 5: causal SDPA over the compressed sequence (every query head has its own rows)."""
-    return F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, scale=scale)
-
-
 class _GatherEntries(torch.autograd.Function):
     """Eager twin of ``gather_entries`` (autograd.Function calls cost less host time than custom ops)."""
 
@@ -390,16 +382,39 @@ class _ScatterEntries(torch.autograd.Function):
         return _scatter_backward_impl(grad_out, entry_local, entry_row, *ctx.settings), None, None, None, None, None, None, None
 
 
-def lighthouse_attention(q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan, scale: float | None) -> Tensor:
-    settings = (plan.levels, plan.pooling, plan.topk)
-    if torch.compiler.is_compiling():
-        select, gather, scatter = _select_op, _gather_op, _scatter_op
-    else:  # same kernels, without the custom-op dispatch on the host's critical path
-        select, gather, scatter = _select_impl, _GatherEntries.apply, _ScatterEntries.apply
-    entry_local, entry_row, inverse, means = select(q.detach(), k.detach(), *settings)
-    q_sel, k_sel, v_sel = gather(q, k, v, entry_local, entry_row, inverse, means, *settings)
-    out_sel = compressed_attention(q_sel, k_sel, v_sel, scale)
-    return scatter(out_sel, inverse, entry_local, entry_row, q.shape[2], *settings)
+class Listing(NamedTuple):
+    """What ``select_entries`` hands to the gather and the scatter (layout in the module docstring)."""
+
+    entry_local: Tensor
+    entry_row: Tensor
+    inverse: Tensor
+    means: Tensor
+    """The score pass's coarsest means of q and k, or an empty tensor where it did not write them."""
+
+
+def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
+    return plan.levels, plan.pooling, plan.topk
+
+
+def select_entries(q: Tensor, k: Tensor, plan: LighthousePlan) -> Listing:
+    """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence."""
+    select = _select_op if torch.compiler.is_compiling() else _select_impl
+    return Listing(*select(q.detach(), k.detach(), *_settings(plan)))
+
+
+def gather_entries(listing: Listing, q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1 and 5's inputs: the pooled q, k and v rows of every entry in causal order; differentiable.
+
+    Compiled code sees the custom op; eager calls take its ``autograd.Function`` twin, which runs
+    the same kernels with less host time on the critical path."""
+    gather = _gather_op if torch.compiler.is_compiling() else _GatherEntries.apply
+    return gather(q, k, v, *listing, *_settings(plan))
+
+
+def scatter_entries(listing: Listing, out_sel: Tensor, length: int, plan: LighthousePlan) -> Tensor:
+    """Step 6: the compressed outputs summed back onto positions ``0..length-1``; differentiable."""
+    scatter = _scatter_op if torch.compiler.is_compiling() else _ScatterEntries.apply
+    return scatter(out_sel, listing.inverse, listing.entry_local, listing.entry_row, length, *_settings(plan))
 
 
 def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tensor, plan: LighthousePlan) -> Selection:
@@ -423,6 +438,7 @@ def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tens
 
 @torch.no_grad()
 def select(q: Tensor, k: Tensor, plan: LighthousePlan) -> Selection:
-    """Steps 2-4 with the selection kernel; equals ``reference.select`` on float32 inputs."""
-    entry_local, entry_row, inverse, _ = _select_impl(q, k, plan.levels, plan.pooling, plan.topk)
-    return selection_from_listing(entry_local, entry_row, inverse, plan)
+    """Steps 2-4 with the selection kernel as the reference's :class:`Selection` (for comparing the
+    two); equals ``reference.select`` on float32 inputs."""
+    listing = select_entries(q, k, plan)
+    return selection_from_listing(listing.entry_local, listing.entry_row, listing.inverse, plan)

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+
+from ..validation import check_positive_int, is_int
 
 TILE = 128
 """Entries selected per tile and level: half of them by query score, half by key score."""
 HALF_TILE = TILE // 2
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+MAX_LEVELS = 64
+"""With ``pooling >= 2`` a coarsest block of ``pooling**63`` positions is longer than any sequence
+a machine can hold, so more levels could never compress (and ``pooling**levels`` would not fit)."""
 
 
 def check_levels(levels: object) -> int:
-    if not _is_int(levels) or levels < 1:
-        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    if not is_int(levels) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be an integer from 1 to {MAX_LEVELS}, got {levels!r}")
     return levels
 
 
 def check_pooling(pooling: object) -> int:
-    if not _is_int(pooling) or pooling < 2 or pooling & (pooling - 1):
+    if not is_int(pooling) or pooling < 2 or pooling & (pooling - 1):
         raise ValueError(f"pooling must be a power of two >= 2 (2, 4, 8, ...), got {pooling!r}")
     return pooling
 
 
 def check_topk(topk: object) -> int:
-    if not _is_int(topk) or topk < TILE or topk % TILE:
+    if not is_int(topk) or topk < TILE or topk % TILE:
         raise ValueError(f"topk must be a positive multiple of {TILE} (128, 256, ...), got {topk!r}")
     return topk
 
@@ -72,6 +74,7 @@ class LighthousePlan:
     compresses: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_positive_int("seq_len", self.seq_len)
         check_settings(self.levels, self.pooling, self.topk)
         coarse_width = self.pooling ** (self.levels - 1)
         n_coarse = self.seq_len // coarse_width
@@ -101,3 +104,28 @@ class LighthousePlan:
     def level_offset(self, level: int) -> int:
         """Where ``level`` starts in the concatenated pyramid."""
         return sum(self.level_len(m) for m in range(level))
+
+
+@functools.lru_cache(maxsize=256)
+def plan_for(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
+    """The plan for these sizes, built once: the fused ops receive sizes (custom-op arguments are
+    plain values) and the dispatch rules ask the same questions on every call."""
+    return LighthousePlan(seq_len, levels, pooling, topk)
+
+
+@functools.lru_cache(maxsize=64)
+def shortest_compressed_length(levels: int, pooling: int, topk: int) -> int | None:
+    """The shortest sequence that these settings compress (None: they never do, ``levels == 1``).
+
+    The compressed length never decreases as S grows, so from a length that does not compress no
+    length below ``compressed_len + 1`` can: the search jumps there until a length compresses.
+    """
+    check_settings(levels, pooling, topk)
+    if levels == 1:
+        return None
+    seq_len = topk + (levels - 1) * pooling * topk + 1  # compressed_len is never below this - 1
+    while True:
+        plan = LighthousePlan(seq_len, levels, pooling, topk)
+        if plan.compresses:
+            return seq_len
+        seq_len = plan.compressed_len + 1

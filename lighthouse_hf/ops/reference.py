@@ -142,12 +142,12 @@ def scatter_back(out: torch.Tensor, selection: Selection, seq_len: int) -> torch
     """Step 6 as a gather: each position takes at most one entry per level.
 
     Entry ``j`` of level ``l`` (width ``c``) lands on positions ``[j*c + c - 1, j*c + 2c - 1)``;
-    levels are summed in float32; positions nothing reaches stay zero.
+    levels are summed in float32, or float64 for float64 outputs; positions nothing reaches stay zero.
     """
     plan = selection.plan
     batch, heads, n, dim = out.shape
     with_zero_row = F.pad(out, (0, 0, 0, 1))  # row n stays zero for slots nothing fills
-    result = out.new_zeros(batch, heads, seq_len, dim, dtype=torch.float32)
+    result = out.new_zeros(batch, heads, seq_len, dim, dtype=torch.promote_types(out.dtype, torch.float32))
     position = torch.arange(n, device=out.device).expand(batch, heads, n)
     for level in range(plan.levels):
         width = plan.pooling**level

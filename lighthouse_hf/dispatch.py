@@ -1,0 +1,312 @@
+"""Which attention a ``"lighthouse"`` call runs, and why: the rules both attention functions share.
+
+The single-device attention function (:mod:`lighthouse_hf.integration`) and the context-parallel
+one (:mod:`lighthouse_hf.context_parallel`) ask this module the same questions:
+
+* the model's settings (``config.lighthouse``), checked against the model on its first call;
+* whether the call runs dense, and why: a dense layer, a non-causal module, decoding with a KV
+  cache, a mask (padding, packed documents, a custom mask), query offsets, or a sequence too
+  short to compress (:func:`dense_reason`);
+* the mask function's deferred mask and how the dense path materializes it;
+* the autocast cast of q, k and v, and the warning for ignored attention dropout.
+
+Warnings are :class:`LighthouseWarning`; the ones about a model (no Lighthouse layer, sequences too
+short to compress in training) are given once per model config.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from . import patches
+from .config import CONFIG_KEY, LighthouseConfig
+from .ops import plan_for, shortest_compressed_length
+
+
+class LighthouseWarning(UserWarning):
+    """Lighthouse does not run as configured somewhere."""
+
+
+# ---- the mask function ----
+
+PACKED_DOCUMENTS = "packed-document boundaries"
+"""The mask reason of position ids that restart (Transformers' packed-sequence detection)."""
+
+
+
+@dataclass(frozen=True)
+class DeferredMask:
+    """A mask the dense path builds on demand (Transformers' ``sdpa_mask`` with the same arguments).
+
+    ``reason`` says why Lighthouse cannot run under it (padding, packed documents, a custom mask);
+    None means the only thing it adds is an active sliding window, which Lighthouse layers ignore.
+    """
+
+    reason: str | None
+    plain_shape: bool
+    mask_kwargs: dict[str, Any] = field(repr=False)
+
+    def materialize(self) -> torch.Tensor:
+        return sdpa_mask(**{**self.mask_kwargs, "allow_is_causal_skip": False})
+
+
+def lighthouse_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    use_vmap: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | DeferredMask | None:
+    """Mask function registered under ``"lighthouse"`` (same arguments as ``sdpa_mask``).
+
+    Never builds an S x S mask: None when there is nothing to mask, the 2-D padding mask when
+    padding is all there is, otherwise a :class:`DeferredMask` that only the dense path builds.
+    """
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+        if padding.shape[-1] < kv_length:  # a cache longer than the mask: the rest is real
+            padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]), value=True)
+        if padding.all():
+            padding = None
+    # A custom mask function (use_vmap) or a packed-sequence mask (no causal skip) is something
+    # only the full mask can express.
+    custom = use_vmap or not allow_is_causal_skip
+    window_active = local_size is not None and q_offset + q_length - kv_offset > local_size
+    plain_shape = q_length == kv_length and q_offset == 0 and kv_offset == 0
+    if not custom and not window_active:
+        if padding is None and (plain_shape or q_length == 1):
+            return None
+        if padding is not None and plain_shape:
+            return padding
+    if use_vmap:
+        reason = "a custom attention mask"
+    elif custom and q_length > 1:
+        reason = PACKED_DOCUMENTS
+    elif padding is not None:
+        reason = "padding"
+    else:
+        reason = None
+    mask_kwargs = dict(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        use_vmap=use_vmap,
+        **kwargs,
+    )
+    return DeferredMask(reason, plain_shape, mask_kwargs)
+
+
+def mask_reason(attention_mask: Any) -> str | None:
+    """What in ``attention_mask`` Lighthouse cannot honour; None: plain causal (or a sliding window
+    only, which Lighthouse layers ignore)."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, DeferredMask):
+        return attention_mask.reason
+    if isinstance(attention_mask, torch.Tensor):
+        return "padding" if attention_mask.dim() == 2 else "an explicit 4-D attention mask"
+    return f"an attention mask of type {type(attention_mask).__name__}"
+
+
+def materialize_mask(attention_mask: Any, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The mask Transformers' SDPA function takes for what the mask function returned."""
+    if isinstance(attention_mask, DeferredMask):
+        return attention_mask.materialize()
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return sdpa_mask(
+            batch_size=query.shape[0],
+            q_length=query.shape[2],
+            kv_length=key.shape[2],
+            attention_mask=attention_mask,
+            allow_is_causal_skip=False,
+            device=query.device,
+        )
+    return attention_mask
+
+
+# ---- settings ----
+
+
+class _PerConfig:
+    """Remembers model configs without keeping them alive (configs are unhashable, so by id,
+    confirmed by identity: a new config that reuses a dead one's id is not mistaken for it)."""
+
+    def __init__(self) -> None:
+        self._seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+    def first_time(self, config: Any) -> bool:
+        if self._seen.get(id(config)) is config:
+            return False
+        self._seen[id(config)] = config
+        return True
+
+
+_CHECKED = _PerConfig()
+_WARNED_SHORT = _PerConfig()
+
+
+def check_model_settings(config: Any) -> LighthouseConfig:
+    """Check ``config.lighthouse`` against the model, write it back with every key filled in (so a
+    saved checkpoint records what it ran with) and warn about layers that will not run Lighthouse
+    as configured. A ValueError names ``config.lighthouse`` and the bad key."""
+    adapter = patches.adapter_for(config)
+    settings = LighthouseConfig.from_model_config(config)
+    num_layers = adapter.num_layers(config)
+    try:
+        dense_layers = settings.dense_layer_set(num_layers)
+    except ValueError as error:
+        raise ValueError(f"config.{CONFIG_KEY}: {error}") from None
+    setattr(config, CONFIG_KEY, settings.to_dict())
+    if num_layers is not None and len(dense_layers) == num_layers:
+        warnings.warn(
+            f"{adapter.model_type}: config.{CONFIG_KEY}['dense_layers'] = {settings.dense_layers} covers all "
+            f"{num_layers} layers, so no layer runs Lighthouse; list fewer dense layers.",
+            LighthouseWarning,
+            stacklevel=3,
+        )
+    windowed = sorted(set(adapter.windowed_layers(config)) - dense_layers)
+    if windowed:
+        window = adapter.windowed_layers(config)[windowed[0]]
+        warnings.warn(
+            f"{adapter.model_type}: layers {windowed} have a {window}-token sliding window. Lighthouse "
+            "has no window: in those layers it attends over the whole causal prefix through its "
+            "pyramid. Dense layers and dense fallbacks keep the window.",
+            LighthouseWarning,
+            stacklevel=3,
+        )
+    return settings
+
+
+def settings_of(module: torch.nn.Module) -> LighthouseConfig:
+    """The settings an attention call runs with; the first call of a model also checks them
+    against the model (:func:`check_model_settings`)."""
+    config = module.config
+    if not torch.compiler.is_compiling() and _CHECKED.first_time(config):
+        return check_model_settings(config)
+    return LighthouseConfig.from_model_config(config)
+
+
+# ---- dense or Lighthouse ----
+
+
+def _length_reason(seq_len: int, settings: LighthouseConfig) -> str | None:
+    if settings.min_seq_len is not None and seq_len < settings.min_seq_len:
+        return "shorter than min_seq_len"
+    if not plan_for(seq_len, settings.levels, settings.pooling, settings.topk).compresses:
+        return TOO_SHORT
+    return None
+
+
+TOO_SHORT = "too short to compress"
+NON_CAUSAL = "non-causal attention"
+"""Lighthouse is causal only: a non-causal module (an encoder layer) runs Transformers' SDPA as it would."""
+
+
+def _layer_reason(module: torch.nn.Module, settings: LighthouseConfig, is_causal: bool) -> str | None:
+    if not is_causal:
+        return NON_CAUSAL
+    layer_idx = getattr(module, "layer_idx", None)
+    num_layers = patches.adapter_for(module.config).num_layers(module.config)
+    if layer_idx is not None and layer_idx in settings.dense_layer_set(num_layers):
+        return "dense layer"
+    return None
+
+
+def is_causal_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether Transformers' SDPA function would run this call causally (decided as it decides)."""
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+
+
+def sequence_reason(module: torch.nn.Module, settings: LighthouseConfig, seq_len: int, is_causal: bool) -> str | None:
+    """Why a whole, unmasked sequence of ``seq_len`` tokens runs dense in ``module``; None: Lighthouse."""
+    return _layer_reason(module, settings, is_causal) or _length_reason(seq_len, settings)
+
+
+def dense_reason(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: Any,
+    settings: LighthouseConfig,
+    is_causal: bool,
+) -> tuple[str, bool] | None:
+    """Why this single-device call runs dense, and whether that comes from its inputs (which the
+    user is told about); None: run Lighthouse."""
+    reason = _layer_reason(module, settings, is_causal)
+    if reason is not None:
+        return reason, False
+    if query.shape[2] != key.shape[2]:
+        return "decoding with a KV cache", False
+    reason = mask_reason(attention_mask)
+    if reason is not None:
+        return reason, True
+    if isinstance(attention_mask, DeferredMask) and not attention_mask.plain_shape:
+        return "query offsets", False
+    reason = _length_reason(query.shape[2], settings)
+    return None if reason is None else (reason, False)
+
+
+def report_dense(module: torch.nn.Module, settings: LighthouseConfig, reason: str, from_inputs: bool, seq_len: int) -> None:
+    """Tell the user about a dense call they may not expect: inputs Lighthouse cannot run on, and
+    (once per model) a training forward that runs dense only because the sequence is too short."""
+    if from_inputs:
+        warnings.warn(f"Lighthouse attention falls back to dense SDPA for inputs with {reason}.", LighthouseWarning)
+    elif reason == TOO_SHORT and module.training and not torch.compiler.is_compiling() and _WARNED_SHORT.first_time(module.config):
+        shortest = shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
+        warnings.warn(
+            f"a training forward of {seq_len} tokens runs dense SDPA: with levels={settings.levels}, "
+            f"pooling={settings.pooling}, topk={settings.topk} Lighthouse compresses sequences of "
+            f"{shortest} tokens or more (lower topk to compress shorter ones).",
+            LighthouseWarning,
+        )
+
+
+def dense_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Transformers' own SDPA function, with the mask the mask function deferred: bit-identical to
+    ``attn_implementation="sdpa"``."""
+    kwargs.pop("sliding_window", None)  # already part of the mask
+    mask = materialize_mask(attention_mask, query, key)
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+# ---- what a Lighthouse call does to its inputs ----
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, rotary embeddings leave q and k in float32 while v is in the autocast dtype;
+    SDPA (an autocast op) casts all three to that dtype, so Lighthouse does the same."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def warn_ignored_dropout(dropout: float) -> None:
+    if dropout:
+        warnings.warn("Lighthouse attention applies no attention dropout (attention_dropout is ignored).", LighthouseWarning)

@@ -1,0 +1,14 @@
+"""Checks shared by every module that validates user input (no imports, so any module may use it)."""
+
+from __future__ import annotations
+
+
+def is_int(value: object) -> bool:
+    """A true integer: ``bool`` is an ``int`` subclass but never a count or an index here."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
