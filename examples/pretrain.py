@@ -10,20 +10,21 @@ llama-cpp-python from source), and the gguf package:
     SMOLLM2="${SMOLLM2%/*}"
 
     # continued pre-training of SmolLM2-135M at 16K, twice its 8K context, with linear RoPE
-    # scaling and LoRA adapters (a GPU run; on a CPU take --seq-len 10240 and --steps 1)
+    # scaling and LoRA adapters (a GPU run; with --rope-factor 1.25 --seq-len 10240 --steps 1
+    # it takes about 5 minutes and 13 GB on a 2-core CPU)
     python examples/pretrain.py --model "$SMOLLM2" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
         --rope-factor 2 --seq-len 16384 --data lighthouse_hf/books/*.txt --steps 4 \
         --recovery 0.5 --lora --gradient-checkpointing --output-dir runs/smollm2
 
-    # from scratch: SmolLM2-135M's architecture and tokenizer with fresh weights (CPU-sized;
-    # on a GPU raise --seq-len and --steps)
+    # from scratch: SmolLM2-135M's architecture and tokenizer with fresh weights (about a minute
+    # per step on a 2-core CPU; on a GPU raise --seq-len and --steps)
     python examples/pretrain.py --config "$SMOLLM2" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data lighthouse_hf/books/*.txt --seq-len 2048 --topk 256 --steps 20 --recovery 0.8 \
+        --data lighthouse_hf/books/*.txt --seq-len 2048 --topk 256 --steps 10 --recovery 0.8 \
         --output-dir runs/scratch
 
 --config also takes a config.json (or a directory holding one) with a --tokenizer directory.
---data takes files and glob patterns (quoted patterns are expanded here, so a pattern that
-matches nothing is reported by name). Each .txt file is one document; .json/.jsonl files hold
+--data takes files and glob patterns (expanded here too, so a pattern that the shell passes
+on unmatched is reported by name). Each .txt file is one document; .json/.jsonl files hold
 one document per record in their "text" field. Documents are packed into --seq-len blocks with
 EOS between them (see lighthouse_hf.pack_dataset).
 
@@ -57,6 +58,8 @@ logger = logging.getLogger("pretrain")
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DATA_SUFFIXES = (".txt", ".json", ".jsonl")
+DEFAULT = " (default: %(default)s)"
+"""Appended to an option's help: argparse shows its default there."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,28 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"training files or glob patterns: {', '.join(DATA_SUFFIXES)} (see above)",
     )
     parser.add_argument("--streaming", action="store_true", help="read and pack the data lazily while training")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default: %(default)s)")
-    parser.add_argument(
-        "--recovery",
-        type=float,
-        default=0.9,
-        help="fraction of the steps, in (0, 1), run with Lighthouse before dense recovery (default: %(default)s)",
-    )
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence" + DEFAULT)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all" + DEFAULT)
+    parser.add_argument("--recovery", type=float, default=0.9, help="Lighthouse steps' fraction, in (0, 1)" + DEFAULT)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the attention projections only")
-    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank; alpha is twice it (default: %(default)s)")
-    parser.add_argument(
-        "--rope-factor",
-        type=float,
-        default=1.0,
-        help="linear RoPE scaling factor, >= 1, for a longer context (default: %(default)s)",
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per device and micro-batch (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate, cosine schedule (default: %(default)s)")
-    parser.add_argument("--levels", type=int, default=3, help="Lighthouse pyramid depth (default: %(default)s)")
-    parser.add_argument("--pooling", type=int, default=4, help="Lighthouse pooling factor, a power of two (default: %(default)s)")
-    parser.add_argument("--topk", type=int, default=2048, help="Lighthouse selection budget, a multiple of 128 (default: %(default)s)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank; alpha is twice it" + DEFAULT)
+    parser.add_argument("--rope-factor", type=float, default=1.0, help="linear RoPE scaling, >= 1" + DEFAULT)
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per device and micro-batch" + DEFAULT)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step" + DEFAULT)
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate (cosine)" + DEFAULT)
+    parser.add_argument("--levels", type=int, default=3, help="Lighthouse pyramid depth" + DEFAULT)
+    parser.add_argument("--pooling", type=int, default=4, help="Lighthouse pooling factor, a power of two" + DEFAULT)
+    parser.add_argument("--topk", type=int, default=2048, help="Lighthouse budget, a multiple of 128" + DEFAULT)
     parser.add_argument(
         "--dense-layers",
         type=int,
@@ -111,11 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument(
-        "--save-steps", type=int, default=0, help="checkpoint every N steps; 0: only the final model (default: %(default)s)"
+        "--save-steps", type=int, default=0, help="checkpoint every N steps; 0: only the final model" + DEFAULT
     )
     parser.add_argument("--resume", help="a checkpoint directory of an earlier run to resume from")
     parser.add_argument("--output-dir", type=Path, required=True, help="where final/, log.json and loss.png go")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed" + DEFAULT)
     args = parser.parse_args(argv)
     for name in ("seq_len", "steps", "lora_rank", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:

@@ -96,7 +96,8 @@ def test_bad_settings_are_argparse_errors(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("text")
     common = ["--data", str(tmp_path / "a.txt"), "--output-dir", str(tmp_path / "run")]
     scratch = ["--config", "absent.json", "--tokenizer", "absent", *common]
-    assert parse_error(capsys, [*scratch, "--recovery", "3"]).endswith("--recovery must be a fraction in (0, 1), got 3.0")
+    recovery_error = parse_error(capsys, [*scratch, "--recovery", "3"])
+    assert recovery_error.endswith("--recovery must be a fraction in (0, 1), got 3.0")
     assert parse_error(capsys, [*scratch, "--steps", "0"]).endswith("--steps must be >= 1, got 0")
     assert "topk must be a positive multiple of 128" in parse_error(capsys, [*scratch, "--topk", "100"])
     assert parse_error(capsys, ["--config", "absent.json", *common]).endswith(
@@ -194,7 +195,8 @@ def test_smollm2_continued_pretraining_beyond_8k_with_rope_scaling(tmp_path):
     assert log["recovery_step"] == 1 and log["lighthouse"]["recovery_step"] == 1
     assert math.isfinite(log["steps"][0]["loss"])
     final = tmp_path / "run" / "final"
-    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(directory.resolve())
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(directory.resolve())
     config = json.loads((final / "config.json").read_text())
     assert config["rope_parameters"]["factor"] == 1.25 and config["max_position_embeddings"] == 10240
     assert config["lighthouse"]["recovery_step"] == 1 and config.get("use_cache", True) is True
