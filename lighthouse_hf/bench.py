@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed_length, fused, lighthouse_attention
+from .ops import compressed_attention, compressed_length, lighthouse_attention
 
 GB = 1e9
 
@@ -228,7 +228,7 @@ def _operators(args: argparse.Namespace) -> list[dict]:
                                "deterministic": args.deterministic}
                         variants = {
                             "lighthouse": (lighthouse, seq, kv_heads, own),
-                            "sdpa_sel": (lambda q, k, v: fused.compressed_attention(q, k, v, None), n_sel, args.heads, own),
+                            "sdpa_sel": (lambda q, k, v: compressed_attention(q, k, v, None), n_sel, args.heads, own),
                             "sdpa_sel_cudnn": (dense, n_sel, args.heads, cudnn),
                         }
                         if not args.no_dense:
