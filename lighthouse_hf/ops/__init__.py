@@ -71,7 +71,7 @@ def compressed_length(seq_len: int, *, levels: int = 3, pooling: int = 4, topk: 
 
     Raises ValueError naming the argument when ``seq_len`` is not an integer >= 1 or a setting is
     outside its allowed values (as :func:`lighthouse_attention` does)."""
-    plan = LighthousePlan(seq_len, levels, pooling, topk)
+    plan = plan_for(seq_len, levels, pooling, topk)
     return plan.compressed_len if plan.compresses else seq_len
 
 
@@ -94,7 +94,7 @@ def lighthouse_attention(
     """
     check_settings(levels, pooling, topk)
     _check_inputs(q, k, v, scale)
-    plan = LighthousePlan(q.shape[2], levels, pooling, topk)
+    plan = plan_for(q.shape[2], levels, pooling, topk)
     if not plan.compresses or q.shape[0] == 0:
         return dense_causal_attention(q, k, v, scale)
     entries = select(q, k, plan)

@@ -6,6 +6,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from ..validation import check_positive_int, is_int
 
 TILE = 128
@@ -107,10 +109,20 @@ class LighthousePlan:
 
 
 @functools.lru_cache(maxsize=256)
-def plan_for(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
-    """The plan for these sizes, built once: the fused ops receive sizes (custom-op arguments are
-    plain values) and the dispatch rules ask the same questions on every call."""
+def _cached_plan(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
     return LighthousePlan(seq_len, levels, pooling, topk)
+
+
+def plan_for(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePlan:
+    """The plan for these sizes, built once per process: the dispatch rules, the op and the fused
+    kernels' custom ops (whose arguments are plain sizes) all ask for it on every call. While
+    ``torch.compile`` traces, it is built directly (Dynamo does not trace a cache faithfully); the
+    compiled graph does not run this Python at all."""
+    if torch.compiler.is_compiling():
+        return LighthousePlan(seq_len, levels, pooling, topk)
+    check_positive_int("seq_len", seq_len)  # before the cache, which needs hashable arguments
+    check_settings(levels, pooling, topk)
+    return _cached_plan(seq_len, levels, pooling, topk)
 
 
 @functools.lru_cache(maxsize=64)
