@@ -181,6 +181,15 @@ def check_model_settings(config: Any) -> LighthouseConfig:
             LighthouseWarning,
             stacklevel=3,
         )
+    if adapter.per_head_qk_norm is not None and (num_layers is None or len(dense_layers) < num_layers):
+        warnings.warn(
+            f"{adapter.model_type}: each head's q and k pass an RMSNorm ({', '.join(adapter.per_head_qk_norm)}) "
+            "before attention, so the norms Lighthouse selects by start out equal (every score ties at "
+            "initialization, and the selection then follows tie order) and spread only as the norm "
+            "weights train.",
+            LighthouseWarning,
+            stacklevel=3,
+        )
     windowed = sorted(set(adapter.windowed_layers(config)) - dense_layers)
     if windowed:
         window = adapter.windowed_layers(config)[windowed[0]]

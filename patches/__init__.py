@@ -1,9 +1,10 @@
 """Per-family adapters (installed as ``lighthouse_hf.patches``).
 
 Llama, Qwen2, Qwen3 and Mistral all dispatch attention through Transformers' registry, so no
-modeling code is patched; an adapter only states what differs between families: which layers run a
-sliding window and how many KV heads a layer has. Any other architecture gets the generic adapter,
-which reads the same facts from the standard config fields.
+modeling code is patched; an adapter only states what differs between families: how many layers
+a model has, which layers run a sliding window, and whether each head's q and k are normalized
+before attention (Qwen3). Any other architecture gets the generic adapter, which reads the same
+facts from the standard config fields.
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ def _layer_types_window(config: Any, layer_idx: int) -> int | None:
 
 @dataclass(frozen=True)
 class FamilyAdapter:
+    """What lighthouse-hf needs to know about one model family beyond the attention registry."""
+
     model_type: str
     sliding_window: Callable[[Any, int], int | None] = _layer_types_window
     """The sliding window of layer ``layer_idx`` (None: full causal attention)."""
+    per_head_qk_norm: tuple[str, str] | None = None
+    """Names of the attention module's per-head RMSNorms of q and k, for families that normalize
+    each head's q and k before the attention function sees them (None: no such norm)."""
 
     def num_layers(self, config: Any) -> int | None:
         return getattr(config, "num_hidden_layers", None)

@@ -1,6 +1,7 @@
-"""Qwen3: as Qwen2 (windows from ``layer_types``); its per-head q/k RMSNorm runs before the attention
-function, so Lighthouse scores the normalized q and k, as the specification asks."""
+"""Qwen3: windows as Qwen2 (from ``layer_types``); each head's q and k pass an RMSNorm (``q_norm``,
+``k_norm``) before the attention function, so the norms Lighthouse scores are the normalized ones:
+exactly ``sqrt(head_dim)`` times the norm weight's RMS at initialization, where every score ties."""
 
 from .base import FamilyAdapter
 
-ADAPTER = FamilyAdapter(model_type="qwen3")
+ADAPTER = FamilyAdapter(model_type="qwen3", per_head_qk_norm=("q_norm", "k_norm"))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lighthouse_hf
@@ -100,3 +101,19 @@ def test_no_import_cycle_and_no_private_imports_inside_the_package():
         visit(module)
     assert "lighthouse_hf.context_parallel" not in graph["lighthouse_hf.dispatch"]
     assert "lighthouse_hf.integration" not in graph["lighthouse_hf.context_parallel"]
+
+
+def test_family_adapters_state_the_per_head_qk_norm():
+    from transformers import Qwen2Config, Qwen3Config
+
+    from lighthouse_hf import LighthouseWarning, apply_lighthouse, patches
+
+    sizes = dict(vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**sizes))
+    names = patches.adapter_for(qwen3.config).per_head_qk_norm
+    attention = qwen3.model.layers[0].self_attn
+    assert all(isinstance(getattr(attention, name), torch.nn.Module) for name in names)
+    with pytest.warns(LighthouseWarning, match=r"qwen3: each head's q and k pass an RMSNorm \(q_norm, k_norm\)"):
+        apply_lighthouse(qwen3, topk=128, dense_layers=[0])
+    assert patches.adapter_for(Qwen2Config(**sizes)).per_head_qk_norm is None

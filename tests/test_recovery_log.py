@@ -1,0 +1,44 @@
+"""The recovery switch is visible at Transformers' default verbosity (one line)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+@pytest.mark.slow
+def test_switch_line_shows_at_default_verbosity():
+    # A fresh interpreter: logging exactly as a user's script has it, nothing configured.
+    script = textwrap.dedent(
+        """
+        from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
+        import lighthouse_hf
+
+        config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=4,
+                             num_attention_heads=2)
+        model = lighthouse_hf.apply_lighthouse(LlamaForCausalLM(config), topk=128, dense_layers=[0])
+        callback = lighthouse_hf.RecoveryCallback(at=2)
+        state = TrainerState(max_steps=4, global_step=0)
+        args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+        state.global_step = 2
+        callback.on_step_end(args, state, TrainerControl(), model=model)
+        print("implementation:", model.config._attn_implementation)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    switch_lines = [line for line in run.stderr.splitlines() if "dense recovery begins" in line]
+    assert len(switch_lines) == 1, run.stderr
+    assert "after step 2 of 4" in switch_lines[0]
+    assert "implementation: sdpa" in run.stdout
+
+
+def test_switch_is_logged_at_warning_level():
+    from lighthouse_hf import training
+
+    assert logging.getLogger(training.__name__) is training.logger
+    assert training.logger.isEnabledFor(logging.WARNING)
