@@ -127,7 +127,12 @@ def _causal_prefix_attention(q_part, keys, values, chunk, scale, dropout=0.0):
     whole sequence in global order. Causal attention of the chunk to its prefix (lower-right mask)."""
     length = q_part.shape[2]
     prefix_k, prefix_v = keys[:, :, : (chunk + 1) * length], values[:, :, : (chunk + 1) * length]
-    mask = causal_lower_right(length, prefix_k.shape[2])
+    if torch.compiler.is_compiling():
+        # Dynamo cannot build torch's CausalBias tensor subclass; the explicit mask is the same mask
+        # (at the cost of SDPA's mask-free kernels inside compiled code).
+        mask = torch.ones(length, prefix_k.shape[2], dtype=torch.bool, device=q_part.device).tril(prefix_k.shape[2] - length)
+    else:
+        mask = causal_lower_right(length, prefix_k.shape[2])
     return F.scaled_dot_product_attention(q_part, prefix_k, prefix_v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
