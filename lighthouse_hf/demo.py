@@ -224,24 +224,3 @@ def run(args: argparse.Namespace) -> int:
         f"total {time.perf_counter() - wall_start:.0f} s"
     )
     return 0
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a tiny byte-level Llama on a bundled novel: Lighthouse, then dense recovery (CPU, ~1 min)",
-        description=__doc__.split("\n\n")[1],
-    )
-    parser.add_argument("--output-dir", type=Path, default=Path("lighthouse-demo"), help="where the model is saved")
-    parser.add_argument("--seq-len", type=int, default=4096, help="context length in bytes (default 4096)")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps in all (default 60)")
-    parser.add_argument(
-        "--recovery", type=float, default=0.8, help="fraction of the steps after which dense recovery begins (default 0.8)"
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="blocks per step (default 1)")
-    parser.add_argument("--learning-rate", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
-    parser.add_argument("--levels", type=int, default=3, help="Lighthouse pyramid levels (default 3)")
-    parser.add_argument("--pooling", type=int, default=4, help="Lighthouse pooling factor (default 4)")
-    parser.add_argument("--topk", type=int, default=128, help="Lighthouse selection budget (default 128)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run)

@@ -31,7 +31,8 @@ from transformers import (
 )
 
 import lighthouse_hf
-from lighthouse_hf import export as export_module
+from lighthouse_hf.export import source as export_source
+from lighthouse_hf.export import write as export_write
 from lighthouse_hf.cli import main
 from lighthouse_hf.export import ExportError, export_checkpoint
 
@@ -361,7 +362,7 @@ BAD_INPUTS = {
     "unknown model type": (_unknown_model_type, "no-such-model"),
     "unreadable weights": (_garbage_weights, "cannot read the weights"),
     "no weights": (_no_weights, "no weights"),
-    "adapter base not found": (_base_not_found, "neither a local directory nor in the Hugging Face cache"),
+    "adapter base not found": (_base_not_found, "nor in the Hugging Face cache"),
     "adapter with other shapes": (_narrower_base, "does not match its base"),
     "adapter for absent modules": (_base_without_targets, "does not match its base"),
     "adapter option not an adapter": (
@@ -433,7 +434,7 @@ def test_interrupted_write_leaves_no_dst(existing, sources, tmp_path, monkeypatc
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "_copy_side_files", interrupt)
+    monkeypatch.setattr(export_write, "copy_side_files", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(sources["llama"], dst, max_shard_size="100KB", overwrite=existing)
     if existing:
@@ -450,7 +451,8 @@ def test_killed_write_leaves_no_dst(sources, tmp_path):
         f"""
         import os, signal
         from lighthouse_hf import export
-        export._copy_side_files = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+        from lighthouse_hf.export import write
+        write.copy_side_files = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
         export.export_checkpoint({str(sources['llama'])!r}, {str(dst)!r}, max_shard_size="100KB")
         """
     )
@@ -462,7 +464,7 @@ def test_killed_write_leaves_no_dst(sources, tmp_path):
 
 
 def test_failed_verification_writes_nothing(sources, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(export_module, "strip_lighthouse", lambda config: None)
+    monkeypatch.setattr(export_source, "strip_lighthouse", lambda config: None)
     dst = tmp_path / "exported"
     code, out, err = _export(capsys, sources["llama"], dst)
     assert code == 1 and "verification failed" in err and "config.lighthouse" in err
