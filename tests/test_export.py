@@ -192,6 +192,7 @@ def test_round_trip(family, sources, tmp_path, capsys):
     text = (dst / "config.json").read_text()
     assert "lighthouse" not in text.lower() and "attn_implementation" not in text
     assert json.loads(text)["model_type"] == family
+    assert json.loads(text)["use_cache"] is True
     assert not (dst / "optimizer.pt").exists() and not (dst / "trainer_state.json").exists()
     assert not _leftovers(dst)
 
@@ -234,11 +235,23 @@ def test_warns_when_never_recovered(sources, tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(config))
 
     code, out, err = _export(capsys, src, tmp_path / "warned", "--no-verify")
-    assert code == 0
-    assert "warning:" in err and "never ran dense recovery" in err and "--allow-unrecovered" in err
+    assert code == 0 and (tmp_path / "warned" / "model.safetensors").exists()
+    (warning,) = [line for line in err.splitlines() if "warning:" in line]
+    assert f"exported {src}, which never ran dense recovery" in warning
+    assert "--allow-unrecovered silences this warning" in warning and "export anyway" not in warning
     assert "NEVER RAN" in out and "verified   NO" in out
     code, _, err = _export(capsys, src, tmp_path / "silenced", "--no-verify", "--allow-unrecovered")
     assert code == 0 and "never ran dense recovery" not in err
+
+
+def test_use_cache_gets_the_model_default(sources, tmp_path, capsys):
+    """Trainer saves use_cache false (TrainingArguments.use_cache); the shipped model caches again."""
+    assert json.loads((sources[TRAINER_FAMILY] / "config.json").read_text())["use_cache"] is False
+    src = _copy_with_config(sources["llama"], tmp_path / "src", "config.json", use_cache=False)
+    for source, dst in ((sources[TRAINER_FAMILY], tmp_path / "from-trainer"), (src, tmp_path / "from-llama")):
+        code, _, err = _export(capsys, source, dst, "--no-verify")
+        assert code == 0, err
+        assert json.loads((dst / "config.json").read_text())["use_cache"] is True
 
 
 def test_sharded(sources, tmp_path, capsys):
@@ -444,23 +457,130 @@ def test_interrupted_write_leaves_no_dst(existing, sources, tmp_path, monkeypatc
     assert not _leftovers(dst)
 
 
-def test_killed_write_leaves_no_dst(sources, tmp_path):
-    dst = tmp_path / "exported"
-    # The process dies (SIGKILL) after the weights are written, before the rename.
+def _killed_export(src: Path, dst: Path, at: str, *options: str) -> None:
+    """Export in a subprocess that SIGKILLs itself at ``at``: "copy" (the weights are written, not yet
+    verified) or "rename in" (a replacement between its two renames: DST moved aside)."""
     script = textwrap.dedent(
         f"""
         import os, signal
-        from lighthouse_hf import export
-        from lighthouse_hf.export import write
-        write.copy_side_files = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-        export.export_checkpoint({str(sources['llama'])!r}, {str(dst)!r}, max_shard_size="100KB")
+        from lighthouse_hf.export import export_checkpoint, write
+
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if {at!r} == "copy":
+            write.copy_side_files = die
+        else:
+            rename = os.rename
+            write.os.rename = lambda a, b: die() if ".verified-" in str(a) else rename(a, b)
+        export_checkpoint({str(src)!r}, {str(dst)!r}, max_shard_size="100KB", {", ".join(options)})
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+def test_killed_write_leaves_no_dst_and_the_next_export_cleans_up(sources, tmp_path, capsys):
+    dst = tmp_path / "exported"
+    _killed_export(sources["llama"], dst, "copy")
     assert not dst.exists()
     (staged,) = [tmp_path / name for name in _leftovers(dst)]  # only the hidden staging directory
-    assert list(staged.glob("model-*.safetensors"))
+    assert staged.name.startswith(".exported.export-") and list(staged.glob("model-*.safetensors"))
+
+    code, out, err = _export(capsys, sources["llama"], dst, "--no-verify")
+    assert code == 0, err
+    assert f"warning: removed {staged}, left by an export (process" in err and "killed while writing" in err
+    assert not _leftovers(dst) and (dst / "model.safetensors").exists()
+
+
+def test_replacement_killed_between_renames_is_finished_by_the_next_export(sources, tmp_path, capsys):
+    dst = tmp_path / "exported"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    _killed_export(sources["llama"], dst, "rename in", "overwrite=True")
+    assert not dst.exists()
+    leftovers = sorted(name.split("-")[0] for name in _leftovers(dst))
+    assert leftovers == [".exported.replaced", ".exported.verified"]
+
+    # Any export to DST finishes the replacement first; this one then stops at the non-empty DST.
+    code, _, err = _export(capsys, sources["qwen3"], dst)
+    assert code == 2 and "pass --overwrite" in err
+    assert "finished a replacement of DST" in err and "DST is its new, verified checkpoint" in err
+    assert "removed" in err and "the previous DST replaced by an export" in err
+    assert not (dst / "old.txt").exists() and not _leftovers(dst)
+    assert _tensors(dst).keys() == _tensors(sources["llama"]).keys()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(
+    "dst_exists, expected",
+    [
+        # DST absent: a verified checkpoint is renamed in; without one the displaced old DST comes back.
+        (False, {("verified", "replaced"): "new", ("replaced",): "old", ("export",): None}),
+        # DST present (the old or the new one): every leftover of a dead export is removed.
+        (True, {("verified", "replaced"): "present", ("replaced",): "present", ("export",): "present"}),
+    ],
+)
+def test_recovery_after_killed_exports(dst_exists, expected, tmp_path):
+    for stages, result in expected.items():
+        dst = tmp_path / f"dst-{'-'.join(stages)}"
+        if dst_exists:
+            dst.mkdir()
+            (dst / "content.txt").write_text("present")
+        pid = _dead_pid()
+        for stage, content in zip(("verified", "replaced", "export"), ("new", "old", "partial")):
+            if stage in stages:
+                folder = tmp_path / f".{dst.name}.{stage}-{pid}-0123abcd"
+                folder.mkdir()
+                (folder / "content.txt").write_text(content)
+        live = tmp_path / f".{dst.name}.export-{os.getpid()}-0123abcd"  # a running export's: left alone
+        live.mkdir()
+        done = export_write.recover(dst)
+        assert len(done) == len(stages) and all(str(pid) in line for line in done)
+        assert (dst / "content.txt").read_text() == result if result else not dst.exists()
+        assert _leftovers(dst) == [live.name]
+
+
+def test_replacement_rolls_back_when_the_second_rename_raises(tmp_path, monkeypatch):
+    dst = tmp_path / "exported"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    staged = export_write.create_staging(dst)
+    (staged / "new.txt").write_text("new")
+    rename = os.rename
+
+    def interrupted(a, b):
+        if ".verified-" in str(a):
+            raise KeyboardInterrupt
+        rename(a, b)
+
+    monkeypatch.setattr(export_write.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_write.replace(staged, dst)
+    assert os.listdir(dst) == ["old.txt"] and not _leftovers(dst)
+
+
+def test_dst_that_cannot_be_created_is_bad_input(sources, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    dst = tmp_path / "a-file" / "exported"
+    code, out, err = _export(capsys, sources["llama"], dst)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"lighthouse-hf export: error: DST {dst} cannot be created: {tmp_path / 'a-file'} is a file, not a directory"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_dst_in_a_read_only_directory_is_bad_input(sources, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code, _, err = _export(capsys, sources["llama"], locked / "exported")
+    assert code == 2 and "cannot be created: no permission to write in" in err
 
 
 def test_failed_verification_writes_nothing(sources, tmp_path, capsys, monkeypatch):
