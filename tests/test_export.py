@@ -317,6 +317,139 @@ def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# A LoRA adapter trained on a GGUF base (examples/pretrain.py --gguf-file ... --lora)
+
+GGUF_ROPE_FACTOR = 2
+
+
+def _write_tiny_llama_gguf(directory: Path) -> Path:
+    """A 2-layer Llama as GGUF, its matrices quantized to Q8_0 (what a downloaded GGUF holds)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    directory.mkdir()
+    hidden, kv_width, ffn = SMALL["hidden_size"], SMALL["hidden_size"] // 2, SMALL["intermediate_size"]
+    writer = gguf.GGUFWriter(str(directory / "tiny-llama.Q8_0.gguf"), "llama")
+    writer.add_context_length(SEQ_LEN)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(SMALL["num_hidden_layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(SMALL["num_attention_heads"])
+    writer.add_head_count_kv(SMALL["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(hidden // SMALL["num_attention_heads"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([bytes([i]).hex() for i in range(VOCAB)])
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1:
+            writer.add_tensor(name, values)
+            return
+        quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    tensor("token_embd.weight", VOCAB, hidden)
+    for i in range(SMALL["num_hidden_layers"]):
+        for name, shape in (
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv_width, hidden)), ("attn_v", (kv_width, hidden)), ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)),
+        ):
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    tensor("output_norm.weight", hidden)
+    tensor("output.weight", VOCAB, hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return directory
+
+
+def _dequantized(base: Path, config=None):
+    """The GGUF base loaded as examples/pretrain.py loads it: dequantized into a plain float32 model."""
+    from transformers import AutoConfig
+
+    gguf_file = next(base.glob("*.gguf")).name
+    config = config or AutoConfig.from_pretrained(base, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(base, gguf_file=gguf_file, config=config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    return plain
+
+
+@pytest.fixture(scope="module")
+def gguf_adapter(tmp_path_factory):
+    """(GGUF base directory, LoRA adapter trained on it at twice its context with linear RoPE scaling,
+    carrying the config it was trained with)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("gguf")
+    base = _write_tiny_llama_gguf(root / "base")
+    config = AutoConfig.from_pretrained(base, gguf_file=next(base.glob("*.gguf")).name)
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": GGUF_ROPE_FACTOR}
+    config.max_position_embeddings *= GGUF_ROPE_FACTOR
+    model = lighthouse_hf.apply_lighthouse(_dequantized(base, config), **LIGHTHOUSE)
+    model.config.use_cache = False  # as Trainer leaves it
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _train(model, steps=2)
+    _start_recovery(model.base_model.model, step=2)
+    adapter = root / "adapter"
+    model.save_pretrained(adapter)
+    model.base_model.model.config.save_pretrained(adapter)
+    _copy_with_config(adapter, root / "adapter-with-base", export_source.ADAPTER_CONFIG, base_model_name_or_path=str(base))
+    return base, root / "adapter-with-base"
+
+
+def test_lora_on_a_gguf_base(gguf_adapter, tmp_path, capsys):
+    from peft import PeftModel
+
+    base, adapter = gguf_adapter
+    dst = tmp_path / "merged"
+    code, out, err = _export(capsys, adapter, dst)
+    assert code == 0, err
+    assert f"dequantized from {next(base.glob('*.gguf'))}" in out and "dense recovery began at step 2" in out
+    assert "against the dequantized GGUF weights as loaded" in out and "identical to the float32 source's" in out
+
+    config = json.loads((dst / "config.json").read_text())  # the adapter's training config, not the GGUF's
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2
+    assert config["max_position_embeddings"] == SEQ_LEN * GGUF_ROPE_FACTOR and config["use_cache"] is True
+    assert "lighthouse" not in json.dumps(config)
+
+    dequantized = _dequantized(base)
+    base_tensors = {name: tensor.clone() for name, tensor in dequantized.state_dict().items()}
+    exported = _tensors(dst)
+    reference = PeftModel.from_pretrained(dequantized, adapter).merge_and_unload().state_dict()
+    assert exported.keys() == base_tensors.keys()
+    assert all(torch.equal(exported[name], reference[name]) for name in exported)
+    changed = {name for name in exported if not torch.equal(exported[name], base_tensors[name])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qv"}
+
+
+def test_gguf_base_alone_exports_as_safetensors(gguf_adapter, tmp_path, capsys):
+    base, _ = gguf_adapter
+    code, out, err = _export(capsys, base, tmp_path / "plain")
+    assert code == 0, err
+    assert "no Lighthouse settings" in out and "dequantized from" in out
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["max_position_embeddings"] == SEQ_LEN
+    expected = _dequantized(base).state_dict()
+    assert all(torch.equal(t, expected[name]) for name, t in _tensors(tmp_path / "plain").items())
+
+
+def test_gguf_base_among_other_ggufs_is_not_a_model(gguf_adapter, tmp_path, capsys):
+    base, _ = gguf_adapter
+    shutil.copytree(base, tmp_path / "two")
+    shutil.copy(next(base.glob("*.gguf")), tmp_path / "two" / "other.gguf")
+    code, _, err = _export(capsys, tmp_path / "two", tmp_path / "out")
+    assert code == 2 and "and 2 .gguf files" in err
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: exit code 2, one message, nothing written
 
 
