@@ -123,18 +123,23 @@ def recover(dst: Path) -> list[str]:
         if STAGING in stages:
             shutil.rmtree(stages[STAGING])
             done.append(f"removed {stages[STAGING]}, left by an export (process {pid}) killed while writing")
-        if VERIFIED in stages and not dst.exists():
-            os.rename(stages[VERIFIED], dst)
-            done.append(f"finished a replacement of DST {dst} killed halfway (process {pid}): DST is its new, verified checkpoint")
-        elif VERIFIED in stages:
-            shutil.rmtree(stages[VERIFIED])
-            done.append(f"removed {stages[VERIFIED]}, the verified checkpoint of an export (process {pid}) killed before it replaced DST")
-        if REPLACED in stages and not dst.exists():
-            os.rename(stages[REPLACED], dst)
-            done.append(f"restored DST {dst} from {stages[REPLACED]}, which an export (process {pid}) had moved aside")
-        elif REPLACED in stages:
-            shutil.rmtree(stages[REPLACED])
-            done.append(f"removed {stages[REPLACED]}, the previous DST replaced by an export (process {pid}) killed before removing it")
+        # The verified new checkpoint first: when DST is absent, it is what the killed export was moving in.
+        for stage, renamed, removed in (
+            (VERIFIED, "finished a replacement of DST {dst} killed halfway (process {pid}): DST is its new, "
+             "verified checkpoint", "removed {folder}, the verified checkpoint of an export (process {pid}) "
+             "killed before it replaced DST"),
+            (REPLACED, "restored DST {dst} from {folder}, which an export (process {pid}) had moved aside",
+             "removed {folder}, the previous DST replaced by an export (process {pid}) killed before removing it"),
+        ):
+            folder = stages.get(stage)
+            if folder is None:
+                continue
+            if dst.exists():
+                shutil.rmtree(folder)
+                done.append(removed.format(folder=folder, pid=pid))
+            else:
+                os.rename(folder, dst)
+                done.append(renamed.format(folder=folder, pid=pid, dst=dst))
     return done
 
 
