@@ -15,6 +15,7 @@ def test_the_book_ships_with_the_package():
     assert text.startswith("Persuasion") and len(text) > 400_000
 
 
+@pytest.mark.slow
 def test_demo_trains_both_phases_and_saves_the_dense_model(tmp_path, capsys):
     assert compressed_length(2048, topk=128) < 2048
     assert main(["demo", "--steps", "4", "--seq-len", "2048", "--recovery", "0.5", "--output-dir", str(tmp_path)]) == 0

@@ -613,6 +613,7 @@ def _killed_export(src: Path, dst: Path, at: str, *options: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
 
+@pytest.mark.slow
 def test_killed_write_leaves_no_dst_and_the_next_export_cleans_up(sources, tmp_path, capsys):
     dst = tmp_path / "exported"
     _killed_export(sources["llama"], dst, "copy")
@@ -626,6 +627,7 @@ def test_killed_write_leaves_no_dst_and_the_next_export_cleans_up(sources, tmp_p
     assert not _leftovers(dst) and (dst / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_replacement_killed_between_renames_is_finished_by_the_next_export(sources, tmp_path, capsys):
     dst = tmp_path / "exported"
     dst.mkdir()
