@@ -95,7 +95,8 @@ def _add_demo(subparsers: Any) -> None:
     _option(parser, "--output-dir", type=Path, default=DEMO_OUTPUT_DIR, help="where the recovered model is saved")
     _option(parser, "--seq-len", type=int, default=4096, help="context length in bytes")
     _option(parser, "--steps", type=int, default=60, help="optimizer steps in all")
-    _option(parser, "--recovery", type=float, default=0.8, help="fraction of the steps after which dense recovery begins")
+    _option(parser, "--recovery", type=float, default=0.8,
+            help="fraction of the steps after which dense recovery begins")
     _option(parser, "--batch-size", type=int, default=1, help="blocks per step")
     _option(parser, "--learning-rate", type=float, default=1e-2, help="peak learning rate")
     _option(parser, "--levels", type=int, default=3, help="Lighthouse pyramid levels")

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,9 @@ def test_version_and_help():
         assert help_text.returncode == 0 and "usage: lighthouse-hf" in help_text.stdout
 
 
-HEAVY_MODULES = ("torch", "transformers.trainer", "lighthouse_hf.bench", "lighthouse_hf.demo", "lighthouse_hf.export.source")
+HEAVY_MODULES = (
+    "torch", "transformers.trainer", "lighthouse_hf.bench", "lighthouse_hf.demo", "lighthouse_hf.export.source"
+)
 
 
 def _modules_after_parsing(argv: list[str], package_init: bool) -> set[str]:
@@ -42,7 +45,7 @@ def _modules_after_parsing(argv: list[str], package_init: bool) -> set[str]:
     )
     result = run(sys.executable, "-c", script)
     assert result.returncode == 0, result.stderr
-    return set(eval(result.stdout))
+    return set(json.loads(result.stdout))
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["demo", "--help"], ["bench", "--help"]])

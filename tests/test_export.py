@@ -402,7 +402,8 @@ def gguf_adapter(tmp_path_factory):
     adapter = root / "adapter"
     model.save_pretrained(adapter)
     model.base_model.model.config.save_pretrained(adapter)
-    _copy_with_config(adapter, root / "adapter-with-base", export_source.ADAPTER_CONFIG, base_model_name_or_path=str(base))
+    adapter_config = export_source.ADAPTER_CONFIG
+    _copy_with_config(adapter, root / "adapter-with-base", adapter_config, base_model_name_or_path=str(base))
     return base, root / "adapter-with-base"
 
 

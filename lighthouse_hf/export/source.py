@@ -222,7 +222,9 @@ def _check_model_type(config_dir: Path, gguf_file: Path | None) -> str:
     try:
         config = AutoConfig.from_pretrained(config_dir, gguf_file=gguf_file.name if gguf_file else None)
     except (ValueError, KeyError, OSError) as error:
-        raise ExportError(f"Transformers {transformers.__version__} cannot load the config in {where}: {error}") from None
+        raise ExportError(
+            f"Transformers {transformers.__version__} cannot load the config in {where}: {error}"
+        ) from None
     model_type = config.model_type
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ExportError(f"model type {model_type!r} ({where}) has no causal-LM class in Transformers")
@@ -250,7 +252,10 @@ def load_model(source: Source) -> Any:
             )
         else:
             gguf = source.gguf_file.name
-            config = AutoConfig.from_pretrained(source.config_dir or source.model_dir, gguf_file=None if source.config_dir else gguf)
+            if source.config_dir is not None:
+                config = AutoConfig.from_pretrained(source.config_dir)
+            else:
+                config = AutoConfig.from_pretrained(source.model_dir, gguf_file=gguf)
             loaded, info = AutoModelForCausalLM.from_pretrained(
                 source.model_dir, gguf_file=gguf, config=config, dtype=torch.float32, output_loading_info=True
             )
@@ -263,7 +268,9 @@ def load_model(source: Source) -> Any:
         where = source.gguf_file or source.model_dir
         raise ExportError(f"Transformers cannot load {where}: {type(error).__name__}: {error}") from None
     if info["missing_keys"]:
-        raise ExportError(f"the weights in {source.model_dir} lack tensors the model needs: {sorted(info['missing_keys'])}")
+        raise ExportError(
+            f"the weights in {source.model_dir} lack tensors the model needs: {sorted(info['missing_keys'])}"
+        )
     if info["unexpected_keys"]:
         raise ExportError(
             f"the weights in {source.model_dir} hold tensors the model does not use, which export would drop: "
