@@ -36,46 +36,6 @@ from .ops import compressed_attention, compressed_length, lighthouse_attention
 GB = 1e9
 
 
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="time Lighthouse against dense SDPA and SDPA on the compressed sequence (needs CUDA)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--seq", type=_size, nargs="+", default=[32768, 65536, 131072, 262144],
-                        help="sequence lengths (32K, 64k and 131072 all work)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
-    parser.add_argument("--dim", type=int, default=128, help="head dimension")
-    parser.add_argument("--levels", type=int, nargs="+", default=[3])
-    parser.add_argument("--pooling", type=int, nargs="+", default=[4])
-    parser.add_argument("--topk", type=int, nargs="+", default=[2048])
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"])
-    parser.add_argument("--no-dense", action="store_true", help="skip dense SDPA (slow at long S)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="run Lighthouse and its own SDPA under torch.use_deterministic_algorithms(True), "
-                        "where PyTorch's attention backward is bitwise reproducible (the cuDNN baselines run as usual)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant")
-    parser.add_argument("--iters", type=int, default=10, help="timed calls per variant")
-    parser.add_argument("--input-sets", type=int, default=3, help="input sets rotated through")
-    parser.add_argument("--e2e", action="store_true", help="end-to-end training-step mode instead")
-    parser.add_argument("--e2e-seq", type=_size, nargs="+", default=[32768, 65536, 131072])
-    parser.add_argument("--e2e-layers", type=int, default=30)
-    parser.add_argument("--e2e-steps", type=int, default=3, help="timed training steps per setting")
-    parser.add_argument("--e2e-dense-layers", type=int, nargs="*", default=[0, 1, -2, -1],
-                        help="layers kept dense in the Lighthouse model (default: the paper's first and last two)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.set_defaults(run=run)
-
-
-def _size(text: str) -> int:
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("lighthouse-hf bench: needs a CUDA GPU", file=sys.stderr)

@@ -104,30 +104,33 @@ class _PhaseReport(TrainerCallback):
         self.bar = tqdm(total=steps, desc=f"{label:<23}", unit="step", dynamic_ncols=True)
         self.phase_start = time.perf_counter()
 
-    def _close_bar(self, name: str) -> None:
-        self.seconds[name] = time.perf_counter() - self.phase_start
-        self.bar.close()
-
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         self._open_bar("lighthouse", self.recovery.resolve(state.max_steps))
 
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if logs and "loss" in logs:
-            self.losses[self.phase(state.global_step)].append(logs["loss"])
-            self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
-
     def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
-        self.bar.update(1)
+        # Here, before the RecoveryCallback switches the model to dense: the Lighthouse model's losses.
         if state.global_step == self.recovery.recovery_step:
-            self._close_bar("lighthouse")
+            self.seconds["lighthouse"] = time.perf_counter() - self.phase_start
             self.held_out_losses["lighthouse model, Lighthouse attention"] = held_out_loss(model, self.held_out)
             model.set_attn_implementation("sdpa")
             self.held_out_losses["lighthouse model, dense attention"] = held_out_loss(model, self.held_out)
             model.set_attn_implementation("lighthouse")
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        # Trainer logs a step after its on_step_end, and the demo logs every step: the bar advances
+        # here, so that it shows the loss of the step it counts, and the switch comes after that step.
+        if not logs or "loss" not in logs:
+            return
+        self.losses[self.phase(state.global_step)].append(logs["loss"])
+        self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+        self.bar.update(1)
+        if state.global_step == self.recovery.recovery_step:
+            self.bar.close()
             self._open_bar("dense", state.max_steps - state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
-        self._close_bar("dense")
+        self.seconds["dense"] = time.perf_counter() - self.phase_start
+        self.bar.close()
         self.held_out_losses["recovered model, dense attention"] = held_out_loss(model, self.held_out)
 
     def throughput(self, name: str) -> float:
@@ -224,24 +227,3 @@ def run(args: argparse.Namespace) -> int:
         f"total {time.perf_counter() - wall_start:.0f} s"
     )
     return 0
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a tiny byte-level Llama on a bundled novel: Lighthouse, then dense recovery (CPU, ~1 min)",
-        description=__doc__.split("\n\n")[1],
-    )
-    parser.add_argument("--output-dir", type=Path, default=Path("lighthouse-demo"), help="where the model is saved")
-    parser.add_argument("--seq-len", type=int, default=4096, help="context length in bytes (default 4096)")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps in all (default 60)")
-    parser.add_argument(
-        "--recovery", type=float, default=0.8, help="fraction of the steps after which dense recovery begins (default 0.8)"
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="blocks per step (default 1)")
-    parser.add_argument("--learning-rate", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
-    parser.add_argument("--levels", type=int, default=3, help="Lighthouse pyramid levels (default 3)")
-    parser.add_argument("--pooling", type=int, default=4, help="Lighthouse pooling factor (default 4)")
-    parser.add_argument("--topk", type=int, default=128, help="Lighthouse selection budget (default 128)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run)

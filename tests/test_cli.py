@@ -1,10 +1,13 @@
+import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
 import lighthouse_hf
+from lighthouse_hf.cli import build_parser
 
 
 def run(*args):
@@ -17,6 +20,74 @@ def test_version_and_help():
         assert version.returncode == 0 and version.stdout.strip() == f"lighthouse-hf {lighthouse_hf.__version__}"
         help_text = run(*command, "--help")
         assert help_text.returncode == 0 and "usage: lighthouse-hf" in help_text.stdout
+
+
+HEAVY_MODULES = (
+    "torch", "transformers.trainer", "lighthouse_hf.bench", "lighthouse_hf.demo", "lighthouse_hf.export.source"
+)
+
+
+def _modules_after_parsing(argv: list[str], package_init: bool) -> set[str]:
+    """The modules a fresh interpreter holds after build_parser().parse_args(argv); without
+    ``package_init`` lighthouse_hf's __init__ does not run, so only cli.py's own imports count."""
+    script = textwrap.dedent(
+        f"""
+        import contextlib, importlib.util, io, json, sys, types
+        if not {package_init}:
+            package = types.ModuleType("lighthouse_hf")
+            package.__path__ = list(importlib.util.find_spec("lighthouse_hf").submodule_search_locations)
+            sys.modules["lighthouse_hf"] = package
+        from lighthouse_hf.cli import build_parser
+        with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args({argv!r})
+        print(json.dumps(sorted(sys.modules)))
+        """
+    )
+    result = run(sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["demo", "--help"], ["bench", "--help"]])
+def test_help_imports_neither_torch_nor_a_subcommand(argv):
+    loaded = _modules_after_parsing(argv, package_init=False)
+    assert "lighthouse_hf.cli" in loaded
+    assert not loaded & set(HEAVY_MODULES)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="lighthouse_hf/__init__.py imports everything eagerly until it is made lazy (issue 14)"
+)
+def test_help_through_the_package_imports_no_torch():
+    assert not _modules_after_parsing(["--help"], package_init=True) & set(HEAVY_MODULES)
+
+
+def _help(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_demo_help_shows_every_default(capsys):
+    help_text = _help(capsys, "demo")
+    assert "--output-dir OUTPUT_DIR where the recovered model is saved (default: lighthouse-demo)" in help_text
+    defaults = vars(build_parser().parse_args(["demo"]))
+    shown = {name: value for name, value in defaults.items() if name not in ("command", "run_module")}
+    assert len(shown) == 10
+    for name, value in shown.items():
+        assert f"(default: {value})" in help_text, name
+
+
+def test_export_help_shows_the_defaults(capsys):
+    help_text = _help(capsys, "export")
+    assert "(default: 5GB)" in help_text and "(default: keep the source dtype)" in help_text
+
+
+def test_bad_sequence_length_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", "--seq", "lots"])
+    assert exit_info.value.code == 2 and "looks like 32768 or 32K" in capsys.readouterr().err
+    assert build_parser().parse_args(["bench", "--seq", "32K", "4096"]).seq == [32768, 4096]
 
 
 def test_patches_live_inside_the_package():

@@ -31,7 +31,8 @@ from transformers import (
 )
 
 import lighthouse_hf
-from lighthouse_hf import export as export_module
+from lighthouse_hf.export import source as export_source
+from lighthouse_hf.export import write as export_write
 from lighthouse_hf.cli import main
 from lighthouse_hf.export import ExportError, export_checkpoint
 
@@ -191,6 +192,7 @@ def test_round_trip(family, sources, tmp_path, capsys):
     text = (dst / "config.json").read_text()
     assert "lighthouse" not in text.lower() and "attn_implementation" not in text
     assert json.loads(text)["model_type"] == family
+    assert json.loads(text)["use_cache"] is True
     assert not (dst / "optimizer.pt").exists() and not (dst / "trainer_state.json").exists()
     assert not _leftovers(dst)
 
@@ -233,11 +235,23 @@ def test_warns_when_never_recovered(sources, tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(config))
 
     code, out, err = _export(capsys, src, tmp_path / "warned", "--no-verify")
-    assert code == 0
-    assert "warning:" in err and "never ran dense recovery" in err and "--allow-unrecovered" in err
+    assert code == 0 and (tmp_path / "warned" / "model.safetensors").exists()
+    (warning,) = [line for line in err.splitlines() if "warning:" in line]
+    assert f"exported {src}, which never ran dense recovery" in warning
+    assert "--allow-unrecovered silences this warning" in warning and "export anyway" not in warning
     assert "NEVER RAN" in out and "verified   NO" in out
     code, _, err = _export(capsys, src, tmp_path / "silenced", "--no-verify", "--allow-unrecovered")
     assert code == 0 and "never ran dense recovery" not in err
+
+
+def test_use_cache_gets_the_model_default(sources, tmp_path, capsys):
+    """Trainer saves use_cache false (TrainingArguments.use_cache); the shipped model caches again."""
+    assert json.loads((sources[TRAINER_FAMILY] / "config.json").read_text())["use_cache"] is False
+    src = _copy_with_config(sources["llama"], tmp_path / "src", "config.json", use_cache=False)
+    for source, dst in ((sources[TRAINER_FAMILY], tmp_path / "from-trainer"), (src, tmp_path / "from-llama")):
+        code, _, err = _export(capsys, source, dst, "--no-verify")
+        assert code == 0, err
+        assert json.loads((dst / "config.json").read_text())["use_cache"] is True
 
 
 def test_sharded(sources, tmp_path, capsys):
@@ -303,6 +317,140 @@ def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# A LoRA adapter trained on a GGUF base (examples/pretrain.py --gguf-file ... --lora)
+
+GGUF_ROPE_FACTOR = 2
+
+
+def _write_tiny_llama_gguf(directory: Path) -> Path:
+    """A 2-layer Llama as GGUF, its matrices quantized to Q8_0 (what a downloaded GGUF holds)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    directory.mkdir()
+    hidden, kv_width, ffn = SMALL["hidden_size"], SMALL["hidden_size"] // 2, SMALL["intermediate_size"]
+    writer = gguf.GGUFWriter(str(directory / "tiny-llama.Q8_0.gguf"), "llama")
+    writer.add_context_length(SEQ_LEN)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(SMALL["num_hidden_layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(SMALL["num_attention_heads"])
+    writer.add_head_count_kv(SMALL["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(hidden // SMALL["num_attention_heads"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([bytes([i]).hex() for i in range(VOCAB)])
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1:
+            writer.add_tensor(name, values)
+            return
+        quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    tensor("token_embd.weight", VOCAB, hidden)
+    for i in range(SMALL["num_hidden_layers"]):
+        for name, shape in (
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv_width, hidden)), ("attn_v", (kv_width, hidden)), ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)),
+        ):
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    tensor("output_norm.weight", hidden)
+    tensor("output.weight", VOCAB, hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return directory
+
+
+def _dequantized(base: Path, config=None):
+    """The GGUF base loaded as examples/pretrain.py loads it: dequantized into a plain float32 model."""
+    from transformers import AutoConfig
+
+    gguf_file = next(base.glob("*.gguf")).name
+    config = config or AutoConfig.from_pretrained(base, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(base, gguf_file=gguf_file, config=config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    return plain
+
+
+@pytest.fixture(scope="module")
+def gguf_adapter(tmp_path_factory):
+    """(GGUF base directory, LoRA adapter trained on it at twice its context with linear RoPE scaling,
+    carrying the config it was trained with)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("gguf")
+    base = _write_tiny_llama_gguf(root / "base")
+    config = AutoConfig.from_pretrained(base, gguf_file=next(base.glob("*.gguf")).name)
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": GGUF_ROPE_FACTOR}
+    config.max_position_embeddings *= GGUF_ROPE_FACTOR
+    model = lighthouse_hf.apply_lighthouse(_dequantized(base, config), **LIGHTHOUSE)
+    model.config.use_cache = False  # as Trainer leaves it
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _train(model, steps=2)
+    _start_recovery(model.base_model.model, step=2)
+    adapter = root / "adapter"
+    model.save_pretrained(adapter)
+    model.base_model.model.config.save_pretrained(adapter)
+    adapter_config = export_source.ADAPTER_CONFIG
+    _copy_with_config(adapter, root / "adapter-with-base", adapter_config, base_model_name_or_path=str(base))
+    return base, root / "adapter-with-base"
+
+
+def test_lora_on_a_gguf_base(gguf_adapter, tmp_path, capsys):
+    from peft import PeftModel
+
+    base, adapter = gguf_adapter
+    dst = tmp_path / "merged"
+    code, out, err = _export(capsys, adapter, dst)
+    assert code == 0, err
+    assert f"dequantized from {next(base.glob('*.gguf'))}" in out and "dense recovery began at step 2" in out
+    assert "against the dequantized GGUF weights as loaded" in out and "identical to the float32 source's" in out
+
+    config = json.loads((dst / "config.json").read_text())  # the adapter's training config, not the GGUF's
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2
+    assert config["max_position_embeddings"] == SEQ_LEN * GGUF_ROPE_FACTOR and config["use_cache"] is True
+    assert "lighthouse" not in json.dumps(config)
+
+    dequantized = _dequantized(base)
+    base_tensors = {name: tensor.clone() for name, tensor in dequantized.state_dict().items()}
+    exported = _tensors(dst)
+    reference = PeftModel.from_pretrained(dequantized, adapter).merge_and_unload().state_dict()
+    assert exported.keys() == base_tensors.keys()
+    assert all(torch.equal(exported[name], reference[name]) for name in exported)
+    changed = {name for name in exported if not torch.equal(exported[name], base_tensors[name])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qv"}
+
+
+def test_gguf_base_alone_exports_as_safetensors(gguf_adapter, tmp_path, capsys):
+    base, _ = gguf_adapter
+    code, out, err = _export(capsys, base, tmp_path / "plain")
+    assert code == 0, err
+    assert "no Lighthouse settings" in out and "dequantized from" in out
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["max_position_embeddings"] == SEQ_LEN
+    expected = _dequantized(base).state_dict()
+    assert all(torch.equal(t, expected[name]) for name, t in _tensors(tmp_path / "plain").items())
+
+
+def test_gguf_base_among_other_ggufs_is_not_a_model(gguf_adapter, tmp_path, capsys):
+    base, _ = gguf_adapter
+    shutil.copytree(base, tmp_path / "two")
+    shutil.copy(next(base.glob("*.gguf")), tmp_path / "two" / "other.gguf")
+    code, _, err = _export(capsys, tmp_path / "two", tmp_path / "out")
+    assert code == 2 and "and 2 .gguf files" in err
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: exit code 2, one message, nothing written
 
 
@@ -361,7 +509,7 @@ BAD_INPUTS = {
     "unknown model type": (_unknown_model_type, "no-such-model"),
     "unreadable weights": (_garbage_weights, "cannot read the weights"),
     "no weights": (_no_weights, "no weights"),
-    "adapter base not found": (_base_not_found, "neither a local directory nor in the Hugging Face cache"),
+    "adapter base not found": (_base_not_found, "nor in the Hugging Face cache"),
     "adapter with other shapes": (_narrower_base, "does not match its base"),
     "adapter for absent modules": (_base_without_targets, "does not match its base"),
     "adapter option not an adapter": (
@@ -433,7 +581,7 @@ def test_interrupted_write_leaves_no_dst(existing, sources, tmp_path, monkeypatc
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "_copy_side_files", interrupt)
+    monkeypatch.setattr(export_write, "copy_side_files", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(sources["llama"], dst, max_shard_size="100KB", overwrite=existing)
     if existing:
@@ -443,26 +591,136 @@ def test_interrupted_write_leaves_no_dst(existing, sources, tmp_path, monkeypatc
     assert not _leftovers(dst)
 
 
-def test_killed_write_leaves_no_dst(sources, tmp_path):
-    dst = tmp_path / "exported"
-    # The process dies (SIGKILL) after the weights are written, before the rename.
+def _killed_export(src: Path, dst: Path, at: str, *options: str) -> None:
+    """Export in a subprocess that SIGKILLs itself at ``at``: "copy" (the weights are written, not yet
+    verified) or "rename in" (a replacement between its two renames: DST moved aside)."""
     script = textwrap.dedent(
         f"""
         import os, signal
-        from lighthouse_hf import export
-        export._copy_side_files = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-        export.export_checkpoint({str(sources['llama'])!r}, {str(dst)!r}, max_shard_size="100KB")
+        from lighthouse_hf.export import export_checkpoint, write
+
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if {at!r} == "copy":
+            write.copy_side_files = die
+        else:
+            rename = os.rename
+            write.os.rename = lambda a, b: die() if ".verified-" in str(a) else rename(a, b)
+        export_checkpoint({str(src)!r}, {str(dst)!r}, max_shard_size="100KB", {", ".join(options)})
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+@pytest.mark.slow
+def test_killed_write_leaves_no_dst_and_the_next_export_cleans_up(sources, tmp_path, capsys):
+    dst = tmp_path / "exported"
+    _killed_export(sources["llama"], dst, "copy")
     assert not dst.exists()
     (staged,) = [tmp_path / name for name in _leftovers(dst)]  # only the hidden staging directory
-    assert list(staged.glob("model-*.safetensors"))
+    assert staged.name.startswith(".exported.export-") and list(staged.glob("model-*.safetensors"))
+
+    code, out, err = _export(capsys, sources["llama"], dst, "--no-verify")
+    assert code == 0, err
+    assert f"warning: removed {staged}, left by an export (process" in err and "killed while writing" in err
+    assert not _leftovers(dst) and (dst / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_replacement_killed_between_renames_is_finished_by_the_next_export(sources, tmp_path, capsys):
+    dst = tmp_path / "exported"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    _killed_export(sources["llama"], dst, "rename in", "overwrite=True")
+    assert not dst.exists()
+    leftovers = sorted(name.split("-")[0] for name in _leftovers(dst))
+    assert leftovers == [".exported.replaced", ".exported.verified"]
+
+    # Any export to DST finishes the replacement first; this one then stops at the non-empty DST.
+    code, _, err = _export(capsys, sources["qwen3"], dst)
+    assert code == 2 and "pass --overwrite" in err
+    assert "finished a replacement of DST" in err and "DST is its new, verified checkpoint" in err
+    assert "removed" in err and "the previous DST replaced by an export" in err
+    assert not (dst / "old.txt").exists() and not _leftovers(dst)
+    assert _tensors(dst).keys() == _tensors(sources["llama"]).keys()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(
+    "dst_exists, expected",
+    [
+        # DST absent: a verified checkpoint is renamed in; without one the displaced old DST comes back.
+        (False, {("verified", "replaced"): "new", ("replaced",): "old", ("export",): None}),
+        # DST present (the old or the new one): every leftover of a dead export is removed.
+        (True, {("verified", "replaced"): "present", ("replaced",): "present", ("export",): "present"}),
+    ],
+)
+def test_recovery_after_killed_exports(dst_exists, expected, tmp_path):
+    for stages, result in expected.items():
+        dst = tmp_path / f"dst-{'-'.join(stages)}"
+        if dst_exists:
+            dst.mkdir()
+            (dst / "content.txt").write_text("present")
+        pid = _dead_pid()
+        for stage, content in zip(("verified", "replaced", "export"), ("new", "old", "partial")):
+            if stage in stages:
+                folder = tmp_path / f".{dst.name}.{stage}-{pid}-0123abcd"
+                folder.mkdir()
+                (folder / "content.txt").write_text(content)
+        live = tmp_path / f".{dst.name}.export-{os.getpid()}-0123abcd"  # a running export's: left alone
+        live.mkdir()
+        done = export_write.recover(dst)
+        assert len(done) == len(stages) and all(str(pid) in line for line in done)
+        assert (dst / "content.txt").read_text() == result if result else not dst.exists()
+        assert _leftovers(dst) == [live.name]
+
+
+def test_replacement_rolls_back_when_the_second_rename_raises(tmp_path, monkeypatch):
+    dst = tmp_path / "exported"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    staged = export_write.create_staging(dst)
+    (staged / "new.txt").write_text("new")
+    rename = os.rename
+
+    def interrupted(a, b):
+        if ".verified-" in str(a):
+            raise KeyboardInterrupt
+        rename(a, b)
+
+    monkeypatch.setattr(export_write.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_write.replace(staged, dst)
+    assert os.listdir(dst) == ["old.txt"] and not _leftovers(dst)
+
+
+def test_dst_that_cannot_be_created_is_bad_input(sources, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    dst = tmp_path / "a-file" / "exported"
+    code, out, err = _export(capsys, sources["llama"], dst)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"lighthouse-hf export: error: DST {dst} cannot be created: {tmp_path / 'a-file'} is a file, not a directory"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_dst_in_a_read_only_directory_is_bad_input(sources, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code, _, err = _export(capsys, sources["llama"], locked / "exported")
+    assert code == 2 and "cannot be created: no permission to write in" in err
 
 
 def test_failed_verification_writes_nothing(sources, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(export_module, "strip_lighthouse", lambda config: None)
+    monkeypatch.setattr(export_source, "strip_lighthouse", lambda config: None)
     dst = tmp_path / "exported"
     code, out, err = _export(capsys, sources["llama"], dst)
     assert code == 1 and "verification failed" in err and "config.lighthouse" in err

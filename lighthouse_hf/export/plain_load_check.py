@@ -1,6 +1,6 @@
 """Load an exported checkpoint with plain Transformers, in a process where lighthouse_hf cannot be imported.
 
-``lighthouse-hf export`` runs this file as a script (``python -I plain_load_check.py MODEL_DIR IO_DIR
+``lighthouse-hf export`` (verify.py) runs this file as a script (``python -I plain_load_check.py MODEL_DIR IO_DIR
 THREADS``) so that the check proves what a user without lighthouse-hf sees. It must not import
 anything from lighthouse_hf. It reads the probe token ids from ``IO_DIR/probe.pt`` and writes the
 logits to ``IO_DIR/logits.pt`` and what it found to ``IO_DIR/result.json``.
@@ -39,7 +39,8 @@ def main(model_dir: str, io_dir: str, threads: str) -> None:
 
     import torch
     import transformers
-    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     # The source logits were computed with this many threads; CPU reductions depend on it.
     torch.set_num_threads(int(threads))
@@ -54,13 +55,14 @@ def main(model_dir: str, io_dir: str, threads: str) -> None:
         "transformers_version": transformers.__version__,
         "model_class": type(model).__name__,
         "dtype": str(model.dtype).removeprefix("torch."),
+        # Transformers has no public reader of the implementation a loaded model resolved to.
         "attn_implementation": model.config._attn_implementation,
         "loading_problems": {
             key: sorted(str(item) for item in loading_info.get(key, ()))
             for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
         },
         "config_has_lighthouse": hasattr(model.config, "lighthouse"),
-        "lighthouse_registered": "lighthouse" in AttentionInterface._global_mapping,
+        "lighthouse_registered": "lighthouse" in ALL_ATTENTION_FUNCTIONS.valid_keys(),
         "lighthouse_modules": sorted(name for name in sys.modules if name.split(".")[0] == BLOCKED_PACKAGE),
     }
     (io / "result.json").write_text(json.dumps(result))
