@@ -41,13 +41,16 @@ def test_registered_with_public_calls():
     assert ALL_MASK_ATTENTION_FUNCTIONS["lighthouse"] is lighthouse_mask
 
 
-def test_family_trains_with_lighthouse(saved_model):
+def test_family_trains_with_lighthouse(saved_model, lighthouse_calls):
     model = load(saved_model)
     assert model.config._attn_implementation == "lighthouse"
     dense = load(saved_model, "sdpa")
     x = tokens()
     model.train()
     out = model(x, labels=x)
+    # once per layer outside dense_layers, and never context-parallel in one process
+    lighthouse_layers = TINY_SIZES["num_hidden_layers"] - len(SETTINGS["dense_layers"])
+    assert (lighthouse_calls.single_device, lighthouse_calls.context_parallel) == (lighthouse_layers, 0)
     # the first call checked the settings and recorded every key, defaults included
     assert model.config.lighthouse == LighthouseConfig(**SETTINGS).to_dict()
     out.loss.backward()
@@ -58,7 +61,7 @@ def test_family_trains_with_lighthouse(saved_model):
         assert not torch.allclose(model(x).logits, dense(x).logits, atol=1e-3)
 
 
-def test_dense_paths_equal_sdpa_exactly(saved_model):
+def test_dense_paths_equal_sdpa_exactly(saved_model, lighthouse_calls):
     model, dense = load(saved_model), load(saved_model, "sdpa")
     with torch.no_grad():
         short = tokens(seq=300)  # too short to compress
@@ -66,6 +69,7 @@ def test_dense_paths_equal_sdpa_exactly(saved_model):
         model.config.lighthouse["dense_layers"] = [0, 1, 2]
         x = tokens()
         torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=0, atol=0)
+    assert lighthouse_calls.total == 0
 
 
 def test_eval_forward_uses_lighthouse_too(saved_model):
@@ -283,6 +287,7 @@ def test_deferred_mask_materializes_the_sliding_window():
     assert torch.equal(mask.materialize()[0, 0], expected)
 
 
+@pytest.mark.slow
 def test_other_registry_architectures(tmp_path):
     """Any model that dispatches through the registry works; Phi-3 and OLMo-2 were tried."""
     from transformers import Olmo2Config, Phi3Config
@@ -298,6 +303,7 @@ def test_other_registry_architectures(tmp_path):
         assert not torch.allclose(out.logits, dense(x).logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_two_layer_model_at_16k_forward_backward():
     """The issue's CPU budget check: a 2-layer tiny model at S=16384 (timing is reported by
     `python examples/quickstart.py`, not asserted)."""
@@ -311,6 +317,7 @@ def test_two_layer_model_at_16k_forward_backward():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_decoder_layer_captures_as_one_graph():
     """torch.compile(fullgraph=True) of a Lighthouse decoder layer (graph capture is what can break;
     the aot_eager backend needs no C++ compiler; the GPU suite compiles with inductor)."""

@@ -91,6 +91,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_arms_write_curve_final_evaluation_and_report(tmp_path, one_thread, load_script):
     study, report = load_script("study"), load_script("report")
     write_token_file(tmp_path / "data")

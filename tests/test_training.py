@@ -34,7 +34,10 @@ def train(tmp_path, at, probe, model=None, steps=4, **overrides) -> tuple[Traine
     return trainer, recovery
 
 
-@pytest.mark.parametrize("at, recovery_step", [(2, 2), (0.75, 3), (0.5, 2)])
+@pytest.mark.parametrize(
+    "at, recovery_step",
+    [(2, 2), pytest.param(0.75, 3, marks=pytest.mark.slow), pytest.param(0.5, 2, marks=pytest.mark.slow)],
+)
 def test_switch_at_absolute_step_and_fraction(tmp_path, lighthouse_calls, at, recovery_step):
     probe = PhaseProbe(lighthouse_calls)
     trainer, recovery = train(tmp_path, at, probe)
@@ -65,6 +68,7 @@ def test_recovery_after_the_last_step_raises(tmp_path, lighthouse_calls):
         train(tmp_path, 5, PhaseProbe(lighthouse_calls))
 
 
+@pytest.mark.slow
 def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path, lighthouse_calls):
     probe = PhaseProbe(lighthouse_calls)
     trainer, _ = train(
@@ -77,6 +81,7 @@ def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path
     assert sorted(losses) == [1, 2, 3] and all(torch.isfinite(torch.tensor(list(losses.values()))))
 
 
+@pytest.mark.slow
 def test_resume_before_and_after_the_switch_matches_an_uninterrupted_run(tmp_path, lighthouse_calls):
     checkpoints = dict(save_strategy="steps", save_steps=2)
     full_probe = PhaseProbe(lighthouse_calls)
@@ -111,6 +116,7 @@ def test_resume_before_and_after_the_switch_matches_an_uninterrupted_run(tmp_pat
         assert trainer.model.config.lighthouse["recovery_step"] == 3
 
 
+@pytest.mark.slow
 def test_lora_keeps_lighthouse_trains_only_adapters_and_switches(tmp_path, lighthouse_calls):
     from peft import LoraConfig, get_peft_model
 
@@ -139,7 +145,8 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     script = Path(__file__).with_name("ddp_recovery_worker.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(script), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
