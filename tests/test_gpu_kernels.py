@@ -11,7 +11,7 @@ import torch
 
 from lighthouse_hf.ops import fused, lighthouse_attention, reference
 from lighthouse_hf.ops.plan import LighthousePlan
-from helpers import rel_err
+from helpers import rel_err, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -237,19 +237,13 @@ def test_compiled_function_matches_eager():
 
 
 def test_compiled_llama_decoder_layer():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     import lighthouse_hf
 
     seq_len = 4096
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=seq_len,
+    config = tiny_config(
+        "llama", vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, max_position_embeddings=seq_len
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
