@@ -9,23 +9,26 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from transformers import Trainer
 
 from lighthouse_hf import RecoveryCallback
+from helpers import count_lighthouse_calls
 from training_helpers import PhaseProbe, RandomBlocks, tiny_lighthouse_model, training_args
 
 
 def main(output_dir: Path) -> None:
-    probe = PhaseProbe()
-    trainer = Trainer(
-        model=tiny_lighthouse_model(),
-        args=training_args(output_dir / "run", max_steps=3, ddp_backend="gloo", ddp_find_unused_parameters=False),
-        train_dataset=RandomBlocks(8),
-        callbacks=[RecoveryCallback(at=2), probe],
-    )
-    trainer.train()
+    with pytest.MonkeyPatch.context() as patch:
+        probe = PhaseProbe(count_lighthouse_calls(patch.setattr))
+        trainer = Trainer(
+            model=tiny_lighthouse_model(),
+            args=training_args(output_dir / "run", max_steps=3, ddp_backend="gloo", ddp_find_unused_parameters=False),
+            train_dataset=RandomBlocks(8),
+            callbacks=[RecoveryCallback(at=2), probe],
+        )
+        trainer.train()
     checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
     report = dict(
         world_size=dist.get_world_size(),

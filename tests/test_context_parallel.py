@@ -1,7 +1,6 @@
 """Context parallelism on the CPU: two gloo processes equal one process, outputs and gradients."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,18 +10,9 @@ import torch.multiprocessing as mp
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel
 from lighthouse_hf.ops import LighthousePlan, reference
+from helpers import free_port, rel_err
 
 WORLD = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def local_chunks(x, rank):
@@ -54,6 +44,7 @@ def worker(rank, port, seq, settings, heads, kv_heads):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "seq, settings, heads, kv_heads",
     [

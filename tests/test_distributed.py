@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +15,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import lighthouse_hf
 from lighthouse_hf import ContextParallelTrainer, shard_batch
 from lighthouse_hf.context_parallel import shard_sequence, unshard_sequence
+from helpers import count_lighthouse_calls, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "distributed"
-sys.path.insert(0, str(SCRIPTS))
-from common import llama  # noqa: E402  (examples/distributed/common.py)
 
 WORLD = 2
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str, *args: str, nproc: int = WORLD, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -46,6 +37,14 @@ def assert_ran(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
+@pytest.fixture
+def distributed_examples(monkeypatch) -> None:
+    """examples/distributed on sys.path for this test and the processes it spawns (which copy the
+    parent's sys.path): its scripts import one another as plain modules."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+
+
+@pytest.mark.slow
 def test_equality_script_two_processes_equal_one(tmp_path):
     """A Lighthouse layer, a dense layer, the gathered fallback, a tiny Llama (loss, logits,
     gradients) and the Llama under FSDP2: context parallelism over two gloo ranks equals one process."""
@@ -58,6 +57,7 @@ def test_equality_script_two_processes_equal_one(tmp_path):
     assert report["unaligned_layer/float32"]["gathered_fallback"]
 
 
+@pytest.mark.slow
 def test_trainer_ddp_recovery_checkpoints_resume_export(tmp_path):
     """DDP on gloo: both ranks switch to dense at the same step, a resumed run repeats the
     uninterrupted one, and the result exports as a plain checkpoint."""
@@ -72,33 +72,27 @@ def _trainer_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    import accelerate.parallelism_config
     from accelerate.parallelism_config import ParallelismConfig
+    from common import llama
     from trainer_check import RandomBlocks
     from transformers import TrainingArguments
 
-    # Accelerate accepts ParallelismConfig only for GPU processes (_validate_accelerator refuses
-    # MULTI_CPU); lifting that check runs the same Trainer code path over gloo, with DDP in place of FSDP2.
-    accelerate.parallelism_config.ParallelismConfig._validate_accelerator = lambda self, accelerator: None
     seq, settings = 8192, dict(levels=3, pooling=4, topk=512, dense_layers=[0])
     model = llama("tiny", seq, settings)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     data = RandomBlocks(1, seq, model.config.vocab_size)
-    args = TrainingArguments(
-        output_dir=out, max_steps=1, per_device_train_batch_size=1, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, ddp_backend="gloo",
-        dataloader_num_workers=0, parallelism_config=ParallelismConfig(cp_size=WORLD),
-    )
-    trainer = ContextParallelTrainer(model=model, args=args, train_dataset=data)
-    calls = []
-    original = lighthouse_hf.context_parallel.lighthouse_attention_context_parallel
-
-    def counted(*a, **k):
-        calls.append(1)
-        return original(*a, **k)
-
-    lighthouse_hf.context_parallel.lighthouse_attention_context_parallel = counted
-    trainer.train()
+    with pytest.MonkeyPatch.context() as patch:
+        # Accelerate accepts ParallelismConfig only for GPU processes (_validate_accelerator refuses
+        # MULTI_CPU); lifting that check runs the same Trainer code path over gloo, with DDP in place of FSDP2.
+        patch.setattr(ParallelismConfig, "_validate_accelerator", lambda self, accelerator: None)
+        args = TrainingArguments(
+            output_dir=out, max_steps=1, per_device_train_batch_size=1, learning_rate=1e-3, logging_steps=1,
+            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, ddp_backend="gloo",
+            dataloader_num_workers=0, parallelism_config=ParallelismConfig(cp_size=WORLD),
+        )
+        trainer = ContextParallelTrainer(model=model, args=args, train_dataset=data)
+        calls = count_lighthouse_calls(patch.setattr)
+        trainer.train()
     logged = next(e for e in trainer.state.log_history if "loss" in e)
 
     reference = llama("tiny", seq, settings)
@@ -107,14 +101,16 @@ def _trainer_worker(rank: int, port: int, out: str) -> None:
     loss = reference(input_ids=ids, labels=ids).loss
     loss.backward()
     grad_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm().item()
-    assert calls, "the Lighthouse layers did not run context-parallel"
+    assert calls.context_parallel, "the Lighthouse layers did not run context-parallel"
+    assert calls.single_device == 0, "a Lighthouse layer ran on the whole sequence in one process"
     assert abs(logged["loss"] - loss.item()) <= 1e-5 * loss.item()
     assert abs(logged["grad_norm"] - grad_norm) <= 1e-4 * grad_norm
     _check_shard_batch(rank)
     dist.destroy_process_group()
 
 
-def test_context_parallel_trainer_equals_one_process(tmp_path):
+@pytest.mark.slow
+def test_context_parallel_trainer_equals_one_process(tmp_path, distributed_examples):
     """ContextParallelTrainer: the first step's loss and gradient norm over two ranks equal a single
     process's on the whole sequence. The same processes then check shard_batch's layout and errors."""
     mp.spawn(_trainer_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
@@ -122,6 +118,8 @@ def test_context_parallel_trainer_equals_one_process(tmp_path):
 
 def _check_shard_batch(rank: int) -> None:
     """shard_batch on two ranks: the head/tail layout, shifted labels, and a ValueError for each bad input."""
+    from common import llama
+
     model = llama("tiny", 64, dict(topk=128, dense_layers=[]))
     ids = torch.arange(2 * 8).view(2, 8)
     sharded = shard_batch(model, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
@@ -153,6 +151,7 @@ def _check_shard_batch(rank: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @TWO_GPUS
 def test_gpu_equality(tmp_path):
     assert_ran(torchrun("equality_check.py", "--out", str(tmp_path), "--preset", "gpu"))
@@ -160,6 +159,7 @@ def test_gpu_equality(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @TWO_GPUS
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "cp"])
 def test_gpu_trainer(tmp_path, mode):

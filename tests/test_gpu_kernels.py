@@ -11,6 +11,7 @@ import torch
 
 from lighthouse_hf.ops import fused, lighthouse_attention, reference
 from lighthouse_hf.ops.plan import LighthousePlan
+from helpers import rel_err, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,10 +57,6 @@ def _settings(shape):
 
 def _plan(shape):
     return LighthousePlan(shape[3], *shape[5:])
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _fused_and_reference(shape, dtype, seed):
@@ -110,7 +107,7 @@ def test_fp32_outputs_and_gradients(shape):
     assert out.dtype == q.dtype and out.shape == q.shape
     for got, want in ((out, expected), (q.grad, q_ref.grad), (k.grad, k_ref.grad), (v.grad, v_ref.grad)):
         assert torch.isfinite(got).all()
-        assert _relative(got, want) < 1e-5
+        assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -120,7 +117,7 @@ def test_half_precision_outputs_and_gradients(shape, dtype):
     assert got[0].dtype == dtype
     for g, e in zip(got, expected):
         assert torch.isfinite(g).all()
-        assert _relative(g, e) < 1e-2
+        assert rel_err(g, e) < 1e-2
 
 
 # One padding entry in the coarsest level and 7 positions past real_len, whose means it holds.
@@ -141,6 +138,7 @@ def test_score_pass_coarse_means_equal_reference_pyramid(shape):
         torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_bench_reports_every_variant():
     import json
     import subprocess
@@ -176,7 +174,7 @@ def test_unreached_positions_are_zero():
     expected = reference.lighthouse_attention(q, k, v, _plan(shape), None)
     assert (expected[:, :, :3] == 0).all() and (expected[:, :, 3] != 0).all()
     assert (out[:, :, :3] == 0).all()
-    assert _relative(out, expected) < 1e-5
+    assert rel_err(out, expected) < 1e-5
 
 
 def _run_twice(shape, dtype):
@@ -233,25 +231,19 @@ def test_compiled_function_matches_eager():
     eager_grads = torch.autograd.grad(eager_out.sum(), (q, k, v))
     out = compiled(q, k, v)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
-    assert _relative(out, eager_out) < 1e-3
+    assert rel_err(out, eager_out) < 1e-3
     for g, e in zip(grads, eager_grads):
-        assert _relative(g, e) < 1e-3
+        assert rel_err(g, e) < 1e-3
 
 
 def test_compiled_llama_decoder_layer():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     import lighthouse_hf
 
     seq_len = 4096
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=seq_len,
+    config = tiny_config(
+        "llama", vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, max_position_embeddings=seq_len
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16)
@@ -268,5 +260,5 @@ def test_compiled_llama_decoder_layer():
 
     eager_out, eager_grad = run(layer)
     out, grad = run(torch.compile(layer, fullgraph=True))
-    assert _relative(out, eager_out) < 1e-2
-    assert _relative(grad, eager_grad) < 1e-2
+    assert rel_err(out, eager_out) < 1e-2
+    assert rel_err(grad, eager_grad) < 1e-2

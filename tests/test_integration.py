@@ -5,44 +5,23 @@ import warnings
 
 import pytest
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sliding_window_causal_mask_function
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import lighthouse_hf
 from lighthouse_hf import LighthouseConfig, apply_lighthouse, compressed_length
 from lighthouse_hf.dispatch import DeferredMask, LighthouseWarning, lighthouse_mask
+from helpers import FAMILIES, TINY_SIZES, tiny_config
 
 SEQ = 2048  # with topk=128 Lighthouse compresses 2048 to 640 entries
 SETTINGS = {"topk": 128, "dense_layers": [0]}
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=SEQ,
-)
-FAMILIES = {
-    "llama": lambda: LlamaConfig(**TINY),
-    "qwen2": lambda: Qwen2Config(**TINY),
-    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
-    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def saved_model(request, tmp_path_factory):
     torch.manual_seed(0)
-    config = FAMILIES[request.param]()
+    config = tiny_config(request.param)
     config.lighthouse = dict(SETTINGS)
     path = tmp_path_factory.mktemp(request.param)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -54,7 +33,7 @@ def load(path, attn="lighthouse", **kwargs):
 
 
 def tokens(batch=1, seq=SEQ, seed=0):
-    return torch.randint(0, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, TINY_SIZES["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def test_registered_with_public_calls():
@@ -62,13 +41,16 @@ def test_registered_with_public_calls():
     assert ALL_MASK_ATTENTION_FUNCTIONS["lighthouse"] is lighthouse_mask
 
 
-def test_family_trains_with_lighthouse(saved_model):
+def test_family_trains_with_lighthouse(saved_model, lighthouse_calls):
     model = load(saved_model)
     assert model.config._attn_implementation == "lighthouse"
     dense = load(saved_model, "sdpa")
     x = tokens()
     model.train()
     out = model(x, labels=x)
+    # once per layer outside dense_layers, and never context-parallel in one process
+    lighthouse_layers = TINY_SIZES["num_hidden_layers"] - len(SETTINGS["dense_layers"])
+    assert (lighthouse_calls.single_device, lighthouse_calls.context_parallel) == (lighthouse_layers, 0)
     # the first call checked the settings and recorded every key, defaults included
     assert model.config.lighthouse == LighthouseConfig(**SETTINGS).to_dict()
     out.loss.backward()
@@ -79,7 +61,7 @@ def test_family_trains_with_lighthouse(saved_model):
         assert not torch.allclose(model(x).logits, dense(x).logits, atol=1e-3)
 
 
-def test_dense_paths_equal_sdpa_exactly(saved_model):
+def test_dense_paths_equal_sdpa_exactly(saved_model, lighthouse_calls):
     model, dense = load(saved_model), load(saved_model, "sdpa")
     with torch.no_grad():
         short = tokens(seq=300)  # too short to compress
@@ -87,6 +69,7 @@ def test_dense_paths_equal_sdpa_exactly(saved_model):
         model.config.lighthouse["dense_layers"] = [0, 1, 2]
         x = tokens()
         torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=0, atol=0)
+    assert lighthouse_calls.total == 0
 
 
 def test_eval_forward_uses_lighthouse_too(saved_model):
@@ -150,7 +133,7 @@ def test_packed_documents_fall_back_to_dense(saved_model):
 
 
 def test_mistral_sliding_window(tmp_path):
-    config = MistralConfig(**TINY, sliding_window=512)
+    config = tiny_config("mistral", sliding_window=512)
     config.lighthouse = {"topk": 128, "dense_layers": [0]}
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -168,7 +151,7 @@ def test_mistral_sliding_window(tmp_path):
 
 
 def test_qwen2_sliding_layers(tmp_path):
-    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=256, max_window_layers=1)
+    config = tiny_config("qwen2", use_sliding_window=True, sliding_window=256, max_window_layers=1)
     config.lighthouse = {"topk": 128, "dense_layers": [0, 1, 2]}
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     assert lighthouse_hf.patches.adapter_for(config).windowed_layers(config) == {1: 256, 2: 256}
@@ -193,7 +176,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize("settings, message", BAD_SETTINGS)
 def test_bad_settings_fail_at_the_first_call(tmp_path, settings, message):
-    config = LlamaConfig(**TINY)
+    config = tiny_config("llama")
     config.lighthouse = settings
     config.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), attn_implementation="lighthouse")
@@ -204,7 +187,7 @@ def test_bad_settings_fail_at_the_first_call(tmp_path, settings, message):
 
 @pytest.mark.parametrize("settings, message", [case for case in BAD_SETTINGS if isinstance(case[0], dict)])
 def test_bad_settings_fail_in_apply_lighthouse(settings, message):
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     message = message.removeprefix("^").removeprefix("config.lighthouse: ")
     with pytest.raises(ValueError, match=message):
         apply_lighthouse(model, **settings)
@@ -212,7 +195,7 @@ def test_bad_settings_fail_in_apply_lighthouse(settings, message):
 
 
 def test_missing_keys_take_defaults_and_are_written_back():
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": 6}), attn_implementation="lighthouse")
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=6), attn_implementation="lighthouse")
     model(tokens(seq=16))
     assert model.config.lighthouse == LighthouseConfig().to_dict()
 
@@ -227,7 +210,7 @@ def test_import_modifies_no_transformers_class():
 
 
 def test_a_model_without_a_lighthouse_layer_warns():
-    config = LlamaConfig(**{**TINY, "num_hidden_layers": 4})
+    config = tiny_config("llama", num_hidden_layers=4)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.warns(LighthouseWarning, match=r"covers all 4 layers, so no layer runs Lighthouse"):
         apply_lighthouse(model)  # the defaults keep layers 0, 1, -2 and -1 dense
@@ -235,7 +218,7 @@ def test_a_model_without_a_lighthouse_layer_warns():
 
 def test_too_short_training_forward_warns_once_per_model():
     shortest = lighthouse_hf.ops.shortest_compressed_length(3, 4, 128)
-    models = [AutoModelForCausalLM.from_config(LlamaConfig(**TINY)) for _ in range(2)]
+    models = [AutoModelForCausalLM.from_config(tiny_config("llama")) for _ in range(2)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # count what is issued, not what Python's filters show
         for model in models:
@@ -262,12 +245,12 @@ def test_non_causal_module_runs_sdpa_as_transformers_would(saved_model):
 
 
 def test_apply_lighthouse_to_model_and_config():
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     assert model.config._attn_implementation == "sdpa"
     apply_lighthouse(model, LighthouseConfig(topk=256), dense_layers=[])
     assert model.config._attn_implementation == "lighthouse"
     assert model.config.lighthouse["topk"] == 256 and model.config.lighthouse["dense_layers"] == []
-    config = apply_lighthouse(LlamaConfig(**TINY), topk=128, dense_layers=[0])
+    config = apply_lighthouse(tiny_config("llama"), topk=128, dense_layers=[0])
     assert AutoModelForCausalLM.from_config(config).config._attn_implementation == "lighthouse"
     with pytest.raises(ValueError, match="pooling must be a power of two"):
         apply_lighthouse(model, pooling=3)
@@ -304,11 +287,12 @@ def test_deferred_mask_materializes_the_sliding_window():
     assert torch.equal(mask.materialize()[0, 0], expected)
 
 
+@pytest.mark.slow
 def test_other_registry_architectures(tmp_path):
     """Any model that dispatches through the registry works; Phi-3 and OLMo-2 were tried."""
     from transformers import Olmo2Config, Phi3Config
 
-    for config in (Phi3Config(**TINY, pad_token_id=0), Olmo2Config(**TINY)):
+    for config in (Phi3Config(**TINY_SIZES, pad_token_id=0), Olmo2Config(**TINY_SIZES)):
         config.lighthouse = dict(SETTINGS)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="lighthouse")
         dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
@@ -319,12 +303,13 @@ def test_other_registry_architectures(tmp_path):
         assert not torch.allclose(out.logits, dense(x).logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_two_layer_model_at_16k_forward_backward():
     """The issue's CPU budget check: a 2-layer tiny model at S=16384 (timing is reported by
     `python examples/quickstart.py`, not asserted)."""
     seq = 16384
     assert compressed_length(seq, topk=256) == 3072
-    config = LlamaConfig(**{**TINY, "num_hidden_layers": 2, "max_position_embeddings": seq})
+    config = tiny_config("llama", num_hidden_layers=2, max_position_embeddings=seq)
     config.lighthouse = {"topk": 256, "dense_layers": []}
     model = AutoModelForCausalLM.from_config(config, attn_implementation="lighthouse")
     x = tokens(seq=seq)
@@ -332,15 +317,16 @@ def test_two_layer_model_at_16k_forward_backward():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_decoder_layer_captures_as_one_graph():
     """torch.compile(fullgraph=True) of a Lighthouse decoder layer (graph capture is what can break;
     the aot_eager backend needs no C++ compiler; the GPU suite compiles with inductor)."""
-    config = LlamaConfig(**TINY)
+    config = tiny_config("llama")
     config.lighthouse = {"topk": 128, "dense_layers": []}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="lighthouse")
     layer = model.model.layers[0]
-    hidden = torch.randn(1, SEQ, TINY["hidden_size"], requires_grad=True)
+    hidden = torch.randn(1, SEQ, TINY_SIZES["hidden_size"], requires_grad=True)
     position_ids = torch.arange(SEQ)[None]
     position_embeddings = model.model.rotary_emb(hidden, position_ids)
 

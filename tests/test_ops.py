@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lighthouse_hf import compressed_length, lighthouse_attention
 from lighthouse_hf.ops import LighthousePlan
 from lighthouse_hf.ops import reference
+from helpers import rel_err
 from naive_lighthouse import naive_lighthouse
 
 
@@ -18,10 +19,6 @@ def rand_qkv(batch, heads, kv_heads, seq, dim, dtype=torch.float32, seed=0):
     k = torch.randn(batch, kv_heads, seq, dim, generator=g, dtype=dtype)
     v = torch.randn(batch, kv_heads, seq, dim, generator=g, dtype=dtype)
     return q, k, v
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk): published-defined sizes first,

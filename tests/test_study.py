@@ -17,16 +17,19 @@ SEQ_LEN = 1024
 PIECES = dict(statement=[60, 61, 62], statement_end=[63, 60], question=[61, 62, 63, 60, 61, 62], space=59, digits=list(range(40, 50)))
 
 
-def load(name: str):
-    sys.path.insert(0, str(STUDY))  # the scripts import one another as plain modules
-    try:
+@pytest.fixture
+def load_script(monkeypatch):
+    """Loads examples/study/NAME.py as a module, registered in sys.modules for this test only
+    (dataclasses look their module up there while the class is built)."""
+
+    def load(name: str):
         spec = importlib.util.spec_from_file_location(f"study_{name}", STUDY / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        monkeypatch.setitem(sys.modules, spec.name, module)
         spec.loader.exec_module(module)
         return module
-    finally:
-        sys.path.remove(str(STUDY))
+
+    return load
 
 
 def write_token_file(directory: Path) -> None:
@@ -46,8 +49,8 @@ def write_token_file(directory: Path) -> None:
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
-def test_passkey_probe_and_data_layout(tmp_path):
-    study = load("study")
+def test_passkey_probe_and_data_layout(tmp_path, load_script):
+    study = load_script("study")
     write_token_file(tmp_path / "data")
     corpus = study.Corpus.load(tmp_path / "data")
     passkey = study.PassKey(PIECES)
@@ -88,8 +91,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_arms_write_curve_final_evaluation_and_report(tmp_path, one_thread):
-    study, report = load("study"), load("report")
+@pytest.mark.slow
+def test_arms_write_curve_final_evaluation_and_report(tmp_path, one_thread, load_script):
+    study, report = load_script("study"), load_script("report")
     write_token_file(tmp_path / "data")
     common = [
         "--data", str(tmp_path / "data"), "--out", str(tmp_path / "results"), "--seq-len", str(SEQ_LEN),
@@ -139,8 +143,8 @@ def test_arms_write_curve_final_evaluation_and_report(tmp_path, one_thread):
     assert goal["met"] == (goal["time_ratio"] is not None and goal["time_ratio"] <= 0.7 and goal["retrieval"]["recovery"] >= goal["retrieval"]["dense"])
 
 
-def test_time_to_reach_interpolates_between_evaluations():
-    report = load("report")
+def test_time_to_reach_interpolates_between_evaluations(load_script):
+    report = load_script("report")
     curve = [dict(gpu_seconds=0.0, loss=10.0), dict(gpu_seconds=10.0, loss=4.0), dict(gpu_seconds=20.0, loss=3.0)]
     assert report.time_to_reach(curve, 3.5) == pytest.approx(15.0)
     assert report.time_to_reach(curve, 4.0) == pytest.approx(10.0)

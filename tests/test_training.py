@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import Trainer
 import lighthouse_hf
 from lighthouse_hf import RecoveryCallback
 from lighthouse_hf.training import activation_checkpointing
+from helpers import free_port
 from training_helpers import NUM_LAYERS, PhaseProbe, RandomBlocks, step_losses, tiny_lighthouse_model, training_args
 
 LIGHTHOUSE, DENSE = "lighthouse", "sdpa"
@@ -34,9 +34,12 @@ def train(tmp_path, at, probe, model=None, steps=4, **overrides) -> tuple[Traine
     return trainer, recovery
 
 
-@pytest.mark.parametrize("at, recovery_step", [(2, 2), (0.75, 3), (0.5, 2)])
-def test_switch_at_absolute_step_and_fraction(tmp_path, monkeypatch, at, recovery_step):
-    probe = PhaseProbe(monkeypatch.setattr)
+@pytest.mark.parametrize(
+    "at, recovery_step",
+    [(2, 2), pytest.param(0.75, 3, marks=pytest.mark.slow), pytest.param(0.5, 2, marks=pytest.mark.slow)],
+)
+def test_switch_at_absolute_step_and_fraction(tmp_path, lighthouse_calls, at, recovery_step):
+    probe = PhaseProbe(lighthouse_calls)
     trainer, recovery = train(tmp_path, at, probe)
     assert recovery.recovery_step == recovery_step
     assert probe.implementations == [LIGHTHOUSE] * recovery_step + [DENSE] * (4 - recovery_step)
@@ -47,8 +50,8 @@ def test_switch_at_absolute_step_and_fraction(tmp_path, monkeypatch, at, recover
     assert marks == [{"lighthouse_recovery_step": recovery_step, "step": recovery_step}]
 
 
-def test_at_zero_recovers_from_the_start(tmp_path, monkeypatch):
-    probe = PhaseProbe(monkeypatch.setattr)
+def test_at_zero_recovers_from_the_start(tmp_path, lighthouse_calls):
+    probe = PhaseProbe(lighthouse_calls)
     train(tmp_path, 0, probe, steps=2)
     assert probe.implementations == [DENSE, DENSE]
     assert probe.lighthouse_calls == [0, 0]
@@ -60,13 +63,14 @@ def test_bad_at_raises(at):
         RecoveryCallback(at=at)
 
 
-def test_recovery_after_the_last_step_raises(tmp_path, monkeypatch):
+def test_recovery_after_the_last_step_raises(tmp_path, lighthouse_calls):
     with pytest.raises(ValueError, match="at=5 puts recovery at step 5, after the last step"):
-        train(tmp_path, 5, PhaseProbe(monkeypatch.setattr))
+        train(tmp_path, 5, PhaseProbe(lighthouse_calls))
 
 
-def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path, monkeypatch):
-    probe = PhaseProbe(monkeypatch.setattr)
+@pytest.mark.slow
+def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path, lighthouse_calls):
+    probe = PhaseProbe(lighthouse_calls)
     trainer, _ = train(
         tmp_path, 2, probe, steps=3, gradient_accumulation_steps=2, bf16=True, **activation_checkpointing(True)
     )
@@ -77,9 +81,10 @@ def test_accumulation_checkpointing_bf16_switch_between_optimizer_steps(tmp_path
     assert sorted(losses) == [1, 2, 3] and all(torch.isfinite(torch.tensor(list(losses.values()))))
 
 
-def test_resume_before_and_after_the_switch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_resume_before_and_after_the_switch_matches_an_uninterrupted_run(tmp_path, lighthouse_calls):
     checkpoints = dict(save_strategy="steps", save_steps=2)
-    full_probe = PhaseProbe(monkeypatch.setattr)
+    full_probe = PhaseProbe(lighthouse_calls)
     full, _ = train(tmp_path, 3, full_probe, steps=6, **checkpoints)
     full_losses = step_losses(full.state.log_history)
     assert full_probe.implementations == [LIGHTHOUSE] * 3 + [DENSE] * 3
@@ -90,7 +95,7 @@ def test_resume_before_and_after_the_switch_matches_an_uninterrupted_run(tmp_pat
     final_weights = {name: p.detach().clone() for name, p in full.model.named_parameters()}
 
     for checkpoint, phases in ((before, [LIGHTHOUSE, DENSE, DENSE, DENSE]), (after, [DENSE, DENSE])):
-        probe = PhaseProbe(monkeypatch.setattr)
+        probe = PhaseProbe(lighthouse_calls)
         recovery = RecoveryCallback(at=3)
         # A fresh Lighthouse model: the step alone decides the phase.
         trainer = Trainer(
@@ -111,14 +116,15 @@ def test_resume_before_and_after_the_switch_matches_an_uninterrupted_run(tmp_pat
         assert trainer.model.config.lighthouse["recovery_step"] == 3
 
 
-def test_lora_keeps_lighthouse_trains_only_adapters_and_switches(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_lora_keeps_lighthouse_trains_only_adapters_and_switches(tmp_path, lighthouse_calls):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_lighthouse_model()
     frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     assert model.config._attn_implementation == LIGHTHOUSE
-    probe = PhaseProbe(monkeypatch.setattr)
+    probe = PhaseProbe(lighthouse_calls)
     trainer, _ = train(tmp_path, 2, probe, model=model, learning_rate=1e-2)
     assert probe.lighthouse_calls == [NUM_LAYERS, NUM_LAYERS, 0, 0]
     assert probe.implementations == [LIGHTHOUSE, LIGHTHOUSE, DENSE, DENSE]
@@ -134,14 +140,13 @@ def test_lora_keeps_lighthouse_trains_only_adapters_and_switches(tmp_path, monke
     assert any(not torch.equal(p, torch.zeros_like(p)) for name, p in model.named_parameters() if "lora_B" in name)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_gloo(tmp_path):
     script = Path(__file__).with_name("ddp_recovery_worker.py")
-    with socket.socket() as probe_socket:  # a free port for the rendezvous
-        probe_socket.bind(("127.0.0.1", 0))
-        port = probe_socket.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(script), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,

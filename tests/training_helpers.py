@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 
 import lighthouse_hf
-import lighthouse_hf.integration
+from helpers import LighthouseCalls
 
 SEQ_LEN = 2048
 SETTINGS = dict(levels=3, pooling=4, topk=128, dense_layers=[])
@@ -64,28 +64,22 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
 
 class PhaseProbe(TrainerCallback):
     """Per optimizer step: the attention implementation it ran with and how many Lighthouse calls
-    it made (forwards, micro-batches and gradient-checkpointing recomputes included)."""
+    it made (forwards, micro-batches and gradient-checkpointing recomputes included), read from
+    ``calls`` (the ``lighthouse_calls`` fixture, or ``helpers.count_lighthouse_calls`` in a worker)."""
 
-    def __init__(self, setattr_=setattr) -> None:
-        """``setattr_``: pytest's ``monkeypatch.setattr`` in tests, so the counter is removed afterwards."""
+    def __init__(self, calls: LighthouseCalls) -> None:
         self.implementations: list[str] = []
         self.lighthouse_calls: list[int] = []
-        self._calls = 0
-        original = lighthouse_hf.integration.lighthouse_attention
-
-        def counting(*args, **kwargs):
-            self._calls += 1
-            return original(*args, **kwargs)
-
-        setattr_(lighthouse_hf.integration, "lighthouse_attention", counting)
+        self.calls = calls
+        self.calls_before_step = 0
 
     def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self._calls = 0
+        self.calls_before_step = self.calls.total
         base = next(module for module in model.modules() if isinstance(module, PreTrainedModel))
         self.implementations.append(base.config._attn_implementation)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.lighthouse_calls.append(self._calls)
+        self.lighthouse_calls.append(self.calls.total - self.calls_before_step)
 
 
 def step_losses(log_history: list[dict]) -> dict[int, float]:

@@ -1,0 +1,88 @@
+"""Plain helpers shared by the test modules and by the worker scripts they spawn (which cannot use
+fixtures); the fixtures built on them live in conftest.py."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
+
+import lighthouse_hf.context_parallel
+import lighthouse_hf.integration
+
+# Sizes of the tiny models: every family gets the same ones, so only the architecture differs.
+TINY_SIZES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
+# The config class of each family and what it needs beyond TINY_SIZES to build the plain
+# (full-attention, head_dim = hidden / heads) variant.
+FAMILIES: dict[str, tuple[type[PreTrainedConfig], dict[str, Any]]] = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, dict(head_dim=16)),
+    "mistral": (MistralConfig, dict(sliding_window=None)),
+}
+
+
+def tiny_config(family: str, **overrides: Any) -> PreTrainedConfig:
+    """A fresh tiny config of ``family`` (a key of FAMILIES); ``overrides`` win over the defaults."""
+    config_class, extras = FAMILIES[family]
+    return config_class(**{**TINY_SIZES, **extras, **overrides})
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The norm of ``a - b`` over the norm of ``b``, computed in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LighthouseCalls:
+    """How many times the Lighthouse paths ran: ``single_device`` counts the registered attention
+    function's calls of ``lighthouse_attention``, ``context_parallel`` its context-parallel path's
+    calls of ``lighthouse_attention_context_parallel``. Dense layers and dense fallbacks count in neither."""
+
+    def __init__(self) -> None:
+        self.single_device = 0
+        self.context_parallel = 0
+
+    @property
+    def total(self) -> int:
+        return self.single_device + self.context_parallel
+
+
+def count_lighthouse_calls(setattr_: Callable[[object, str, object], None]) -> LighthouseCalls:
+    """Wraps both Lighthouse entry points with counters and returns the counts.
+
+    ``setattr_`` installs the wrappers: ``monkeypatch.setattr`` (the ``lighthouse_calls`` fixture,
+    or ``pytest.MonkeyPatch.context()`` in a worker process), so that they are removed afterwards.
+    """
+    calls = LighthouseCalls()
+    single_device = lighthouse_hf.integration.lighthouse_attention
+    context_parallel = lighthouse_hf.context_parallel.lighthouse_attention_context_parallel
+
+    def counted_single_device(*args, **kwargs):
+        calls.single_device += 1
+        return single_device(*args, **kwargs)
+
+    def counted_context_parallel(*args, **kwargs):
+        calls.context_parallel += 1
+        return context_parallel(*args, **kwargs)
+
+    setattr_(lighthouse_hf.integration, "lighthouse_attention", counted_single_device)
+    setattr_(lighthouse_hf.context_parallel, "lighthouse_attention_context_parallel", counted_context_parallel)
+    return calls
