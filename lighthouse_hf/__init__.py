@@ -12,7 +12,7 @@ from .dispatch import LighthouseWarning
 from .integration import apply_lighthouse, register
 from .ops import compressed_length, lighthouse_attention
 
-__version__ = "0.1.0"
+from .version import __version__
 
 register()
 

@@ -55,11 +55,11 @@ def test_help_imports_neither_torch_nor_a_subcommand(argv):
     assert not loaded & set(HEAVY_MODULES)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="lighthouse_hf/__init__.py imports everything eagerly until it is made lazy (issue 14)"
-)
-def test_help_through_the_package_imports_no_torch():
-    assert not _modules_after_parsing(["--help"], package_init=True) & set(HEAVY_MODULES)
+def test_help_through_the_package_imports_only_what_registration_needs():
+    # ``import lighthouse_hf`` registers the attention function, which needs torch and Transformers'
+    # modeling_utils; nothing a subcommand or the training API needs may load on top of that.
+    loaded = _modules_after_parsing(["--help"], package_init=True)
+    assert not loaded & {"transformers.trainer", "datasets", *HEAVY_MODULES[2:]}
 
 
 def _help(capsys, command: str) -> str:

@@ -5,24 +5,18 @@ gradients against eager."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel, shard_sequence
 
 WORLD = 2
 SEQ = 16384
 SETTINGS = dict(levels=3, pooling=4, topk=512)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int) -> None:
@@ -50,4 +44,4 @@ def _worker(rank: int, port: int) -> None:
 @pytest.mark.slow
 def test_context_parallel_op_compiles_as_one_graph():
     assert chunk_plan(SEQ, 2 * WORLD, **SETTINGS) is not None  # the chunk-local path, not the gathered fallback
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 import lighthouse_hf
+from helpers import count_lighthouse_calls
 from lighthouse_hf.export import source as export_source
 from lighthouse_hf.export import write as export_write
 from lighthouse_hf.cli import main
@@ -68,25 +68,19 @@ def _lighthouse_model(family: str):
     return lighthouse_hf.apply_lighthouse(model, **LIGHTHOUSE)
 
 
-def _count_lighthouse_calls():
-    """A context manager whose mock counts calls of the Lighthouse path (dense fallbacks do not count)."""
-    return mock.patch.object(
-        lighthouse_hf.integration, "lighthouse_attention", wraps=lighthouse_hf.integration.lighthouse_attention
-    )
-
-
 def _train(model, steps: int, seed: int = 0) -> None:
     """A few AdamW steps at a length where Lighthouse compresses; asserts that it ran in every layer."""
     assert lighthouse_hf.compressed_length(SEQ_LEN, topk=TOPK) < SEQ_LEN
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    with _count_lighthouse_calls() as calls:
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_lighthouse_calls(patch.setattr)
         for step in range(steps):
             ids = _batch(seed + step)
             model(ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    assert calls.call_count == steps * model.config.num_hidden_layers
+    assert calls.single_device == steps * model.config.num_hidden_layers
     model.eval()
 
 
@@ -126,9 +120,10 @@ def _trainer_checkpoint(model, out: Path) -> Path:
         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_TokenDataset(), callbacks=[_RecoverAfterFirstStep()])
-    with _count_lighthouse_calls() as calls:
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_lighthouse_calls(patch.setattr)
         trainer.train()
-    assert calls.call_count == model.config.num_hidden_layers
+    assert calls.single_device == model.config.num_hidden_layers
     return out / "checkpoint-2"
 
 
