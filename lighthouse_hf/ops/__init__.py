@@ -8,11 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from .plan import TILE, LighthousePlan, check_settings, plan_for, shortest_compressed_length
-from .steps import SelectedEntries, compressed_attention, gather, scatter, select
+from .steps import PUBLISHED, MethodOptions, SelectedEntries, compressed_attention, gather, scatter, select
 
 __all__ = [
+    "COMBINES",
+    "PUBLISHED",
+    "SELECTIONS",
     "TILE",
     "LighthousePlan",
+    "MethodOptions",
     "SelectedEntries",
     "check_settings",
     "compressed_attention",
@@ -20,6 +24,7 @@ __all__ = [
     "dense_causal_attention",
     "gather",
     "lighthouse_attention",
+    "method_options",
     "plan_for",
     "scatter",
     "select",
@@ -27,6 +32,10 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SELECTIONS = ("published",)
+"""Allowed values of ``selection``: ``"published"`` is the specification's top-k cascade."""
+COMBINES = ("sum", "mean")
+"""Allowed values of ``combine``: how a position joins the outputs of the levels that reach it."""
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
@@ -53,6 +62,55 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         raise ValueError(f"q must have seq >= 1 and head_dim >= 1, got shape {tuple(q.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def _check_scores(name: str, scores: object, x: torch.Tensor) -> None:
+    expected = (*x.shape[:3],)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected or not scores.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of shape {list(expected)} (batch, heads, seq), got {_describe(scores)}")
+    if scores.device != x.device:
+        raise ValueError(f"{name} must be on {x.device}, got {scores.device}")
+
+
+def method_options(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    rope_inv_freq: torch.Tensor | None = None,
+    q_scores: torch.Tensor | None = None,
+    k_scores: torch.Tensor | None = None,
+    selection: str = "published",
+    combine: str = "sum",
+) -> MethodOptions:
+    """The checked :class:`MethodOptions` of a call (ValueError naming the argument otherwise)."""
+    _check_choice("selection", selection, SELECTIONS)
+    _check_choice("combine", combine, COMBINES)
+    if rope_inv_freq is not None:
+        half = q.shape[-1] // 2
+        if (
+            not isinstance(rope_inv_freq, torch.Tensor)
+            or rope_inv_freq.dim() != 1
+            or not 1 <= rope_inv_freq.shape[0] <= half
+            or not rope_inv_freq.is_floating_point()
+        ):
+            raise ValueError(
+                f"rope_inv_freq must be a 1-D floating-point tensor of 1 to head_dim // 2 = {half} rotary inverse "
+                f"frequencies, got {_describe(rope_inv_freq)}"
+            )
+        if rope_inv_freq.device != q.device:
+            raise ValueError(f"rope_inv_freq must be on {q.device}, got {rope_inv_freq.device}")
+    if (q_scores is None) != (k_scores is None):
+        raise ValueError("q_scores and k_scores must be given together (or neither)")
+    if q_scores is not None:
+        _check_scores("q_scores", q_scores, q)
+        _check_scores("k_scores", k_scores, k)
+    return MethodOptions(rope_inv_freq, q_scores, k_scores, combine == "mean")
 
 
 def _describe(t: object) -> str:
@@ -84,6 +142,11 @@ def lighthouse_attention(
     pooling: int = 4,
     topk: int = 2048,
     scale: float | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    q_scores: torch.Tensor | None = None,
+    k_scores: torch.Tensor | None = None,
+    selection: str = "published",
+    combine: str = "sum",
 ) -> torch.Tensor:
     """Causal Lighthouse attention.
 
@@ -91,12 +154,20 @@ def lighthouse_attention(
     ``[B, H, S, D]`` in q's dtype and device. Where the setting does not compress the sequence
     (``compressed_length(S) >= S``, e.g. ``levels == 1``) this is dense causal SDPA, and so is an
     empty batch (``B == 0``).
+
+    Beyond the published method (the defaults reproduce it): ``rope_inv_freq`` ``[R]`` pools the
+    rotary-rotated q and k at each span's last token; ``q_scores`` ``[B, H, S]`` and ``k_scores``
+    ``[B, Hkv, S]`` (>= 0) are the level-0 scores instead of the norms; ``combine="mean"`` averages
+    the levels that reach a position instead of summing them. See the README's "Method options".
     """
     check_settings(levels, pooling, topk)
     _check_inputs(q, k, v, scale)
+    options = method_options(
+        q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
+    )
     plan = plan_for(q.shape[2], levels, pooling, topk)
     if not plan.compresses or q.shape[0] == 0:
         return dense_causal_attention(q, k, v, scale)
-    entries = select(q, k, plan)
+    entries = select(q, k, plan, options)
     out_sel = compressed_attention(*gather(entries, q, k, v), scale)
     return scatter(entries, out_sel, plan.seq_len)

@@ -39,9 +39,13 @@ class Selection:
     """True for entries selected at levels >= 1 (their children are entries one level down)."""
 
 
-def level_scores(x: torch.Tensor, plan: LighthousePlan) -> list[torch.Tensor]:
-    """Max-pooled float32 L2 norms of ``x`` ``[B, h, S, D]`` per level: ``[B, h, level_len]``."""
-    norms = torch.linalg.vector_norm(x[:, :, : plan.real_len].float(), dim=-1)
+def level_scores(x: torch.Tensor, plan: LighthousePlan, scores: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Max-pooled float32 L2 norms of ``x`` ``[B, h, S, D]`` per level: ``[B, h, level_len]``;
+    ``scores`` ``[B, h, S]`` (>= 0) replace the norms of level 0 when given."""
+    if scores is None:
+        norms = torch.linalg.vector_norm(x[:, :, : plan.real_len].float(), dim=-1)
+    else:
+        norms = scores[:, :, : plan.real_len].float()
     norms = F.pad(norms, (0, plan.padded_len - plan.real_len), value=_PADDING_SCORE)
     return [norms.unflatten(-1, (-1, plan.pooling**level)).amax(-1) for level in range(plan.levels)]
 
@@ -68,17 +72,25 @@ def _children(parents: torch.Tensor, pooling: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan) -> Selection:
+def select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: LighthousePlan,
+    *,
+    q_scores: torch.Tensor | None = None,
+    k_scores: torch.Tensor | None = None,
+) -> Selection:
     """Steps 2-4: scores, the top-k cascade per tile, and the causal order.
 
     ``q`` is ``[B, H, S, D]``, ``k`` is ``[B, Hkv, S, D]``; each query head selects on its own,
-    with the key scores of its KV head (computed once per KV head).
+    with the key scores of its KV head (computed once per KV head). ``q_scores`` ``[B, H, S]`` and
+    ``k_scores`` ``[B, Hkv, S]`` replace the norms of q and k as level-0 scores when given.
     """
     batch, heads = q.shape[:2]
     group = heads // k.shape[1]
     levels, pooling = plan.levels, plan.pooling
-    query_scores = level_scores(q, plan)
-    key_scores = [s.repeat_interleave(group, dim=1) for s in level_scores(k, plan)]
+    query_scores = level_scores(q, plan, q_scores)
+    key_scores = [s.repeat_interleave(group, dim=1) for s in level_scores(k, plan, k_scores)]
 
     coarse = levels - 1
     candidates = torch.arange(plan.n_coarse_padded, device=q.device).view(plan.tiles, plan.tile_len)
@@ -119,13 +131,34 @@ def position_keys(
     )
 
 
-def pyramid(x: torch.Tensor, plan: LighthousePlan) -> torch.Tensor:
-    """Step 1: level 0 then the mean-pooled levels, concatenated: ``[B, h, sum(level_len), D]``."""
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotary rotation in Transformers' rotate_half convention: with ``R = angles.shape[-1]``,
+    dimension ``i < R`` pairs with ``i + R`` and turns by ``angles[..., i]``; dimensions from ``2R``
+    on are not rotated (partial rotary)."""
+    half = angles.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def pyramid(x: torch.Tensor, plan: LighthousePlan, rope_inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 1: level 0 then the mean-pooled levels, concatenated: ``[B, h, sum(level_len), D]``.
+
+    ``rope_inv_freq`` (``rope="span_end"``): ``x`` is rotary-rotated at each position t, and every
+    row of a pooled level is taken at the position of its span's last token ``end``: the mean over
+    the span of each row rotated further by ``end - t``. Level 0 is unchanged.
+    """
     x = x[:, :, : plan.padded_len]
     x = F.pad(x, (0, 0, 0, plan.padded_len - x.shape[2]))
-    levels = [x] + [
-        x.unflatten(2, (-1, plan.pooling**level)).mean(3) for level in range(1, plan.levels)
-    ]
+    levels = [x]
+    for level in range(1, plan.levels):
+        spans = x.unflatten(2, (-1, plan.pooling**level))  # [B, h, entries, width, D]
+        if rope_inv_freq is not None:
+            width = plan.pooling**level
+            to_end = torch.arange(width - 1, -1, -1, device=x.device, dtype=rope_inv_freq.dtype)
+            compute = torch.promote_types(x.dtype, torch.float32)
+            spans = rotate(spans.to(compute), to_end[:, None] * rope_inv_freq)
+        levels.append(spans.mean(3).to(x.dtype))
     return torch.cat(levels, dim=2)
 
 
@@ -138,16 +171,18 @@ def gather_entries(pyramid_rows: torch.Tensor, index: torch.Tensor) -> torch.Ten
     return pyramid_rows.gather(2, grouped).view(batch, heads, n, dim)
 
 
-def scatter_back(out: torch.Tensor, selection: Selection, seq_len: int) -> torch.Tensor:
+def scatter_back(out: torch.Tensor, selection: Selection, seq_len: int, mean: bool = False) -> torch.Tensor:
     """Step 6 as a gather: each position takes at most one entry per level.
 
     Entry ``j`` of level ``l`` (width ``c``) lands on positions ``[j*c + c - 1, j*c + 2c - 1)``;
-    levels are summed in float32, or float64 for float64 outputs; positions nothing reaches stay zero.
+    levels are summed in float32, or float64 for float64 outputs (``mean``: ``combine="mean"``,
+    divided by how many levels reach the position); positions nothing reaches stay zero.
     """
     plan = selection.plan
     batch, heads, n, dim = out.shape
     with_zero_row = F.pad(out, (0, 0, 0, 1))  # row n stays zero for slots nothing fills
     result = out.new_zeros(batch, heads, seq_len, dim, dtype=torch.promote_types(out.dtype, torch.float32))
+    reached = out.new_zeros(batch, heads, seq_len, 1, dtype=result.dtype) if mean else None
     position = torch.arange(n, device=out.device).expand(batch, heads, n)
     for level in range(plan.levels):
         width = plan.pooling**level
@@ -164,20 +199,33 @@ def scatter_back(out: torch.Tensor, selection: Selection, seq_len: int) -> torch
         if stop > start:
             spread = rows.repeat_interleave(width, dim=2)[:, :, : stop - start]
             result[:, :, start:stop] += spread
+            if mean:
+                found = (source[..., :real_slots] < n).to(result.dtype).repeat_interleave(width, dim=2)
+                reached[:, :, start:stop] += found[:, :, : stop - start, None]
+    if mean:
+        result = result / reached.clamp(min=1)
     return result.to(out.dtype)
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    scale: float | None,
+    *,
+    rope_inv_freq: torch.Tensor | None = None,
+    mean: bool = False,
 ) -> torch.Tensor:
-    """Steps 1, 5 and 6 for a given selection: differentiable in q, k and v."""
+    """Steps 1, 5 and 6 for a given selection: differentiable in q, k and v. ``rope_inv_freq``
+    pools q and k at span end (v has no rotation); ``mean`` combines the levels by their mean."""
     plan = selection.plan
     index = selection.index
-    q_sel = gather_entries(pyramid(q, plan), index)
-    k_sel = gather_entries(pyramid(k, plan), index)
+    q_sel = gather_entries(pyramid(q, plan, rope_inv_freq), index)
+    k_sel = gather_entries(pyramid(k, plan, rope_inv_freq), index)
     v_sel = gather_entries(pyramid(v, plan), index)
     out = F.scaled_dot_product_attention(q_sel, k_sel, v_sel, is_causal=True, scale=scale)
-    return scatter_back(out, selection, q.shape[2])
+    return scatter_back(out, selection, q.shape[2], mean)
 
 
 def lighthouse_attention(

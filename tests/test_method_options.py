@@ -1,0 +1,156 @@
+"""Options beyond the published method, each against an independent computation: RoPE at span end,
+given level-0 scores, and levels averaged instead of summed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import rel_err
+from lighthouse_hf import lighthouse_attention
+from lighthouse_hf.ops import LighthousePlan, reference
+
+# (batch, heads, kv_heads, seq, dim, levels, pooling, topk): defined lengths, GQA, padded lengths
+CASES = [
+    (1, 2, 1, 2048, 8, 3, 4, 128),
+    (2, 4, 2, 2051, 16, 3, 4, 128),
+    (1, 2, 2, 1500, 8, 2, 8, 128),
+    (1, 3, 1, 3000, 8, 4, 2, 256),
+]
+IDS = ["B{}H{}Hkv{}S{}D{}L{}p{}K{}".format(*case) for case in CASES]
+
+
+def _inputs(batch, heads, kv_heads, seq, dim, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, h, seq, dim, generator=g, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+
+
+def _inv_freq(dim, base=10000.0, rotary_dim=None):
+    rotary_dim = rotary_dim or dim
+    return 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+
+
+def _rotary(x, positions, inv_freq):
+    """Transformers' apply_rotary_pos_emb on the first 2R dimensions, computed in float64."""
+    half = inv_freq.shape[0]
+    angle = positions.double()[:, None] * inv_freq.double()
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    rot, rest = x[..., : 2 * half].double(), x[..., 2 * half :].double()
+    rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+    return torch.cat([rot * cos + rotated_half * sin, rest], -1)
+
+
+def _span_end_pyramid(x_rotated, plan, inv_freq):
+    """Un-rotate every position, mean-pool, rotate each pooled row at its span's last token."""
+    seq = x_rotated.shape[2]
+    positions = torch.arange(seq)
+    raw = _rotary(x_rotated, -positions, inv_freq)
+    raw = torch.nn.functional.pad(raw[:, :, : plan.padded_len], (0, 0, 0, max(0, plan.padded_len - seq)))
+    rows = [x_rotated[:, :, : plan.padded_len].double()]
+    rows[0] = torch.nn.functional.pad(rows[0], (0, 0, 0, plan.padded_len - rows[0].shape[2]))
+    for level in range(1, plan.levels):
+        width = plan.pooling**level
+        pooled = raw.unflatten(2, (-1, width)).mean(3)
+        ends = torch.arange(pooled.shape[2]) * width + width - 1
+        rows.append(_rotary(pooled, ends, inv_freq))
+    return torch.cat(rows, dim=2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_span_end_rope_matches_unrotate_pool_rotate(case, rotary_fraction):
+    batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
+    q, k, v = _inputs(batch, heads, kv_heads, seq, dim, seed=seq)
+    positions = torch.arange(seq)
+    inv_freq = _inv_freq(dim, rotary_dim=int(dim * rotary_fraction))
+    q, k = (_rotary(x, positions, inv_freq).float() for x in (q, k))
+    plan = LighthousePlan(seq, levels, pooling, topk)
+    for x in (q, k):
+        got = reference.pyramid(x, plan, inv_freq.float())
+        assert rel_err(got, _span_end_pyramid(x, plan, inv_freq)) < 1e-5
+    # the whole op: the same selection (norms do not change under rotation), span-end pooled q and k
+    selection = reference.select(q, k, plan)
+    expected = reference.scatter_back(
+        torch.nn.functional.scaled_dot_product_attention(
+            *(reference.gather_entries(rows, selection.index) for rows in (
+                _span_end_pyramid(q, plan, inv_freq).float(),
+                _span_end_pyramid(k, plan, inv_freq).float(),
+                reference.pyramid(v, plan),
+            )),
+            is_causal=True,
+        ),
+        selection,
+        seq,
+    )
+    out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk, rope_inv_freq=inv_freq.float())
+    assert rel_err(out, expected) < 1e-5
+    assert rel_err(out, lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk)) > 1e-3
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_given_scores_equal_the_norm_path_fed_the_same_numbers(case):
+    batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
+    q, k, v = _inputs(batch, heads, kv_heads, seq, dim, seed=seq + 1)
+    settings = dict(levels=levels, pooling=pooling, topk=topk)
+    norms = [torch.linalg.vector_norm(x, dim=-1) for x in (q, k)]
+    torch.testing.assert_close(
+        lighthouse_attention(q, k, v, **settings, q_scores=norms[0], k_scores=norms[1]),
+        lighthouse_attention(q, k, v, **settings),
+        rtol=0,
+        atol=0,
+    )
+    # other scores select other entries: the selection follows the scores, not q and k
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.rand(x.shape[:3], generator=g) for x in (q, k)]
+    plan = LighthousePlan(seq, levels, pooling, topk)
+    given = reference.select(q, k, plan, q_scores=scores[0], k_scores=scores[1])
+    scaled = reference.select(q * 0 + 1, k * 0 + 1, plan, q_scores=scores[0], k_scores=scores[1])
+    assert torch.equal(given.index, scaled.index)
+    assert not torch.equal(given.index, reference.select(q, k, plan).index)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_mean_combine_is_the_sum_over_the_contribution_count(case):
+    batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
+    q, k, v = _inputs(batch, heads, kv_heads, seq, dim, seed=seq + 2)
+    settings = dict(levels=levels, pooling=pooling, topk=topk)
+    summed = lighthouse_attention(q, k, v, **settings)
+    plan = LighthousePlan(seq, levels, pooling, topk)
+    selection = reference.select(q, k, plan)
+    # contributions per position: the published scatter of all-ones rows counts them
+    count = reference.scatter_back(torch.ones(batch, heads, plan.compressed_len, 1), selection, seq)
+    expected = torch.where(count > 0, summed / count.clamp(min=1), 0.0)
+    out = lighthouse_attention(q, k, v, **settings, combine="mean")
+    assert rel_err(out, expected) < 1e-6
+    assert (count > 1).any()  # levels overlap, so mean and sum differ
+    assert torch.equal(out[count[..., 0] == 0], torch.zeros_like(out[count[..., 0] == 0]))
+
+
+def test_options_combine_and_differentiate_in_float64():
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 600, 4, seed=5, dtype=torch.float64))
+    inv_freq = _inv_freq(4)
+    scores = [torch.linalg.vector_norm(x.detach(), dim=-1) + 1 for x in (q, k)]
+
+    def fn(q, k, v):
+        return lighthouse_attention(q, k, v, levels=2, pooling=2, topk=128, rope_inv_freq=inv_freq,
+                                    q_scores=scores[0], k_scores=scores[1], combine="mean")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-9, rtol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(combine="avg"), "combine must be one of 'sum', 'mean', got 'avg'"),
+        (dict(selection="future"), "selection must be one of 'published'"),
+        (dict(rope_inv_freq=torch.ones(5)), "rope_inv_freq must be a 1-D floating-point tensor of 1 to head_dim // 2 = 4"),
+        (dict(rope_inv_freq=torch.ones(2, 2)), "rope_inv_freq must be a 1-D"),
+        (dict(q_scores=torch.ones(1, 2, 64)), "q_scores and k_scores must be given together"),
+        (dict(q_scores=torch.ones(1, 2, 63), k_scores=torch.ones(1, 1, 64)), r"q_scores must be a floating-point tensor of shape \[1, 2, 64\]"),
+        (dict(q_scores=torch.ones(1, 2, 64), k_scores=torch.ones(1, 2, 64)), r"k_scores must be a floating-point tensor of shape \[1, 1, 64\]"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    q, k, v = _inputs(1, 2, 1, 64, 8)
+    with pytest.raises(ValueError, match=message):
+        lighthouse_attention(q, k, v, **kwargs)
