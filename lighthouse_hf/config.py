@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .ops import COMBINES, SELECTIONS
 from .ops.plan import check_levels, check_pooling, check_topk
 from .validation import is_int
 
@@ -39,6 +40,19 @@ def _check_recovery_step(value: object) -> int | None:
     return value
 
 
+ROPES = ("pooled", "span_end")
+SCORES = ("pre_norm", "qk")
+
+
+def _choice(name: str, allowed: tuple[str, ...]):
+    def check(value: object) -> str:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+
+    return check
+
+
 _CHECKS = {
     "levels": check_levels,
     "pooling": check_pooling,
@@ -46,6 +60,10 @@ _CHECKS = {
     "dense_layers": _check_dense_layers,
     "min_seq_len": _check_min_seq_len,
     "recovery_step": _check_recovery_step,
+    "rope": _choice("rope", ROPES),
+    "scores": _choice("scores", SCORES),
+    "selection": _choice("selection", SELECTIONS),
+    "combine": _choice("combine", COMBINES),
 }
 
 
@@ -60,6 +78,16 @@ class LighthouseConfig:
     - ``min_seq_len``: below this length use dense SDPA; None uses Lighthouse whenever it compresses.
     - ``recovery_step``: the global training step at which dense recovery began (None: never);
       written by the training workflow so that a checkpoint says which phase it is in.
+
+    Beyond the published method (README, "Method options"; the defaults reproduce it):
+
+    - ``rope``: ``"pooled"`` pools q and k as rotated (the published method); ``"span_end"`` takes
+      each pooled row of q and k at the position of its span's last token.
+    - ``scores``: ``"pre_norm"`` scores q and k before a family's per-head q/k norm (Qwen3), which
+      for families without one is ``"qk"``: the norms of q and k as attention receives them.
+    - ``selection``: ``"published"``, the specification's top-k cascade.
+    - ``combine``: ``"sum"`` adds the outputs of the levels that reach a position (the published
+      method); ``"mean"`` averages them.
     """
 
     levels: int = 3
@@ -68,6 +96,10 @@ class LighthouseConfig:
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
     min_seq_len: int | None = None
     recovery_step: int | None = None
+    rope: str = "pooled"
+    scores: str = "pre_norm"
+    selection: str = "published"
+    combine: str = "sum"
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _CHECKS:

@@ -37,7 +37,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import dispatch
 from .dispatch import LighthouseWarning
-from .ops import LighthousePlan, check_settings, gather, lighthouse_attention, scatter, select
+from .ops import LighthousePlan, MethodOptions, check_settings, gather, lighthouse_attention, method_options, scatter, select
 
 CONTEXT_PARALLEL_KWARG = "lighthouse_cp_group"
 """Forward keyword naming the process group a sharded sequence is split across (context parallelism)."""
@@ -146,12 +146,21 @@ def lighthouse_attention_context_parallel(
     pooling: int = 4,
     topk: int = 2048,
     scale: float | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    q_scores: torch.Tensor | None = None,
+    k_scores: torch.Tensor | None = None,
+    selection: str = "published",
+    combine: str = "sum",
 ) -> torch.Tensor:
-    """This rank's part of ``lighthouse_attention`` over the whole sequence (layout above).
+    """This rank's part of ``lighthouse_attention`` over the whole sequence (layout above), with
+    the same method options; ``q_scores`` and ``k_scores`` are this rank's parts like q and k.
 
     ``q`` is ``[B, H, 2 * chunk, D]``, ``k`` and ``v`` ``[B, Hkv, 2 * chunk, D]``; differentiable.
     """
     check_settings(levels, pooling, topk)
+    options = method_options(
+        q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
+    )
     world, rank = _group_shape(group)
     if q.shape[2] % 2:
         raise ValueError(f"q must hold two equal chunks along the sequence, got length {q.shape[2]}")
@@ -165,10 +174,11 @@ def lighthouse_attention_context_parallel(
             "device's memory). lighthouse_hf.context_parallel.chunk_plan tells which lengths split.",
             LighthouseWarning,
         )
-        return _gathered_attention(q, k, v, group, world, levels, pooling, topk, scale)
+        return _gathered_attention(q, k, v, group, world, dict(levels=levels, pooling=pooling, topk=topk, scale=scale,
+                                   rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, combine=combine))
 
     parts = (slice(0, chunk_len), slice(chunk_len, None))
-    selected = [select(q[:, :, part], k[:, :, part], plan) for part in parts]
+    selected = [select(q[:, :, part], k[:, :, part], plan, _part_of(options, part)) for part in parts]
     compressed = [gather(entries, q[:, :, part], k[:, :, part], v[:, :, part]) for entries, part in zip(selected, parts)]
     keys = torch.cat(_gather_chunks(torch.cat([c[1] for c in compressed], dim=2), group, world), dim=2)
     values = torch.cat(_gather_chunks(torch.cat([c[2] for c in compressed], dim=2), group, world), dim=2)
@@ -177,20 +187,36 @@ def lighthouse_attention_context_parallel(
     outputs, halos = [], []
     for chunk, entries, (q_sel, _, _) in zip(_global_chunks(world, rank), selected, compressed):
         out_sel = _causal_prefix_attention(q_sel, keys, values, chunk, scale)
+        if options.mean:
+            # sums and contribution counts (a column of ones) travel together through the halo
+            out_sel = torch.cat([out_sel, torch.ones_like(out_sel[..., :1])], dim=-1)
         # positions chunk_len .. chunk_len + width - 2 belong to the next chunk: the halo
-        spread = scatter(entries, out_sel, chunk_len + width - 1)
+        spread = scatter(entries, out_sel, chunk_len + width - 1, combine_mean=False)
         outputs.append(spread[:, :, :chunk_len])
         halos.append(spread[:, :, chunk_len:])
     incoming = _gather_chunks(torch.cat(halos, dim=2), group, world)
     for i, chunk in enumerate(_global_chunks(world, rank)):
         if chunk > 0 and width > 1:
             outputs[i] = torch.cat([outputs[i][:, :, : width - 1] + incoming[chunk - 1], outputs[i][:, :, width - 1 :]], dim=2)
-    return torch.cat(outputs, dim=2)
+    out = torch.cat(outputs, dim=2)
+    if options.mean:
+        out = out[..., :-1] / out[..., -1:].clamp(min=1)
+    return out
 
 
-def _gathered_attention(q, k, v, group, world, levels, pooling, topk, scale):
+def _part_of(options: MethodOptions, part: slice) -> MethodOptions:
+    """The options of one chunk: its slice of the given scores."""
+    if options.q_scores is None:
+        return options
+    return options._replace(q_scores=options.q_scores[:, :, part], k_scores=options.k_scores[:, :, part])
+
+
+def _gathered_attention(q, k, v, group, world, arguments):
     full = [torch.cat(_gather_chunks(x, group, world), dim=2) for x in (q, k, v)]
-    out = lighthouse_attention(*full, levels=levels, pooling=pooling, topk=topk, scale=scale)
+    for name in ("q_scores", "k_scores"):
+        if arguments[name] is not None:
+            arguments[name] = torch.cat(_gather_chunks(arguments[name].unsqueeze(-1), group, world), dim=2).squeeze(-1)
+    out = lighthouse_attention(*full, **arguments)
     return shard_sequence(out, group, dim=2)
 
 
@@ -266,7 +292,6 @@ def context_parallel_attention_forward(
         out = dense_attention_context_parallel(query, key, value, group=group, scale=scaling, dropout=dropout)
     else:
         dispatch.warn_ignored_dropout(dropout)
-        out = lighthouse_attention_context_parallel(
-            query, key, value, group=group, levels=settings.levels, pooling=settings.pooling, topk=settings.topk, scale=scaling
-        )
+        arguments = dispatch.op_arguments(module, settings, query, key, seq_len)
+        out = lighthouse_attention_context_parallel(query, key, value, group=group, scale=scaling, **arguments)
     return out.transpose(1, 2).contiguous()

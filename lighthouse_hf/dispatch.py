@@ -25,9 +25,10 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from . import patches
+from . import patches, prenorm
 from .config import CONFIG_KEY, LighthouseConfig
 from .ops import plan_for, shortest_compressed_length
+from .rotary import rope_inv_freq
 
 
 class LighthouseWarning(UserWarning):
@@ -181,12 +182,12 @@ def check_model_settings(config: Any) -> LighthouseConfig:
             LighthouseWarning,
             stacklevel=3,
         )
-    if adapter.per_head_qk_norm is not None and (num_layers is None or len(dense_layers) < num_layers):
+    if settings.scores == "qk" and adapter.per_head_qk_norm is not None and (num_layers is None or len(dense_layers) < num_layers):
         warnings.warn(
             f"{adapter.model_type}: each head's q and k pass an RMSNorm ({', '.join(adapter.per_head_qk_norm)}) "
-            "before attention, so the norms Lighthouse selects by start out equal (every score ties at "
-            "initialization, and the selection then follows tie order) and spread only as the norm "
-            "weights train.",
+            "before attention, so with scores='qk' the norms Lighthouse selects by start out equal (every "
+            "score ties at initialization, and the selection then follows tie order) and spread only as the "
+            "norm weights train; scores='pre_norm' (the default) scores the norms before those RMSNorms.",
             LighthouseWarning,
             stacklevel=3,
         )
@@ -204,12 +205,17 @@ def check_model_settings(config: Any) -> LighthouseConfig:
 
 
 def settings_of(module: torch.nn.Module) -> LighthouseConfig:
-    """The settings an attention call runs with; the first call of a model also checks them
-    against the model (:func:`check_model_settings`)."""
+    """The settings an attention call runs with. The first call of a model also checks them against
+    the model (:func:`check_model_settings`); every eager call readies its layer's pre-norm scores
+    (``scores="pre_norm"``), which from then on are recorded before each call."""
     config = module.config
-    if not torch.compiler.is_compiling() and _CHECKED.first_time(config):
-        return check_model_settings(config)
-    return LighthouseConfig.from_model_config(config)
+    if torch.compiler.is_compiling():
+        return LighthouseConfig.from_model_config(config)
+    settings = check_model_settings(config) if _CHECKED.first_time(config) else LighthouseConfig.from_model_config(config)
+    norm_names = patches.adapter_for(config).per_head_qk_norm
+    if settings.scores == "pre_norm" and norm_names is not None:
+        prenorm.install(module, norm_names)
+    return settings
 
 
 # ---- dense or Lighthouse ----
@@ -314,6 +320,42 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) for t in tensors)
+
+
+def op_arguments(module: torch.nn.Module, settings: LighthouseConfig, query: torch.Tensor, key: torch.Tensor, seq_len: int) -> dict[str, Any]:
+    """The Lighthouse op's keyword arguments for a call of ``module`` (``seq_len``: the whole
+    sequence's length, which a context-parallel call holds only part of)."""
+    arguments: dict[str, Any] = dict(
+        levels=settings.levels, pooling=settings.pooling, topk=settings.topk, selection=settings.selection,
+        combine=settings.combine,
+    )
+    if settings.rope == "span_end":
+        arguments["rope_inv_freq"] = rope_inv_freq(module.config, seq_len, query.device)
+    norm_names = patches.adapter_for(module.config).per_head_qk_norm
+    if settings.scores == "pre_norm" and norm_names is not None:
+        recorded = prenorm.take(module, norm_names, query, key)
+        if recorded is not None:
+            arguments["q_scores"], arguments["k_scores"] = recorded
+        elif not torch.compiler.is_compiling():
+            warnings.warn(
+                f"layer {getattr(module, 'layer_idx', None)}: scores='pre_norm' found no recorded norms for this call, "
+                "so it scores the normalized q and k; the recording starts with the next call (apply_lighthouse(model) "
+                "starts it before the first).",
+                LighthouseWarning,
+            )
+    return arguments
+
+
+def record_pre_norm_scores(model: torch.nn.Module, settings: LighthouseConfig) -> None:
+    """Install the pre-norm score hooks (``scores="pre_norm"``) on every Lighthouse layer of
+    ``model`` whose family normalizes each head's q and k, so that even their first call has them."""
+    norm_names = patches.adapter_for(model.config).per_head_qk_norm
+    if settings.scores != "pre_norm" or norm_names is None:
+        return
+    dense = settings.dense_layer_set(patches.adapter_for(model.config).num_layers(model.config))
+    for module in model.modules():
+        if getattr(module, "layer_idx", None) not in (None, *dense) and all(hasattr(module, n) for n in norm_names):
+            prenorm.install(module, norm_names)
 
 
 def warn_ignored_dropout(dropout: float) -> None:

@@ -47,9 +47,8 @@ def lighthouse_attention_forward(
         return dispatch.dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     dispatch.warn_ignored_dropout(dropout)
     query, key, value = dispatch.autocast_inputs(query, key, value)
-    out = lighthouse_attention(
-        query, key, value, levels=settings.levels, pooling=settings.pooling, topk=settings.topk, scale=scaling
-    )
+    arguments = dispatch.op_arguments(module, settings, query, key, query.shape[2])
+    out = lighthouse_attention(query, key, value, scale=scaling, **arguments)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -71,8 +70,9 @@ def apply_lighthouse(target: Any, settings: LighthouseConfig | dict | None = Non
     merged.update(overrides)
     config = target.config if isinstance(target, PreTrainedModel) else target
     setattr(config, CONFIG_KEY, LighthouseConfig.from_dict(merged).to_dict())
-    dispatch.check_model_settings(config)
+    checked = dispatch.check_model_settings(config)
     if isinstance(target, PreTrainedModel):
+        dispatch.record_pre_norm_scores(target, checked)
         target.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
         set_config_attn_implementation(config, ATTN_IMPLEMENTATION)

@@ -20,7 +20,7 @@ def local_chunks(x, rank):
     return torch.cat([chunks[rank], chunks[2 * WORLD - 1 - rank]], dim=2)
 
 
-def worker(rank, port, seq, settings, heads, kv_heads):
+def worker(rank, port, seq, settings, heads, kv_heads, given_scores=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -30,12 +30,15 @@ def worker(rank, port, seq, settings, heads, kv_heads):
         k = torch.randn(2, kv_heads, seq, 8, generator=g)
         v = torch.randn(2, kv_heads, seq, 8, generator=g)
         weight = torch.randn(2, heads, seq, 8, generator=g)
+        scores = [torch.rand(2, h, seq, generator=g) for h in (heads, kv_heads)] if given_scores else None
         full = [x.clone().requires_grad_() for x in (q, k, v)]
-        expected = lighthouse_attention(*full, **settings)
+        given = dict(q_scores=scores[0], k_scores=scores[1]) if scores else {}
+        expected = lighthouse_attention(*full, **settings, **given)
         (expected * weight).sum().backward()
 
         local = [local_chunks(x, rank).requires_grad_() for x in (q, k, v)]
-        out = lighthouse_attention_context_parallel(*local, **settings)
+        given = {name: local_chunks(x[..., None], rank)[..., 0] for name, x in given.items()}
+        out = lighthouse_attention_context_parallel(*local, **settings, **given)
         (out * local_chunks(weight, rank)).sum().backward()
         assert rel_err(out, local_chunks(expected, rank)) < 1e-5
         for mine, theirs in zip(local, full):
@@ -54,6 +57,22 @@ def worker(rank, port, seq, settings, heads, kv_heads):
 )
 def test_two_ranks_equal_one(seq, settings, heads, kv_heads):
     mp.spawn(worker, args=(free_port(), seq, settings, heads, kv_heads), nprocs=WORLD)
+
+
+ROTARY = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "seq, settings, heads, kv_heads",
+    [
+        (8192, dict(levels=3, pooling=4, topk=512, rope_inv_freq=ROTARY, combine="mean"), 2, 1),
+        (6000, dict(levels=3, pooling=4, topk=256, rope_inv_freq=ROTARY, combine="mean"), 2, 2),
+    ],
+    ids=["aligned", "gathered"],
+)
+def test_two_ranks_equal_one_with_method_options(seq, settings, heads, kv_heads):
+    mp.spawn(worker, args=(free_port(), seq, settings, heads, kv_heads, True), nprocs=WORLD)
 
 
 def test_chunk_local_selection_is_the_global_selection():

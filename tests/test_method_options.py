@@ -3,6 +3,8 @@ given level-0 scores, and levels averaged instead of summed."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -154,3 +156,148 @@ def test_bad_options(kwargs, message):
     q, k, v = _inputs(1, 2, 1, 64, 8)
     with pytest.raises(ValueError, match=message):
         lighthouse_attention(q, k, v, **kwargs)
+
+
+# ---- through Transformers: config.lighthouse settings, the four families ----
+
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+import lighthouse_hf  # noqa: E402
+from helpers import FAMILIES, tiny_config  # noqa: E402
+from lighthouse_hf.rotary import rope_inv_freq  # noqa: E402
+
+SEQ = 2048
+ROPE_TYPES = {
+    "default": None,
+    "linear": dict(rope_type="linear", factor=2.0, rope_theta=10000.0),
+    "dynamic": dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0),
+    "yarn": dict(rope_type="yarn", factor=4.0, rope_theta=10000.0, original_max_position_embeddings=512),
+    "llama3": dict(rope_type="llama3", factor=8.0, rope_theta=500000.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=256),
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_TYPES))
+def test_rope_frequencies_are_the_models_own(rope_type):
+    overrides = dict(max_position_embeddings=1024)  # dynamic then rescales at SEQ = 2048
+    if ROPE_TYPES[rope_type] is not None:
+        overrides["rope_parameters"] = ROPE_TYPES[rope_type]
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", **overrides))
+    positions = torch.arange(SEQ)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, SEQ, 1), positions)
+    inv_freq = rope_inv_freq(model.config, SEQ, torch.device("cpu"))
+    angle = positions[0, :, None].double() * inv_freq.double()
+    scaling = model.model.rotary_emb.attention_scaling
+    half = inv_freq.shape[0]
+    assert half == cos.shape[-1] // 2
+    torch.testing.assert_close(cos[0, :, :half].double(), angle.cos() * scaling, rtol=0, atol=2e-6 * SEQ)
+    torch.testing.assert_close(sin[0, :, :half].double(), angle.sin() * scaling, rtol=0, atol=2e-6 * SEQ)
+
+
+def _calls_of_the_op(monkeypatch):
+    """The keyword arguments of every single-device Lighthouse op call, with its q and k."""
+    calls = []
+    original = lighthouse_hf.integration.lighthouse_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append(dict(kwargs, q=q.detach(), k=k.detach()))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(lighthouse_hf.integration, "lighthouse_attention", recording)
+    return calls
+
+
+def test_llama_span_end_passes_the_models_frequencies(monkeypatch):
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0], rope="span_end")
+    calls = _calls_of_the_op(monkeypatch)
+    ids = torch.randint(0, 128, (1, SEQ))
+    with torch.no_grad():
+        span_end = model(ids).logits
+        model.config.lighthouse["rope"] = "pooled"
+        pooled = model(ids).logits
+    assert len(calls) == 4  # layers 1 and 2, twice
+    torch.testing.assert_close(calls[0]["rope_inv_freq"], model.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    assert "rope_inv_freq" not in calls[2]
+    assert not torch.allclose(span_end, pooled, atol=1e-4)
+
+
+def test_qwen3_pre_norm_scores_select_by_content_at_initialization(monkeypatch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0])
+    calls = _calls_of_the_op(monkeypatch)
+    attention = model.model.layers[1].self_attn
+    inputs = {}
+    attention.register_forward_pre_hook(lambda module, args, kwargs: inputs.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, SEQ)))
+    call = calls[0]
+    # independently: the norms of q and k as projected, before q_norm / k_norm
+    hidden = inputs["hidden_states"]
+    shape = (*hidden.shape[:2], -1, attention.head_dim)
+    expected_q = torch.linalg.vector_norm(attention.q_proj(hidden).view(shape), dim=-1).transpose(1, 2)
+    expected_k = torch.linalg.vector_norm(attention.k_proj(hidden).view(shape), dim=-1).transpose(1, 2)
+    torch.testing.assert_close(call["q_scores"], expected_q)
+    torch.testing.assert_close(call["k_scores"], expected_k)
+    # the normalized q and k the published scores would use tie (sqrt(head_dim) everywhere at init)
+    post_norm = torch.linalg.vector_norm(call["q"], dim=-1)
+    assert (post_norm.max() - post_norm.min()) / post_norm.mean() < 1e-3
+    plan = LighthousePlan(SEQ, 3, 4, 128)
+    content = reference.select(call["q"], call["k"], plan, q_scores=call["q_scores"], k_scores=call["k_scores"])
+    tie_break = reference.select(call["q"], call["k"], plan)
+    assert not torch.equal(content.index, tie_break.index)
+    # the op fed the pre-norm norms is what the layer ran
+    out = lighthouse_attention(call["q"], call["k"], call["k"], levels=3, pooling=4, topk=128,
+                               q_scores=call["q_scores"], k_scores=call["k_scores"])
+    again = lighthouse_attention(call["q"], call["k"], call["k"], levels=3, pooling=4, topk=128)
+    assert not torch.equal(out, again)
+
+
+def test_first_call_without_recorded_norms_warns_and_scores_q_and_k(tmp_path):
+    config = tiny_config("qwen3")
+    config.lighthouse = {"topk": 128, "dense_layers": [0]}
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lighthouse")
+    ids = torch.randint(0, 128, (1, SEQ))
+    with pytest.warns(lighthouse_hf.LighthouseWarning, match="found no recorded norms for this call"), torch.no_grad():
+        model(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lighthouse_hf.LighthouseWarning)
+        with torch.no_grad():
+            model(ids)  # recorded from now on
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_option_through_from_pretrained(family, tmp_path):
+    config = tiny_config(family)
+    options = dict(rope="span_end", scores="pre_norm", combine="mean")
+    config.lighthouse = {"topk": 128, "dense_layers": [0], **options}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lighthouse")
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0], **options)
+    ids = torch.randint(0, 128, (1, SEQ))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.config.lighthouse["combine"] == "mean" and model.config.lighthouse["rope"] == "span_end"
+    with torch.no_grad():
+        model.config.lighthouse.update(rope="pooled", combine="sum")
+        assert not torch.allclose(model(ids).logits, out.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"rope": "end"}, "config.lighthouse: rope must be one of 'pooled', 'span_end', got 'end'"),
+        ({"scores": "norm"}, "config.lighthouse: scores must be one of 'pre_norm', 'qk'"),
+        ({"combine": "max"}, "config.lighthouse: combine must be one of 'sum', 'mean'"),
+        ({"selection": "random"}, "config.lighthouse: selection must be one of"),
+    ],
+)
+def test_bad_option_settings(settings, message):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**tiny_config("llama").to_dict(), "lighthouse": settings}),
+                                             attn_implementation="lighthouse")
+    with pytest.raises(ValueError, match=message):
+        model(torch.randint(0, 128, (1, 16)))

@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -115,5 +116,8 @@ def test_family_adapters_state_the_per_head_qk_norm():
     attention = qwen3.model.layers[0].self_attn
     assert all(isinstance(getattr(attention, name), torch.nn.Module) for name in names)
     with pytest.warns(LighthouseWarning, match=r"qwen3: each head's q and k pass an RMSNorm \(q_norm, k_norm\)"):
-        apply_lighthouse(qwen3, topk=128, dense_layers=[0])
+        apply_lighthouse(qwen3, topk=128, dense_layers=[0], scores="qk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        apply_lighthouse(qwen3, topk=128, dense_layers=[0])  # scores="pre_norm": nothing ties
     assert patches.adapter_for(Qwen2Config(**sizes)).per_head_qk_norm is None

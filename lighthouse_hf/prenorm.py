@@ -1,0 +1,51 @@
+"""Level-0 scores from before a family's per-head q/k norm (``scores="pre_norm"``).
+
+Qwen3 passes each head's q and k through an RMSNorm (``q_norm``, ``k_norm``) before the attention
+function sees them, so their norms are ``sqrt(head_dim)`` times the norm weight's RMS at every
+position: all scores tie at initialization. The norms *entering* those RMSNorms carry the content.
+A forward pre-hook on each norm records them, ``[B, H, S]`` float32, on the norm module; the
+attention call that follows in the same layer takes them (and clears them). The hook runs again
+wherever the layer's forward does (activation checkpointing's recomputation included), so a call
+always reads the norms of its own inputs. The hooks are installed by ``apply_lighthouse`` or by a
+layer's first attention call (dense or not); a Lighthouse call that finds no recorded norms (the
+very first call of a layer loaded with ``attn_implementation="lighthouse"``) scores the norms of q
+and k as given, and warns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RECORDED = "lighthouse_input_norms"
+"""Attribute of a q/k norm module holding the norms of its last input, until an attention call takes them."""
+_HOOKED = "lighthouse_records_input_norms"
+
+
+def _record_input_norms(norm: torch.nn.Module, args: tuple) -> None:
+    # The norm's input is [B, S, heads, head_dim]; attention works in [B, heads, S].
+    setattr(norm, RECORDED, torch.linalg.vector_norm(args[0], dim=-1, dtype=torch.float32).transpose(1, 2))
+
+
+def install(attention: torch.nn.Module, norm_names: tuple[str, str]) -> None:
+    """Record the input norms of ``attention``'s per-head q and k norms from now on (idempotent)."""
+    for name in norm_names:
+        norm = getattr(attention, name, None)
+        if not isinstance(norm, torch.nn.Module):
+            raise ValueError(
+                f"{type(attention).__name__} has no module {name!r}, which its family adapter names as a per-head "
+                'q/k norm; set config.lighthouse["scores"] = "qk"'
+            )
+        if not getattr(norm, _HOOKED, False):
+            norm.register_forward_pre_hook(_record_input_norms)
+            setattr(norm, _HOOKED, True)
+
+
+def take(attention: torch.nn.Module, norm_names: tuple[str, str], query: torch.Tensor, key: torch.Tensor):
+    """The recorded norms of this call's q and k (``[B, H, S]``, ``[B, Hkv, S]``), or None."""
+    recorded = []
+    for name, x in zip(norm_names, (query, key)):
+        norm = getattr(attention, name)
+        scores = getattr(norm, RECORDED, None)
+        setattr(norm, RECORDED, None)
+        recorded.append(scores if scores is not None and scores.shape == x.shape[:3] else None)
+    return None if any(scores is None for scores in recorded) else tuple(recorded)
