@@ -209,11 +209,11 @@ def test_lighthouse_kernels_bitwise_deterministic_by_default(shape):
     settings = tuple(shape[5:])
     runs = []
     for _ in range(2):
-        entry_local, entry_row, inverse, means = fused._select_impl(q, k, *settings)
-        gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, means, *settings)
-        scattered = fused._scatter_impl(gathered[2], inverse, entry_local, entry_row, shape[3], *settings)
-        grad_sel = fused._scatter_backward_impl(q, entry_local, entry_row, *settings)
-        grads = fused._gather_backward_impl(*gathered, inverse, shape[2], shape[3], *settings)
+        entry_local, entry_row, inverse, means = fused._select_impl(q, k, None, None, False, *settings)
+        gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, means, None, *settings)
+        scattered, _ = fused._scatter_impl(gathered[2], inverse, entry_local, entry_row, shape[3], False, *settings)
+        grad_sel = fused._scatter_backward_impl(q, q.new_empty(0, dtype=torch.float32), entry_local, entry_row, *settings)
+        grads = fused._gather_backward_impl(*gathered, inverse, None, shape[2], shape[3], *settings)
         runs.append((entry_local, entry_row, inverse, means, *gathered, scattered, grad_sel, *grads))
     for first, second in zip(*runs):
         assert torch.equal(first, second)

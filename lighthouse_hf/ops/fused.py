@@ -21,7 +21,7 @@ q/k/v rows in causal order; SDPA; ``scatter_entries`` -> the output over all pos
 
 import functools
 import importlib.util
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +68,20 @@ def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
     return q.dtype != torch.float32 and plan.coarse_width <= block_p
 
 
-def _means_in_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
+def _means_in_score_pass(q: torch.Tensor, plan: LighthousePlan, given_scores: bool = False, rope: bool = False) -> bool:
     """Whether the score pass also writes the coarsest means of q and k. Spans of up to 16 positions:
-    the compiler keeps a wider span's block whole (168-206 registers per thread at D=128)."""
-    return _triton_score_pass(q, plan) and plan.coarse_width <= 16
+    the compiler keeps a wider span's block whole (168-206 registers per thread at D=128). Not with
+    given scores (no score pass) nor span-end RoPE (its means rotate each position first)."""
+    return not given_scores and not rope and _triton_score_pass(q, plan) and plan.coarse_width <= 16
 
 
 def _score_pyramids(
-    q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: LighthousePlan,
+    q_scores: torch.Tensor | None = None,
+    k_scores: torch.Tensor | None = None,
+    rope: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
@@ -85,17 +91,20 @@ def _score_pyramids(
     selections) are identical to it. Half-precision inputs take one Triton pass over q and k that
     also max-pools (the ATen reduction with an upcast ran at a third of the memory bandwidth, and
     the pyramid cost a dozen small launches); its float32 sums may differ from ATen's in the last bit.
+    Given level-0 scores (``q_scores``, ``k_scores``) are max-pooled by ATen like the float32 norms.
     """
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
+    if q_scores is not None:
+        return _aten_score_pyramid(q_scores, plan, stride), _aten_score_pyramid(k_scores, plan, stride), q.new_empty(0)
     if not _triton_score_pass(q, plan):
         return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride), q.new_empty(0)
     block_d = _next_power_of_2(dim)
     block_p = _positions_per_program(block_d, _SCORE_BLOCK_ELEMENTS)
     rows = batch * (heads + kv_heads)
     scores = torch.empty(rows, plan.levels - 1, stride, dtype=torch.float32, device=q.device)
-    with_means = _means_in_score_pass(q, plan)
+    with_means = _means_in_score_pass(q, plan, rope=rope)
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
@@ -107,10 +116,14 @@ def _score_pyramids(
 
 
 def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> torch.Tensor:
+    """From ``x`` ``[B, h, S, D]`` (scores are its norms) or ``[B, h, S]`` (given level-0 scores)."""
     real = x[:, :, : plan.real_len]
-    norms = torch.linalg.vector_norm(real, dim=-1) if x.dtype == torch.float32 else torch.linalg.vector_norm(
-        real, dim=-1, dtype=torch.float32
-    )
+    if x.dim() == 3:
+        norms = real.float()
+    elif x.dtype == torch.float32:
+        norms = torch.linalg.vector_norm(real, dim=-1)
+    else:
+        norms = torch.linalg.vector_norm(real, dim=-1, dtype=torch.float32)
     norms = F.pad(norms.flatten(0, 1), (0, plan.padded_len - plan.real_len), value=-1.0)
     out = norms.new_empty(norms.shape[0], plan.levels - 1, stride)
     for level in range(1, plan.levels):
@@ -122,7 +135,9 @@ def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> t
 Tensor = torch.Tensor
 
 
-def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _select_impl(
+    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool, levels: int, pooling: int, topk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
@@ -140,7 +155,7 @@ def _select_impl(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> 
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    q_scores, k_scores, means = _score_pyramids(q, k, plan)
+    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope)
     kernels.select_kernel[(plan.tiles, heads, batch)](
         q_scores,
         k_scores,
@@ -175,9 +190,10 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
     return parts + [(plan.levels - 1, (plan.levels - 1) * per_level, plan.n_coarse_padded)]
 
 
-def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None):
+def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None, inv_freq=None, counts=None):
     """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``means``:
-    the score pass's coarsest means of q and k, when it wrote them."""
+    the score pass's coarsest means of q and k, when it wrote them; ``inv_freq``: span-end RoPE;
+    ``counts``: the scatter's contribution counts (the gradient of ``combine="mean"``)."""
     kernels = _kernels()
     src_q = sources[0]
     batch, heads, seq_len, dim = src_q.shape
@@ -189,6 +205,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,
+        dst_q if inv_freq is None else inv_freq, dst_q if counts is None else counts,
         heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
         *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
         LEVELS=plan.levels,
@@ -198,18 +215,23 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
         WITH_KV=with_kv,
         COARSE_MEANS=means is not None,
         BLOCK_D=block_d,
+        ROPE_HALF=0 if inv_freq is None else inv_freq.shape[0],
+        MEAN=counts is not None,
         num_warps=4,
     )
 
 
-def _run_positions(sources, destinations, inverse, plan, *, shifted: bool):
+def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, inv_freq=None, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
-    source for an output over the query heads, two (dk and dv) for outputs over the KV heads."""
+    source for an output over the query heads, two (dk and dv) for outputs over the KV heads;
+    ``inv_freq``: rotate the first source back from span ends (span-end RoPE's gradient);
+    ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
     block_p = _positions_per_program(block_d, _POSITION_BLOCK_ELEMENTS)
     _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
+        inverse if inv_freq is None else inv_freq, inverse if counts is None else counts,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         LEVELS=plan.levels,
         POOL=plan.pooling,
@@ -217,6 +239,8 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool):
         TWO=len(sources) == 2,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
+        ROPE_HALF=0 if inv_freq is None else inv_freq.shape[0],
+        MEAN=counts is not None,
         num_warps=4,
     )
 
@@ -231,47 +255,59 @@ def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _gather_impl(
     q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, means: Tensor,
-    levels: int, pooling: int, topk: int,
+    rope_inv_freq: Optional[Tensor], levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads, _, dim = q.shape
     n = entry_local.shape[-1]
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
-    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means.numel() else None)
+    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means.numel() else None,
+                 inv_freq=_frequencies(rope_inv_freq))
     return tuple(out)
 
 
+def _frequencies(rope_inv_freq: Tensor | None) -> Tensor | None:
+    return None if rope_inv_freq is None else rope_inv_freq.float().contiguous()
+
+
 def _gather_backward_impl(
-    dq_sel: Tensor, dk_sel: Tensor, dv_sel: Tensor, inverse: Tensor, kv_heads: int, seq_len: int, levels: int, pooling: int, topk: int
+    dq_sel: Tensor, dk_sel: Tensor, dv_sel: Tensor, inverse: Tensor, rope_inv_freq: Optional[Tensor], kv_heads: int,
+    seq_len: int, levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = plan_for(seq_len, levels, pooling, topk)
     batch, heads, _, dim = dq_sel.shape
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False)
-    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
+    inv_freq = _frequencies(rope_inv_freq)
+    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, inv_freq=inv_freq)
+    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False, inv_freq=inv_freq)
     return dq, dk, dv
 
 
 def _scatter_impl(
-    out_sel: Tensor, inverse: Tensor, entry_local: Tensor, entry_row: Tensor, seq_len: int, levels: int, pooling: int, topk: int
-) -> Tensor:
+    out_sel: Tensor, inverse: Tensor, entry_local: Tensor, entry_row: Tensor, seq_len: int, mean: bool, levels: int,
+    pooling: int, topk: int,
+) -> tuple[Tensor, Tensor]:
+    """The output over positions and, with ``mean``, how many entries reach each position
+    (``[B*H, S]`` float32, saved for the backward; else an empty tensor)."""
     plan = plan_for(seq_len, levels, pooling, topk)
     batch, heads, _, dim = out_sel.shape
     out = out_sel.new_empty(batch, heads, seq_len, dim)
-    _run_positions([out_sel.contiguous()], [out], inverse, plan, shifted=True)
-    return out
+    counts = out_sel.new_empty(batch * heads, seq_len, dtype=torch.float32) if mean else out_sel.new_empty(0, dtype=torch.float32)
+    _run_positions([out_sel.contiguous()], [out], inverse, plan, shifted=True, counts=counts if mean else None)
+    return out, counts
 
 
 def _scatter_backward_impl(
-    grad_out: Tensor, entry_local: Tensor, entry_row: Tensor, levels: int, pooling: int, topk: int
+    grad_out: Tensor, counts: Tensor, entry_local: Tensor, entry_row: Tensor, levels: int, pooling: int, topk: int
 ) -> Tensor:
     plan = plan_for(grad_out.shape[2], levels, pooling, topk)
     batch, heads, _, dim = grad_out.shape
     grad_sel = grad_out.new_empty(batch, heads, entry_local.shape[-1], dim)
-    _run_entries([_last_axis_contiguous(grad_out)], [grad_sel], entry_local, entry_row, plan, shifted=True)
+    _run_entries([_last_axis_contiguous(grad_out)], [grad_sel], entry_local, entry_row, plan, shifted=True,
+                 counts=counts if counts.numel() else None)
     return grad_sel
 
 
@@ -289,24 +325,25 @@ _scatter_backward_op = torch.library.custom_op(
 
 
 @_select_op.register_fake
-def _(q, k, levels, pooling, topk):
+def _(q, k, q_scores, k_scores, rope, levels, pooling, topk):
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if _means_in_score_pass(q, plan) else q.new_empty(0)
+    with_means = _means_in_score_pass(q, plan, q_scores is not None, rope)
+    means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if with_means else q.new_empty(0)
     return listing, torch.empty_like(listing), inverse, means
 
 
 @_gather_op.register_fake
-def _(q, k, v, entry_local, entry_row, inverse, means, levels, pooling, topk):
+def _(q, k, v, entry_local, entry_row, inverse, means, rope_inv_freq, levels, pooling, topk):
     shape = (*q.shape[:2], entry_local.shape[-1], q.shape[-1])
     return tuple(q.new_empty(shape) for _ in range(3))
 
 
 @_gather_backward_op.register_fake
-def _(dq_sel, dk_sel, dv_sel, inverse, kv_heads, seq_len, levels, pooling, topk):
+def _(dq_sel, dk_sel, dv_sel, inverse, rope_inv_freq, kv_heads, seq_len, levels, pooling, topk):
     batch, heads, _, dim = dq_sel.shape
     return (
         dq_sel.new_empty(batch, heads, seq_len, dim),
@@ -316,36 +353,38 @@ def _(dq_sel, dk_sel, dv_sel, inverse, kv_heads, seq_len, levels, pooling, topk)
 
 
 @_scatter_op.register_fake
-def _(out_sel, inverse, entry_local, entry_row, seq_len, levels, pooling, topk):
-    return out_sel.new_empty(*out_sel.shape[:2], seq_len, out_sel.shape[-1])
+def _(out_sel, inverse, entry_local, entry_row, seq_len, mean, levels, pooling, topk):
+    batch, heads = out_sel.shape[:2]
+    counts_shape = (batch * heads, seq_len) if mean else (0,)
+    return out_sel.new_empty(batch, heads, seq_len, out_sel.shape[-1]), out_sel.new_empty(counts_shape, dtype=torch.float32)
 
 
 @_scatter_backward_op.register_fake
-def _(grad_out, entry_local, entry_row, levels, pooling, topk):
+def _(grad_out, counts, entry_local, entry_row, levels, pooling, topk):
     return grad_out.new_empty(*grad_out.shape[:2], entry_local.shape[-1], grad_out.shape[-1])
 
 
 def _gather_setup(ctx, inputs, output):
-    q, k, _, _, _, inverse, _, levels, pooling, topk = inputs
-    ctx.save_for_backward(inverse)
+    q, k, _, _, _, inverse, _, rope_inv_freq, levels, pooling, topk = inputs
+    ctx.save_for_backward(inverse, rope_inv_freq)
     ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
 
 
 def _gather_backward(ctx, dq_sel, dk_sel, dv_sel):
-    (inverse,) = ctx.saved_tensors
-    dq, dk, dv = _gather_backward_op(dq_sel, dk_sel, dv_sel, inverse, *ctx.settings)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    inverse, rope_inv_freq = ctx.saved_tensors
+    dq, dk, dv = _gather_backward_op(dq_sel, dk_sel, dv_sel, inverse, rope_inv_freq, *ctx.settings)
+    return dq, dk, dv, *(None,) * 8
 
 
 def _scatter_setup(ctx, inputs, output):
-    _, _, entry_local, entry_row, _, levels, pooling, topk = inputs
-    ctx.save_for_backward(entry_local, entry_row)
+    _, _, entry_local, entry_row, _, _, levels, pooling, topk = inputs
+    ctx.save_for_backward(output[1], entry_local, entry_row)
     ctx.settings = (levels, pooling, topk)
 
 
-def _scatter_backward(ctx, grad_out):
-    entry_local, entry_row = ctx.saved_tensors
-    return _scatter_backward_op(grad_out, entry_local, entry_row, *ctx.settings), None, None, None, None, None, None, None
+def _scatter_backward(ctx, grad_out, _grad_counts):
+    counts, entry_local, entry_row = ctx.saved_tensors
+    return _scatter_backward_op(grad_out, counts, entry_local, entry_row, *ctx.settings), *(None,) * 8
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -356,30 +395,31 @@ class _GatherEntries(torch.autograd.Function):
     """Eager twin of ``gather_entries`` (autograd.Function calls cost less host time than custom ops)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, entry_local, entry_row, inverse, means, levels, pooling, topk):
-        ctx.save_for_backward(inverse)
+    def forward(ctx, q, k, v, entry_local, entry_row, inverse, means, rope_inv_freq, levels, pooling, topk):
+        ctx.save_for_backward(inverse, rope_inv_freq)
         ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
-        return _gather_impl(q, k, v, entry_local, entry_row, inverse, means, levels, pooling, topk)
+        return _gather_impl(q, k, v, entry_local, entry_row, inverse, means, rope_inv_freq, levels, pooling, topk)
 
     @staticmethod
     def backward(ctx, dq_sel, dk_sel, dv_sel):
-        (inverse,) = ctx.saved_tensors
-        return (*_gather_backward_impl(dq_sel, dk_sel, dv_sel, inverse, *ctx.settings), *(None,) * 7)
+        inverse, rope_inv_freq = ctx.saved_tensors
+        return (*_gather_backward_impl(dq_sel, dk_sel, dv_sel, inverse, rope_inv_freq, *ctx.settings), *(None,) * 8)
 
 
 class _ScatterEntries(torch.autograd.Function):
     """Eager twin of ``scatter_entries``."""
 
     @staticmethod
-    def forward(ctx, out_sel, inverse, entry_local, entry_row, seq_len, levels, pooling, topk):
-        ctx.save_for_backward(entry_local, entry_row)
+    def forward(ctx, out_sel, inverse, entry_local, entry_row, seq_len, mean, levels, pooling, topk):
+        out, counts = _scatter_impl(out_sel, inverse, entry_local, entry_row, seq_len, mean, levels, pooling, topk)
+        ctx.save_for_backward(counts, entry_local, entry_row)
         ctx.settings = (levels, pooling, topk)
-        return _scatter_impl(out_sel, inverse, entry_local, entry_row, seq_len, levels, pooling, topk)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        entry_local, entry_row = ctx.saved_tensors
-        return _scatter_backward_impl(grad_out, entry_local, entry_row, *ctx.settings), None, None, None, None, None, None, None
+        counts, entry_local, entry_row = ctx.saved_tensors
+        return _scatter_backward_impl(grad_out, counts, entry_local, entry_row, *ctx.settings), *(None,) * 8
 
 
 class Listing(NamedTuple):
@@ -396,25 +436,35 @@ def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
     return plan.levels, plan.pooling, plan.topk
 
 
-def select_entries(q: Tensor, k: Tensor, plan: LighthousePlan) -> Listing:
-    """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence."""
+def select_entries(
+    q: Tensor, k: Tensor, plan: LighthousePlan, q_scores: Tensor | None = None, k_scores: Tensor | None = None,
+    rope: bool = False,
+) -> Listing:
+    """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence; ``q_scores`` and
+    ``k_scores``: level-0 scores instead of the norms; ``rope``: span-end RoPE follows (the score
+    pass then writes no coarsest means)."""
     select = _select_op if torch.compiler.is_compiling() else _select_impl
-    return Listing(*select(q.detach(), k.detach(), *_settings(plan)))
+    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan)))
 
 
-def gather_entries(listing: Listing, q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan) -> tuple[Tensor, Tensor, Tensor]:
-    """Steps 1 and 5's inputs: the pooled q, k and v rows of every entry in causal order; differentiable.
+def gather_entries(
+    listing: Listing, q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan, rope_inv_freq: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1 and 5's inputs: the pooled q, k and v rows of every entry in causal order (q and k at
+    span end with ``rope_inv_freq``); differentiable.
 
     Compiled code sees the custom op; eager calls take its ``autograd.Function`` twin, which runs
     the same kernels with less host time on the critical path."""
     gather = _gather_op if torch.compiler.is_compiling() else _GatherEntries.apply
-    return gather(q, k, v, *listing, *_settings(plan))
+    return gather(q, k, v, *listing, rope_inv_freq, *_settings(plan))
 
 
-def scatter_entries(listing: Listing, out_sel: Tensor, length: int, plan: LighthousePlan) -> Tensor:
-    """Step 6: the compressed outputs summed back onto positions ``0..length-1``; differentiable."""
-    scatter = _scatter_op if torch.compiler.is_compiling() else _ScatterEntries.apply
-    return scatter(out_sel, listing.inverse, listing.entry_local, listing.entry_row, length, *_settings(plan))
+def scatter_entries(listing: Listing, out_sel: Tensor, length: int, plan: LighthousePlan, mean: bool = False) -> Tensor:
+    """Step 6: the compressed outputs summed (``mean``: averaged) back onto positions ``0..length-1``;
+    differentiable."""
+    if torch.compiler.is_compiling():
+        return _scatter_op(out_sel, listing.inverse, listing.entry_local, listing.entry_row, length, mean, *_settings(plan))[0]
+    return _ScatterEntries.apply(out_sel, listing.inverse, listing.entry_local, listing.entry_row, length, mean, *_settings(plan))
 
 
 def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tensor, plan: LighthousePlan) -> Selection:

@@ -238,18 +238,47 @@ def select_kernel(
 
 
 @triton.jit
-def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask,
-                WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum over ``WIDTH`` consecutive positions from ``first`` of one head of ``src``: [BLOCK_R, BLOCK_D] fp32."""
+def _rotary(d, inv_freq, HALF: tl.constexpr):
+    """For dimension ``d`` of a rotate_half rotary pair: its partner dimension, the sign of the
+    partner's term, and the inverse frequency of the pair (0 past the rotated ``2 * HALF`` dims)."""
+    rotated = d < 2 * HALF
+    first_half = d < HALF
+    partner = tl.where(first_half, d + HALF, tl.where(rotated, d - HALF, d))
+    sign = tl.where(first_half, -1.0, 1.0)
+    frequency = tl.load(inv_freq + tl.where(first_half, d, d - HALF), mask=rotated, other=0.0)
+    return partner, sign, frequency
+
+
+@triton.jit
+def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask, inv_freq, counts,
+                WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                ROTATE: tl.constexpr, HALF: tl.constexpr, DIVIDE: tl.constexpr):
+    """Sum over ``WIDTH`` consecutive positions from ``first`` of one head of ``src``: [BLOCK_R, BLOCK_D] fp32.
+
+    ``ROTATE`` (``rope="span_end"``): each position's row is first rotated by ``end - t`` positions,
+    ``end = first + WIDTH - 1`` (rotary pairs ``(i, i + HALF)``, frequencies ``inv_freq``).
+    ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
+    where any entry reaches it), ``counts`` pointing at this head's row of counts."""
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     steps = tl.arange(0, CHUNK)
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    if ROTATE:
+        partner, sign, frequency = _rotary(d, inv_freq, HALF)
     for step in range(0, WIDTH, CHUNK):
         position = first[:, None] + step + steps[None, :]
         live = use[:, None] & (position < seq_len)
         offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
-        rows = tl.load(base + offsets, mask=live[:, :, None] & d_mask[None, None, :], other=0.0)
-        total += tl.sum(rows.to(tl.float32), axis=1)
+        mask = live[:, :, None] & d_mask[None, None, :]
+        rows = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+        if ROTATE:
+            partner_offsets = position.to(tl.int64)[:, :, None] * stride_s + partner[None, None, :]
+            partners = tl.load(base + partner_offsets, mask=mask, other=0.0).to(tl.float32)
+            angle = (WIDTH - 1 - step - steps).to(tl.float32)[:, None] * frequency[None, :]  # [CHUNK, BLOCK_D]
+            rows = rows * tl.cos(angle)[None, :, :] + partners * (sign[None, :] * tl.sin(angle))[None, :, :]
+        if DIVIDE:
+            count = tl.load(counts + position, mask=live, other=1.0)
+            rows = rows / tl.maximum(count, 1.0)[:, :, None]
+        total += tl.sum(rows, axis=1)
     return total
 
 
@@ -262,11 +291,12 @@ def entries_per_program(width: int, block_d: int) -> int:
 
 @triton.jit
 def _level_entries(
-    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means,
+    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, inv_freq, counts,
     block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
     SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, COARSE_MEANS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE_HALF: tl.constexpr, MEAN: tl.constexpr,
 ):
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
     ``level_first_block``); returns where the next level's blocks start."""
@@ -275,6 +305,8 @@ def _level_entries(
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
+    ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
+    DIVIDE: tl.constexpr = MEAN and SHIFTED
     if LEVEL < LEVELS - 1:
         listed_len = POOL * TOPK
     else:
@@ -300,13 +332,17 @@ def _level_entries(
             tl.store(dst_q + out, tl.load(means + q_mean, mask=out_mask), mask=out_mask)
             tl.store(dst_k + out, tl.load(means + k_mean, mask=out_mask), mask=out_mask)
         else:
-            total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+            total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask,
+                                inv_freq, counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D,
+                                ROTATE, ROPE_HALF, DIVIDE)
             tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
             if WITH_KV:
-                total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+                total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d,
+                                    d_mask, inv_freq, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, ROTATE, ROPE_HALF, False)
                 tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
         if WITH_KV:
-            total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d, d_mask, WIDTH, CHUNK, BLOCK_R, BLOCK_D)
+            total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d,
+                                d_mask, inv_freq, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False, ROPE_HALF, False)
             tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
     return level_first_block + level_blocks
 
@@ -317,6 +353,8 @@ def entries_kernel(
     dst_q, dst_k, dst_v,  # [B*H, selected_len, D] contiguous
     entry_local, entry_row,  # [B*H, selected_len] int32, level-major
     means,  # with COARSE_MEANS: [B*H + B*Hkv, coarse_len, D], the coarsest means of q and k
+    inv_freq,  # with ROPE_HALF > 0: [ROPE_HALF] float32 rotary inverse frequencies
+    counts,  # with MEAN and SHIFTED: [B*H, S] float32, how many entries reach each position
     heads, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
@@ -328,6 +366,8 @@ def entries_kernel(
     WITH_KV: tl.constexpr,
     COARSE_MEANS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROPE_HALF: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
     """Rows of every entry: for an entry of width ``c = POOL**level`` and local index ``j``, the mean
     of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
@@ -336,7 +376,10 @@ def entries_kernel(
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each
     level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
-    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote."""
+    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
+    (``rope="span_end"``, not with ``SHIFTED``): pooled q and k rows rotate each position to the
+    span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
+    position's gradient is divided by its ``counts``."""
     block = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -344,10 +387,10 @@ def entries_kernel(
     level_first_block = 0
     for level in tl.static_range(LEVELS):
         level_first_block = _level_entries(
-            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means,
+            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, inv_freq, counts,
             block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
             q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
-            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D,
+            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D, ROPE_HALF, MEAN,
         )
 
 
@@ -356,6 +399,8 @@ def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
     inverse,  # [B*H, LEVELS, padded_len] int32
+    inv_freq,  # with ROPE_HALF > 0: [ROPE_HALF] float32 rotary inverse frequencies
+    counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     group, seq_len, dim, selected_len, padded_len, real_len,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
@@ -363,12 +408,19 @@ def positions_kernel(
     TWO: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROPE_HALF: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
     """Per position (grid: blocks, output heads, B): the sum over levels, then over the ``group``
     query heads of the output head (in head order), of the compressed row that covers it, from
     ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
     ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
-    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling)."""
+    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling).
+
+    ``ROPE_HALF > 0`` (not with ``SHIFTED``; the gradient of span-end pooling): rows of ``src_a``
+    at levels >= 1 rotate back by ``end - t`` positions, ``end`` the last position of the entry's
+    span. ``MEAN`` (with ``SHIFTED``, one source; ``combine="mean"``): the sum is divided by how
+    many levels reach the position, which is written to ``counts``."""
     block = tl.program_id(0)
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     position = block * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -377,6 +429,9 @@ def positions_kernel(
     d_mask = d < dim
     total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    reached = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if ROPE_HALF > 0:
+        partner, sign, frequency = _rotary(d, inv_freq, ROPE_HALF)
     for level in tl.static_range(LEVELS):
         # The level's entry width is POOL**level (a compile-time constant, so divisions are shifts).
         if SHIFTED:
@@ -394,9 +449,21 @@ def positions_kernel(
             found = covered & (row >= 0)
             offsets = (head * selected_len + row)[:, None] * dim + d[None, :]
             mask = found[:, None] & d_mask[None, :]
-            total_a += tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+            rows_a = tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32)
+            if ROPE_HALF > 0 and level > 0:
+                # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c
+                partners = tl.load(src_a + (head * selected_len + row)[:, None] * dim + partner[None, :],
+                                   mask=mask, other=0.0).to(tl.float32)
+                angle = (POOL**level - 1 - position % POOL**level).to(tl.float32)[:, None] * frequency[None, :]
+                rows_a = rows_a * tl.cos(angle) - partners * sign[None, :] * tl.sin(angle)
+            total_a += rows_a * weight
             if TWO:
                 total_b += tl.load(src_b + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+            if MEAN:
+                reached += found.to(tl.float32)
+    if MEAN:
+        total_a = total_a / tl.maximum(reached, 1.0)[:, None]
+        tl.store(counts + bx.to(tl.int64) * seq_len + position, reached, mask=p_mask)
     out = (bx.to(tl.int64) * seq_len + position)[:, None] * dim + d[None, :]
     out_mask = p_mask[:, None] & d_mask[None, :]
     tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)

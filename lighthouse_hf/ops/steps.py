@@ -37,10 +37,6 @@ class MethodOptions(NamedTuple):
     k_scores: torch.Tensor | None = None
     mean: bool = False
 
-    @property
-    def published(self) -> bool:
-        return self.rope_inv_freq is None and self.q_scores is None and self.k_scores is None and not self.mean
-
 
 PUBLISHED = MethodOptions()
 
@@ -57,8 +53,9 @@ class SelectedEntries(NamedTuple):
 
 def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan, options: MethodOptions = PUBLISHED) -> SelectedEntries:
     """Steps 2-4 for ``q`` ``[B, H, S, D]`` and ``k`` ``[B, Hkv, S, D]`` with ``S == plan.seq_len``."""
-    if fused.handles(q) and options.published:
-        return SelectedEntries(plan, options, fused.select_entries(q, k, plan), None)
+    if fused.handles(q):
+        rope = options.rope_inv_freq is not None
+        return SelectedEntries(plan, options, fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope), None)
     selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores)
     return SelectedEntries(plan, options, None, selection)
 
@@ -68,7 +65,7 @@ def gather(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1 and the gather: ``[B, H, compressed_len, D]`` each, in causal order; differentiable."""
     if entries.listing is not None:
-        return fused.gather_entries(entries.listing, q, k, v, entries.plan)
+        return fused.gather_entries(entries.listing, q, k, v, entries.plan, entries.options.rope_inv_freq)
     index, rope = entries.selection.index, entries.options.rope_inv_freq
     return tuple(
         reference.gather_entries(reference.pyramid(x, entries.plan, rotary), index)
@@ -88,5 +85,5 @@ def scatter(entries: SelectedEntries, out_sel: torch.Tensor, length: int, *, com
     op sums first and divides once the halo has arrived)."""
     mean = entries.options.mean if combine_mean is None else combine_mean
     if entries.listing is not None:
-        return fused.scatter_entries(entries.listing, out_sel, length, entries.plan)
+        return fused.scatter_entries(entries.listing, out_sel, length, entries.plan, mean)
     return reference.scatter_back(out_sel, entries.selection, length, mean)
