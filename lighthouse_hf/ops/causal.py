@@ -33,39 +33,40 @@ candidate i compares against the running means of the query and key scores of ca
 ``0 .. i-1`` of the same tile and level (summed in float64; candidate 0 has no threshold).
 Taken candidates are the selected (refined) entries; the others are rejected, as published.
 
-**Why the output at t cannot see inputs after t.** Write ``start(x)`` for the first token of
-entry x. (a) The decision for a candidate x depends only on inputs at positions <= ``start(x)``:
-its score does; so do the scores of the candidates before it in the tile (they start earlier);
-whether those candidates (and x) exist at all is decided by their parents one level up, which start
-no later, so this holds by induction from the coarsest level, whose candidates are fixed; the
-position i and the forcing test use only the count of earlier candidates and the fixed N; the
-thresholds use tile ``T-1``'s candidates, all before the tile, or the earlier candidates of tile 0.
-(b) Hence the set of entries whose span ends at or before t, with their refined flags, is a
-function of the inputs <= t: an entry's existence is its ancestors' decisions and its flag its own,
-and all of them start at or before its first token. (c) The output at t is the sum, over levels,
-of the SDPA output of the entry of that level whose span ends in ``(t - c, t]`` (zero if it is
-not an entry); such an entry E ends at or before t. Every entry ordered before E (position key
-smaller) ends at or before E's last token: a leaf (rejected or level-0 entry) starting before a
-leaf's start, or before a refined entry's key, ends by then because the leaves partition the
-sequence, and a refined entry's key is one step past its span's end. So by (b) the number of rows
-before E, and the content of those rows and of E's row (means over spans <= t), are functions of
-the inputs <= t, and causal SDPA gives row r a value computed from rows 0..r only (bit for bit on
-the PyTorch CPU kernel; the tests check it). (d) Padding and the tail past the last full coarse
-block change nothing: padding entries start at or after the real blocks' end, come after every
-real candidate in scan order (so they decide nothing real: the forcing test counts them, but that
-count is fixed by the plan), sort after every real entry, and are never scattered; tail tokens
-are read by no score and by no real entry.
+**Why the output at t cannot see inputs after t.** Write ``start(x)`` for the first token of entry
+x. (a) The decision for a candidate x depends only on inputs at positions <= ``start(x)``: its
+score does; so do the scores of the candidates before it in the tile (they start earlier); whether
+those candidates (and x) exist at all is decided by their parents one level up, which start no
+later, so this holds by induction from the coarsest level, whose candidates are fixed; the position
+i and the forcing test use only the count of earlier candidates and the fixed N; the thresholds use
+tile ``T-1``'s candidates, all before the tile, or the earlier candidates of tile 0. (b) Hence the
+set of entries whose span ends at or before t, with their refined flags, is a function of the
+inputs <= t: an entry's existence is its ancestors' decisions and its flag its own, and all of them
+start at or before its first token. (c) The output at t is the sum, over levels, of the SDPA output
+of the entry of that level whose span ends in ``(t - c, t]`` (zero if it is not an entry); such an
+entry E ends at or before t. Every entry ordered before E (smaller position key) ends at or before
+E's last token: the unrefined entries (rejected blocks and level-0 tokens) partition the sequence,
+so one that starts before E's start, or at or before E's last token when E is refined, ends by then
+(inside E's span or before it); a refined entry's key lies strictly between its last token and the
+next position, so one ordered before E ends no later than E. So by (b) the number of rows before E,
+and the content of those rows and of E's row (means over spans <= t), are functions of the inputs
+<= t, and causal SDPA gives row r a value computed from rows 0..r only (bit for bit on PyTorch's
+CPU kernel, which the tests check; a GPU kernel must keep that property). (d) Padding and the tail
+past the last full coarse block change nothing: padding entries start at or after the real blocks'
+end, come after every real candidate in scan order (so they decide nothing real: the forcing test
+counts them, but that count is fixed by the plan), sort after every real entry, and are never
+scattered; tail tokens are read by no score and by no real entry.
 
-**Cost.** Per tile and level the host computes the published top-k once more (for the next tile's
-thresholds) plus a few prefix sums over the candidates: about twice the published selection work,
-and nothing changes in the pyramid, the SDPA on the compressed sequence or the scatter. A kernel
-needs the previous tile's 64th-largest scores (one top-k per tile, as published) and one
-sequential pass over the tile's candidates with O(1) state. What it gives up against the published
-top-k: a block is scored by the tokens up to its first one, so refinement follows the region
-just before a block rather than the block's own content; a tile with more high scorers than the
-previous tile takes only the earliest of them, and a tile with fewer gives the unused budget to its
-last candidates whatever their scores; tile 0 takes the first candidates above the running mean,
-which fills its budget early in the tile.
+**Cost.** Per tile and level the reference computes the published top-k on these scores (for the
+next tile's thresholds) and then a few prefix sums over the candidates, so selection costs a little
+more than published; nothing changes in the pyramid, the SDPA on the compressed sequence or the
+scatter. A kernel needs the previous tile's 64th-largest scores (one top-k per tile, as published)
+and one sequential pass over the tile's candidates with O(1) state. What it gives up against the
+published top-k: a block is scored by the tokens up to its first one, so refinement follows the
+region just before a block rather than the block's own content; a tile with more high scorers than
+the previous tile takes only the earliest of them, and a tile with fewer gives the unused budget to
+its last candidates whatever their scores; tile 0 takes the first candidates above the running
+mean, which fills its budget early in the tile.
 """
 
 from __future__ import annotations
