@@ -142,7 +142,8 @@ def test_selection_has_the_published_shape(case):
         for h in range(heads):
             entries = set(zip(selection.level[b, h].tolist(), selection.local[b, h].tolist()))
             assert len(entries) == plan.compressed_len
-            refined = {(lv, j) for (lv, j), r in zip(entries_in_order(selection, b, h), selection.refined[b, h].tolist()) if r}
+            flags = selection.refined[b, h].tolist()
+            refined = {entry for entry, flag in zip(entries_in_order(selection, b, h), flags) if flag}
             assert all(lv >= 1 for lv, _ in refined)
             for level in range(1, levels):
                 width_in_coarse = pooling ** (coarse - level)
@@ -159,7 +160,7 @@ def test_selection_has_the_published_shape(case):
             # the unrefined entries (rejected blocks and tokens) tile the padded sequence exactly
             covered = sorted((j * pooling**lv, (j + 1) * pooling**lv) for lv, j in entries if (lv, j) not in refined)
             assert covered[0][0] == 0 and covered[-1][1] == plan.padded_len
-            assert all(a[1] == b_[0] for a, b_ in zip(covered, covered[1:]))
+            assert all(left[1] == right[0] for left, right in zip(covered, covered[1:]))
 
 
 def entries_in_order(selection, b, h):
