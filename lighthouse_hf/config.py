@@ -85,7 +85,8 @@ class LighthouseConfig:
       each pooled row of q and k at the position of its span's last token.
     - ``scores``: ``"pre_norm"`` scores q and k before a family's per-head q/k norm (Qwen3), which
       for families without one is ``"qk"``: the norms of q and k as attention receives them.
-    - ``selection``: ``"published"``, the specification's top-k cascade.
+    - ``selection``: ``"published"``, the specification's top-k cascade; ``"causal"`` selects so
+      that the output at position t depends on no input after t.
     - ``combine``: ``"sum"`` adds the outputs of the levels that reach a position (the published
       method); ``"mean"`` averages them.
     """

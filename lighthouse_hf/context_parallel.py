@@ -167,15 +167,21 @@ def lighthouse_attention_context_parallel(
     chunk_len = q.shape[2] // 2
     seq_len = 2 * world * chunk_len
     plan = chunk_plan(seq_len, 2 * world, levels, pooling, topk)
-    if plan is None:
+    if plan is None or options.causal:
+        why = (
+            "the causal selection's thresholds cross chunk boundaries"
+            if options.causal
+            else "chunk boundaries do not fall on Lighthouse tile boundaries "
+            "(lighthouse_hf.context_parallel.chunk_plan tells which lengths split)"
+        )
         warnings.warn(
-            f"context parallelism at {seq_len} tokens over {world} ranks: chunk boundaries do not fall on "
-            "Lighthouse tile boundaries, so every rank gathers the whole sequence (exact, but with one "
-            "device's memory). lighthouse_hf.context_parallel.chunk_plan tells which lengths split.",
+            f"context parallelism at {seq_len} tokens over {world} ranks: {why}, so every rank gathers the whole "
+            "sequence (exact, but with one device's memory).",
             LighthouseWarning,
         )
-        return _gathered_attention(q, k, v, group, world, dict(levels=levels, pooling=pooling, topk=topk, scale=scale,
-                                   rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, combine=combine))
+        arguments = dict(levels=levels, pooling=pooling, topk=topk, scale=scale, rope_inv_freq=rope_inv_freq,
+                         q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine)
+        return _gathered_attention(q, k, v, group, world, arguments)
 
     parts = (slice(0, chunk_len), slice(chunk_len, None))
     selected = [select(q[:, :, part], k[:, :, part], plan, _part_of(options, part)) for part in parts]

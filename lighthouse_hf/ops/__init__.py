@@ -32,8 +32,9 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-SELECTIONS = ("published",)
-"""Allowed values of ``selection``: ``"published"`` is the specification's top-k cascade."""
+SELECTIONS = ("published", "causal")
+"""Allowed values of ``selection``: ``"published"`` is the specification's top-k cascade,
+``"causal"`` the rule of :mod:`.causal` (the output at t depends on no input after t)."""
 COMBINES = ("sum", "mean")
 """Allowed values of ``combine``: how a position joins the outputs of the levels that reach it."""
 
@@ -110,7 +111,7 @@ def method_options(
     if q_scores is not None:
         _check_scores("q_scores", q_scores, q)
         _check_scores("k_scores", k_scores, k)
-    return MethodOptions(rope_inv_freq, q_scores, k_scores, combine == "mean")
+    return MethodOptions(rope_inv_freq, q_scores, k_scores, combine == "mean", selection == "causal")
 
 
 def _describe(t: object) -> str:
@@ -157,8 +158,9 @@ def lighthouse_attention(
 
     Beyond the published method (the defaults reproduce it): ``rope_inv_freq`` ``[R]`` pools the
     rotary-rotated q and k at each span's last token; ``q_scores`` ``[B, H, S]`` and ``k_scores``
-    ``[B, Hkv, S]`` (>= 0) are the level-0 scores instead of the norms; ``combine="mean"`` averages
-    the levels that reach a position instead of summing them. See the README's "Method options".
+    ``[B, Hkv, S]`` (>= 0) are the level-0 scores instead of the norms; ``selection="causal"``
+    selects so that the output at t depends on no input after t; ``combine="mean"`` averages the
+    levels that reach a position instead of summing them. See the README's "Method options".
     """
     check_settings(levels, pooling, topk)
     _check_inputs(q, k, v, scale)

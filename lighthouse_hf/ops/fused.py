@@ -487,6 +487,25 @@ def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tens
 
 
 @torch.no_grad()
+def listing_from_selection(selection: Selection) -> Listing:
+    """The kernels' listing of a selection made elsewhere (the reference's causal rule): per level,
+    its entries in local order with their causal rows, and the inverse map."""
+    plan = selection.plan
+    batch, heads, n = selection.level.shape
+    rows = torch.arange(n, device=selection.level.device, dtype=torch.int32).expand(batch, heads, n)
+    entry_local, entry_row = [], []
+    for level, _, length in _listing(plan):
+        at_level = selection.level == level  # exactly ``length`` per (batch, head); causal order is local order
+        entry_local.append(selection.local.masked_select(at_level).view(batch, heads, length))
+        entry_row.append(rows.masked_select(at_level).view(batch, heads, length))
+    inverse = torch.full((batch, heads, plan.levels * plan.padded_len), -1, dtype=torch.int32, device=rows.device)
+    inverse.scatter_(-1, selection.level * plan.padded_len + selection.local, rows)
+    listing_local = torch.cat(entry_local, dim=-1).int()
+    inverse = inverse.view(batch, heads, plan.levels, plan.padded_len)
+    return Listing(listing_local, torch.cat(entry_row, dim=-1), inverse, rows.new_empty(0, dtype=torch.float32))
+
+
+@torch.no_grad()
 def select(q: Tensor, k: Tensor, plan: LighthousePlan) -> Selection:
     """Steps 2-4 with the selection kernel as the reference's :class:`Selection` (for comparing the
     two); equals ``reference.select`` on float32 inputs."""

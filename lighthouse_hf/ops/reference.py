@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import causal as causal_rule
 from .plan import HALF_TILE, TILE, LighthousePlan
 
 # Scores are L2 norms (>= 0): padding sits below every real entry, and entries already taken
@@ -39,19 +40,26 @@ class Selection:
     """True for entries selected at levels >= 1 (their children are entries one level down)."""
 
 
-def level_scores(x: torch.Tensor, plan: LighthousePlan, scores: torch.Tensor | None = None) -> list[torch.Tensor]:
+def level_scores(
+    x: torch.Tensor, plan: LighthousePlan, scores: torch.Tensor | None = None, *, causal: bool = False
+) -> list[torch.Tensor]:
     """Max-pooled float32 L2 norms of ``x`` ``[B, h, S, D]`` per level: ``[B, h, level_len]``;
-    ``scores`` ``[B, h, S]`` (>= 0) replace the norms of level 0 when given."""
+    ``scores`` ``[B, h, S]`` (>= 0) replace the norms of level 0 when given.
+
+    Published: over each entry's span. ``causal``: over the ``c`` tokens ending at its first token.
+    """
     if scores is None:
         norms = torch.linalg.vector_norm(x[:, :, : plan.real_len].float(), dim=-1)
     else:
         norms = scores[:, :, : plan.real_len].float()
     norms = F.pad(norms, (0, plan.padded_len - plan.real_len), value=_PADDING_SCORE)
+    if causal:
+        return causal_rule.start_scores(norms, plan)
     return [norms.unflatten(-1, (-1, plan.pooling**level)).amax(-1) for level in range(plan.levels)]
 
 
-def _choose(query_score: torch.Tensor, key_score: torch.Tensor) -> torch.Tensor:
-    """Mask of the 64 best candidates by query score plus the 64 best of the rest by key score.
+def _choose_halves(query_score: torch.Tensor, key_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of the 64 best candidates by query score and of the 64 best of the rest by key score.
 
     Ties go to the earlier candidate (stable sort), so the choice is defined for any input.
     """
@@ -59,10 +67,20 @@ def _choose(query_score: torch.Tensor, key_score: torch.Tensor) -> torch.Tensor:
     def best(score: torch.Tensor) -> torch.Tensor:
         return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :HALF_TILE]
 
-    chosen = torch.zeros_like(query_score, dtype=torch.bool)
-    chosen.scatter_(-1, best(query_score), True)
-    chosen.scatter_(-1, best(key_score.masked_fill(chosen, _TAKEN_SCORE)), True)
-    return chosen
+    by_query = torch.zeros_like(query_score, dtype=torch.bool)
+    by_query.scatter_(-1, best(query_score), True)
+    by_key = torch.zeros_like(by_query)
+    by_key.scatter_(-1, best(key_score.masked_fill(by_query, _TAKEN_SCORE)), True)
+    return by_query, by_key
+
+
+def _choose(query_score: torch.Tensor, key_score: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """Mask of the 128 candidates each tile takes: the published top-k, or the causal rule
+    (:mod:`.causal`), whose thresholds read the published choice on the previous tile."""
+    by_query, by_key = _choose_halves(query_score, key_score)
+    if causal:
+        return causal_rule.choose(query_score, key_score, by_query, by_key)
+    return by_query | by_key
 
 
 def _children(parents: torch.Tensor, pooling: int) -> torch.Tensor:
@@ -79,18 +97,21 @@ def select(
     *,
     q_scores: torch.Tensor | None = None,
     k_scores: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> Selection:
     """Steps 2-4: scores, the top-k cascade per tile, and the causal order.
 
     ``q`` is ``[B, H, S, D]``, ``k`` is ``[B, Hkv, S, D]``; each query head selects on its own,
     with the key scores of its KV head (computed once per KV head). ``q_scores`` ``[B, H, S]`` and
     ``k_scores`` ``[B, Hkv, S]`` replace the norms of q and k as level-0 scores when given.
+    ``causal`` selects by the rule of :mod:`.causal`, under which the output at t depends only on
+    inputs at positions <= t.
     """
     batch, heads = q.shape[:2]
     group = heads // k.shape[1]
     levels, pooling = plan.levels, plan.pooling
-    query_scores = level_scores(q, plan, q_scores)
-    key_scores = [s.repeat_interleave(group, dim=1) for s in level_scores(k, plan, k_scores)]
+    query_scores = level_scores(q, plan, q_scores, causal=causal)
+    key_scores = [s.repeat_interleave(group, dim=1) for s in level_scores(k, plan, k_scores, causal=causal)]
 
     coarse = levels - 1
     candidates = torch.arange(plan.n_coarse_padded, device=q.device).view(plan.tiles, plan.tile_len)
@@ -101,6 +122,7 @@ def select(
         chosen = _choose(
             query_scores[level].gather(-1, candidates.reshape(batch, heads, -1)).view(tiled),
             key_scores[level].gather(-1, candidates.reshape(batch, heads, -1)).view(tiled),
+            causal=causal,
         )
         parts.append((level, candidates, chosen))
         parents = candidates.masked_select(chosen).view(batch, heads, plan.tiles, TILE)

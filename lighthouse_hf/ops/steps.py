@@ -30,12 +30,14 @@ class MethodOptions(NamedTuple):
       scores used instead of the norms of q and k (>= 0, like norms).
     - ``mean`` (``combine="mean"``): a position's output is the mean, not the sum, of the levels'
       outputs that reach it.
+    - ``causal`` (``selection="causal"``): the selection rule of :mod:`.causal`.
     """
 
     rope_inv_freq: torch.Tensor | None = None
     q_scores: torch.Tensor | None = None
     k_scores: torch.Tensor | None = None
     mean: bool = False
+    causal: bool = False
 
 
 PUBLISHED = MethodOptions()
@@ -53,10 +55,12 @@ class SelectedEntries(NamedTuple):
 
 def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan, options: MethodOptions = PUBLISHED) -> SelectedEntries:
     """Steps 2-4 for ``q`` ``[B, H, S, D]`` and ``k`` ``[B, Hkv, S, D]`` with ``S == plan.seq_len``."""
-    if fused.handles(q):
+    if fused.handles(q) and not options.causal:
         rope = options.rope_inv_freq is not None
         return SelectedEntries(plan, options, fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope), None)
-    selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores)
+    selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores, causal=options.causal)
+    if fused.handles(q):  # the causal rule has no kernel yet: its selection feeds the fused gather and scatter
+        return SelectedEntries(plan, options, fused.listing_from_selection(selection), None)
     return SelectedEntries(plan, options, None, selection)
 
 
