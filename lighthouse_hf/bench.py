@@ -177,7 +177,8 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
         return [
             (draw(args.batch, args.heads, seq, backward), draw(args.batch, heads_kv, seq, backward),
              draw(args.batch, heads_kv, seq, backward), draw(args.batch, args.heads, seq, False),
-             dict(q_scores=draw_scores(args.heads, seq), k_scores=draw_scores(heads_kv, seq)) if variant.given_scores else {})
+             dict(q_scores=draw_scores(args.heads, seq), k_scores=draw_scores(heads_kv, seq))
+             if variant.given_scores else {})
             for _ in range(count)
         ]
 
@@ -211,13 +212,17 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     span_end_freq = default_rope_inv_freq(args.dim, device) if "span_end" in args.rope else None
-    grid = itertools.product(args.seq, args.levels, args.pooling, args.topk, args.rope, args.scores, args.selection, args.combine)
+    grid = itertools.product(
+        args.seq, args.levels, args.pooling, args.topk, args.rope, args.scores, args.selection, args.combine
+    )
     for seq, levels, pooling, topk, rope, scores, selection, combine in grid:
         # The options leave the compressed length, and so the SDPA(S_sel) baselines, unchanged.
         n_sel = compressed_length(seq, levels=levels, pooling=pooling, topk=topk)
         settings = dict(levels=levels, pooling=pooling, topk=topk)
         options = dict(rope=rope, scores=scores, selection=selection, combine=combine)
-        op_options = dict(rope_inv_freq=span_end_freq if rope == "span_end" else None, selection=selection, combine=combine)
+        op_options = dict(
+            rope_inv_freq=span_end_freq if rope == "span_end" else None, selection=selection, combine=combine
+        )
 
         lighthouse = partial(lighthouse_attention, **settings, **op_options)
         for mode in args.modes:
@@ -253,7 +258,8 @@ def _options(row: dict) -> str:
 def _operator_line(row: dict) -> str:
     dense = row.get("dense_cudnn")
     return (
-        f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} {_options(row)} H{row['heads']}/{row['kv_heads']} "
+        f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} {_options(row)} "
+        f"H{row['heads']}/{row['kv_heads']} "
         f"{row['mode']:>7}{' det' if row['deterministic'] else ''}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
         f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
         + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
@@ -264,7 +270,8 @@ def _operator_line(row: dict) -> str:
 
 def _print_operators(results: list[dict]) -> None:
     print()
-    print("| S | mode | L/p/K | rope/scores/selection/combine | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | SDPA(S_sel) cuDNN ms | "
+    print("| S | mode | L/p/K | rope/scores/selection/combine | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | "
+          "SDPA(S_sel) cuDNN ms | "
           "SDPA(S_sel) own ms | ratio | Lighthouse GB | dense GB | latency: Lighthouse, SDPA(S_sel) cuDNN ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
@@ -315,7 +322,8 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
         row["speedup"] = row["sdpa"]["ms"] / row["lighthouse"]["ms"]
         results.append(row)
         if not args.json:
-            print(f"S={seq} {row['rope']}/{row['selection']}/{row['combine']}: sdpa {row['sdpa']['tokens_per_s']:.0f} tok/s, lighthouse "
+            print(f"S={seq} {row['rope']}/{row['selection']}/{row['combine']}: "
+                  f"sdpa {row['sdpa']['tokens_per_s']:.0f} tok/s, lighthouse "
                   f"{row['lighthouse']['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x", flush=True)
     return results
 

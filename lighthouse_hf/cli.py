@@ -100,7 +100,8 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--warmup", type=int, default=3, help="untimed calls per variant")
     _option(parser, "--iters", type=int, default=10, help="timed calls per variant")
     _option(parser, "--input-sets", type=int, default=3, help="input sets rotated through")
-    _option(parser, "--e2e", action="store_true", help="end-to-end training-step mode instead (the first value of each Lighthouse setting and option)")
+    _option(parser, "--e2e", action="store_true",
+            help="end-to-end training-step mode instead (the first value of each Lighthouse setting and option)")
     _option(parser, "--e2e-seq", type=_sequence_length, nargs="+", default=[32768, 65536, 131072],
             help="sequence lengths of --e2e")
     _option(parser, "--e2e-layers", type=int, default=30, help="layers of the --e2e model")
