@@ -16,31 +16,45 @@ as in training, where the host runs ahead of the GPU; ``latency`` is one call fr
 which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead
 times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Llama with hidden
 1024 under ``sdpa`` and ``lighthouse`` attention and reports tokens per second.
+
+Method options (``--rope``, ``--scores``, ``--selection``, ``--combine``; README, "Method options")
+are swept like the settings, every combination a row. ``span_end`` passes default RoPE
+frequencies (theta 10000) over the whole head; ``given`` scores are random positive level-0
+scores drawn with each input set, outside the timed region. The compressed length does not depend
+on the options, so neither do the SDPA(S_sel) baselines. ``--e2e`` takes the first value of each
+setting and option (its Llama has no per-head q/k norm, so its scores are the norms).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .ops import compressed_attention, compressed_length, lighthouse_attention
+from .rotary import rope_inv_freq
 
 GB = 1e9
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.e2e and "given" in args.scores:
+        print("lighthouse-hf bench: --scores given is for operator mode; the --e2e Llama scores the norms of q and k",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("lighthouse-hf bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = _e2e(args) if args.e2e else _operators(args)
+    results = _e2e(args) if args.e2e else operators(args)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -112,21 +126,39 @@ def _in_context(context: Callable, fn: Callable[[int], object]) -> Callable[[int
     return call
 
 
+class Variant(NamedTuple):
+    """One timed variant of a row: ``attend(q, k, v, **given)`` on inputs of ``seq`` positions."""
+
+    attend: Callable
+    seq: int
+    kv_heads: int
+    context: Callable
+    given_scores: bool = False
+    """Whether each input set also holds level-0 scores, passed as ``q_scores`` and ``k_scores``."""
+
+
 def _attention_step(attend: Callable, backward: bool) -> Callable:
     """``step(i, sets)``: run ``attend`` on input set ``i`` (and its backward, with fresh gradients)."""
 
     def step(i, sets):
-        q, k, v, grad = sets[i]
+        q, k, v, grad, given = sets[i]
         if not backward:
             with torch.no_grad():
-                return attend(q, k, v)
-        out = attend(q, k, v)
+                return attend(q, k, v, **given)
+        out = attend(q, k, v, **given)
         return torch.autograd.grad(out, (q, k, v), grad)
 
     return step
 
 
-def _operators(args: argparse.Namespace) -> list[dict]:
+def default_rope_inv_freq(dim: int, device: str) -> torch.Tensor:
+    """The inverse frequencies of default RoPE (theta 10000) over a whole head of ``dim``, on ``device``."""
+    config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, head_dim=dim)
+    return rope_inv_freq(config, seq_len=0, device=torch.device(device))
+
+
+def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
+    """Every operator-mode row: each sequence length, setting and method option, each mode."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = getattr(torch, args.dtype)
@@ -134,29 +166,37 @@ def _operators(args: argparse.Namespace) -> list[dict]:
     results = []
 
     def draw(batch, heads, seq, requires_grad):
-        return torch.randn(batch, heads, seq, args.dim, device="cuda", dtype=dtype, requires_grad=requires_grad)
+        return torch.randn(batch, heads, seq, args.dim, device=device, dtype=dtype, requires_grad=requires_grad)
 
-    def make_sets(seq, heads_kv, count, backward):
+    def draw_scores(heads, seq):
+        # Positive like norms, float32 like the recorded pre-norm norms; selection only ranks them.
+        return torch.rand(args.batch, heads, seq, device=device, dtype=torch.float32) + 1.0
+
+    def make_sets(variant: Variant, count: int, backward: bool) -> list[tuple]:
+        seq, heads_kv = variant.seq, variant.kv_heads
         return [
             (draw(args.batch, args.heads, seq, backward), draw(args.batch, heads_kv, seq, backward),
-             draw(args.batch, heads_kv, seq, backward), draw(args.batch, args.heads, seq, False))
+             draw(args.batch, heads_kv, seq, backward), draw(args.batch, args.heads, seq, False),
+             dict(q_scores=draw_scores(args.heads, seq), k_scores=draw_scores(heads_kv, seq))
+             if variant.given_scores else {})
             for _ in range(count)
         ]
 
-    def measure(variants: dict, backward: bool) -> dict:
-        """``variants``: name -> (attend, seq, kv heads, context); timed in turns, then each one's peak."""
+    def measure(variants: dict[str, Variant], backward: bool) -> dict:
+        """Timed in turns, then each one's peak."""
         steps = {
             name: _in_context(
-                context, partial(_attention_step(attend, backward), sets=make_sets(seq, heads_kv, args.input_sets, backward))
+                variant.context,
+                partial(_attention_step(variant.attend, backward), sets=make_sets(variant, args.input_sets, backward)),
             )
-            for name, (attend, seq, heads_kv, context) in variants.items()
+            for name, variant in variants.items()
         }
         timed = time_interleaved(steps, warmup=args.warmup, iters=args.iters, input_sets=args.input_sets)
         del steps  # frees the input sets before the peak-memory runs
-        for name, (attend, seq, heads_kv, context) in variants.items():
-            with context():
+        for name, variant in variants.items():
+            with variant.context():
                 timed[name]["peak_gb"] = peak_memory(
-                    _attention_step(attend, backward), lambda: make_sets(seq, heads_kv, 1, backward)[0]
+                    _attention_step(variant.attend, backward), lambda: make_sets(variant, 1, backward)[0]
                 )
         return timed
 
@@ -171,46 +211,55 @@ def _operators(args: argparse.Namespace) -> list[dict]:
     def dense(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    for seq in args.seq:
-        for levels in args.levels:
-            for pooling in args.pooling:
-                for topk in args.topk:
-                    n_sel = compressed_length(seq, levels=levels, pooling=pooling, topk=topk)
-                    settings = dict(levels=levels, pooling=pooling, topk=topk)
+    span_end_freq = default_rope_inv_freq(args.dim, device) if "span_end" in args.rope else None
+    grid = itertools.product(
+        args.seq, args.levels, args.pooling, args.topk, args.rope, args.scores, args.selection, args.combine
+    )
+    for seq, levels, pooling, topk, rope, scores, selection, combine in grid:
+        # The options leave the compressed length, and so the SDPA(S_sel) baselines, unchanged.
+        n_sel = compressed_length(seq, levels=levels, pooling=pooling, topk=topk)
+        settings = dict(levels=levels, pooling=pooling, topk=topk)
+        options = dict(rope=rope, scores=scores, selection=selection, combine=combine)
+        op_options = dict(
+            rope_inv_freq=span_end_freq if rope == "span_end" else None, selection=selection, combine=combine
+        )
 
-                    def lighthouse(q, k, v, settings=settings):
-                        return lighthouse_attention(q, k, v, **settings)
-
-                    for mode in args.modes:
-                        backward = mode == "fwd+bwd"
-                        row = {"seq": seq, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads,
-                               "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, "seq_sel": n_sel,
-                               "deterministic": args.deterministic}
-                        variants = {
-                            "lighthouse": (lighthouse, seq, kv_heads, own),
-                            "sdpa_sel": (lambda q, k, v: compressed_attention(q, k, v, None), n_sel, args.heads, own),
-                            "sdpa_sel_cudnn": (dense, n_sel, args.heads, cudnn),
-                        }
-                        if not args.no_dense:
-                            variants["dense_cudnn"] = (dense, seq, args.heads, cudnn)
-                        row.update(measure(variants, backward))
-                        base = row["sdpa_sel_cudnn"]["ms"]
-                        row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
-                        row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
-                        if "dense_cudnn" in row:
-                            row["speedup_over_dense"] = row["dense_cudnn"]["ms"] / row["lighthouse"]["ms"]
-                            row["memory_vs_dense"] = row["lighthouse"]["peak_gb"] / row["dense_cudnn"]["peak_gb"]
-                        row["ms_per_head"] = row["lighthouse"]["ms"] / args.heads
-                        results.append(row)
-                        if not args.json:
-                            print(_operator_line(row), flush=True)
+        lighthouse = partial(lighthouse_attention, **settings, **op_options)
+        for mode in args.modes:
+            backward = mode == "fwd+bwd"
+            row = {"seq": seq, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads,
+                   "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, **options, "seq_sel": n_sel,
+                   "deterministic": args.deterministic}
+            variants = {
+                "lighthouse": Variant(lighthouse, seq, kv_heads, own, given_scores=scores == "given"),
+                "sdpa_sel": Variant(lambda q, k, v: compressed_attention(q, k, v, None), n_sel, args.heads, own),
+                "sdpa_sel_cudnn": Variant(dense, n_sel, args.heads, cudnn),
+            }
+            if not args.no_dense:
+                variants["dense_cudnn"] = Variant(dense, seq, args.heads, cudnn)
+            row.update(measure(variants, backward))
+            base = row["sdpa_sel_cudnn"]["ms"]
+            row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
+            row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
+            if "dense_cudnn" in row:
+                row["speedup_over_dense"] = row["dense_cudnn"]["ms"] / row["lighthouse"]["ms"]
+                row["memory_vs_dense"] = row["lighthouse"]["peak_gb"] / row["dense_cudnn"]["peak_gb"]
+            row["ms_per_head"] = row["lighthouse"]["ms"] / args.heads
+            results.append(row)
+            if not args.json:
+                print(_operator_line(row), flush=True)
     return results
+
+
+def _options(row: dict) -> str:
+    return "/".join(row[key] for key in ("rope", "scores", "selection", "combine"))
 
 
 def _operator_line(row: dict) -> str:
     dense = row.get("dense_cudnn")
     return (
-        f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} H{row['heads']}/{row['kv_heads']} "
+        f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} {_options(row)} "
+        f"H{row['heads']}/{row['kv_heads']} "
         f"{row['mode']:>7}{' det' if row['deterministic'] else ''}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
         f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
         + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
@@ -221,13 +270,14 @@ def _operator_line(row: dict) -> str:
 
 def _print_operators(results: list[dict]) -> None:
     print()
-    print("| S | mode | L/p/K | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | SDPA(S_sel) cuDNN ms | "
+    print("| S | mode | L/p/K | rope/scores/selection/combine | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | "
+          "SDPA(S_sel) cuDNN ms | "
           "SDPA(S_sel) own ms | ratio | Lighthouse GB | dense GB | latency: Lighthouse, SDPA(S_sel) cuDNN ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         dense = row.get("dense_cudnn", {"ms": float("nan"), "peak_gb": float("nan")})
         print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
-              f"{row['heads']}/{row['kv_heads']} | {row['seq_sel']} | {dense['ms']:.2f} | {row['lighthouse']['ms']:.2f} | "
+              f"{_options(row)} | {row['heads']}/{row['kv_heads']} | {row['seq_sel']} | {dense['ms']:.2f} | {row['lighthouse']['ms']:.2f} | "
               f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | "
               f"{row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} | "
               f"{row['lighthouse']['latency_ms']:.2f}, {row['sdpa_sel_cudnn']['latency_ms']:.2f} |")
@@ -240,7 +290,8 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
 
     results = []
     for seq in args.e2e_seq:
-        row = {"seq": seq, "layers": args.e2e_layers}
+        options = dict(rope=args.rope[0], selection=args.selection[0], combine=args.combine[0])
+        row = {"seq": seq, "layers": args.e2e_layers, **options}
         for implementation in ("sdpa", "lighthouse"):
             config = LlamaConfig(
                 vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=args.e2e_layers,
@@ -250,7 +301,7 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to("cuda", torch.bfloat16)
             if implementation == "lighthouse":
                 apply_lighthouse(model, levels=args.levels[0], pooling=args.pooling[0], topk=args.topk[0],
-                                 dense_layers=args.e2e_dense_layers)
+                                 dense_layers=args.e2e_dense_layers, **options)
             model.gradient_checkpointing_enable()
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -271,7 +322,8 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
         row["speedup"] = row["sdpa"]["ms"] / row["lighthouse"]["ms"]
         results.append(row)
         if not args.json:
-            print(f"S={seq}: sdpa {row['sdpa']['tokens_per_s']:.0f} tok/s, lighthouse "
+            print(f"S={seq} {row['rope']}/{row['selection']}/{row['combine']}: "
+                  f"sdpa {row['sdpa']['tokens_per_s']:.0f} tok/s, lighthouse "
                   f"{row['lighthouse']['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x", flush=True)
     return results
 

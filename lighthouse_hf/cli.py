@@ -11,7 +11,7 @@ import argparse
 import ast
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .export.errors import ExportError
 from .export.options import DEFAULT_MAX_SHARD_SIZE, DTYPE_NAMES, parse_size
@@ -50,6 +50,19 @@ def _shard_size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _package_choice(module: str, constant: str) -> Callable[[str], str]:
+    """An argparse ``type`` accepting the values of ``module.constant``, imported only when a value is
+    parsed (the package's lists of allowed settings live in modules that import torch)."""
+
+    def check(value: str) -> str:
+        allowed = getattr(importlib.import_module(module), constant)
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return check
+
+
 def _add_bench(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -66,6 +79,18 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--levels", type=int, nargs="+", default=[3], help="Lighthouse pyramid levels")
     _option(parser, "--pooling", type=int, nargs="+", default=[4], help="Lighthouse pooling factors")
     _option(parser, "--topk", type=int, nargs="+", default=[2048], help="Lighthouse selection budgets")
+    _option(parser, "--rope", type=_package_choice("lighthouse_hf.config", "ROPES"), nargs="+", default=["pooled"],
+            metavar="ROPE", help="RoPE handling of pooled q and k, as config.lighthouse['rope']: pooled (published) "
+            "or span_end (q and k taken as rotated at span end, with RoPE theta 10000 over all of --dim)")
+    _option(parser, "--scores", choices=["norms", "given"], nargs="+", default=["norms"],
+            help="level-0 scores: the norms of q and k (published), or given ones (random, positive, drawn with "
+            "the inputs) as scores='pre_norm' passes them")
+    _option(parser, "--selection", type=_package_choice("lighthouse_hf.ops", "SELECTIONS"), nargs="+",
+            default=["published"], metavar="SELECTION",
+            help="selection rules, as config.lighthouse['selection'] (lighthouse_hf.ops.SELECTIONS)")
+    _option(parser, "--combine", type=_package_choice("lighthouse_hf.ops", "COMBINES"), nargs="+", default=["sum"],
+            metavar="COMBINE", help="how a position joins its levels' outputs, as config.lighthouse['combine']: "
+            "sum (published) or mean")
     _option(parser, "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="input dtype")
     _option(parser, "--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"], help="what to time")
     _option(parser, "--no-dense", action="store_true", help="skip dense SDPA (slow at long S)")
@@ -75,7 +100,8 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--warmup", type=int, default=3, help="untimed calls per variant")
     _option(parser, "--iters", type=int, default=10, help="timed calls per variant")
     _option(parser, "--input-sets", type=int, default=3, help="input sets rotated through")
-    _option(parser, "--e2e", action="store_true", help="end-to-end training-step mode instead")
+    _option(parser, "--e2e", action="store_true",
+            help="end-to-end training-step mode instead (the first value of each Lighthouse setting and option)")
     _option(parser, "--e2e-seq", type=_sequence_length, nargs="+", default=[32768, 65536, 131072],
             help="sequence lengths of --e2e")
     _option(parser, "--e2e-layers", type=int, default=30, help="layers of the --e2e model")

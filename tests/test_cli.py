@@ -102,3 +102,83 @@ def test_bench_without_cuda_says_so():
         pytest.skip("this machine has CUDA (tests/test_gpu_kernels.py runs the bench)")
     result = run("lighthouse-hf", "bench", "--seq", "4096")
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def _bench_args(*flags: str):
+    return build_parser().parse_args(["bench", *flags])
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [("--rope", "at_end", "pooled, span_end"), ("--selection", "greedy", "published"), ("--combine", "max", "sum, mean")],
+)
+def test_bad_method_option_is_a_usage_error_naming_the_flag(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_args(flag, value)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}: must be one of {allowed}" in error and repr(value) in error
+
+
+def test_bad_scores_is_a_usage_error_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_args("--scores", "pre_norm")
+    assert exit_info.value.code == 2 and "argument --scores: invalid choice: 'pre_norm'" in capsys.readouterr().err
+
+
+def test_bench_method_options_take_the_packages_allowed_values():
+    from lighthouse_hf.config import ROPES
+    from lighthouse_hf.ops import COMBINES, SELECTIONS
+
+    args = _bench_args("--rope", *ROPES, "--selection", *SELECTIONS, "--combine", *COMBINES, "--scores", "given", "norms")
+    assert (args.rope, args.selection, args.combine, args.scores) == (list(ROPES), list(SELECTIONS), list(COMBINES), ["given", "norms"])
+    defaults = _bench_args()
+    assert (defaults.rope, defaults.scores, defaults.selection, defaults.combine) == (["pooled"], ["norms"], ["published"], ["sum"])
+
+
+def test_bench_sweeps_method_options_into_the_op(monkeypatch):
+    # On CPU: the timing and peak memory are faked; the Lighthouse step really runs once per row.
+    from lighthouse_hf import bench
+    from lighthouse_hf.ops import compressed_length, lighthouse_attention
+
+    calls = []
+
+    def recording(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, kwargs))
+        return lighthouse_attention(q, k, v, **kwargs)
+
+    def fake_timing(steps, **_):
+        steps["lighthouse"](0)
+        return {name: {"ms": 2.0, "latency_ms": 3.0} for name in steps}
+
+    monkeypatch.setattr(bench, "lighthouse_attention", recording)
+    monkeypatch.setattr(bench, "time_interleaved", fake_timing)
+    monkeypatch.setattr(bench, "peak_memory", lambda fn, make_inputs: 1.0)
+    args = _bench_args("--seq", "2048", "--heads", "4", "--kv-heads", "2", "--dim", "16", "--topk", "128",
+                       "--dtype", "float32", "--modes", "fwd", "--no-dense", "--input-sets", "1",
+                       "--rope", "pooled", "span_end", "--scores", "norms", "given", "--combine", "sum", "mean")
+    rows = bench.operators(args, device="cpu")
+
+    expected_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    combos = [(rope, scores, combine) for rope in ("pooled", "span_end") for scores in ("norms", "given")
+              for combine in ("sum", "mean")]
+    assert [(row["rope"], row["scores"], row["combine"]) for row in rows] == combos
+    assert len(calls) == len(combos)
+    for row, (q_shape, k_shape, kwargs) in zip(rows, calls):
+        assert row["selection"] == kwargs["selection"] == "published" and row["combine"] == kwargs["combine"]
+        assert row["seq_sel"] == compressed_length(2048, levels=3, pooling=4, topk=128)
+        assert (kwargs["levels"], kwargs["pooling"], kwargs["topk"]) == (3, 4, 128)
+        if row["rope"] == "span_end":
+            torch.testing.assert_close(kwargs["rope_inv_freq"], expected_freq)
+        else:
+            assert kwargs["rope_inv_freq"] is None
+        if row["scores"] == "given":
+            assert kwargs["q_scores"].shape == q_shape[:3] and kwargs["k_scores"].shape == k_shape[:3] == (1, 2, 2048)
+            assert (kwargs["q_scores"] > 0).all() and (kwargs["k_scores"] > 0).all()
+        else:
+            assert "q_scores" not in kwargs and "k_scores" not in kwargs
+        assert row["ratio_to_sdpa_sel_cudnn"] == 1.0 and row["lighthouse"]["peak_gb"] == 1.0
+
+
+def test_bench_e2e_rejects_given_scores():
+    result = run(sys.executable, "-m", "lighthouse_hf", "bench", "--e2e", "--scores", "given")
+    assert result.returncode == 2 and "--scores given is for operator mode" in result.stderr

@@ -145,11 +145,17 @@ def test_bench_reports_every_variant():
     import sys
 
     command = [sys.executable, "-m", "lighthouse_hf", "bench", "--seq", "4096", "--heads", "2", "--topk", "256",
-               "--iters", "2", "--input-sets", "2", "--warmup", "1", "--json"]
+               "--iters", "2", "--input-sets", "2", "--warmup", "1", "--json",
+               "--rope", "pooled", "span_end", "--scores", "norms", "given", "--combine", "sum", "mean"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["results"]
-    assert [row["mode"] for row in rows] == ["fwd+bwd", "fwd"]
+    # Every combination of the options (the first one the published method), each in both modes.
+    assert [(row["rope"], row["scores"], row["selection"], row["combine"], row["mode"]) for row in rows] == [
+        (rope, scores, "published", combine, mode)
+        for rope in ("pooled", "span_end") for scores in ("norms", "given") for combine in ("sum", "mean")
+        for mode in ("fwd+bwd", "fwd")
+    ]
     for row in rows:
         for variant in ("lighthouse", "sdpa_sel", "sdpa_sel_cudnn", "dense_cudnn"):
             assert row[variant]["ms"] > 0 and row[variant]["latency_ms"] > 0 and row[variant]["peak_gb"] > 0
