@@ -44,6 +44,13 @@ def handles(q: torch.Tensor) -> bool:
     return TRITON_AVAILABLE and q.is_cuda and q.dtype in FUSED_DTYPES
 
 
+def handles_rope(q: torch.Tensor, rope_inv_freq: torch.Tensor) -> bool:
+    """Whether the kernels pool at span end for this head size: every dimension rotated (no partial
+    rotary) and a power-of-two head size, so each rotate_half half is one block of columns."""
+    dim = q.shape[-1]
+    return 2 * rope_inv_freq.shape[0] == dim and dim == _next_power_of_2(dim)
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -190,10 +197,11 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
     return parts + [(plan.levels - 1, (plan.levels - 1) * per_level, plan.n_coarse_padded)]
 
 
-def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None, inv_freq=None, counts=None):
+def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None, rotary=None, counts=None):
     """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``means``:
-    the score pass's coarsest means of q and k, when it wrote them; ``inv_freq``: span-end RoPE;
-    ``counts``: the scatter's contribution counts (the gradient of ``combine="mean"``)."""
+    the score pass's coarsest means of q and k, when it wrote them; ``rotary``: span-end RoPE's
+    table (:func:`rotary_table`); ``counts``: the scatter's contribution counts (the gradient of
+    ``combine="mean"``)."""
     kernels = _kernels()
     src_q = sources[0]
     batch, heads, seq_len, dim = src_q.shape
@@ -205,7 +213,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,
-        dst_q if inv_freq is None else inv_freq, dst_q if counts is None else counts,
+        dst_q if rotary is None else rotary, dst_q if counts is None else counts,
         heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
         *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
         LEVELS=plan.levels,
@@ -215,23 +223,23 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
         WITH_KV=with_kv,
         COARSE_MEANS=means is not None,
         BLOCK_D=block_d,
-        ROPE_HALF=0 if inv_freq is None else inv_freq.shape[0],
+        ROPE_HALF=0 if rotary is None else rotary.shape[-1],
         MEAN=counts is not None,
         num_warps=4,
     )
 
 
-def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, inv_freq=None, counts=None):
+def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
     source for an output over the query heads, two (dk and dv) for outputs over the KV heads;
-    ``inv_freq``: rotate the first source back from span ends (span-end RoPE's gradient);
+    ``rotary``: rotate the first source back from span ends (span-end RoPE's gradient);
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
     block_p = _positions_per_program(block_d, _POSITION_BLOCK_ELEMENTS)
     _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
-        inverse if inv_freq is None else inv_freq, inverse if counts is None else counts,
+        inverse if rotary is None else rotary, inverse if counts is None else counts,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         LEVELS=plan.levels,
         POOL=plan.pooling,
@@ -239,10 +247,23 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, inv_f
         TWO=len(sources) == 2,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
-        ROPE_HALF=0 if inv_freq is None else inv_freq.shape[0],
+        ROPE_HALF=0 if rotary is None else rotary.shape[-1],
         MEAN=counts is not None,
         num_warps=4,
     )
+
+
+def rotary_table(rope_inv_freq: Tensor | None, plan: LighthousePlan) -> Tensor | None:
+    """Span-end RoPE's angles for the kernels: for every level l >= 1, rows ``o = 0..p**l - 1``
+    holding ``cos(o * inv_freq)`` then ``sin(o * inv_freq)``; ``[(p**L - p) / (p - 1), 2, R]``
+    float32, levels one after another. Computed as the reference computes its angles, so both
+    rotate by the same float32 numbers."""
+    if rope_inv_freq is None:
+        return None
+    inv_freq = rope_inv_freq.float()
+    offsets = torch.cat([torch.arange(plan.pooling**level, device=inv_freq.device) for level in range(1, plan.levels)])
+    angles = offsets.float()[:, None] * inv_freq[None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=1).contiguous()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -263,12 +284,8 @@ def _gather_impl(
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
     _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means.numel() else None,
-                 inv_freq=_frequencies(rope_inv_freq))
+                 rotary=rotary_table(rope_inv_freq, plan))
     return tuple(out)
-
-
-def _frequencies(rope_inv_freq: Tensor | None) -> Tensor | None:
-    return None if rope_inv_freq is None else rope_inv_freq.float().contiguous()
 
 
 def _gather_backward_impl(
@@ -280,9 +297,9 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    inv_freq = _frequencies(rope_inv_freq)
-    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, inv_freq=inv_freq)
-    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False, inv_freq=inv_freq)
+    rotary = rotary_table(rope_inv_freq, plan)
+    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary)
+    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False, rotary=rotary)
     return dq, dk, dv
 
 

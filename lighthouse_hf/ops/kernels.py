@@ -238,48 +238,51 @@ def select_kernel(
 
 
 @triton.jit
-def _rotary(d, inv_freq, HALF: tl.constexpr):
-    """For dimension ``d`` of a rotate_half rotary pair: its partner dimension, the sign of the
-    partner's term, and the inverse frequency of the pair (0 past the rotated ``2 * HALF`` dims)."""
-    rotated = d < 2 * HALF
-    first_half = d < HALF
-    partner = tl.where(first_half, d + HALF, tl.where(rotated, d - HALF, d))
-    sign = tl.where(first_half, -1.0, 1.0)
-    frequency = tl.load(inv_freq + tl.where(first_half, d, d - HALF), mask=rotated, other=0.0)
-    return partner, sign, frequency
-
-
-@triton.jit
-def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask, inv_freq, counts,
+def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask, counts,
                 WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                ROTATE: tl.constexpr, HALF: tl.constexpr, DIVIDE: tl.constexpr):
+                DIVIDE: tl.constexpr):
     """Sum over ``WIDTH`` consecutive positions from ``first`` of one head of ``src``: [BLOCK_R, BLOCK_D] fp32.
 
-    ``ROTATE`` (``rope="span_end"``): each position's row is first rotated by ``end - t`` positions,
-    ``end = first + WIDTH - 1`` (rotary pairs ``(i, i + HALF)``, frequencies ``inv_freq``).
     ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
     where any entry reaches it), ``counts`` pointing at this head's row of counts."""
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     steps = tl.arange(0, CHUNK)
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    if ROTATE:
-        partner, sign, frequency = _rotary(d, inv_freq, HALF)
     for step in range(0, WIDTH, CHUNK):
         position = first[:, None] + step + steps[None, :]
         live = use[:, None] & (position < seq_len)
         offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
-        mask = live[:, :, None] & d_mask[None, None, :]
-        rows = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
-        if ROTATE:
-            partner_offsets = position.to(tl.int64)[:, :, None] * stride_s + partner[None, None, :]
-            partners = tl.load(base + partner_offsets, mask=mask, other=0.0).to(tl.float32)
-            angle = (WIDTH - 1 - step - steps).to(tl.float32)[:, None] * frequency[None, :]  # [CHUNK, BLOCK_D]
-            rows = rows * tl.cos(angle)[None, :, :] + partners * (sign[None, :] * tl.sin(angle))[None, :, :]
+        rows = tl.load(base + offsets, mask=live[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
         if DIVIDE:
             count = tl.load(counts + position, mask=live, other=1.0)
             rows = rows / tl.maximum(count, 1.0)[:, :, None]
         total += tl.sum(rows, axis=1)
     return total
+
+
+@triton.jit
+def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, rotary,
+                        WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr):
+    """``_entry_rows`` for span-end RoPE: the sum over the span of each position's row rotated by
+    ``end - t`` (``end = first + WIDTH - 1``), as its two rotate_half halves [BLOCK_R, HALF] fp32.
+    ``rotary`` points at this level's table: row ``o`` holds cos then sin of ``o * inv_freq``."""
+    base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    steps = tl.arange(0, CHUNK)
+    f = tl.arange(0, HALF)
+    total_lo = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
+    total_hi = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
+    for step in range(0, WIDTH, CHUNK):
+        position = first[:, None] + step + steps[None, :]
+        mask = (use[:, None] & (position < seq_len))[:, :, None]
+        offsets = position.to(tl.int64)[:, :, None] * stride_s + f[None, None, :]
+        lo = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(base + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
+        to_end = (WIDTH - 1 - step - steps)[:, None] * (2 * HALF) + f[None, :]  # [CHUNK, HALF] table rows
+        cos = tl.load(rotary + to_end)[None, :, :]
+        sin = tl.load(rotary + to_end + HALF)[None, :, :]
+        total_lo += tl.sum(lo * cos - hi * sin, axis=1)
+        total_hi += tl.sum(hi * cos + lo * sin, axis=1)
+    return total_lo, total_hi
 
 
 def entries_per_program(width: int, block_d: int) -> int:
@@ -291,7 +294,7 @@ def entries_per_program(width: int, block_d: int) -> int:
 
 @triton.jit
 def _level_entries(
-    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, inv_freq, counts,
+    src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
     block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
@@ -307,6 +310,7 @@ def _level_entries(
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
     ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
     DIVIDE: tl.constexpr = MEAN and SHIFTED
+    TABLE_START: tl.constexpr = (POOL**LEVEL - POOL) // (POOL - 1)  # this level's rows in the rotary table
     if LEVEL < LEVELS - 1:
         listed_len = POOL * TOPK
     else:
@@ -331,18 +335,31 @@ def _level_entries(
             k_mean = (kv_row.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
             tl.store(dst_q + out, tl.load(means + q_mean, mask=out_mask), mask=out_mask)
             tl.store(dst_k + out, tl.load(means + k_mean, mask=out_mask), mask=out_mask)
+        elif ROTATE:
+            # q and k at span end (rope="span_end"): each rotate_half half stored on its own
+            table = rotary + TABLE_START * (2 * ROPE_HALF)
+            f = tl.arange(0, ROPE_HALF)
+            half_out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + f[None, :]
+            half_mask = r_mask[:, None]
+            lo, hi = _rotated_entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, table,
+                                         WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
+            tl.store(dst_q + half_out, (lo * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
+            tl.store(dst_q + half_out + ROPE_HALF, (hi * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
+            lo, hi = _rotated_entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len,
+                                         table, WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
+            tl.store(dst_k + half_out, (lo * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
+            tl.store(dst_k + half_out + ROPE_HALF, (hi * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
         else:
             total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask,
-                                inv_freq, counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D,
-                                ROTATE, ROPE_HALF, DIVIDE)
+                                counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D, DIVIDE)
             tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
             if WITH_KV:
                 total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d,
-                                    d_mask, inv_freq, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, ROTATE, ROPE_HALF, False)
+                                    d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
                 tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
         if WITH_KV:
             total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d,
-                                d_mask, inv_freq, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False, ROPE_HALF, False)
+                                d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
             tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
     return level_first_block + level_blocks
 
@@ -353,7 +370,7 @@ def entries_kernel(
     dst_q, dst_k, dst_v,  # [B*H, selected_len, D] contiguous
     entry_local, entry_row,  # [B*H, selected_len] int32, level-major
     means,  # with COARSE_MEANS: [B*H + B*Hkv, coarse_len, D], the coarsest means of q and k
-    inv_freq,  # with ROPE_HALF > 0: [ROPE_HALF] float32 rotary inverse frequencies
+    rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN and SHIFTED: [B*H, S] float32, how many entries reach each position
     heads, group, seq_len, dim, selected_len, coarse_len, real_len,
     q_stride_b, q_stride_h, q_stride_s,
@@ -377,8 +394,8 @@ def entries_kernel(
     level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
     coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
-    (``rope="span_end"``, not with ``SHIFTED``): pooled q and k rows rotate each position to the
-    span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
+    (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
+    q and k rows rotate each position to the span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
     position's gradient is divided by its ``counts``."""
     block = tl.program_id(0)
     h = tl.program_id(1)
@@ -387,7 +404,7 @@ def entries_kernel(
     level_first_block = 0
     for level in tl.static_range(LEVELS):
         level_first_block = _level_entries(
-            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, inv_freq, counts,
+            src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
             block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
             q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
             level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D, ROPE_HALF, MEAN,
@@ -399,7 +416,7 @@ def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
     inverse,  # [B*H, LEVELS, padded_len] int32
-    inv_freq,  # with ROPE_HALF > 0: [ROPE_HALF] float32 rotary inverse frequencies
+    rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     group, seq_len, dim, selected_len, padded_len, real_len,
     LEVELS: tl.constexpr,
@@ -417,21 +434,25 @@ def positions_kernel(
     ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
     covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling).
 
-    ``ROPE_HALF > 0`` (not with ``SHIFTED``; the gradient of span-end pooling): rows of ``src_a``
-    at levels >= 1 rotate back by ``end - t`` positions, ``end`` the last position of the entry's
-    span. ``MEAN`` (with ``SHIFTED``, one source; ``combine="mean"``): the sum is divided by how
-    many levels reach the position, which is written to ``counts``."""
+    ``ROPE_HALF > 0`` (not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the
+    gradient of span-end pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t``
+    positions, ``end`` the last position of the entry's span; ``src_a`` is then read and written as
+    its two rotate_half halves. ``MEAN`` (with ``SHIFTED``, one source; ``combine="mean"``): the
+    sum is divided by how many levels reach the position, which is written to ``counts``."""
+    HALVES: tl.constexpr = ROPE_HALF > 0
+    SPAN_A: tl.constexpr = ROPE_HALF if HALVES else BLOCK_D  # src_a's columns per load
     block = tl.program_id(0)
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     position = block * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = position < seq_len
     d = tl.arange(0, BLOCK_D)
     d_mask = d < dim
-    total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    a = tl.arange(0, SPAN_A)
+    a_mask = a < dim
+    total_a = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)
+    total_a_hi = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)  # with HALVES: the second half
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    if ROPE_HALF > 0:
-        partner, sign, frequency = _rotary(d, inv_freq, ROPE_HALF)
     for level in tl.static_range(LEVELS):
         # The level's entry width is POOL**level (a compile-time constant, so divisions are shifts).
         if SHIFTED:
@@ -447,25 +468,30 @@ def positions_kernel(
             head = bx.to(tl.int64) * group + member
             row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
             found = covered & (row >= 0)
-            offsets = (head * selected_len + row)[:, None] * dim + d[None, :]
-            mask = found[:, None] & d_mask[None, :]
-            rows_a = tl.load(src_a + offsets, mask=mask, other=0.0).to(tl.float32)
-            if ROPE_HALF > 0 and level > 0:
-                # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c
-                partners = tl.load(src_a + (head * selected_len + row)[:, None] * dim + partner[None, :],
-                                   mask=mask, other=0.0).to(tl.float32)
-                angle = (POOL**level - 1 - position % POOL**level).to(tl.float32)[:, None] * frequency[None, :]
-                rows_a = rows_a * tl.cos(angle) - partners * sign[None, :] * tl.sin(angle)
+            row_start = (head * selected_len + row)[:, None] * dim
+            rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
+            if HALVES:
+                rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
+                if level > 0:
+                    # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c
+                    table = rotary + ((POOL**level - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
+                    to_end = (POOL**level - 1 - position % POOL**level)[:, None] * (2 * ROPE_HALF) + a[None, :]
+                    cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
+                    sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
+                    rows_a, rows_hi = rows_a * cos + rows_hi * sin, rows_hi * cos - rows_a * sin
+                total_a_hi += rows_hi * weight
             total_a += rows_a * weight
             if TWO:
-                total_b += tl.load(src_b + offsets, mask=mask, other=0.0).to(tl.float32) * weight
+                offsets = row_start + d[None, :]
+                total_b += tl.load(src_b + offsets, mask=found[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * weight
             if MEAN:
                 reached += found.to(tl.float32)
     if MEAN:
         total_a = total_a / tl.maximum(reached, 1.0)[:, None]
         tl.store(counts + bx.to(tl.int64) * seq_len + position, reached, mask=p_mask)
-    out = (bx.to(tl.int64) * seq_len + position)[:, None] * dim + d[None, :]
-    out_mask = p_mask[:, None] & d_mask[None, :]
-    tl.store(dst_a + out, total_a.to(dst_a.dtype.element_ty), mask=out_mask)
+    out_start = (bx.to(tl.int64) * seq_len + position)[:, None] * dim
+    tl.store(dst_a + out_start + a[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & a_mask[None, :])
+    if HALVES:
+        tl.store(dst_a + out_start + ROPE_HALF + a[None, :], total_a_hi.to(dst_a.dtype.element_ty), mask=p_mask[:, None])
     if TWO:
-        tl.store(dst_b + out, total_b.to(dst_b.dtype.element_ty), mask=out_mask)
+        tl.store(dst_b + out_start + d[None, :], total_b.to(dst_b.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
