@@ -152,10 +152,17 @@ class _PerConfig:
     def __init__(self) -> None:
         self._seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
-    def first_time(self, config: Any) -> bool:
-        if self._seen.get(id(config)) is config:
-            return False
+    def seen(self, config: Any) -> bool:
+        return self._seen.get(id(config)) is config
+
+    def add(self, config: Any) -> None:
         self._seen[id(config)] = config
+
+    def first_time(self, config: Any) -> bool:
+        """Whether ``config`` was not seen before; it is from now on."""
+        if self.seen(config):
+            return False
+        self.add(config)
         return True
 
 
@@ -211,7 +218,11 @@ def settings_of(module: torch.nn.Module) -> LighthouseConfig:
     config = module.config
     if torch.compiler.is_compiling():
         return LighthouseConfig.from_model_config(config)
-    settings = check_model_settings(config) if _CHECKED.first_time(config) else LighthouseConfig.from_model_config(config)
+    if _CHECKED.seen(config):
+        settings = LighthouseConfig.from_model_config(config)
+    else:
+        settings = check_model_settings(config)
+        _CHECKED.add(config)  # only once the check passed: bad settings fail every call until fixed
     norm_names = patches.adapter_for(config).per_head_qk_norm
     if settings.scores == "pre_norm" and norm_names is not None:
         prenorm.install(module, norm_names)
