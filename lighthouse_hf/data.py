@@ -96,10 +96,28 @@ def _generate_blocks(
     tokenize = _tokenize_function(tokenizer)
     # A streaming dataset is consumed while training runs: the Trainer's bar shows that progress.
     progress = tqdm(total=total, desc=f"Packing documents into {seq_len}-token blocks", unit="doc", disable=total is None)
+    tokens = 0
+
+    def counted(documents: Iterable[Sequence[int]]) -> Iterator[Sequence[int]]:
+        nonlocal tokens
+        for ids in documents:
+            tokens += len(ids) + 1  # and its EOS
+            yield ids
+
     with progress:
         documents = (ids for texts in _texts(dataset, text_column, batch_size, progress) for ids in tokenize(texts))
-        for block in pack_documents(documents, seq_len, eos_token_id):
+        blocks = 0
+        for block in pack_documents(counted(documents), seq_len, eos_token_id):
+            blocks += 1
             yield {"input_ids": block, "labels": block} if with_labels else {"input_ids": block}
+    if blocks == 0:
+        raise TooLittleTextError(
+            f"the dataset holds {tokens} tokens (documents and their EOS), too few for one block of seq_len={seq_len}"
+        )
+
+
+class TooLittleTextError(ValueError):
+    """``pack_dataset`` found fewer tokens than one block needs."""
 
 
 def pack_dataset(
@@ -149,4 +167,12 @@ def pack_dataset(
     )
     if isinstance(dataset, IterableDataset):
         return IterableDataset.from_generator(_generate_blocks, features=features, gen_kwargs={**gen_kwargs, "total": None})
-    return Dataset.from_generator(_generate_blocks, features=features, gen_kwargs={**gen_kwargs, "total": len(dataset)})
+    try:
+        return Dataset.from_generator(_generate_blocks, features=features, gen_kwargs={**gen_kwargs, "total": len(dataset)})
+    except Exception as error:  # datasets wraps what the generator raises in its own error types
+        cause = error
+        while cause is not None and not isinstance(cause, TooLittleTextError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None

@@ -95,3 +95,14 @@ def test_pack_dataset_bad_input():
         pack_dataset(dataset, "gpt2", 4, eos_token_id=EOS)
     with pytest.raises(ValueError, match="dataset must be"):
         pack_dataset([{"text": "a"}], byte_tokenize, 4, eos_token_id=EOS)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_pack_dataset_with_too_little_text_says_so(streaming, tmp_path):
+    # a text no earlier run packed, so that datasets' cache cannot answer for the generator
+    dataset = Dataset.from_dict({"text": [f"too short {tmp_path.name}"]})
+    if streaming:
+        dataset = dataset.to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"the dataset holds \d+ tokens .*too few for one block of seq_len=4096"):
+        packed = pack_dataset(dataset, byte_tokenize, 4096, eos_token_id=EOS)
+        list(packed)  # a streaming dataset packs while it is read
