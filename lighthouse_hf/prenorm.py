@@ -7,7 +7,7 @@ A forward pre-hook on each norm records them, ``[B, H, S]`` float32, on the norm
 attention call that follows in the same layer takes them (and clears them). The hook runs again
 wherever the layer's forward does (activation checkpointing's recomputation included), so a call
 always reads the norms of its own inputs. The hooks are installed by ``apply_lighthouse`` or by a
-layer's first attention call (dense or not); a Lighthouse call that finds no recorded norms (the
+layer's first attention call (dense or not), and removed when training switches to dense recovery; a Lighthouse call that finds no recorded norms (the
 very first call of a layer loaded with ``attn_implementation="lighthouse"``) scores the norms of q
 and k as given, and warns.
 """
@@ -18,7 +18,8 @@ import torch
 
 RECORDED = "lighthouse_input_norms"
 """Attribute of a q/k norm module holding the norms of its last input, until an attention call takes them."""
-_HOOKED = "lighthouse_records_input_norms"
+_HOOK = "lighthouse_input_norms_hook"
+"""Attribute of a q/k norm module holding the handle of its recording hook."""
 
 
 def _record_input_norms(norm: torch.nn.Module, args: tuple) -> None:
@@ -35,9 +36,19 @@ def install(attention: torch.nn.Module, norm_names: tuple[str, str]) -> None:
                 f"{type(attention).__name__} has no module {name!r}, which its family adapter names as a per-head "
                 'q/k norm; set config.lighthouse["scores"] = "qk"'
             )
-        if not getattr(norm, _HOOKED, False):
-            norm.register_forward_pre_hook(_record_input_norms)
-            setattr(norm, _HOOKED, True)
+        if getattr(norm, _HOOK, None) is None:
+            setattr(norm, _HOOK, norm.register_forward_pre_hook(_record_input_norms))
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Stop recording in every q/k norm of ``model`` (a model switched to dense attention would
+    only pay for the norms; a later Lighthouse call installs the hooks again)."""
+    for module in model.modules():
+        handle = getattr(module, _HOOK, None)
+        if handle is not None:
+            handle.remove()
+            setattr(module, _HOOK, None)
+            setattr(module, RECORDED, None)
 
 
 def take(attention: torch.nn.Module, norm_names: tuple[str, str], query: torch.Tensor, key: torch.Tensor):

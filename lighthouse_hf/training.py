@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
 from .hf_internals import attn_implementation
+from .prenorm import uninstall as stop_recording_pre_norm_scores
 from .validation import is_int
 
 logger = logging.get_logger(__name__)
@@ -58,6 +59,7 @@ def switch_to_dense(model: torch.nn.Module, recovery_step: int) -> list[PreTrain
         settings.recovery_step = recovery_step
         setattr(pretrained.config, CONFIG_KEY, settings.to_dict())
         pretrained.set_attn_implementation(DENSE_IMPLEMENTATION)
+        stop_recording_pre_norm_scores(pretrained)
     return switched
 
 

@@ -301,3 +301,19 @@ def test_bad_option_settings(settings, message):
                                              attn_implementation="lighthouse")
     with pytest.raises(ValueError, match=message):
         model(torch.randint(0, 128, (1, 16)))
+
+
+def test_dense_recovery_stops_recording_pre_norm_scores():
+    from lighthouse_hf.training import switch_to_dense
+
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0])
+    norm = model.model.layers[1].self_attn.q_norm
+    ids = torch.randint(0, 128, (1, 64))
+    with torch.no_grad():
+        model(ids)
+    assert getattr(norm, "lighthouse_input_norms") is not None  # recorded (a short call runs dense)
+    switch_to_dense(model, recovery_step=1)
+    with torch.no_grad():
+        model(ids)
+    assert not norm._forward_pre_hooks and getattr(norm, "lighthouse_input_norms") is None
