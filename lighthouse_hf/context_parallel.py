@@ -194,8 +194,9 @@ def lighthouse_attention_context_parallel(
     for chunk, entries, (q_sel, _, _) in zip(_global_chunks(world, rank), selected, compressed):
         out_sel = _causal_prefix_attention(q_sel, keys, values, chunk, scale)
         if options.mean:
-            # sums and contribution counts (a column of ones) travel together through the halo
-            out_sel = torch.cat([out_sel, torch.ones_like(out_sel[..., :1])], dim=-1)
+            # float32 sums and their contribution counts (a column of ones) travel together through
+            # the halo, and are divided once complete, as the single-device scatter divides
+            out_sel = torch.cat([out_sel.float(), out_sel.new_ones(*out_sel.shape[:-1], 1, dtype=torch.float32)], dim=-1)
         # positions chunk_len .. chunk_len + width - 2 belong to the next chunk: the halo
         spread = scatter(entries, out_sel, chunk_len + width - 1, combine_mean=False)
         outputs.append(spread[:, :, :chunk_len])
@@ -206,7 +207,7 @@ def lighthouse_attention_context_parallel(
             outputs[i] = torch.cat([outputs[i][:, :, : width - 1] + incoming[chunk - 1], outputs[i][:, :, width - 1 :]], dim=2)
     out = torch.cat(outputs, dim=2)
     if options.mean:
-        out = out[..., :-1] / out[..., -1:].clamp(min=1)
+        out = (out[..., :-1] / out[..., -1:].clamp(min=1)).to(q.dtype)
     return out
 
 

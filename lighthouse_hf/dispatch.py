@@ -347,7 +347,13 @@ def op_arguments(module: torch.nn.Module, settings: LighthouseConfig, query: tor
         recorded = prenorm.take(module, norm_names, query, key)
         if recorded is not None:
             arguments["q_scores"], arguments["k_scores"] = recorded
-        elif not torch.compiler.is_compiling():
+        elif torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"layer {getattr(module, 'layer_idx', None)}: scores='pre_norm' records its scores with hooks that "
+                "are installed outside compiled code; call lighthouse_hf.apply_lighthouse(model) (or run one eager "
+                "forward) before torch.compile"
+            )
+        else:
             warnings.warn(
                 f"layer {getattr(module, 'layer_idx', None)}: scores='pre_norm' found no recorded norms for this call, "
                 "so it scores the normalized q and k; the recording starts with the next call (apply_lighthouse(model) "

@@ -3,8 +3,7 @@
 A model's attention implementation lives in ``config._attn_implementation``: Transformers reads it
 there, ``from_pretrained(..., attn_implementation=...)`` and ``model.set_attn_implementation``
 write it, and no public accessor exists for a config (a model has ``set_attn_implementation``, which
-lighthouse-hf uses wherever it has a model). ``tests/test_hf_internals.py`` fails when Transformers
-renames it.
+lighthouse-hf uses wherever it has a model). ``tests/test_seams.py`` fails when Transformers renames it.
 """
 
 from __future__ import annotations

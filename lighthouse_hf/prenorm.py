@@ -23,8 +23,10 @@ _HOOK = "lighthouse_input_norms_hook"
 
 
 def _record_input_norms(norm: torch.nn.Module, args: tuple) -> None:
-    # The norm's input is [B, S, heads, head_dim]; attention works in [B, heads, S].
-    setattr(norm, RECORDED, torch.linalg.vector_norm(args[0], dim=-1, dtype=torch.float32).transpose(1, 2))
+    # The norm's input is [B, S, heads, head_dim]; attention works in [B, heads, S]. Scores take no
+    # gradient, and a graph hanging off the norm module would upset checkpointing's recomputation.
+    norms = torch.linalg.vector_norm(args[0].detach(), dim=-1, dtype=torch.float32)
+    setattr(norm, RECORDED, norms.transpose(1, 2))
 
 
 def install(attention: torch.nn.Module, norm_names: tuple[str, str]) -> None:

@@ -128,6 +128,15 @@ def test_mean_combine_is_the_sum_over_the_contribution_count(case):
     assert torch.equal(out[count[..., 0] == 0], torch.zeros_like(out[count[..., 0] == 0]))
 
 
+def test_rope_frequencies_in_any_float_dtype_are_used_as_float32():
+    q, k, v = _inputs(1, 2, 1, 2048, 8, seed=4)
+    inv_freq = _inv_freq(8).float()
+    settings = dict(levels=3, pooling=4, topk=128)
+    expected = lighthouse_attention(q, k, v, **settings, rope_inv_freq=inv_freq)
+    got = lighthouse_attention(q, k, v, **settings, rope_inv_freq=inv_freq.double())
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_options_combine_and_differentiate_in_float64():
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 600, 4, seed=5, dtype=torch.float64))
     inv_freq = _inv_freq(4)
@@ -150,6 +159,8 @@ def test_options_combine_and_differentiate_in_float64():
         (dict(q_scores=torch.ones(1, 2, 64)), "q_scores and k_scores must be given together"),
         (dict(q_scores=torch.ones(1, 2, 63), k_scores=torch.ones(1, 1, 64)), r"q_scores must be a floating-point tensor of shape \[1, 2, 64\]"),
         (dict(q_scores=torch.ones(1, 2, 64), k_scores=torch.ones(1, 2, 64)), r"k_scores must be a floating-point tensor of shape \[1, 1, 64\]"),
+        (dict(q_scores=-torch.ones(1, 2, 64), k_scores=torch.ones(1, 1, 64)), "q_scores must be non-negative and not NaN"),
+        (dict(q_scores=torch.ones(1, 2, 64), k_scores=torch.full((1, 1, 64), float("nan"))), "k_scores must be non-negative"),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -271,7 +282,7 @@ def test_first_call_without_recorded_norms_warns_and_scores_q_and_k(tmp_path):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_option_through_from_pretrained(family, tmp_path):
     config = tiny_config(family)
-    options = dict(rope="span_end", scores="pre_norm", combine="mean")
+    options = dict(rope="span_end", scores="pre_norm", selection="causal", combine="mean")
     config.lighthouse = {"topk": 128, "dense_layers": [0], **options}
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -281,10 +292,12 @@ def test_every_option_through_from_pretrained(family, tmp_path):
     out = model(ids, labels=ids)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert model.config.lighthouse["combine"] == "mean" and model.config.lighthouse["rope"] == "span_end"
+    assert {key: model.config.lighthouse[key] for key in options} == options
+    defaults = dict(rope="pooled", selection="published", combine="sum")  # pre_norm is qk outside Qwen3
     with torch.no_grad():
-        model.config.lighthouse.update(rope="pooled", combine="sum")
-        assert not torch.allclose(model(ids).logits, out.logits, atol=1e-4)
+        for key, default in defaults.items():
+            model.config.lighthouse.update(options, **{key: default})
+            assert not torch.allclose(model(ids).logits, out.logits, atol=1e-4), key  # each option acts alone
 
 
 @pytest.mark.parametrize(
@@ -317,3 +330,51 @@ def test_dense_recovery_stops_recording_pre_norm_scores():
     with torch.no_grad():
         model(ids)
     assert not norm._forward_pre_hooks and getattr(norm, "lighthouse_input_norms") is None
+
+
+def test_pre_norm_scores_under_activation_checkpointing():
+    torch.manual_seed(0)
+    models = []
+    for reentrant in (False, True):
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+        lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0])
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 128, (1, SEQ))
+    losses = []
+    for model in models:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.slow
+def test_pre_norm_scores_compile_as_one_graph_and_need_their_hooks_first():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, SEQ, 64, requires_grad=True)
+    positions = torch.arange(SEQ)[None]
+    embeddings = model.model.rotary_emb(hidden, positions)
+
+    def run(fn):
+        out = fn(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, torch.autograd.grad(out.square().mean(), hidden)[0]
+
+    model.config.lighthouse = {"topk": 128, "dense_layers": []}
+    model.set_attn_implementation("lighthouse")  # no hooks yet: compiled code cannot install them
+    with pytest.raises(Exception, match="records its scores with hooks that are installed outside compiled code"):
+        run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    torch._dynamo.reset()
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[])
+    eager = run(layer)
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[], scores="qk")
+    assert not torch.allclose(run(layer)[0], eager[0])  # the compiled run used the pre-norm scores

@@ -77,6 +77,10 @@ def _check_scores(name: str, scores: object, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor of shape {list(expected)} (batch, heads, seq), got {_describe(scores)}")
     if scores.device != x.device:
         raise ValueError(f"{name} must be on {x.device}, got {scores.device}")
+    # Values are checked where that is free; on a GPU the check would stall the host until the
+    # GPU catches up, on every call (the attention function's own scores are norms).
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((scores >= 0).all()):
+        raise ValueError(f"{name} must be non-negative and not NaN (scores rank like norms)")
 
 
 def method_options(
@@ -111,6 +115,8 @@ def method_options(
     if q_scores is not None:
         _check_scores("q_scores", q_scores, q)
         _check_scores("k_scores", k_scores, k)
+    if rope_inv_freq is not None:
+        rope_inv_freq = rope_inv_freq.float()  # the angles are float32 numbers in every implementation
     return MethodOptions(rope_inv_freq, q_scores, k_scores, combine == "mean", selection == "causal")
 
 
