@@ -86,3 +86,11 @@ def count_lighthouse_calls(setattr_: Callable[[object, str, object], None]) -> L
     setattr_(lighthouse_hf.integration, "lighthouse_attention", counted_single_device)
     setattr_(lighthouse_hf.context_parallel, "lighthouse_attention_context_parallel", counted_context_parallel)
     return calls
+
+
+def decoder_layer_step(layer, hidden, position_ids, position_embeddings):
+    """A decoder layer's output on ``hidden`` (no mask) and the gradient of its mean square with
+    respect to ``hidden``: what the compile tests compare between eager and compiled layers."""
+    out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
+    out = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(out.float().square().mean(), hidden)[0]

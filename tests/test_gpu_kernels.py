@@ -11,7 +11,7 @@ import torch
 
 from lighthouse_hf.ops import fused, lighthouse_attention, reference
 from lighthouse_hf.ops.plan import LighthousePlan
-from helpers import rel_err, tiny_config
+from helpers import decoder_layer_step, rel_err, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -260,9 +260,7 @@ def test_compiled_llama_decoder_layer():
     position_embeddings = model.model.rotary_emb(hidden, position_ids)
 
     def run(layer_fn):
-        out = layer_fn(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
-        out = out[0] if isinstance(out, tuple) else out
-        return out, torch.autograd.grad(out.float().square().mean(), hidden)[0]
+        return decoder_layer_step(layer_fn, hidden, position_ids, position_embeddings)
 
     eager_out, eager_grad = run(layer)
     out, grad = run(torch.compile(layer, fullgraph=True))

@@ -12,7 +12,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import lighthouse_hf
 from lighthouse_hf import LighthouseConfig, apply_lighthouse, compressed_length
 from lighthouse_hf.dispatch import DeferredMask, LighthouseWarning, lighthouse_mask
-from helpers import FAMILIES, TINY_SIZES, tiny_config
+from helpers import FAMILIES, TINY_SIZES, decoder_layer_step, tiny_config
 
 SEQ = 2048  # with topk=128 Lighthouse compresses 2048 to 640 entries
 SETTINGS = {"topk": 128, "dense_layers": [0]}
@@ -337,9 +337,7 @@ def test_decoder_layer_captures_as_one_graph():
     position_embeddings = model.model.rotary_emb(hidden, position_ids)
 
     def run(layer_fn):
-        out = layer_fn(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
-        out = out[0] if isinstance(out, tuple) else out
-        return out, torch.autograd.grad(out.square().mean(), hidden)[0]
+        return decoder_layer_step(layer_fn, hidden, position_ids, position_embeddings)
 
     eager_out, eager_grad = run(layer)
     out, grad = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))

@@ -1,5 +1,6 @@
-"""Options beyond the published method, each against an independent computation: RoPE at span end,
-given level-0 scores, and levels averaged instead of summed."""
+"""Options beyond the published method: RoPE at span end, given level-0 scores and levels averaged
+instead of summed, each against an independent computation; then all four settings (the causal
+selection has its own file) through Transformers models."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import warnings
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from helpers import rel_err
+import lighthouse_hf
+from helpers import FAMILIES, decoder_layer_step, rel_err, tiny_config
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.ops import LighthousePlan, reference
+from lighthouse_hf.rotary import rope_inv_freq
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk): defined lengths, GQA, padded lengths
 CASES = [
@@ -170,12 +174,6 @@ def test_bad_options(kwargs, message):
 
 
 # ---- through Transformers: config.lighthouse settings, the four families ----
-
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
-import lighthouse_hf  # noqa: E402
-from helpers import FAMILIES, tiny_config  # noqa: E402
-from lighthouse_hf.rotary import rope_inv_freq  # noqa: E402
 
 SEQ = 2048
 ROPE_TYPES = {
@@ -361,10 +359,8 @@ def test_pre_norm_scores_compile_as_one_graph_and_need_their_hooks_first():
     positions = torch.arange(SEQ)[None]
     embeddings = model.model.rotary_emb(hidden, positions)
 
-    def run(fn):
-        out = fn(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
-        out = out[0] if isinstance(out, tuple) else out
-        return out, torch.autograd.grad(out.square().mean(), hidden)[0]
+    def run(layer_fn):
+        return decoder_layer_step(layer_fn, hidden, positions, embeddings)
 
     model.config.lighthouse = {"topk": 128, "dense_layers": []}
     model.set_attn_implementation("lighthouse")  # no hooks yet: compiled code cannot install them
