@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .ops import COMBINES, SELECTIONS
 from .ops.plan import check_levels, check_pooling, check_topk
-from .validation import is_int
+from .validation import check_choice, is_int
 
 CONFIG_KEY = "lighthouse"
 """The attribute of a Transformers config (and key of ``config.json``) holding the settings."""
@@ -22,7 +23,7 @@ def _check_dense_layers(value: object) -> list[int]:
     layers = list(value)
     if not all(is_int(layer) for layer in layers):
         raise ValueError(f"dense_layers must hold integers (negative counts from the end), got {value!r}")
-    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    repeated = _repeated(layers)
     if repeated:
         raise ValueError(f"dense_layers lists {repeated} more than once, got {value!r}")
     return layers
@@ -45,12 +46,11 @@ SCORES = ("pre_norm", "qk")
 
 
 def _choice(name: str, allowed: tuple[str, ...]):
-    def check(value: object) -> str:
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
+    return functools.partial(check_choice, name, allowed=allowed)
 
-    return check
+
+def _repeated(layers: list[int]) -> list[int]:
+    return sorted({layer for layer in layers if layers.count(layer) > 1})
 
 
 _CHECKS = {
@@ -146,7 +146,7 @@ class LighthouseConfig:
                 f"(allowed: {-num_layers}..{num_layers - 1})"
             )
         layers = [layer % num_layers for layer in self.dense_layers]
-        repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+        repeated = _repeated(layers)
         if repeated:
             raise ValueError(
                 f"dense_layers entries {self.dense_layers} name layers {repeated} twice in a model of {num_layers} layers"

@@ -366,10 +366,11 @@ def op_arguments(module: torch.nn.Module, settings: LighthouseConfig, query: tor
 def record_pre_norm_scores(model: torch.nn.Module, settings: LighthouseConfig) -> None:
     """Install the pre-norm score hooks (``scores="pre_norm"``) on every Lighthouse layer of
     ``model`` whose family normalizes each head's q and k, so that even their first call has them."""
-    norm_names = patches.adapter_for(model.config).per_head_qk_norm
+    adapter = patches.adapter_for(model.config)
+    norm_names = adapter.per_head_qk_norm
     if settings.scores != "pre_norm" or norm_names is None:
         return
-    dense = settings.dense_layer_set(patches.adapter_for(model.config).num_layers(model.config))
+    dense = settings.dense_layer_set(adapter.num_layers(model.config))
     for module in model.modules():
         if getattr(module, "layer_idx", None) not in (None, *dense) and all(hasattr(module, n) for n in norm_names):
             prenorm.install(module, norm_names)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_choice
 from .plan import TILE, LighthousePlan, check_settings, plan_for, shortest_compressed_length
 from .steps import PUBLISHED, MethodOptions, SelectedEntries, compressed_attention, gather, scatter, select
 
@@ -65,12 +66,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
-
-
 def _check_scores(name: str, scores: object, x: torch.Tensor) -> None:
     expected = (*x.shape[:3],)
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected or not scores.is_floating_point():
@@ -94,8 +89,8 @@ def method_options(
     combine: str = "sum",
 ) -> MethodOptions:
     """The checked :class:`MethodOptions` of a call (ValueError naming the argument otherwise)."""
-    _check_choice("selection", selection, SELECTIONS)
-    _check_choice("combine", combine, COMBINES)
+    check_choice("selection", selection, SELECTIONS)
+    check_choice("combine", combine, COMBINES)
     if rope_inv_freq is not None:
         half = q.shape[-1] // 2
         if (
@@ -110,13 +105,12 @@ def method_options(
             )
         if rope_inv_freq.device != q.device:
             raise ValueError(f"rope_inv_freq must be on {q.device}, got {rope_inv_freq.device}")
+        rope_inv_freq = rope_inv_freq.float()  # the angles are float32 numbers in every implementation
     if (q_scores is None) != (k_scores is None):
         raise ValueError("q_scores and k_scores must be given together (or neither)")
     if q_scores is not None:
         _check_scores("q_scores", q_scores, q)
         _check_scores("k_scores", k_scores, k)
-    if rope_inv_freq is not None:
-        rope_inv_freq = rope_inv_freq.float()  # the angles are float32 numbers in every implementation
     return MethodOptions(rope_inv_freq, q_scores, k_scores, combine == "mean", selection == "causal")
 
 
