@@ -5,14 +5,16 @@
 
 Writes ``tokens.npy`` (every document's tokens back to back, uint16: the SmolLM2 vocabulary has
 49,152 entries) and ``meta.json`` (each document's name, span and split, the EOS id and the token
-ids the pass-key probe is assembled from). The GPU machine gets no tokenizer and no corpus: this
-file is all it reads, so it stays well under the 64 MB a device run may carry.
+ids the pass-key probe is assembled from), and a copy of ``tokenizer.json`` for ``--eval-text``
+files. The GPU machine gets no corpus: this folder is all it reads, so it stays well under the
+64 MB a device run may carry.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,9 @@ import numpy as np
 HELD_OUT = ("austen/persuasion", "shakespeare/hamlet_gut", "shakespeare/othello_gut")
 """Whole documents kept out of training: one Austen novel and two long plays (each play is longer
 than one 32K window, so every held-out window is a single document)."""
+HELD_OUT_64K = ("austen/persuasion", "austen/northanger_abbey", "austen/emma")
+"""The decisive study's held-out books (``--held-out 64k``): three novels, each longer than one 64K window."""
+HELD_OUT_SETS = {"32k": HELD_OUT, "64k": HELD_OUT_64K}
 
 # Pieces of the pass-key probe. The key's digits follow a lone space token: the tokenizer splits
 # " 48213" into " " and one token per digit, so five digit tokens are exactly the answer.
@@ -70,6 +75,7 @@ def prepare(corpus: Path, tokenizer_path: Path, out: Path, held_out: tuple[str, 
         docs.append(dict(name=name, start=start, length=len(ids), split="heldout" if name in held_out else "train"))
         start += len(ids)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_path / "tokenizer.json", out / "tokenizer.json")
     np.save(out / "tokens.npy", np.concatenate(arrays))
     meta = dict(
         tokenizer=str(tokenizer_path),
@@ -87,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, required=True, help="folder of <collection>/<document>.txt files")
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder holding tokenizer.json")
     parser.add_argument("--out", type=Path, default=Path(".study-data"))
+    parser.add_argument(
+        "--held-out", choices=sorted(HELD_OUT_SETS), default="32k", help="held-out books: the small study's (32k) or the decisive study's (64k)"
+    )
     args = parser.parse_args(argv)
-    meta = prepare(args.corpus, args.tokenizer, args.out)
+    meta = prepare(args.corpus, args.tokenizer, args.out, HELD_OUT_SETS[args.held_out])
     for split in ("train", "heldout"):
         tokens = sum(d["length"] for d in meta["documents"] if d["split"] == split)
         print(f"{split}: {sum(d['split'] == split for d in meta['documents'])} documents, {tokens:,} tokens")
