@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..validation import check_choice, check_positive_int, is_int
 from .plan import TILE, LighthousePlan, check_settings, plan_for, shortest_compressed_length
 from .steps import PUBLISHED, MethodOptions, SelectedEntries, compressed_attention, gather, scatter, select
-from .varlen import Documents, attend_documents, dense_documents
+from .varlen import Documents, attend_documents, dense_documents, runs_lighthouse
 
 __all__ = [
     "COMBINES",
@@ -31,6 +31,7 @@ __all__ = [
     "lighthouse_attention_varlen",
     "method_options",
     "plan_for",
+    "runs_lighthouse",
     "scatter",
     "select",
     "shortest_compressed_length",
