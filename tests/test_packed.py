@@ -403,6 +403,35 @@ def test_trainer_with_flattening_collator_runs_lighthouse_on_every_long_document
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+@pytest.mark.slow
+def test_trainer_on_pack_dataset_document_positions_runs_lighthouse_on_every_long_document(tmp_path, monkeypatch):
+    # pack_dataset(..., document_positions=True) and Trainer's default collator: rows of B=2 with
+    # restarting position ids.
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from lighthouse_hf import pack_dataset
+
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh") for _ in range(n)) for n in (899, 39, 699, 299, 899, 699, 500)]
+    train = pack_dataset(Dataset.from_dict({"text": texts}), lambda batch: [list(t.encode()) for t in batch], 1700,
+                         eos_token_id=0, document_positions=True)
+    rows = [Documents.from_position_ids(torch.tensor([row["position_ids"]]), 1).lengths[0] for row in train]
+    long_documents = [n for row in rows for n in row if compressed_length(n, **OP_SETTINGS) < n]
+    assert len(rows) == 2 and len(long_documents) >= 3
+    model = tiny_model("llama")
+    model.train()
+    ran = spy_lighthouse_documents(monkeypatch)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        Trainer(model=model, args=args, train_dataset=train).train()
+    assert sorted(ran) == sorted(long_documents * LIGHTHOUSE_LAYERS)
+
+
 # ---- on a GPU ----
 
 GPU = dict(seq=24000, settings=dict(levels=3, pooling=4, topk=256), specials=[1, 100, 128, 2304, 4096, 9000])
