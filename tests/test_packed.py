@@ -432,6 +432,66 @@ def test_trainer_on_pack_dataset_document_positions_runs_lighthouse_on_every_lon
     assert sorted(ran) == sorted(long_documents * LIGHTHOUSE_LAYERS)
 
 
+# ---- lighthouse-hf bench --packed ----
+
+
+def test_bench_packed_runs_on_the_cpu_at_tiny_sizes(capsys):
+    import json
+
+    from lighthouse_hf.cli import main
+
+    flags = ["--heads", "2", "--kv-heads", "1", "--dim", "8", "--levels", "3", "--pooling", "2", "--topk", "128",
+             "--dtype", "float32", "--warmup", "0", "--iters", "1", "--input-sets", "1", "--json"]
+    assert main(["bench", "--packed", "1200", "100", "1", "700", *flags]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and report["document_lengths"] == [[1200, 100, 1, 700]]
+    assert [row["mode"] for row in report["results"]] == ["fwd+bwd", "fwd"]
+    for row in report["results"]:
+        assert (row["seq"], row["documents"], row["compressed_documents"], row["longest"]) == (2001, 4, 2, 1200)
+        assert row["seq_sel"] == compressed_length(1200, **OP_SETTINGS) + 100 + 1 + compressed_length(700, **OP_SETTINGS)
+        for name in ("lighthouse", "sdpa_sel", "dense_documents", "lighthouse_unpacked"):
+            assert row[name]["ms"] > 0
+        assert row["ratio_to_sdpa_sel"] == row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
+    assert main(["bench", "--packed-longtail", "4K", "--modes", "fwd", "--batch", "2", *flags]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [sum(row) for row in report["document_lengths"]] == [4096, 4096]
+
+
+def test_longtail_lengths_are_a_seeded_mixture_filling_the_row():
+    from lighthouse_hf.bench import longtail_lengths
+
+    lengths = longtail_lengths(1 << 24, seed=3)
+    assert sum(lengths) == 1 << 24 and min(lengths) >= 1
+    assert lengths == longtail_lengths(1 << 24, seed=3) and lengths != longtail_lengths(1 << 24, seed=4)
+    # Half the tokens from the long part (median 32K, nearly all its tokens in documents >= 8K), half
+    # from the short one (median 1K sigma 1.5: 54% of its tokens in documents >= 8K): 77% in all.
+    long_tokens = sum(n for n in lengths if n >= 8192) / (1 << 24)
+    assert 0.72 < long_tokens < 0.82
+    assert sorted(lengths)[len(lengths) // 2] < 2048
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--packed", "0"], "a length must be at least 1 token"),
+        (["--packed", "100", "--packed-longtail", "4K"], "not allowed with argument"),
+    ],
+)
+def test_bench_packed_usage_errors(argv, message, capsys):
+    from lighthouse_hf.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_bench_packed_refuses_e2e(capsys):
+    from lighthouse_hf.cli import main
+
+    assert main(["bench", "--packed", "100", "--e2e"]) == 2
+    assert "leave out --e2e" in capsys.readouterr().err
+
+
 # ---- on a GPU ----
 
 GPU = dict(seq=24000, settings=dict(levels=3, pooling=4, topk=256), specials=[1, 100, 128, 2304, 4096, 9000])
