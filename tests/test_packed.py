@@ -100,6 +100,42 @@ def test_varlen_op_equals_each_document_alone(option):
         assert (g_ - w_).abs().max() <= 1e-5
 
 
+def test_one_document_per_row_is_the_single_sequence_op():
+    q, k, v = _qkv(2, 4, 2, 1500, 8)
+    with torch.no_grad():
+        out = lighthouse_attention_varlen(q, k, v, Documents.from_lengths([[1500], [1500]]), **OP_SETTINGS)
+        assert torch.equal(out, lighthouse_attention(q, k, v, **OP_SETTINGS))
+
+
+def test_bundled_dense_documents_split_and_join_in_order(monkeypatch):
+    # The varlen flash path runs on CUDA only; here a per-document stand-in checks what is handed to
+    # it (every dense document, in order, causal) and how its output is put back.
+    calls = []
+
+    def varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, **causal):
+        assert causal in ({"window_size": (-1, 0)}, {"is_causal": True}) and torch.equal(cu_q, cu_k)
+        calls.append(cu_q.tolist())
+        bounds = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+        pieces = [
+            dense_causal_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), scale)[0].transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        return torch.cat(pieces)
+
+    monkeypatch.setattr(lighthouse_hf.ops.varlen, "varlen_attn", varlen_stand_in)
+    monkeypatch.setattr(lighthouse_hf.ops.varlen, "_bundles_dense", lambda q, window, dropout: True)
+    documents = Documents.from_lengths([[5, 700, 3, 100, 5], [800, 13]])
+    q, k, v = _qkv(2, 4, 2, 813, 8)
+    out = lighthouse_attention_varlen(q, k, v, documents, **OP_SETTINGS)
+    expected = per_document(lambda *t: lighthouse_attention(*t, **OP_SETTINGS), documents, q, k, v)
+    assert calls == [[0, 3, 8, 13, 26, 126]]  # the dense documents, shortest first
+    assert (out - expected).abs().max() <= 1e-5
+    grad = torch.randn_like(out)
+    for g_, w_ in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        assert (g_ - w_).abs().max() <= 1e-5
+
+
 def test_varlen_op_runs_lighthouse_exactly_on_the_documents_that_compress(monkeypatch):
     ran = spy_lighthouse_documents(monkeypatch)
     lengths = random_lengths(5, 4000)

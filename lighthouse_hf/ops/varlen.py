@@ -6,14 +6,14 @@ what the single-sequence op gives it alone: Lighthouse where the settings compre
 dense causal SDPA where they do not. :func:`dense_documents` is dense causal attention inside
 every document (the dense layers of a packed batch).
 
-How, without an S x S mask and without a Python loop over documents: the tokens are reordered once
-so that the documents of one length lie next to each other, each length runs as one batched call
-on ``[documents, heads, length, head_dim]`` (the steps of :mod:`.steps`, which pick the fused
-kernels on CUDA as they do for one sequence, or dense SDPA), and the outputs go back to their
-positions with the inverse reordering. On CUDA in half precision the dense documents of all
-lengths instead go through one varlen flash call (``torch.nn.attention.varlen``), whose
-block-diagonal causal structure is given by cumulative lengths. A :class:`Documents` keeps its
-reorderings, so every layer of a forward reuses the first layer's.
+How, without an S x S mask and without a Python loop of attention calls over documents: each
+row is split into its documents (views), the documents of one length run as one batched call on
+``[documents, heads, length, head_dim]`` (the steps of :mod:`.steps`, which pick the fused kernels
+on CUDA as they do for one sequence, or dense SDPA; a length held by one document reads it in
+place), and the outputs are concatenated back in order. On CUDA in half precision the dense
+documents of all lengths instead go through one varlen flash call (``torch.nn.attention.varlen``),
+whose block-diagonal causal structure is given by cumulative lengths. A :class:`Documents` keeps
+its grouping, so every layer of a forward reuses the first layer's.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Documents:
     seq_len: int
     lengths: tuple[tuple[int, ...], ...]
     layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    """The reorderings built so far, by device and by which lengths run Lighthouse."""
+    """The groupings built so far, by device, which lengths run Lighthouse and whether the dense
+    documents are bundled."""
 
     def __post_init__(self) -> None:
         check_positive_int("seq_len", self.seq_len)
@@ -165,16 +166,19 @@ def _clip(values: list) -> str:
 
 
 class _Group(NamedTuple):
-    """``count`` documents of ``length`` tokens, next to one another after the reordering."""
+    """The documents ``docs`` (indices in :meth:`Documents.spans` order), all of ``length`` tokens,
+    run as one batched call."""
 
     length: int
-    count: int
     lighthouse: bool
+    docs: tuple[int, ...]
 
 
 class _Bundle(NamedTuple):
-    """Dense documents of several lengths, after the groups, for one varlen call."""
+    """Dense documents of several lengths, run as one varlen call."""
 
+    docs: tuple[int, ...]
+    lengths: tuple[int, ...]
     cu_seqlens: torch.Tensor
     max_length: int
 
@@ -183,9 +187,6 @@ class _Bundle(NamedTuple):
 class _Layout:
     groups: tuple[_Group, ...]
     bundle: _Bundle | None
-    order: torch.Tensor | None
-    """Token ``i`` of the reordered batch is flattened token ``order[i]``; None: no reordering."""
-    inverse: torch.Tensor | None
 
 
 def _on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -197,33 +198,21 @@ def _on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _build_layout(documents: Documents, lighthouse_lengths: frozenset[int], bundle_dense: bool, device: torch.device) -> _Layout:
     by_length: dict[int, list[int]] = defaultdict(list)
-    for row, start, length in documents.spans():
-        by_length[length].append(row * documents.seq_len + start)
-    groups, placed = [], []  # placed: (first flattened token, length) in the new order
-    bundled: list[tuple[int, int]] = []
+    for doc, (_, _, length) in enumerate(documents.spans()):
+        by_length[length].append(doc)
+    groups, bundled = [], []
     for length in sorted(by_length):
-        starts = by_length[length]
+        docs = by_length[length]
         if bundle_dense and length not in lighthouse_lengths:
-            bundled.extend((start, length) for start in starts)
-            continue
-        groups.append(_Group(length, len(starts), length in lighthouse_lengths))
-        placed.extend((start, length) for start in starts)
+            bundled.extend((doc, length) for doc in docs)
+        else:
+            groups.append(_Group(length, length in lighthouse_lengths, tuple(docs)))
     bundle = None
     if bundled:
-        bundled.sort()
-        placed.extend(bundled)
-        ends = torch.tensor([0, *(length for _, length in bundled)], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        bundle = _Bundle(_on_device(ends, device), max(length for _, length in bundled))
-    starts = torch.tensor([start for start, _ in placed], dtype=torch.int64)
-    lengths = torch.tensor([length for _, length in placed], dtype=torch.int64)
-    offsets = lengths.cumsum(0) - lengths
-    tokens = lengths.sum().item()
-    order = torch.arange(tokens) + torch.repeat_interleave(starts - offsets, lengths)
-    if torch.equal(order, torch.arange(tokens)):
-        return _Layout(tuple(groups), bundle, None, None)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(tokens)
-    return _Layout(tuple(groups), bundle, _on_device(order, device), _on_device(inverse, device))
+        lengths = tuple(length for _, length in bundled)
+        ends = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        bundle = _Bundle(tuple(doc for doc, _ in bundled), lengths, _on_device(ends, device), max(lengths))
+    return _Layout(tuple(groups), bundle)
 
 
 def _layout(documents: Documents, lighthouse_lengths: frozenset[int], bundle_dense: bool, device: torch.device) -> _Layout:
@@ -276,6 +265,7 @@ def _dense_bundle(bundle: _Bundle, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def _run(
     layout: _Layout,
+    documents: Documents,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -283,32 +273,46 @@ def _run(
     attend_group: Callable[..., torch.Tensor],
     scale: float | None,
 ) -> torch.Tensor:
-    """Reorder the tokens, run each group (``attend_group(group, q, k, v, scores)`` on
-    ``[count, heads, length, ...]``) and the bundle, and put the outputs back: ``[B, H, S, D]``."""
+    """Run each group (``attend_group(group, q, k, v, scores)`` on ``[count, heads, length, ...]``)
+    and the bundle, and put the outputs back in place: ``[B, H, S, D]``.
+
+    Every document's rows are views (a split of each batch row), so a group of one document reads
+    q, k and v where they are; only groups of several documents and the bundle copy theirs. The
+    backward of the split writes each row's gradient once.
+    """
     batch, heads, seq_len, dim = q.shape
-    flat = [x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], dim) for x in (q, k, v)]
-    flat_scores = [s.transpose(1, 2).reshape(batch * seq_len, s.shape[1]) for s in scores] if scores is not None else []
-    if layout.order is not None:
-        flat = [x.index_select(0, layout.order) for x in flat]
-        flat_scores = [s.index_select(0, layout.order) for s in flat_scores]
-    outputs, offset = [], 0
+
+    def split(x: torch.Tensor) -> list[torch.Tensor]:
+        return [doc for row, lengths in zip(x.unbind(0), documents.lengths) for doc in row.split(lengths, dim=1)]
+
+    def batched(docs: list[torch.Tensor], group: _Group) -> torch.Tensor:
+        if len(group.docs) == 1:
+            return docs[group.docs[0]].unsqueeze(0)
+        return torch.stack([docs[i] for i in group.docs])
+
+    whole_rows = len(layout.groups) == 1 and layout.bundle is None and all(len(row) == 1 for row in documents.lengths)
+    if whole_rows:  # one document per row, all of one length: the batch is the group
+        return attend_group(layout.groups[0], q, k, v, scores)
+    q_docs, k_docs, v_docs = split(q), split(k), split(v)
+    score_docs = [split(s) for s in scores] if scores is not None else None
+    out_docs: list[torch.Tensor | None] = [None] * len(q_docs)  # [length, heads, dim] each
     for group in layout.groups:
-        stop = offset + group.count * group.length
-        parts = [x[offset:stop].view(group.count, group.length, *x.shape[1:]).transpose(1, 2) for x in flat]
-        group_scores = (
-            tuple(s[offset:stop].view(group.count, group.length, -1).transpose(1, 2).contiguous() for s in flat_scores)
-            if flat_scores
-            else None
-        )
-        out = attend_group(group, *parts, group_scores)
-        outputs.append(out.transpose(1, 2).reshape(stop - offset, heads, dim))
-        offset = stop
+        group_scores = tuple(batched(s, group).contiguous() for s in score_docs) if score_docs is not None else None
+        out = attend_group(group, batched(q_docs, group), batched(k_docs, group), batched(v_docs, group), group_scores)
+        for doc, piece in zip(group.docs, out.unbind(0)):
+            out_docs[doc] = piece.transpose(0, 1)
     if layout.bundle is not None:
-        outputs.append(_dense_bundle(layout.bundle, *(x[offset:] for x in flat), scale))
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    if layout.inverse is not None:
-        out = out.index_select(0, layout.inverse)
-    return out.view(batch, seq_len, heads, dim).transpose(1, 2)
+        flat = [torch.cat([docs[i].transpose(0, 1) for i in layout.bundle.docs]) for docs in (q_docs, k_docs, v_docs)]
+        out = _dense_bundle(layout.bundle, *flat, scale)
+        for doc, piece in zip(layout.bundle.docs, out.split(layout.bundle.lengths)):
+            out_docs[doc] = piece
+    rows, first = [], 0
+    for lengths in documents.lengths:
+        pieces = out_docs[first : first + len(lengths)]
+        rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        first += len(lengths)
+    out = torch.stack(rows) if batch > 1 else rows[0].unsqueeze(0)  # [B, S, H, D]
+    return out.transpose(1, 2)
 
 
 def runs_lighthouse(length: int, levels: int, pooling: int, topk: int, min_seq_len: int | None) -> bool:
@@ -350,7 +354,7 @@ def attend_documents(
         entries = select(q_g, k_g, plan, group_options)
         return scatter(entries, compressed_attention(*gather(entries, q_g, k_g, v_g), scale), group.length)
 
-    return _run(layout, q, k, v, scores, attend_group, scale)
+    return _run(layout, documents, q, k, v, scores, attend_group, scale)
 
 
 def dense_documents(
@@ -370,4 +374,4 @@ def dense_documents(
     def attend_group(group: _Group, q_g, k_g, v_g, _scores) -> torch.Tensor:
         return _dense_group(q_g, k_g, v_g, scale, window, dropout)
 
-    return _run(layout, q, k, v, None, attend_group, scale)
+    return _run(layout, documents, q, k, v, None, attend_group, scale)
