@@ -468,6 +468,23 @@ def test_trainer_on_pack_dataset_document_positions_runs_lighthouse_on_every_lon
     assert sorted(ran) == sorted(long_documents * LIGHTHOUSE_LAYERS)
 
 
+@pytest.mark.slow
+def test_fused_kernels_on_packed_rows_equal_the_reference_under_the_interpreter():
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = pathlib.Path(__file__).with_name("interpreted_packed.py")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [row["option"] for row in rows] == ["published", "mean", "span_end", "causal"]
+    for row in rows:
+        assert row["out"] < 1e-6 and max(row["grads"]) < 1e-6, row
+
+
 # ---- lighthouse-hf bench --packed ----
 
 
