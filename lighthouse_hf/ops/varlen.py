@@ -237,16 +237,17 @@ def _bundles_dense(q: torch.Tensor, window: int | None, dropout: float) -> bool:
     )
 
 
-def _expand_heads(x: torch.Tensor, heads: int, axis: int) -> torch.Tensor:
-    group = heads // x.shape[axis]
-    return x.repeat_interleave(group, dim=axis) if group > 1 else x
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """K or V with axis 1 holding KV heads, repeated to ``heads`` (grouped-query attention)."""
+    group = heads // x.shape[1]
+    return x.repeat_interleave(group, dim=1) if group > 1 else x
 
 
 def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None, dropout: float) -> torch.Tensor:
     """Causal SDPA over ``[documents, heads, length, head_dim]`` (a ``window``: each query sees
     the ``window`` positions ending at it, Transformers' sliding window)."""
     heads, length = q.shape[1], q.shape[2]
-    k, v = _expand_heads(k, heads, 1), _expand_heads(v, heads, 1)
+    k, v = _expand_heads(k, heads), _expand_heads(v, heads)
     if window is None or window >= length:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
     position = torch.arange(length, device=q.device)
@@ -258,7 +259,7 @@ def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 def _dense_bundle(bundle: _Bundle, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Dense causal attention of the bundled documents, ``[tokens, heads, head_dim]`` each."""
     heads = q.shape[1]
-    k, v = _expand_heads(k, heads, 1), _expand_heads(v, heads, 1)
+    k, v = _expand_heads(k, heads), _expand_heads(v, heads)
     cu = bundle.cu_seqlens
     return varlen_attn(q, k, v, cu, cu, bundle.max_length, bundle.max_length, scale=scale, **_VARLEN_CAUSAL)
 
