@@ -23,6 +23,30 @@ frequencies (theta 10000) over the whole head; ``given`` scores are random posit
 scores drawn with each input set, outside the timed region. The compressed length does not depend
 on the options, so neither do the SDPA(S_sel) baselines. ``--e2e`` takes the first value of each
 setting and option (its Llama has no per-head q/k norm, so its scores are the norms).
+
+Packed mode (``--packed LENGTH ...`` or ``--packed-longtail TOTAL``): each row of the batch packs
+documents of those lengths (or of lengths drawn from the long-tailed distribution below, until
+the row holds TOTAL tokens; the last one cut to fit), and the rows are timed as
+
+* ``lighthouse``: ``lighthouse_attention_varlen``, Lighthouse on each document alone (documents
+  too short to compress run dense);
+* ``sdpa_sel``: what that leaves when pooling, selection, gathering and scattering cost nothing:
+  dense causal attention per document over each compressed document's compressed length and each
+  other document's own length (the per-document compressed attention alone);
+* ``dense_documents``: document-masked dense attention (``dense_causal_attention_varlen``: one
+  varlen flash call on CUDA in half precision);
+* ``lighthouse_unpacked``: ``lighthouse_attention`` on one sequence of the row's whole length,
+  documents not kept apart.
+
+The long-tailed distribution (``--packed-longtail``), a long-context pre-training mixture by
+token share: half of each row's tokens are long documents (lengths log-normal, median 32768
+tokens, sigma 1.0: books, code repositories), the other half short ones (log-normal, median 1024,
+sigma 1.5: web pages; mean about 3.1K, one in 40 longer than 18K); every document at least 16
+tokens, the last of each half cut to fit, the documents of a row shuffled; row ``r`` drawn with
+seed ``--packed-seed + r``. The bench prints what it drew (documents, the longest, how many the
+settings compress and their share of the tokens).
+
+Packed mode also runs on the CPU (times with the host clock; no memory figures) for small sizes.
 """
 
 from __future__ import annotations
@@ -30,8 +54,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import random
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from functools import partial
 from types import SimpleNamespace
@@ -40,13 +67,27 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed_attention, compressed_length, lighthouse_attention
+from .ops import (
+    Documents,
+    compressed_attention,
+    compressed_length,
+    dense_causal_attention_varlen,
+    lighthouse_attention,
+    lighthouse_attention_varlen,
+    runs_lighthouse,
+)
 from .rotary import rope_inv_freq
 
 GB = 1e9
 
 
 def run(args: argparse.Namespace) -> int:
+    packed_mode = args.packed is not None or args.packed_longtail is not None
+    if packed_mode:
+        if args.e2e:
+            print("lighthouse-hf bench: --packed and --packed-longtail time the operator; leave out --e2e", file=sys.stderr)
+            return 2
+        return _run_packed(args)
     if args.e2e and "given" in args.scores:
         print("lighthouse-hf bench: --scores given is for operator mode; the --e2e Llama scores the norms of q and k",
               file=sys.stderr)
@@ -74,7 +115,22 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def time_interleaved(steps: dict[str, Callable[[int], object]], *, warmup: int, iters: int, input_sets: int) -> dict:
+class _HostTimer:
+    """A stand-in for ``torch.cuda.Event`` on the CPU: the host clock, the ops being synchronous there."""
+
+    def __init__(self, enable_timing: bool = True) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end: "_HostTimer") -> float:
+        return (end.at - self.at) * 1e3
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[int], object]], *, warmup: int, iters: int, input_sets: int, device: str = "cuda"
+) -> dict:
     """Median milliseconds per call of each ``steps[name](i)``, input set ``i`` rotating.
 
     The variants take turns, one round each at a time, so clock and temperature drift reach all of
@@ -83,6 +139,9 @@ def time_interleaved(steps: dict[str, Callable[[int], object]], *, warmup: int, 
     calls back to back, as a training loop does, and their times (``ms``) are device time per
     call. ``iters`` such calls per variant are taken.
     """
+    cuda = device == "cuda"
+    event = torch.cuda.Event if cuda else _HostTimer
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     for name, step in steps.items():
         for i in range(warmup):
             step(i % input_sets)
@@ -90,15 +149,15 @@ def time_interleaved(steps: dict[str, Callable[[int], object]], *, warmup: int, 
     latencies = {name: [] for name in steps}
     for _ in range(-(-iters // input_sets)):
         for name, step in steps.items():
-            torch.cuda.synchronize()
+            synchronize()
             events = []
             for i in range(input_sets + 1):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, stop = event(enable_timing=True), event(enable_timing=True)
                 start.record()
                 step(i % input_sets)
                 stop.record()
                 events.append((start, stop))
-            torch.cuda.synchronize()
+            synchronize()
             latencies[name].append(events[0][0].elapsed_time(events[0][1]))
             times[name].extend(start.elapsed_time(stop) for start, stop in events[1:])
     return {name: {"ms": statistics.median(times[name]), "latency_ms": statistics.median(latencies[name])} for name in steps}
@@ -151,54 +210,82 @@ def _attention_step(attend: Callable, backward: bool) -> Callable:
     return step
 
 
+LONGTAIL_PARTS = ((0.5, 32768, 1.0), (0.5, 1024, 1.5))
+"""The long-tailed mixture: (share of the row's tokens, median length, sigma of the log length)."""
+LONGTAIL_SHORTEST = 16
+
+
+def longtail_lengths(total: int, seed: int) -> list[int]:
+    """Document lengths filling ``total`` tokens from the long-tailed mixture (module docstring)."""
+    rng = random.Random(seed)
+    lengths: list[int] = []
+    left_over = total
+    for index, (share, median, sigma) in enumerate(LONGTAIL_PARTS):
+        budget = left_over if index == len(LONGTAIL_PARTS) - 1 else round(total * share)
+        left_over -= budget
+        while budget > 0:
+            length = min(budget, max(LONGTAIL_SHORTEST, round(rng.lognormvariate(math.log(median), sigma))))
+            lengths.append(length)
+            budget -= length
+    rng.shuffle(lengths)
+    return lengths
+
+
 def default_rope_inv_freq(dim: int, device: str) -> torch.Tensor:
     """The inverse frequencies of default RoPE (theta 10000) over a whole head of ``dim``, on ``device``."""
     config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, head_dim=dim)
     return rope_inv_freq(config, seq_len=0, device=torch.device(device))
 
 
+def _input_sets(args: argparse.Namespace, device: str, variant: Variant, count: int, backward: bool) -> list[tuple]:
+    """``count`` independently drawn input sets of ``variant``: q, k, v, the output gradient, and
+    the given scores when it takes them."""
+    dtype = getattr(torch, args.dtype)
+
+    def draw(heads, requires_grad):
+        return torch.randn(args.batch, heads, variant.seq, args.dim, device=device, dtype=dtype, requires_grad=requires_grad)
+
+    def draw_scores(heads):
+        # Positive like norms, float32 like the recorded pre-norm norms; selection only ranks them.
+        return torch.rand(args.batch, heads, variant.seq, device=device, dtype=torch.float32) + 1.0
+
+    return [
+        (draw(args.heads, backward), draw(variant.kv_heads, backward), draw(variant.kv_heads, backward),
+         draw(args.heads, False),
+         dict(q_scores=draw_scores(args.heads), k_scores=draw_scores(variant.kv_heads)) if variant.given_scores else {})
+        for _ in range(count)
+    ]
+
+
+def _measure(args: argparse.Namespace, device: str, variants: dict[str, Variant], backward: bool, memory: bool) -> dict:
+    """The variants timed in turns, then (``memory``) each one's peak."""
+    steps = {
+        name: _in_context(
+            variant.context,
+            partial(_attention_step(variant.attend, backward), sets=_input_sets(args, device, variant, args.input_sets, backward)),
+        )
+        for name, variant in variants.items()
+    }
+    timed = time_interleaved(steps, warmup=args.warmup, iters=args.iters, input_sets=args.input_sets, device=device)
+    del steps  # frees the input sets before the peak-memory runs
+    if memory:
+        for name, variant in variants.items():
+            with variant.context():
+                timed[name]["peak_gb"] = peak_memory(
+                    _attention_step(variant.attend, backward), lambda: _input_sets(args, device, variant, 1, backward)[0]
+                )
+    return timed
+
+
 def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
     """Every operator-mode row: each sequence length, setting and method option, each mode."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dtype = getattr(torch, args.dtype)
     kv_heads = args.kv_heads or args.heads
     results = []
 
-    def draw(batch, heads, seq, requires_grad):
-        return torch.randn(batch, heads, seq, args.dim, device=device, dtype=dtype, requires_grad=requires_grad)
-
-    def draw_scores(heads, seq):
-        # Positive like norms, float32 like the recorded pre-norm norms; selection only ranks them.
-        return torch.rand(args.batch, heads, seq, device=device, dtype=torch.float32) + 1.0
-
-    def make_sets(variant: Variant, count: int, backward: bool) -> list[tuple]:
-        seq, heads_kv = variant.seq, variant.kv_heads
-        return [
-            (draw(args.batch, args.heads, seq, backward), draw(args.batch, heads_kv, seq, backward),
-             draw(args.batch, heads_kv, seq, backward), draw(args.batch, args.heads, seq, False),
-             dict(q_scores=draw_scores(args.heads, seq), k_scores=draw_scores(heads_kv, seq))
-             if variant.given_scores else {})
-            for _ in range(count)
-        ]
-
     def measure(variants: dict[str, Variant], backward: bool) -> dict:
-        """Timed in turns, then each one's peak."""
-        steps = {
-            name: _in_context(
-                variant.context,
-                partial(_attention_step(variant.attend, backward), sets=make_sets(variant, args.input_sets, backward)),
-            )
-            for name, variant in variants.items()
-        }
-        timed = time_interleaved(steps, warmup=args.warmup, iters=args.iters, input_sets=args.input_sets)
-        del steps  # frees the input sets before the peak-memory runs
-        for name, variant in variants.items():
-            with variant.context():
-                timed[name]["peak_gb"] = peak_memory(
-                    _attention_step(variant.attend, backward), lambda: make_sets(variant, 1, backward)[0]
-                )
-        return timed
+        return _measure(args, device, variants, backward, memory=True)
 
     @contextmanager
     def cudnn():
@@ -281,6 +368,110 @@ def _print_operators(results: list[dict]) -> None:
               f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | "
               f"{row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} | "
               f"{row['lighthouse']['latency_ms']:.2f}, {row['sdpa_sel_cudnn']['latency_ms']:.2f} |")
+
+
+def packed_rows(args: argparse.Namespace) -> list[list[int]]:
+    """The document lengths of each row in packed mode: ``--packed`` in every row, or each row
+    drawn from the long-tailed mixture."""
+    if args.packed is not None:
+        return [list(args.packed)] * args.batch
+    return [longtail_lengths(args.packed_longtail, args.packed_seed + row) for row in range(args.batch)]
+
+
+def packed_operators(args: argparse.Namespace, device: str) -> list[dict]:
+    """Every packed-mode row: each setting, each mode (the first value of each method option)."""
+    rows = packed_rows(args)
+    documents = Documents.from_lengths(rows)
+    kv_heads = args.kv_heads or args.heads
+    given = args.scores[0] == "given"
+    rope = args.rope[0]
+    op_options = dict(
+        rope_inv_freq=default_rope_inv_freq(args.dim, device) if rope == "span_end" else None,
+        selection=args.selection[0], combine=args.combine[0],
+    )
+
+    def own():
+        return deterministic_algorithms(args.deterministic)
+
+    results = []
+    for levels, pooling, topk in itertools.product(args.levels, args.pooling, args.topk):
+        settings = dict(levels=levels, pooling=pooling, topk=topk)
+
+        def compresses(length: int) -> bool:
+            return runs_lighthouse(length, levels, pooling, topk, None)
+
+        # Each document as long as the sequence SDPA sees for it: compressed, or its own length.
+        floor = Documents.from_lengths([[compressed_length(n, **settings) for n in row] for row in rows])
+        compressed = [n for row in rows for n in row if compresses(n)]
+        described = {
+            "documents": sum(map(len, rows)), "longest": documents.max_length, "compressed_documents": len(compressed),
+            "compressed_token_share": sum(compressed) / (documents.batch * documents.seq_len),
+        }
+        for mode in args.modes:
+            backward = mode == "fwd+bwd"
+            row = {"seq": documents.seq_len, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads,
+                   "dim": args.dim, "dtype": args.dtype, "mode": mode, **settings, "rope": rope, "scores": args.scores[0],
+                   "selection": args.selection[0], "combine": args.combine[0], **described, "seq_sel": floor.seq_len,
+                   "deterministic": args.deterministic}
+            variants = {
+                "lighthouse": Variant(partial(lighthouse_attention_varlen, documents=documents, **settings, **op_options),
+                                      documents.seq_len, kv_heads, own, given_scores=given),
+                "sdpa_sel": Variant(partial(dense_causal_attention_varlen, documents=floor), floor.seq_len, args.heads, own),
+                "lighthouse_unpacked": Variant(partial(lighthouse_attention, **settings, **op_options), documents.seq_len,
+                                               kv_heads, own, given_scores=given),
+            }
+            if not args.no_dense:
+                variants["dense_documents"] = Variant(
+                    partial(dense_causal_attention_varlen, documents=documents), documents.seq_len, kv_heads, own
+                )
+            row.update(_measure(args, device, variants, backward, memory=device == "cuda"))
+            row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
+            row["ratio_to_unpacked"] = row["lighthouse"]["ms"] / row["lighthouse_unpacked"]["ms"]
+            if "dense_documents" in row:
+                row["speedup_over_dense_documents"] = row["dense_documents"]["ms"] / row["lighthouse"]["ms"]
+            results.append(row)
+            if not args.json:
+                print(_packed_line(row), flush=True)
+    return results
+
+
+def _packed_line(row: dict) -> str:
+    dense = row.get("dense_documents")
+    return (
+        f"packed S={row['seq']} B={row['batch']} ({row['documents']} documents, longest {row['longest']}, "
+        f"{row['compressed_documents']} compressed = {row['compressed_token_share']:.0%} of the tokens) "
+        f"L{row['levels']} p{row['pooling']} K{row['topk']} {row['mode']}: lighthouse {row['lighthouse']['ms']:.2f} ms | "
+        f"sdpa per document at S_sel {row['sdpa_sel']['ms']:.2f} ms (ratio {row['ratio_to_sdpa_sel']:.2f}x) | "
+        + (f"dense per document {dense['ms']:.2f} ms ({row['speedup_over_dense_documents']:.2f}x) | " if dense else "")
+        + f"unpacked lighthouse {row['lighthouse_unpacked']['ms']:.2f} ms ({row['ratio_to_unpacked']:.2f}x)"
+    )
+
+
+def _print_packed(results: list[dict]) -> None:
+    print()
+    print("| S x B | documents (compressed, token share) | L/p/K | mode | Lighthouse ms | SDPA per document at S_sel ms | "
+          "ratio | dense per document ms | speedup | unpacked Lighthouse ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        dense = row.get("dense_documents", {"ms": float("nan")})
+        print(f"| {row['seq']} x {row['batch']} | {row['documents']} ({row['compressed_documents']}, "
+              f"{row['compressed_token_share']:.0%}) | {row['levels']}/{row['pooling']}/{row['topk']} | {row['mode']} | "
+              f"{row['lighthouse']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel']:.2f} | "
+              f"{dense['ms']:.2f} | {row.get('speedup_over_dense_documents', float('nan')):.2f} | "
+              f"{row['lighthouse_unpacked']['ms']:.2f} |")
+
+
+def _run_packed(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = packed_operators(args, device)
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "document_lengths": packed_rows(args), "results": results}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"device: {report['device']}, torch {report['torch']}")
+        _print_packed(results)
+    return 0
 
 
 def _e2e(args: argparse.Namespace) -> list[dict]:

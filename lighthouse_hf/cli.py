@@ -43,6 +43,14 @@ def _sequence_length(text: str) -> int:
         raise argparse.ArgumentTypeError(f"a sequence length looks like 32768 or 32K, got {text!r}") from None
 
 
+def _positive_length(text: str) -> int:
+    """A sequence length (``_sequence_length``) of at least one token."""
+    length = _sequence_length(text)
+    if length < 1:
+        raise argparse.ArgumentTypeError(f"a length must be at least 1 token, got {text!r}")
+    return length
+
+
 def _shard_size(value: str) -> int:
     try:
         return parse_size(value)
@@ -108,6 +116,14 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--e2e-steps", type=int, default=3, help="timed training steps per setting")
     _option(parser, "--e2e-dense-layers", type=int, nargs="*", default=[0, 1, -2, -1],
             help="layers kept dense in the Lighthouse model (the paper's first and last two)")
+    packed = parser.add_mutually_exclusive_group()
+    _option(packed, "--packed", type=_positive_length, nargs="+", metavar="LENGTH",
+            help="packed mode: each row (--batch) packs documents of these lengths (e.g. 64K 32K 16K 4096 4096 8192); "
+            "also runs on the CPU")
+    _option(packed, "--packed-longtail", type=_positive_length, metavar="TOTAL",
+            help="packed mode with rows of TOTAL tokens (e.g. 128K) of documents drawn from the long-tailed mixture "
+            "described above")
+    _option(parser, "--packed-seed", type=int, default=0, help="seed of --packed-longtail's first row")
     _option(parser, "--json", action="store_true", help="print one JSON document instead of tables")
     parser.set_defaults(run_module="lighthouse_hf.bench")
 

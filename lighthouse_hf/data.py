@@ -1,12 +1,16 @@
 """Long-document training data: tokenize, concatenate with EOS, cut into fixed-length blocks.
 
 Every block is exactly ``seq_len`` tokens and nothing is padded, so Lighthouse always runs (a
-padding mask would send a layer to its dense fallback). Blocks are plain causal sequences: no
-``position_ids`` restart and no document mask is produced, so attention crosses document
-boundaries inside a block, the model sees the EOS between two documents and positions count
-from the block's start. That matches how Lighthouse runs: its pyramid pools across the whole
-block, and the library does not mask documents (a packed-document mask would make every layer
-fall back to dense SDPA).
+padding mask would send a layer to its dense fallback). By default blocks are plain causal
+sequences: attention crosses document boundaries inside a block, the model sees the EOS between
+two documents and positions count from the block's start.
+
+With ``document_positions=True`` each block also gets ``position_ids`` that restart at 0 where a
+document starts (and at the block's start, where a document cut by the previous block goes on),
+and the label of each document's first token is -100 (it is not predicted from the document
+before). Transformers reads restarting positions as packed documents when there is no KV cache
+(Trainer's default ``use_cache=False``), and every layer then keeps the documents apart:
+Lighthouse runs on each document alone (``lighthouse_hf.ops.varlen``).
 """
 
 from __future__ import annotations
@@ -29,22 +33,57 @@ def _check_seq_len(seq_len: object) -> int:
     return seq_len
 
 
+def _check_eos(eos_token_id: object) -> int:
+    if not is_int(eos_token_id) or eos_token_id < 0:
+        raise ValueError(f"eos_token_id must be an integer >= 0, got {eos_token_id!r}")
+    return eos_token_id
+
+
+def _blocks(
+    documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int, with_positions: bool
+) -> Iterator[tuple[list[int], list[int] | None]]:
+    """Each block, and its positions (0 at each document's first token and at the block's start)
+    when ``with_positions``."""
+    buffer: list[int] = []
+    positions: list[int] = []
+    for document in documents:
+        buffer.extend(document)
+        buffer.append(eos_token_id)
+        if with_positions:
+            positions.extend(range(len(document) + 1))  # the EOS belongs to its document
+        start = 0
+        while len(buffer) - start >= seq_len:
+            block_positions = None
+            if with_positions:
+                block_positions = positions[start : start + seq_len]
+                if block_positions[0]:  # a document cut by the previous block goes on from 0
+                    cut = block_positions.index(0) if 0 in block_positions else seq_len
+                    block_positions[:cut] = range(cut)
+            yield buffer[start : start + seq_len], block_positions
+            start += seq_len
+        del buffer[:start]  # once per document, so a very long document costs linear time
+        del positions[:start]
+
+
 def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int) -> Iterator[list[int]]:
     """Blocks of exactly ``seq_len`` tokens from documents of token ids, each document followed by
     ``eos_token_id``. Lazy (one document and one block in memory at a time); the last, incomplete
     block is dropped rather than padded."""
     _check_seq_len(seq_len)
-    if not is_int(eos_token_id) or eos_token_id < 0:
-        raise ValueError(f"eos_token_id must be an integer >= 0, got {eos_token_id!r}")
-    buffer: list[int] = []
-    for document in documents:
-        buffer.extend(document)
-        buffer.append(eos_token_id)
-        start = 0
-        while len(buffer) - start >= seq_len:
-            yield buffer[start : start + seq_len]
-            start += seq_len
-        del buffer[:start]  # once per document, so a very long document costs linear time
+    _check_eos(eos_token_id)
+    for block, _ in _blocks(documents, seq_len, eos_token_id, with_positions=False):
+        yield block
+
+
+def pack_documents_with_positions(
+    documents: Iterable[Sequence[int]], seq_len: int, eos_token_id: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """The blocks of :func:`pack_documents`, each with its ``position_ids``: 0 at every document's
+    first token and at the block's first token, counting up inside each document (its EOS
+    included), so that Transformers sees one packed sequence per document."""
+    _check_seq_len(seq_len)
+    _check_eos(eos_token_id)
+    yield from _blocks(documents, seq_len, eos_token_id, with_positions=True)
 
 
 def _tokenize_function(tokenizer: Tokenizer) -> Callable[[list[str]], Sequence[Sequence[int]]]:
@@ -89,6 +128,7 @@ def _generate_blocks(
     text_column: str,
     batch_size: int,
     with_labels: bool,
+    document_positions: bool,
     total: int | None,
 ) -> Iterator[dict[str, list[int]]]:
     from tqdm.auto import tqdm
@@ -107,9 +147,15 @@ def _generate_blocks(
     with progress:
         documents = (ids for texts in _texts(dataset, text_column, batch_size, progress) for ids in tokenize(texts))
         blocks = 0
-        for block in pack_documents(counted(documents), seq_len, eos_token_id):
+        for block, positions in _blocks(counted(documents), seq_len, eos_token_id, document_positions):
             blocks += 1
-            yield {"input_ids": block, "labels": block} if with_labels else {"input_ids": block}
+            row = {"input_ids": block}
+            if with_labels:
+                # A document's first token is not predicted from the document before it.
+                row["labels"] = block if positions is None else [-100 if p == 0 else t for t, p in zip(block, positions)]
+            if positions is not None:
+                row["position_ids"] = positions
+            yield row
     if blocks == 0:
         raise TooLittleTextError(
             f"the dataset holds {tokens} tokens (documents and their EOS), too few for one block of seq_len={seq_len}"
@@ -129,6 +175,7 @@ def pack_dataset(
     eos_token_id: int | None = None,
     batch_size: int = 1000,
     with_labels: bool = True,
+    document_positions: bool = False,
 ) -> "Dataset | IterableDataset":
     """Turn a ``datasets`` text dataset into causal-LM training blocks of exactly ``seq_len`` tokens.
 
@@ -140,7 +187,11 @@ def pack_dataset(
     ``datasets``); an ``IterableDataset`` (``streaming=True``) gives an ``IterableDataset`` that
     packs lazily while it is read.
 
-    Attention crosses document boundaries inside a block (see the module docstring).
+    By default attention crosses document boundaries inside a block. ``document_positions=True``
+    adds ``position_ids`` that restart at every document (and at the block's start) and sets the
+    label of each document's first token to -100: with Trainer (``use_cache=False``) every layer
+    then attends within each document only, and Lighthouse runs on each document alone (see the
+    module docstring).
     """
     from datasets import Dataset, Features, IterableDataset, Sequence as SequenceFeature, Value
 
@@ -152,10 +203,13 @@ def pack_dataset(
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
         raise ValueError(f"text_column {text_column!r} is not a column of the dataset (columns: {columns})")
+    if not isinstance(document_positions, bool):
+        raise ValueError(f"document_positions must be True or False, got {document_positions!r}")
     _tokenize_function(tokenizer)  # reject a bad tokenizer now, not when the data is first read
     eos_token_id = _resolve_eos(tokenizer, eos_token_id)
     block = SequenceFeature(Value("int32"), length=seq_len)
-    features = Features({"input_ids": block, "labels": block} if with_labels else {"input_ids": block})
+    names = ["input_ids", *(["labels"] if with_labels else []), *(["position_ids"] if document_positions else [])]
+    features = Features({name: block for name in names})
     gen_kwargs = dict(
         dataset=dataset,
         tokenizer=tokenizer,
@@ -164,6 +218,7 @@ def pack_dataset(
         text_column=text_column,
         batch_size=batch_size,
         with_labels=with_labels,
+        document_positions=document_positions,
     )
     if isinstance(dataset, IterableDataset):
         return IterableDataset.from_generator(_generate_blocks, features=features, gen_kwargs={**gen_kwargs, "total": None})

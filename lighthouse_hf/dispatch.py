@@ -5,8 +5,11 @@ one (:mod:`lighthouse_hf.context_parallel`) ask this module the same questions:
 
 * the model's settings (``config.lighthouse``), checked against the model on its first call;
 * whether the call runs dense, and why: a dense layer, a non-causal module, decoding with a KV
-  cache, a mask (padding, packed documents, a custom mask), query offsets, or a sequence too
-  short to compress (:func:`dense_reason`);
+  cache, a mask (padding, a custom mask), query offsets, or a sequence too short to compress
+  (:func:`dense_reason`);
+* the documents of a packed call (:func:`documents_of`), marked either by position ids that
+  restart (Transformers' packed-sequence detection, which leaves a deferred mask) or by the
+  Flash-style keywords ``cu_seq_lens_q/k`` and ``max_length_q/k``;
 * the mask function's deferred mask and how the dense path materializes it;
 * the autocast cast of q, k and v, and the warning for ignored attention dropout.
 
@@ -27,7 +30,7 @@ from transformers.masking_utils import sdpa_mask
 
 from . import patches, prenorm
 from .config import CONFIG_KEY, LighthouseConfig
-from .ops import plan_for, shortest_compressed_length
+from .ops import Documents, plan_for, runs_lighthouse, shortest_compressed_length
 from .rotary import rope_inv_freq
 
 
@@ -39,7 +42,8 @@ class LighthouseWarning(UserWarning):
 
 PACKED_DOCUMENTS = "packed-document boundaries"
 """The mask reason of position ids that restart (Transformers' packed-sequence detection)."""
-
+FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+"""The keywords that mark documents the Flash way (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class DeferredMask:
     reason: str | None
     plain_shape: bool
     mask_kwargs: dict[str, Any] = field(repr=False)
+    documents: dict[tuple, tuple[tuple, Documents]] = field(default_factory=dict, repr=False, compare=False)
+    """The documents found for this forward's inputs (:func:`documents_of`): every layer shares
+    the mask, so only the first pays the host synchronization that reading them takes."""
 
     def materialize(self) -> torch.Tensor:
         return sdpa_mask(**{**self.mask_kwargs, "allow_is_causal_skip": False})
@@ -245,7 +252,7 @@ NON_CAUSAL = "non-causal attention"
 """Lighthouse is causal only: a non-causal module (an encoder layer) runs Transformers' SDPA as it would."""
 
 
-def _layer_reason(module: torch.nn.Module, settings: LighthouseConfig, is_causal: bool) -> str | None:
+def layer_reason(module: torch.nn.Module, settings: LighthouseConfig, is_causal: bool) -> str | None:
     if not is_causal:
         return NON_CAUSAL
     layer_idx = getattr(module, "layer_idx", None)
@@ -263,7 +270,7 @@ def is_causal_call(module: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
 
 def sequence_reason(module: torch.nn.Module, settings: LighthouseConfig, seq_len: int, is_causal: bool) -> str | None:
     """Why a whole, unmasked sequence of ``seq_len`` tokens runs dense in ``module``; None: Lighthouse."""
-    return _layer_reason(module, settings, is_causal) or _length_reason(seq_len, settings)
+    return layer_reason(module, settings, is_causal) or _length_reason(seq_len, settings)
 
 
 def dense_reason(
@@ -276,7 +283,7 @@ def dense_reason(
 ) -> tuple[str, bool] | None:
     """Why this single-device call runs dense, and whether that comes from its inputs (which the
     user is told about); None: run Lighthouse."""
-    reason = _layer_reason(module, settings, is_causal)
+    reason = layer_reason(module, settings, is_causal)
     if reason is not None:
         return reason, False
     if query.shape[2] != key.shape[2]:
@@ -318,6 +325,107 @@ def dense_attention(
     kwargs.pop("sliding_window", None)  # already part of the mask
     mask = materialize_mask(attention_mask, query, key)
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+# ---- packed documents ----
+
+
+def _flash_max_length(kwargs: dict[str, Any], name: str, documents: Documents) -> None:
+    value = kwargs.get(name)
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if not isinstance(value, int) or isinstance(value, bool) or value < documents.max_length:
+        raise ValueError(
+            f"{name} must be an integer at least the longest document's length, {documents.max_length} "
+            f"(from cu_seq_lens_q), got {value!r}"
+        )
+
+
+def _read_documents(attention_mask: Any, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], by_positions: bool) -> Documents:
+    batch, seq_len = query.shape[0], query.shape[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    from_positions = Documents.from_position_ids(kwargs["position_ids"], batch) if by_positions else None
+    if cu_q is None and cu_k is None:
+        return from_positions
+    if cu_q is None or cu_k is None:
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be given together (or neither)")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"cu_seq_lens_q marks documents of whole sequences, but this call's queries ({query.shape[2]}) and keys "
+            f"({key.shape[2]}) differ in length (decoding with a KV cache); pass them only to training forwards"
+        )
+    reason = mask_reason(attention_mask)
+    if reason not in (None, PACKED_DOCUMENTS):
+        raise ValueError(f"cu_seq_lens_q marks the documents, and an attention mask with {reason} cannot be combined with it")
+    documents = Documents.from_cu_seqlens(cu_q, batch, seq_len, name="cu_seq_lens_q")
+    if cu_k is not cu_q and Documents.from_cu_seqlens(cu_k, batch, seq_len, name="cu_seq_lens_k") != documents:
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be equal: Lighthouse attends within whole documents")
+    for name in ("max_length_q", "max_length_k"):
+        _flash_max_length(kwargs, name, documents)
+    if from_positions is not None and from_positions != documents:
+        raise ValueError(
+            f"position_ids and cu_seq_lens_q mark different documents: {_lengths_text(from_positions)} from the "
+            f"positions, {_lengths_text(documents)} from cu_seq_lens_q"
+        )
+    return documents
+
+
+def _lengths_text(documents: Documents) -> str:
+    rows = [list(row) if len(row) <= 8 else [*row[:8], "..."] for row in documents.lengths]
+    return f"lengths {rows[0] if len(rows) == 1 else rows}"
+
+
+def documents_of(attention_mask: Any, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> Documents | None:
+    """The documents of a packed call, or None when the call has none to keep apart.
+
+    Documents are marked by position ids that restart (Transformers detects them without a KV
+    cache and an attention mask and leaves a deferred mask with :data:`PACKED_DOCUMENTS`), by
+    the Flash-style keywords (``cu_seq_lens_q`` over the flattened batch, as
+    ``DataCollatorWithFlattening`` gives them), or by both, which must agree. Inconsistent
+    keywords are a ValueError naming them. The result is kept on the deferred mask, so the
+    layers of one forward read the inputs once.
+    """
+    by_positions = (
+        isinstance(attention_mask, DeferredMask)
+        and attention_mask.reason == PACKED_DOCUMENTS
+        and kwargs.get("position_ids") is not None
+    )
+    flash = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    if not by_positions and not flash:
+        return None
+    if not isinstance(attention_mask, DeferredMask):
+        return _read_documents(attention_mask, query, key, kwargs, by_positions)
+    inputs = (kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+    key_ = (*map(id, inputs), query.shape[0], query.shape[2])
+    known = attention_mask.documents.get(key_)
+    if known is not None and all(a is b for a, b in zip(known[0], inputs)):
+        documents = known[1]
+        for name in ("max_length_q", "max_length_k"):
+            _flash_max_length(kwargs, name, documents)
+        return documents
+    documents = _read_documents(attention_mask, query, key, kwargs, by_positions)
+    attention_mask.documents[key_] = (inputs, documents)
+    return documents
+
+
+def report_short_documents(module: torch.nn.Module, settings: LighthouseConfig, documents: Documents) -> None:
+    """Once per model: a training forward of packed documents none of which is long enough to compress."""
+    longest = documents.max_length
+    if (
+        module.training
+        and not torch.compiler.is_compiling()
+        and not runs_lighthouse(longest, settings.levels, settings.pooling, settings.topk, None)
+        and _WARNED_SHORT.first_time(module.config)
+    ):
+        shortest = shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
+        warnings.warn(
+            f"a training forward of packed documents runs dense SDPA: its longest document has {longest} tokens, and "
+            f"with levels={settings.levels}, pooling={settings.pooling}, topk={settings.topk} Lighthouse compresses "
+            f"sequences of {shortest} tokens or more (lower topk to compress shorter ones).",
+            LighthouseWarning,
+        )
 
 
 # ---- what a Lighthouse call does to its inputs ----

@@ -3,7 +3,10 @@
 
 The attention function runs Lighthouse where it applies and Transformers' own SDPA function
 everywhere else (so dense calls match ``attn_implementation="sdpa"`` exactly); the rules for which
-is which are in :mod:`lighthouse_hf.dispatch`. A call that carries a context-parallel group runs
+is which are in :mod:`lighthouse_hf.dispatch`. A packed call (documents marked by restarting
+position ids or by ``cu_seq_lens_q/k``) keeps its documents apart in every layer: Lighthouse layers
+run Lighthouse per document, dense layers dense attention per document, neither with an S x S mask
+(:mod:`lighthouse_hf.ops.varlen`). A call that carries a context-parallel group runs
 :mod:`lighthouse_hf.context_parallel` instead. Registering the attention and mask functions is all
 that ``import lighthouse_hf`` does: no Transformers class is modified.
 """
@@ -20,7 +23,7 @@ from . import dispatch
 from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
 from .context_parallel import CONTEXT_PARALLEL_KWARG, context_parallel_attention_forward
 from .hf_internals import set_config_attn_implementation
-from .ops import lighthouse_attention
+from .ops import Documents, dense_causal_attention_varlen, lighthouse_attention, lighthouse_attention_varlen
 
 
 def lighthouse_attention_forward(
@@ -36,11 +39,20 @@ def lighthouse_attention_forward(
     """Attention function registered under ``"lighthouse"``: ``[B, H, S, D]`` in, ``[B, S, H, D]`` out."""
     group = kwargs.pop(CONTEXT_PARALLEL_KWARG, None)
     if group is not None:
+        flash = [name for name in dispatch.FLASH_VARLEN_KWARGS if kwargs.get(name) is not None]
+        if flash:
+            raise ValueError(
+                f"context parallelism does not support packed documents, but the call has {', '.join(flash)}; "
+                "train packed batches without lighthouse_cp_group"
+            )
         out = context_parallel_attention_forward(
             module, query, key, value, attention_mask, group=group, dropout=dropout, scaling=scaling, **kwargs
         )
         return out, None
     settings = dispatch.settings_of(module)
+    documents = dispatch.documents_of(attention_mask, query, key, kwargs)
+    if documents is not None:
+        return _packed_attention(module, settings, query, key, value, attention_mask, documents, dropout, scaling, kwargs)
     dense = dispatch.dense_reason(module, query, key, attention_mask, settings, dispatch.is_causal_call(module, kwargs))
     if dense is not None:
         dispatch.report_dense(module, settings, *dense, seq_len=query.shape[2])
@@ -49,6 +61,43 @@ def lighthouse_attention_forward(
     query, key, value = dispatch.autocast_inputs(query, key, value)
     arguments = dispatch.op_arguments(module, settings, query, key, query.shape[2])
     out = lighthouse_attention(query, key, value, scale=scaling, **arguments)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(
+    module: torch.nn.Module,
+    settings: LighthouseConfig,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    documents: Documents,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    """A packed call: every document attends only within itself, in dense layers (with their
+    sliding window and dropout) and Lighthouse layers alike."""
+    reason = dispatch.layer_reason(module, settings, dispatch.is_causal_call(module, kwargs))
+    if reason == dispatch.NON_CAUSAL:
+        if isinstance(attention_mask, dispatch.DeferredMask) and kwargs.get("cu_seq_lens_q") is None:
+            # Transformers' own packed mask keeps the documents of a non-causal module apart.
+            return dispatch.dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        raise ValueError(f"layer {getattr(module, 'layer_idx', None)} is not causal; cu_seq_lens_q marks documents for causal layers only")
+    query, key, value = dispatch.autocast_inputs(query, key, value)
+    if reason is not None:
+        out = dense_causal_attention_varlen(
+            query, key, value, documents, scale=scaling, window=kwargs.get("sliding_window"), dropout=dropout
+        )
+    else:
+        dispatch.warn_ignored_dropout(dropout)
+        dispatch.report_short_documents(module, settings, documents)
+        # A length-dependent RoPE (dynamic, longrope) for the longest document: the longest range of
+        # positions that restart at 0, as the rotary embedding saw them.
+        arguments = dispatch.op_arguments(module, settings, query, key, documents.max_length)
+        out = lighthouse_attention_varlen(
+            query, key, value, documents, scale=scaling, min_seq_len=settings.min_seq_len, **arguments
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -6,6 +6,7 @@ import pytest
 from datasets import Dataset
 
 from lighthouse_hf import pack_dataset, pack_documents
+from lighthouse_hf.data import pack_documents_with_positions
 
 EOS = 0
 
@@ -40,6 +41,16 @@ def test_pack_documents_bad_input(kwargs, message):
         list(pack_documents([[1]], **{"seq_len": 4, "eos_token_id": EOS, **kwargs}))
 
 
+def test_pack_documents_with_positions_restarts_at_each_document_and_block():
+    documents = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    blocks = list(pack_documents_with_positions(documents, 4, EOS))
+    assert [block for block, _ in blocks] == list(pack_documents(documents, 4, EOS))
+    # the second document goes on into the third block, where its positions start again from 0
+    assert [positions for _, positions in blocks] == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="eos_token_id"):
+        list(pack_documents_with_positions(documents, 4, -1))
+
+
 def make_texts() -> list[str]:
     return [f"document {index}: " + "x" * (37 * index) for index in range(12)]
 
@@ -66,6 +77,24 @@ def test_pack_dataset_exact_blocks_no_padding_documents_separated(streaming):
     assert [token for row in rows for token in row["input_ids"]] == stream[: len(rows) * 64]
     # Exactly one EOS per document boundary (no byte of the texts is 0).
     assert sum(row["input_ids"].count(EOS) for row in rows) == stream[: len(rows) * 64].count(EOS)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "streaming"])
+def test_pack_dataset_document_positions_mark_every_document(streaming):
+    texts = make_texts()
+    dataset = Dataset.from_dict({"text": texts})
+    if streaming:
+        dataset = dataset.to_iterable_dataset()
+    plain = list(pack_dataset(dataset, byte_tokenize, 64, eos_token_id=EOS))
+    rows = list(pack_dataset(dataset, byte_tokenize, 64, eos_token_id=EOS, document_positions=True))
+    assert [row["input_ids"] for row in rows] == [row["input_ids"] for row in plain]
+    for row in rows:
+        ids, positions, labels = row["input_ids"], row["position_ids"], row["labels"]
+        # a document starts at the block's start and after every EOS, and its positions count up from 0
+        starts = [0] + [t for t in range(1, 64) if ids[t - 1] == EOS]
+        assert [t for t in range(64) if positions[t] == 0] == starts
+        assert all(positions[t] == positions[t - 1] + 1 for t in range(1, 64) if t not in starts)
+        assert labels == [-100 if t in starts else ids[t] for t in range(64)]
 
 
 def test_pack_dataset_with_a_transformers_tokenizer():
@@ -95,6 +124,8 @@ def test_pack_dataset_bad_input():
         pack_dataset(dataset, "gpt2", 4, eos_token_id=EOS)
     with pytest.raises(ValueError, match="dataset must be"):
         pack_dataset([{"text": "a"}], byte_tokenize, 4, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="document_positions must be True or False"):
+        pack_dataset(dataset, byte_tokenize, 4, eos_token_id=EOS, document_positions="yes")
 
 
 @pytest.mark.parametrize("streaming", [False, True])

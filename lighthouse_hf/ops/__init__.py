@@ -7,12 +7,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..validation import check_choice
+from ..validation import check_choice, check_positive_int, is_int
 from .plan import TILE, LighthousePlan, check_settings, plan_for, shortest_compressed_length
 from .steps import PUBLISHED, MethodOptions, SelectedEntries, compressed_attention, gather, scatter, select
+from .varlen import Documents, attend_documents, dense_documents, runs_lighthouse
 
 __all__ = [
     "COMBINES",
+    "Documents",
     "PUBLISHED",
     "SELECTIONS",
     "TILE",
@@ -23,10 +25,13 @@ __all__ = [
     "compressed_attention",
     "compressed_length",
     "dense_causal_attention",
+    "dense_causal_attention_varlen",
     "gather",
     "lighthouse_attention",
+    "lighthouse_attention_varlen",
     "method_options",
     "plan_for",
+    "runs_lighthouse",
     "scatter",
     "select",
     "shortest_compressed_length",
@@ -173,3 +178,82 @@ def lighthouse_attention(
     entries = select(q, k, plan, options)
     out_sel = compressed_attention(*gather(entries, q, k, v), scale)
     return scatter(entries, out_sel, plan.seq_len)
+
+
+def _check_documents(documents: object, q: torch.Tensor) -> None:
+    if not isinstance(documents, Documents):
+        raise ValueError(f"documents must be a lighthouse_hf.ops.Documents, got {type(documents).__name__}")
+    if (documents.batch, documents.seq_len) != (q.shape[0], q.shape[2]):
+        raise ValueError(
+            f"documents describe {documents.batch} row(s) of {documents.seq_len} tokens, but q has batch={q.shape[0]} "
+            f"and seq={q.shape[2]}"
+        )
+
+
+def _check_window(window: object) -> None:
+    if window is not None and (not is_int(window) or window < 1):
+        raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+
+
+def lighthouse_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    documents: Documents,
+    *,
+    levels: int = 3,
+    pooling: int = 4,
+    topk: int = 2048,
+    scale: float | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    q_scores: torch.Tensor | None = None,
+    k_scores: torch.Tensor | None = None,
+    selection: str = "published",
+    combine: str = "sum",
+    min_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Causal Lighthouse attention over packed rows: every document of ``documents`` is a sequence
+    of its own (no position attends to another document).
+
+    Shapes, dtypes and options as :func:`lighthouse_attention` (``q_scores`` and ``k_scores`` cover
+    the whole rows); the result at each document equals :func:`lighthouse_attention` on that
+    document alone, so a document the settings do not compress runs dense causal SDPA, and so does
+    one shorter than ``min_seq_len`` (``config.lighthouse["min_seq_len"]``). Documents of one
+    length run as one batched call; see :mod:`lighthouse_hf.ops.varlen`.
+    """
+    check_settings(levels, pooling, topk)
+    _check_inputs(q, k, v, scale)
+    _check_documents(documents, q)
+    if min_seq_len is not None:
+        check_positive_int("min_seq_len", min_seq_len)
+    options = method_options(
+        q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
+    )
+    if q.shape[0] == 0:
+        return dense_causal_attention(q, k, v, scale)
+    return attend_documents(
+        q, k, v, documents, levels=levels, pooling=pooling, topk=topk, options=options, scale=scale, min_seq_len=min_seq_len
+    )
+
+
+def dense_causal_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    documents: Documents,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Dense causal SDPA inside every document of ``documents``, without an S x S mask (shapes as
+    :func:`lighthouse_attention`). ``window``: each query sees only the ``window`` positions ending
+    at it (Transformers' ``sliding_window``); ``dropout``: attention dropout probability."""
+    _check_inputs(q, k, v, scale)
+    _check_documents(documents, q)
+    _check_window(window)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if q.shape[0] == 0:
+        return dense_causal_attention(q, k, v, scale)
+    return dense_documents(q, k, v, documents, scale=scale, window=window, dropout=dropout)
