@@ -24,6 +24,8 @@ UNALIGNED_SEQ = 6000
 SETTINGS = dict(levels=3, pooling=2, topk=1024)
 SHAPE = (2, 1, SEQ, 8)  # heads, kv_heads, seq, head_dim
 FP32_TOL = 1e-5
+# Where a test expects the chunk-local path, the gathered fallback's warning (raised on a rank) fails it.
+NO_FALLBACK = pytest.mark.filterwarnings("error::lighthouse_hf.dispatch.LighthouseWarning")
 OPTIONS = dict(rope=True, scores=True, combine="mean")
 
 
@@ -59,40 +61,34 @@ def test_shard_and_unshard_are_the_head_tail_layout():
     assert torch.equal(unshard([shard(x, 4, rank, dim=1) for rank in range(4)], dim=1), x)
 
 
+@NO_FALLBACK
 @pytest.mark.parametrize("world", [2, 4])
-def test_lighthouse_layer_equals_one_device(world):
-    report = layer_errors(world, SHAPE, SETTINGS, {}, torch.float32, "cpu")
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["published", "span_end-scores-mean"])
+def test_lighthouse_layer_equals_one_device(world, options):
+    report = layer_errors(world, SHAPE, SETTINGS, options, torch.float32, "cpu")
     assert max(report.values()) <= FP32_TOL, report
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize(
-    "seq, options, fallback",
-    [
-        (SEQ, OPTIONS, False),
-        (SEQ, dict(selection="causal"), True),  # its thresholds cross chunks: the gathered fallback
-        (UNALIGNED_SEQ, OPTIONS, True),
-    ],
-    ids=["span_end-scores-mean", "causal", "unaligned"],
+    "seq, options",
+    [(SEQ, dict(selection="causal")), (UNALIGNED_SEQ, OPTIONS)],  # causal: its thresholds cross chunks
+    ids=["causal", "unaligned"],
 )
-def test_lighthouse_layer_with_method_options_equals_one_device(world, seq, options, fallback):
-    shape = (*SHAPE[:2], seq, SHAPE[3])
-    if fallback:
-        with pytest.warns(LighthouseWarning, match="every rank gathers the whole sequence"):
-            report = layer_errors(world, shape, SETTINGS, options, torch.float32, "cpu")
-    else:
-        report = layer_errors(world, shape, SETTINGS, options, torch.float32, "cpu")
+def test_gathered_fallback_equals_one_device(world, seq, options):
+    with pytest.warns(LighthouseWarning, match="every rank gathers the whole sequence"):
+        report = layer_errors(world, (*SHAPE[:2], seq, SHAPE[3]), SETTINGS, options, torch.float32, "cpu")
     assert max(report.values()) <= FP32_TOL, report
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_dense_layer_equals_one_device(world):
     report = layer_errors(world, SHAPE, {}, {}, torch.float32, "cpu", dense=True)
     assert max(report.values()) <= FP32_TOL, report
 
 
+@NO_FALLBACK
 @pytest.mark.slow
 def test_lighthouse_layer_in_bfloat16_is_as_accurate_as_one_device():
     report = layer_errors(2, SHAPE, SETTINGS, OPTIONS, torch.bfloat16, "cpu")
@@ -101,6 +97,7 @@ def test_lighthouse_layer_in_bfloat16_is_as_accurate_as_one_device():
         assert report["cp_vs_float32"][name] <= 1.25 * report["single_vs_float32"][name] + 5e-3, report
 
 
+@NO_FALLBACK
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_llama_equals_one_device(world, lighthouse_calls):
@@ -112,6 +109,7 @@ def test_llama_equals_one_device(world, lighthouse_calls):
     assert (lighthouse_calls.context_parallel, lighthouse_calls.single_device) == (2 * world, 2)
 
 
+@NO_FALLBACK
 @pytest.mark.slow
 def test_qwen3_with_method_options_equals_one_device():
     """span_end rotary pooling, mean combine and pre-norm scores (recorded by Qwen3's q/k norm
