@@ -114,12 +114,13 @@ def layer_errors(
         grads = torch.autograd.grad((out.float() * shard(weight, world, rank, dim=2)).sum(), inputs)
         return [out.detach(), *grads]
 
+    # One device first: the first kernel launches (and compiles) come from one thread.
+    reference = single(dtype)
+    truth = reference if dtype == torch.float32 else single(torch.float32)
     parts = run_ranks(world, rank_main)
     context_parallel = [unshard([part[i] for part in parts], dim=2) for i in range(len(NAMES))]
-    reference = single(dtype)
     report: dict[str, Any] = {name: rel_err(mine, theirs) for name, mine, theirs in zip(NAMES, context_parallel, reference)}
     if dtype != torch.float32:
-        truth = single(torch.float32)
         report["cp_vs_float32"] = {n: rel_err(m, t) for n, m, t in zip(NAMES, context_parallel, truth)}
         report["single_vs_float32"] = {n: rel_err(r, t) for n, r, t in zip(NAMES, reference, truth)}
     return report
@@ -152,6 +153,8 @@ def model_errors(world: int, config, lighthouse: dict[str, Any], seq: int, dtype
         out.loss.backward()
         return dict(loss=out.loss.detach().float(), logits=out.logits.detach().float())
 
+    reference = single(dtype)  # one device first, as in layer_errors
+    truth = reference if dtype == torch.float32 else single(torch.float32)
     parts = run_ranks(world, rank_main)
     # Each rank's loss and gradients are its share of the whole sequence's: their sums are the whole.
     context_parallel = dict(
@@ -159,10 +162,8 @@ def model_errors(world: int, config, lighthouse: dict[str, Any], seq: int, dtype
         logits=unshard([part["logits"] for part in parts], dim=1),
         grads={name: sum(replica.get_parameter(name).grad for replica in replicas) for name, _ in model.named_parameters()},
     )
-    reference = single(dtype)
     report = _model_report(context_parallel, reference)
     if dtype != torch.float32:
-        truth = single(torch.float32)
         report["cp_vs_float32"] = _model_report(context_parallel, truth)
         report["single_vs_float32"] = _model_report(reference, truth)
     return report

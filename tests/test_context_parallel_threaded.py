@@ -9,6 +9,8 @@ not, and take the gathered fallback.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,6 +54,16 @@ def test_a_failing_rank_raises_and_wakes_the_others():
 
     with pytest.raises(RuntimeError, match="rank 1 of 2 failed: ValueError: rank one is broken"):
         run_ranks(2, rank_main, timeout_s=60)
+
+
+def test_a_stuck_rank_is_a_timeout_not_a_hang():
+    def rank_main(rank):
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 waits for it in the barrier past the timeout
+        dist.barrier()
+
+    with pytest.raises(TimeoutError, match="rank0, rank1 still running after 0.2 s"):
+        run_ranks(2, rank_main, timeout_s=0.2)
 
 
 def test_shard_and_unshard_are_the_head_tail_layout():

@@ -50,7 +50,7 @@ def run_ranks(world: int, rank_main: Callable[[int], Result], timeout_s: float =
         try:
             dist.init_process_group("threaded", rank=rank, world_size=world, store=store)
             results[rank] = rank_main(rank)
-        except BaseException as error:  # a woken rank exits with SystemExit: recorded, not raised
+        except BaseException as error:  # SystemExit too: how a rank woken by another's failure leaves
             failures.append((rank, error))
             ProcessLocalGroup.exception_handle(error)
         finally:
@@ -66,13 +66,15 @@ def run_ranks(world: int, rank_main: Callable[[int], Result], timeout_s: float =
             thread.join(max(0.0, deadline - time.monotonic()))
         stuck = [thread.name for thread in threads if thread.is_alive()]
         if stuck:
-            ProcessLocalGroup.exception_handle(TimeoutError())
+            ProcessLocalGroup.exception_handle(TimeoutError())  # wakes those waiting in a collective
+            for thread in threads:
+                thread.join(5.0)
             raise TimeoutError(f"{', '.join(stuck)} still running after {timeout_s} s")
     finally:
         ProcessLocalGroup.reset()
         _uninstall_threaded_pg()
         torch._C._distributed_c10d._set_thread_isolation_mode(False)
-    if failures:
+    if failures:  # the first rank that failed by itself, not one woken by it
         rank, error = min(failures, key=lambda failure: (isinstance(failure[1], SystemExit), failure[0]))
         raise RuntimeError(f"rank {rank} of {world} failed: {type(error).__name__}: {error}") from error
     return results
