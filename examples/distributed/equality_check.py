@@ -45,13 +45,13 @@ PRESETS = {
         layer=(32768, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
         unaligned=(40000, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
         model=dict(
-            # The float32 Llama runs at 16K (topk 1024 keeps its chunks on tile boundaries for up to 8
-            # ranks): its single-GPU reference is the problem. With no mask Transformers calls SDPA
-            # with enable_gqa=True, which float32 can only run in the math kernel, whose score and
-            # softmax matrices are 8 heads x S x S x 4 bytes: 32 GiB each at 32K (two dense layers
-            # keep one each for backward, and the forward and backward hold two or three more at
-            # once: past the 141 GB of an H200, where it ran out of memory), 8 GiB each at 16K
-            # (about 40 GiB at the peak).
+            # float32 at 16K, not 32K, for its single-GPU reference: without a mask Transformers
+            # calls SDPA with enable_gqa=True, which float32 runs only in the math kernel, with score
+            # and softmax matrices of 8 heads x S x S x 4 bytes. At 32K that is 32 GiB per matrix:
+            # the two dense layers keep 64 GiB of softmax for backward and the second one's forward
+            # and backward hold two or three matrices more, past the H200's 141 GB (it ran out of
+            # memory). At 16K, 8 GiB per matrix, about 40 GiB at the peak. topk=1024 keeps 16K's
+            # chunks on tile boundaries for 2 and 4 ranks: still the chunk-local path.
             float32=("small", 16384, dict(levels=3, pooling=4, topk=1024, dense_layers=[0, -1])),
             # bfloat16 takes the flash kernel (linear memory): the defaults at 32K.
             bfloat16=("small", 32768, dict(levels=3, pooling=4, topk=2048, dense_layers=[0, -1])),
