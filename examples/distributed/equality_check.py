@@ -195,7 +195,9 @@ def main() -> int:
         dtype = getattr(torch, dtype_name)
         tol = FP32_TOL if dtype == torch.float32 else args.bf16_tol
         seq, heads, kv_heads, dim, settings = preset["layer"]
-        assert chunk_plan(seq, 2 * world, settings["levels"], settings["pooling"], settings["topk"]) is not None
+        _, model_seq, model_settings = preset["model"][dtype_name]
+        for length, chosen in ((seq, settings), (model_seq, model_settings)):  # the chunk-local path, not the fallback
+            assert chunk_plan(length, 2 * world, chosen["levels"], chosen["pooling"], chosen["topk"]) is not None
         checks = {
             "lighthouse_layer": lambda: layer_errors(
                 lighthouse_attention, lighthouse_attention_context_parallel, seq, heads, kv_heads, dim, settings, dtype, device, group
