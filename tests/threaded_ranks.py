@@ -8,9 +8,9 @@ runs the CUDA branch with the fused kernels, on a CPU the reference branch.
 
 Why threads on one GPU are an honest stand-in for one GPU per rank: all threads launch on the
 device's default stream, so every kernel a rank enqueues before a collective runs before the
-copies that collective enqueues; the threaded group turns off autograd's per-device worker
-threads for its ranks, so each rank runs its own backward (two ranks' backwards on one worker
-thread would wait on each other's collectives forever).
+copies that collective enqueues; autograd's per-device worker threads are off in the ranks' threads,
+so each rank runs its own backward (two ranks' backwards on the GPU's one worker thread would wait
+on each other's collectives forever).
 
 torch has no public API for this backend; its module is ``torch.testing._internal``, which is
 why the private names below are imported here and nowhere else.
@@ -49,7 +49,10 @@ def run_ranks(world: int, rank_main: Callable[[int], Result], timeout_s: float =
     def thread_main(rank: int) -> None:
         try:
             dist.init_process_group("threaded", rank=rank, world_size=world, store=store)
-            results[rank] = rank_main(rank)
+            # Each rank runs its own backward (see the module docstring); the group's constructor
+            # does this too, but that is its own detail.
+            with torch.autograd.set_multithreading_enabled(False):
+                results[rank] = rank_main(rank)
         except BaseException as error:  # SystemExit too: how a rank woken by another's failure leaves
             failures.append((rank, error))
             ProcessLocalGroup.exception_handle(error)
