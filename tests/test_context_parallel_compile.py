@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from helpers import free_port, tiny_config
 from lighthouse_hf import apply_lighthouse
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel, shard_sequence
+from lighthouse_hf.dispatch import LighthouseWarning
 from threaded_ranks import run_ranks, shard, unshard
 
 WORLD = 2
@@ -50,6 +51,34 @@ def _worker(rank: int, port: int) -> None:
 def test_context_parallel_op_compiles_as_one_graph():
     assert chunk_plan(SEQ, 2 * WORLD, **SETTINGS) is not None  # the chunk-local path, not the gathered fallback
     mp.spawn(_worker, args=(free_port(),), nprocs=WORLD)
+
+
+@pytest.mark.slow
+def test_gathered_fallback_compiles_as_one_graph():
+    """The fallback for lengths whose chunks miss tile boundaries compiles too (its warning is for
+    eager calls: dynamo cannot trace ``warnings.warn``); 2 threaded ranks, outputs and gradients."""
+    world, seq, settings = 2, 6000, dict(levels=3, pooling=2, topk=1024)
+    assert chunk_plan(seq, 2 * world, **settings) is None
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, seq, 8, generator=generator) for h in (2, 1, 1))
+
+    def attention(q, k, v):
+        return lighthouse_attention_context_parallel(q, k, v, **settings)
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+
+    def rank_main(rank):
+        results = []
+        for fn in (attention, compiled):
+            inputs = [shard(x, world, rank, dim=2).requires_grad_() for x in (q, k, v)]
+            out = fn(*inputs)
+            results.append([out.detach(), *torch.autograd.grad(out.square().sum(), inputs)])
+        return results
+
+    with pytest.warns(LighthouseWarning, match="every rank gathers the whole sequence"):  # from the eager calls
+        parts = run_ranks(world, rank_main)
+    for i in range(4):
+        torch.testing.assert_close(unshard([part[1][i] for part in parts], dim=2), unshard([part[0][i] for part in parts], dim=2))
 
 
 @pytest.mark.slow
