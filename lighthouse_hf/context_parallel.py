@@ -19,7 +19,7 @@ in eager calls; compiled code cannot warn). Both paths compile with ``fullgraph=
 
 Dense layers (and every other call that runs dense) all-gather k and v and attend each local query
 chunk to its causal prefix. Only ``torch.distributed`` collectives are used: all-gather forward,
-reduce-scatter (all-reduce on gloo) backward.
+reduce-scatter backward on NCCL (all-reduce on other backends: gloo, the tests' threaded group).
 
 In a Transformers model the attention function takes this path when the forward call carries
 ``lighthouse_cp_group=<process group>`` (see ``lighthouse_hf.distributed.shard_batch``); the

@@ -82,14 +82,17 @@ def test_gathered_fallback_compiles_as_one_graph():
 
 
 @pytest.mark.slow
-def test_decoder_layer_under_context_parallelism_captures_as_one_graph():
+@pytest.mark.parametrize("dense", [False, True], ids=["lighthouse_layer", "dense_layer"])
+def test_decoder_layer_under_context_parallelism_captures_as_one_graph(dense):
     """A Llama decoder layer called with ``lighthouse_cp_group`` (the attention function's
     context-parallel path: mask check, settings, dense-or-Lighthouse dispatch, the op) compiles
     with ``fullgraph=True`` on each of 2 ranks (threads of this process) and equals eager."""
     world, seq = 2, 6144
     config = tiny_config("llama", max_position_embeddings=seq)
     torch.manual_seed(0)
-    model = apply_lighthouse(AutoModelForCausalLM.from_config(config), levels=3, pooling=2, topk=1024, dense_layers=[])
+    model = apply_lighthouse(
+        AutoModelForCausalLM.from_config(config), levels=3, pooling=2, topk=1024, dense_layers=[0] if dense else []
+    )
     layer = model.model.layers[0]
     hidden = torch.randn(1, seq, config.hidden_size)
     positions = torch.arange(seq)[None]

@@ -191,7 +191,8 @@ def test_context_parallel_op_compiles_as_one_graph_with_inductor():
 
 
 @NO_FALLBACK
-def test_decoder_layer_under_context_parallelism_captures_as_one_graph():
+@pytest.mark.parametrize("dense", [False, True], ids=["lighthouse_layer", "dense_layer"])
+def test_decoder_layer_under_context_parallelism_captures_as_one_graph(dense):
     """A Llama decoder layer called with ``lighthouse_cp_group`` captures as one graph on the
     CUDA branch (aot_eager: the graph, without inductor's compile time per rank) and equals eager."""
     from transformers import AutoModelForCausalLM
@@ -202,7 +203,7 @@ def test_decoder_layer_under_context_parallelism_captures_as_one_graph():
     config = LlamaConfig(**MODEL_SIZES)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(CUDA, torch.bfloat16)
-    lighthouse_hf.apply_lighthouse(model, **dict(MODEL_SETTINGS, dense_layers=[]))
+    lighthouse_hf.apply_lighthouse(model, **dict(MODEL_SETTINGS, dense_layers=[0] if dense else []))
     layer = model.model.layers[0]
     hidden = torch.randn(1, MODEL_SEQ, config.hidden_size, generator=torch.Generator().manual_seed(4)).to(CUDA, torch.bfloat16)
     positions = torch.arange(MODEL_SEQ, device=CUDA)[None]
