@@ -166,7 +166,8 @@ def test_qwen3_with_method_options_equals_one_gpu(world, dtype):
 
 @NO_FALLBACK
 def test_context_parallel_op_compiles_as_one_graph_with_inductor():
-    """``torch.compile(fullgraph=True)`` (inductor) of the op on each of 2 ranks equals eager."""
+    """``torch.compile(fullgraph=True)`` (inductor) of the op on each of 2 ranks equals eager
+    (within bfloat16 rounding: compiled code masks SDPA explicitly, see ``_causal_prefix_attention``)."""
     world = 2
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, SEQ, 64, generator=generator).to(CUDA, torch.bfloat16) for h in (8, 2, 2))
@@ -187,7 +188,7 @@ def test_context_parallel_op_compiles_as_one_graph_with_inductor():
     parts = run_ranks(world, rank_main)
     for i in range(4):
         eager = unshard([part[0][i] for part in parts], dim=2)
-        assert rel_err(unshard([part[1][i] for part in parts], dim=2), eager) < 1e-3
+        assert rel_err(unshard([part[1][i] for part in parts], dim=2), eager) < 1e-2
 
 
 @NO_FALLBACK
