@@ -24,6 +24,8 @@ from lighthouse_hf.ops import dense_causal_attention
 from threaded_ranks import run_ranks, shard, unshard
 
 NAMES = ("out", "dq", "dk", "dv")
+RANKS_TIMEOUT_S = 120
+"""A check's ranks take seconds (a GPU) to tens of seconds (a busy CPU); a hang fails in two minutes."""
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -56,7 +58,7 @@ def collectives_round_trip(world: int, device) -> list[tuple[torch.Tensor, torch
         total.sum().backward()
         return torch.stack(gathered).cpu(), total.detach().cpu(), x.grad.cpu()
 
-    return run_ranks(world, rank_main, timeout_s=120)
+    return run_ranks(world, rank_main, timeout_s=RANKS_TIMEOUT_S)
 
 
 def options_arguments(options: dict[str, Any], heads: int, kv_heads: int, seq: int, dim: int, device) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def layer_errors(
     # One device first: the first kernel launches (and compiles) come from one thread.
     reference = single(dtype)
     truth = reference if dtype == torch.float32 else single(torch.float32)
-    parts = run_ranks(world, rank_main)
+    parts = run_ranks(world, rank_main, timeout_s=RANKS_TIMEOUT_S)
     context_parallel = [unshard([part[i] for part in parts], dim=2) for i in range(len(NAMES))]
     report: dict[str, Any] = {name: rel_err(mine, theirs) for name, mine, theirs in zip(NAMES, context_parallel, reference)}
     if dtype != torch.float32:
@@ -155,7 +157,7 @@ def model_errors(world: int, config, lighthouse: dict[str, Any], seq: int, dtype
 
     reference = single(dtype)  # one device first, as in layer_errors
     truth = reference if dtype == torch.float32 else single(torch.float32)
-    parts = run_ranks(world, rank_main)
+    parts = run_ranks(world, rank_main, timeout_s=RANKS_TIMEOUT_S)
     # Each rank's loss and gradients are its share of the whole sequence's: their sums are the whole.
     context_parallel = dict(
         loss=sum(part["loss"] for part in parts),

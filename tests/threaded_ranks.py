@@ -34,7 +34,7 @@ from torch.testing._internal.distributed.multi_threaded_pg import (
 Result = TypeVar("Result")
 
 
-def run_ranks(world: int, rank_main: Callable[[int], Result], timeout_s: float = 600.0) -> list[Result]:
+def run_ranks(world: int, rank_main: Callable[[int], Result], timeout_s: float = 300.0) -> list[Result]:
     """``[rank_main(0), ..., rank_main(world - 1)]``, each called on its own thread as that rank of
     a ``world``-rank default process group. Re-raises the first rank's error (a rank that fails
     wakes the others from their collectives) and raises TimeoutError after ``timeout_s``."""
