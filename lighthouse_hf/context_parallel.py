@@ -14,11 +14,12 @@ with a lower-right causal mask. The one cross-chunk effect is the scatter's righ
 entry's output lands up to ``pooling**(levels-1) - 1`` positions past its span, so each chunk hands
 that halo to the next chunk. When chunk boundaries do not fall on tile boundaries (or the setting
 pads the coarsest level), the ranks all-gather q, k and v and each computes its own chunks of the
-single-device result: still exact, with the memory of one device (a ``LighthouseWarning`` says so).
+single-device result: still exact, with the memory of one device (a ``LighthouseWarning`` says so
+in eager calls; compiled code cannot warn). Both paths compile with ``fullgraph=True``.
 
 Dense layers (and every other call that runs dense) all-gather k and v and attend each local query
 chunk to its causal prefix. Only ``torch.distributed`` collectives are used: all-gather forward,
-reduce-scatter (all-reduce on gloo) backward.
+reduce-scatter backward on NCCL (all-reduce on other backends: gloo, the tests' threaded group).
 
 In a Transformers model the attention function takes this path when the forward call carries
 ``lighthouse_cp_group=<process group>`` (see ``lighthouse_hf.distributed.shard_batch``); the
@@ -174,11 +175,12 @@ def lighthouse_attention_context_parallel(
             else "chunk boundaries do not fall on Lighthouse tile boundaries "
             "(lighthouse_hf.context_parallel.chunk_plan tells which lengths split)"
         )
-        warnings.warn(
-            f"context parallelism at {seq_len} tokens over {world} ranks: {why}, so every rank gathers the whole "
-            "sequence (exact, but with one device's memory).",
-            LighthouseWarning,
-        )
+        if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn: eager calls tell
+            warnings.warn(
+                f"context parallelism at {seq_len} tokens over {world} ranks: {why}, so every rank gathers the whole "
+                "sequence (exact, but with one device's memory).",
+                LighthouseWarning,
+            )
         arguments = dict(levels=levels, pooling=pooling, topk=topk, scale=scale, rope_inv_freq=rope_inv_freq,
                          q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine)
         return _gathered_attention(q, k, v, group, world, arguments)

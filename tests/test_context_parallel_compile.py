@@ -1,6 +1,7 @@
-"""The context-parallel op captures as one graph (``torch.compile(fullgraph=True)``), like the
-single-device op: two gloo ranks, the aot_eager backend (no C++ compiler needed), outputs and
-gradients against eager."""
+"""Context parallelism captures as one graph (``torch.compile(fullgraph=True)``), like the
+single-device path: the op on two gloo processes, a decoder layer on two threaded ranks
+(tests/threaded_ranks.py); the aot_eager backend (no C++ compiler needed), outputs and gradients
+against eager. tests/test_gpu_context_parallel.py compiles the op with inductor on a GPU."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import free_port
+from transformers import AutoModelForCausalLM
+
+from helpers import free_port, tiny_config
+from lighthouse_hf import apply_lighthouse
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel, shard_sequence
+from lighthouse_hf.dispatch import LighthouseWarning
+from threaded_ranks import run_ranks, shard, unshard
 
 WORLD = 2
 SEQ = 16384
@@ -45,3 +51,71 @@ def _worker(rank: int, port: int) -> None:
 def test_context_parallel_op_compiles_as_one_graph():
     assert chunk_plan(SEQ, 2 * WORLD, **SETTINGS) is not None  # the chunk-local path, not the gathered fallback
     mp.spawn(_worker, args=(free_port(),), nprocs=WORLD)
+
+
+@pytest.mark.slow
+def test_gathered_fallback_compiles_as_one_graph():
+    """The fallback for lengths whose chunks miss tile boundaries compiles too (its warning is for
+    eager calls: dynamo cannot trace ``warnings.warn``); 2 threaded ranks, outputs and gradients."""
+    world, seq, settings = 2, 6000, dict(levels=3, pooling=2, topk=1024)
+    assert chunk_plan(seq, 2 * world, **settings) is None
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, seq, 8, generator=generator) for h in (2, 1, 1))
+
+    def attention(q, k, v):
+        return lighthouse_attention_context_parallel(q, k, v, **settings)
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+
+    def rank_main(rank):
+        results = []
+        for fn in (attention, compiled):
+            inputs = [shard(x, world, rank, dim=2).requires_grad_() for x in (q, k, v)]
+            out = fn(*inputs)
+            results.append([out.detach(), *torch.autograd.grad(out.square().sum(), inputs)])
+        return results
+
+    with pytest.warns(LighthouseWarning, match="every rank gathers the whole sequence"):  # from the eager calls
+        parts = run_ranks(world, rank_main)
+    for i in range(4):
+        torch.testing.assert_close(unshard([part[1][i] for part in parts], dim=2), unshard([part[0][i] for part in parts], dim=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dense", [False, True], ids=["lighthouse_layer", "dense_layer"])
+def test_decoder_layer_under_context_parallelism_captures_as_one_graph(dense):
+    """A Llama decoder layer called with ``lighthouse_cp_group`` (the attention function's
+    context-parallel path: mask check, settings, dense-or-Lighthouse dispatch, the op) compiles
+    with ``fullgraph=True`` on each of 2 ranks (threads of this process) and equals eager."""
+    world, seq = 2, 6144
+    config = tiny_config("llama", max_position_embeddings=seq)
+    torch.manual_seed(0)
+    model = apply_lighthouse(
+        AutoModelForCausalLM.from_config(config), levels=3, pooling=2, topk=1024, dense_layers=[0] if dense else []
+    )
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, seq, config.hidden_size)
+    positions = torch.arange(seq)[None]
+    assert chunk_plan(seq, 2 * world, 3, 2, 1024) is not None
+
+    def rank_main(rank):
+        local = shard(hidden, world, rank, dim=1).requires_grad_()
+        local_positions = shard(positions, world, rank, dim=1)
+        position_embeddings = model.model.rotary_emb(local, local_positions)
+        results = []
+        for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+            out = fn(local, attention_mask=None, position_ids=local_positions, position_embeddings=position_embeddings,
+                     lighthouse_cp_group=dist.group.WORLD)
+            out = out[0] if isinstance(out, tuple) else out
+            results.append([out.detach(), torch.autograd.grad(out.square().sum(), local)[0]])
+        return results
+
+    parts = run_ranks(world, rank_main)
+    eager, compiled = ([unshard([part[run][i] for part in parts], dim=1) for i in range(2)] for run in range(2))
+    for mine, theirs in zip(compiled, eager):
+        torch.testing.assert_close(mine, theirs)
+    # the ranks ran context parallelism: together they are the layer on the whole sequence
+    whole = hidden.clone().requires_grad_()
+    out = layer(whole, attention_mask=None, position_ids=positions, position_embeddings=model.model.rotary_emb(whole, positions))
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(eager[0], out.detach())

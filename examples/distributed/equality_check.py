@@ -39,17 +39,32 @@ from lighthouse_hf.ops import dense_causal_attention
 FP32_TOL = 1e-5
 
 PRESETS = {
-    # layer: (seq, heads, kv heads, head dim, settings); unaligned: a length whose chunks miss tiles
+    # layer: (seq, heads, kv heads, head dim, settings); unaligned: a length whose chunks miss tiles;
+    # model: per dtype, (size, seq, settings)
     "gpu": dict(
         layer=(32768, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
         unaligned=(40000, 8, 2, 64, dict(levels=3, pooling=4, topk=2048)),
-        model=("small", 32768, dict(levels=3, pooling=4, topk=2048, dense_layers=[0, -1])),
+        model=dict(
+            # float32 at 16K, not 32K, for its single-GPU reference: without a mask Transformers
+            # calls SDPA with enable_gqa=True, which float32 runs only in the math kernel, with score
+            # and softmax matrices of 8 heads x S x S x 4 bytes. At 32K that is 32 GiB per matrix:
+            # the two dense layers keep 64 GiB of softmax for backward and the second one's forward
+            # and backward hold two or three matrices more, past the H200's 141 GB (it ran out of
+            # memory). At 16K, 8 GiB per matrix, about 40 GiB at the peak. topk=1024 keeps 16K's
+            # chunks on tile boundaries for 2 and 4 ranks: still the chunk-local path.
+            float32=("small", 16384, dict(levels=3, pooling=4, topk=1024, dense_layers=[0, -1])),
+            # bfloat16 takes the flash kernel (linear memory): the defaults at 32K.
+            bfloat16=("small", 32768, dict(levels=3, pooling=4, topk=2048, dense_layers=[0, -1])),
+        ),
         dtypes=("float32", "bfloat16"),
     ),
     "cpu": dict(
         layer=(8192, 2, 1, 8, dict(levels=3, pooling=4, topk=512)),
         unaligned=(6000, 2, 2, 8, dict(levels=3, pooling=4, topk=256)),
-        model=("tiny", 8192, dict(levels=3, pooling=4, topk=512, dense_layers=[0])),
+        model=dict(
+            float32=("tiny", 8192, dict(levels=3, pooling=4, topk=512, dense_layers=[0])),
+            bfloat16=("tiny", 8192, dict(levels=3, pooling=4, topk=512, dense_layers=[0])),
+        ),
         dtypes=("float32",),
     ),
 }
@@ -180,7 +195,9 @@ def main() -> int:
         dtype = getattr(torch, dtype_name)
         tol = FP32_TOL if dtype == torch.float32 else args.bf16_tol
         seq, heads, kv_heads, dim, settings = preset["layer"]
-        assert chunk_plan(seq, 2 * world, settings["levels"], settings["pooling"], settings["topk"]) is not None
+        _, model_seq, model_settings = preset["model"][dtype_name]
+        for length, chosen in ((seq, settings), (model_seq, model_settings)):  # the chunk-local path, not the fallback
+            assert chunk_plan(length, 2 * world, chosen["levels"], chosen["pooling"], chosen["topk"]) is not None
         checks = {
             "lighthouse_layer": lambda: layer_errors(
                 lighthouse_attention, lighthouse_attention_context_parallel, seq, heads, kv_heads, dim, settings, dtype, device, group
@@ -195,14 +212,14 @@ def main() -> int:
                     lighthouse_attention, lighthouse_attention_context_parallel, *preset["unaligned"], dtype, device, group
                 )
             ),
-            "llama": lambda: model_errors(*preset["model"], dtype, device, group, world),
+            "llama": lambda: model_errors(*preset["model"][dtype_name], dtype, device, group, world),
         }
         for name, check in checks.items():
             key = f"{name}/{dtype_name}"
             start = time.perf_counter()
             try:
                 report = check()
-                report["passed"] = _max_error(report) <= tol
+                report["passed"] = _max_error(report) <= tol and _paths_ok(report)
             except Exception as error:  # one failing check must not hide the others
                 report = {"passed": False, "error": f"{type(error).__name__}: {error}"}
             report["seconds"] = round(time.perf_counter() - start, 2)
