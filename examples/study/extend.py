@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # Position buckets: inside the original 8K, 8K-32K, 32K to the window's end.
     edges = sorted({1, min(8192, args.seq_len // 8), min(32768, args.seq_len // 2), args.seq_len})
-    return tracks.run("extend", args, build_model, edges, repeat_rate=0.0)
+    return tracks.run("extend", args, build_model, edges, long_from=edges[1], repeat_rate=0.0)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # Position buckets: the first and the last half of each window, and the last eighth.
     edges = [1, args.seq_len // 2, 7 * args.seq_len // 8, args.seq_len]
-    return tracks.run("scratch", args, build_model, edges, REPEAT_RATE)
+    return tracks.run("scratch", args, build_model, edges, args.seq_len // 2, REPEAT_RATE)
 
 
 if __name__ == "__main__":

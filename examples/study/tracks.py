@@ -162,12 +162,21 @@ class TrackEvaluator:
     """Held-out loss by position bucket, the probes and the extra texts, on top of the small study's
     evaluator (which owns the model calls)."""
 
-    def __init__(self, evaluator: Evaluator, edges: list[int], block: int, texts: dict[str, Evaluator]) -> None:
-        self.evaluator, self.edges, self.block, self.texts = evaluator, edges, block, texts
+    def __init__(self, evaluator: Evaluator, edges: list[int], long_from: int, block: int, texts: dict[str, Evaluator]) -> None:
+        self.evaluator, self.edges, self.long_from, self.block, self.texts = evaluator, edges, long_from, block, texts
 
     def losses(self, model) -> dict:
+        """Mean losses, and per window (the unit the report's paired bootstrap resamples): overall
+        and over the long positions (predicted tokens from ``long_from`` on)."""
         losses = self.evaluator.token_losses(model)
-        return dict(loss=losses.mean().item(), by_position=bucket_losses(losses, self.edges), losses=losses)
+        return dict(
+            loss=losses.mean().item(),
+            long_loss=losses[:, self.long_from - 1 :].mean().item(),
+            by_position=bucket_losses(losses, self.edges),
+            by_window=losses.mean(1).tolist(),
+            by_window_long=losses[:, self.long_from - 1 :].mean(1).tolist(),
+            losses=losses,
+        )
 
     def leak_check(self, model) -> dict:
         """Loss with Lighthouse attention, by offset inside a pooling block, beside dense's."""
@@ -187,7 +196,12 @@ class TrackEvaluator:
             texts = {}
             for name, evaluator in self.texts.items():
                 text_losses = evaluator.token_losses(model)
-                texts[name] = dict(loss=text_losses.mean().item(), by_position=bucket_losses(text_losses, self.edges), windows=len(text_losses))
+                texts[name] = dict(
+                    loss=text_losses.mean().item(),
+                    long_loss=text_losses[:, self.long_from - 1 :].mean().item(),
+                    by_position=bucket_losses(text_losses, self.edges),
+                    windows=len(text_losses),
+                )
         return dict(
             **held_out,
             passkey=dict(
@@ -343,9 +357,10 @@ def calibrate(args: argparse.Namespace, corpus: Corpus, build_model: Callable, d
     return out
 
 
-def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list[int], repeat_rate: float) -> dict:
+def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list[int], long_from: int, repeat_rate: float) -> dict:
     """One arm (or, with ``--calibrate``, the step times of all arms). ``build_model(args)`` returns
-    the track's model, the same for every arm of one seed; ``edges`` are the position buckets."""
+    the track's model, the same for every arm of one seed; ``edges`` are the position buckets and
+    ``long_from`` the first of the long positions that decide the study."""
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     corpus = Corpus.load(args.data)
@@ -371,7 +386,7 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
     for path in args.eval_text:
         text = text_windows(path, args.data / "tokenizer.json", args.seq_len)
         texts[path.name] = Evaluator(text, [path.name] * len(text), passkey, probes, bf16, device)
-    evaluator = TrackEvaluator(Evaluator(windows, names, passkey, probes, bf16, device), edges, args.pooling, texts)
+    evaluator = TrackEvaluator(Evaluator(windows, names, passkey, probes, bf16, device), edges, long_from, args.pooling, texts)
 
     model = build_model(args).to(device)
     settings = lighthouse_settings(args, args.arm)
@@ -395,6 +410,7 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
         settings={k: [str(p) for p in v] if k == "eval_text" else str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         lighthouse=settings,
         recovery_step=recovery_step,
+        long_from=long_from,
         compressed_length=lighthouse_hf.compressed_length(args.seq_len, levels=args.levels, pooling=args.pooling, topk=args.topk),
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),

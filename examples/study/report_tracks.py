@@ -1,0 +1,205 @@
+"""Summary, verdict and plots of the decisive study's runs (``tracks.py``), one track at a time.
+
+    python examples/study/report_tracks.py --results examples/study/results/scratch
+
+Reads every ``<arm>[-<variant>]-seed<N>.json`` there and writes ``summary.json``, ``results.md``,
+``long_loss_vs_gpu_time.png``, ``loss_by_position.png`` and ``probes_by_depth.png``. Every arm is
+compared with the dense arm on the seeds both have (same initialization, same data order): the
+difference of the final held-out loss on the long positions, with a 95% paired bootstrap interval
+that resamples held-out windows (the same windows for both arms, seeds pooled), and the GPU time
+the arm needed against dense's. ``PLAN.md`` fixed the verdict's rule before any run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+GPU_TIME_GOAL = 0.75
+BOOTSTRAP_SAMPLES = 10_000
+RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)\.json$")
+LONG_FROM = {"scratch": lambda seq_len: seq_len // 2, "extend": lambda seq_len: min(8192, seq_len // 8)}
+"""Each track's first long position (``scratch.py``, ``extend.py``), for runs that did not record it."""
+
+
+def long_from(record: dict) -> int:
+    return record.get("long_from") or LONG_FROM[record["track"]](record["settings"]["seq_len"])
+
+
+def load_runs(folder: Path) -> dict[str, dict[int, dict]]:
+    """``{arm (with its variant): {seed: record}}``."""
+    runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    for path in sorted(folder.glob("*-seed*.json")):
+        match = RUN_NAME.match(path.name)
+        record = json.loads(path.read_text())
+        if match and "final" in record:  # a run cut short has no final evaluation
+            runs[match["arm"]][int(match["seed"])] = record
+    if "dense" not in runs:
+        raise ValueError(f"no finished dense run in {folder}: every arm is compared with dense")
+    return dict(runs)
+
+
+def long_loss(entry: dict, first: int) -> float:
+    """Mean loss of the predicted tokens from position ``first`` on, from the position buckets (each
+    window has the same positions, so weighting by bucket width is exact)."""
+    buckets = [b for b in entry["by_position"] if b["first"] >= first]
+    widths = np.array([b["last"] - b["first"] + 1 for b in buckets], dtype=float)
+    return float(np.dot(widths, [b["loss"] for b in buckets]) / widths.sum())
+
+
+def time_to_reach(record: dict, target: float) -> float | None:
+    """GPU seconds at which the run's long-position loss first reaches ``target`` (linear between
+    evaluations), or None when it never does."""
+    curve = [(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"]]
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t0 if l0 <= target else t0 + (l0 - target) / (l0 - l1) * (t1 - t0)
+    return None
+
+
+def paired_interval(arm: dict[int, dict], dense: dict[int, dict], seeds: list[int], seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of the mean difference (arm - dense) of the final long-position loss,
+    resampling windows (the same draw for every seed); None when a run predates per-window records."""
+    try:
+        differences = np.array([np.subtract(arm[s]["final"]["by_window_long"], dense[s]["final"]["by_window_long"]) for s in seeds])
+    except KeyError:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, differences.shape[1], size=(BOOTSTRAP_SAMPLES, differences.shape[1]))
+    means = differences[:, draws].mean(axis=(0, 2))
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def probe_scores(record: dict) -> dict[str, list[float]]:
+    final = record["final"]
+    return {probe: [b["score"] for b in final[probe]["by_depth"]] for probe in ("passkey", "copy")}
+
+
+def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
+    seeds = sorted(set(arm) & set(dense))
+    if not seeds:
+        return dict(arm=name, seeds=[], note="no seed shared with the dense arm")
+    first = long_from(dense[seeds[0]])
+    final = {s: long_loss(arm[s]["final"], first) for s in seeds}
+    dense_final = {s: long_loss(dense[s]["final"], first) for s in seeds}
+    reached = {s: time_to_reach(arm[s], dense_final[s]) for s in seeds}
+    dense_seconds = float(np.mean([dense[s]["gpu_seconds"] for s in seeds]))
+    # Probes: the arm's accuracy at each depth against dense's minus the spread of dense's seeds.
+    dense_probes = [probe_scores(dense[s]) for s in sorted(dense)]
+    arm_probes = [probe_scores(arm[s]) for s in seeds]
+    probes_ok = True
+    for probe in ("passkey", "copy"):
+        dense_by_depth = np.array([p[probe] for p in dense_probes])
+        floor = dense_by_depth.mean(0) - (dense_by_depth.max(0) - dense_by_depth.min(0))
+        probes_ok &= bool(np.all(np.mean([p[probe] for p in arm_probes], axis=0) >= floor - 1e-12))
+    return dict(
+        arm=name,
+        seeds=seeds,
+        final_long_loss=float(np.mean(list(final.values()))),
+        dense_final_long_loss=float(np.mean(list(dense_final.values()))),
+        difference_by_seed={s: final[s] - dense_final[s] for s in seeds},
+        difference=float(np.mean([final[s] - dense_final[s] for s in seeds])),
+        interval=paired_interval(arm, dense, seeds),
+        gpu_seconds=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])),
+        dense_gpu_seconds=dense_seconds,
+        gpu_time_ratio=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])) / dense_seconds,
+        seconds_to_dense_final_by_seed=reached,
+        probes_ok=probes_ok,
+    )
+
+
+def verdict(comparisons: list[dict]) -> dict:
+    """``PLAN.md``'s rule. Confirmed: an arm with its full GPU time at most 0.75x dense's whose
+    interval is not wholly above zero (not worse) and whose probes hold. Refuted: every arm worse
+    with the interval above zero, or below dense's probes. Otherwise inconclusive; also when an
+    interval is missing."""
+    judged = [c for c in comparisons if c["arm"] != "dense" and c.get("seeds")]
+    if not judged:
+        return dict(outcome="inconclusive", reason="no Lighthouse arm shares a seed with dense")
+    if any(c["interval"] is None for c in judged):
+        return dict(outcome="inconclusive", reason="some runs predate per-window records: no paired interval")
+    # Not worse: the interval below zero (better) or containing it (equal), i.e. its lower end <= 0.
+    confirming = [c["arm"] for c in judged if c["gpu_time_ratio"] <= GPU_TIME_GOAL and c["interval"][0] <= 0 and c["probes_ok"]]
+    if confirming:
+        return dict(outcome="confirmed", arms=confirming)
+    if all(c["interval"][0] > 0 or not c["probes_ok"] for c in judged):
+        return dict(outcome="refuted", arms=[c["arm"] for c in judged])
+    return dict(outcome="inconclusive", reason="no arm meets the rule and not every arm is worse")
+
+
+def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(sorted(set(runs) - {"dense"}), plt.get_cmap("tab10").colors), dense="black")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, seeds in sorted(runs.items()):
+        for seed, record in sorted(seeds.items()):
+            curve = [(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"][1:]]
+            axis.plot(*zip(*curve), color=colors[name], alpha=0.8, label=name if seed == min(seeds) else None)
+    axis.set(xlabel="GPU seconds (optimizer steps)", ylabel="held-out loss, long positions (dense attention)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "long_loss_vs_gpu_time.png", dpi=120)
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, seeds in sorted(runs.items()):
+        buckets = [r["final"]["by_position"] for r in seeds.values()]
+        labels = [f"{b['first']}-{b['last'] + 1}" for b in buckets[0]]
+        axis.plot(labels, np.mean([[b["loss"] for b in bs] for bs in buckets], axis=0), "o-", color=colors[name], label=name)
+    axis.set(xlabel="predicted token's position", ylabel="final held-out loss (mean over seeds)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "loss_by_position.png", dpi=120)
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, probe in zip(axes, ("passkey", "copy")):
+        for name, seeds in sorted(runs.items()):
+            scores = np.mean([probe_scores(r)[probe] for r in seeds.values()], axis=0)
+            axis.plot(range(len(scores)), scores, "o-", color=colors[name], label=name)
+        axis.set(title=probe, xlabel="depth bin (0: first eighth of the text)", ylabel="accuracy")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(folder / "probes_by_depth.png", dpi=120)
+    plt.close("all")
+
+
+def table(comparisons: list[dict]) -> str:
+    lines = [
+        "| arm | seeds | final long loss | vs dense (95% interval) | GPU s | x dense | probes hold |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        if not c.get("seeds"):
+            continue
+        interval = "n/a" if c["interval"] is None else f"[{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]"
+        lines.append(
+            f"| {c['arm']} | {len(c['seeds'])} | {c['final_long_loss']:.3f} | {c['difference']:+.3f} {interval} | "
+            f"{c['gpu_seconds']:.0f} | {c['gpu_time_ratio']:.2f} | {'yes' if c['probes_ok'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, required=True, help="one track's results folder")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.results)
+    comparisons = [compare(name, seeds, runs["dense"]) for name, seeds in sorted(runs.items(), key=lambda kv: kv[0] != "dense")]
+    summary = dict(comparisons=comparisons, verdict=verdict(comparisons))
+    (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
+    (args.results / "results.md").write_text(table(comparisons) + f"\nVerdict: {summary['verdict']}\n")
+    plot(runs, args.results)
+    print(table(comparisons) + f"\nVerdict: {summary['verdict']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
