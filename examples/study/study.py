@@ -429,11 +429,7 @@ class StudyLog(TrainerCallback):
         model.eval()
         entry = dict(step=step, tokens=step * self.tokens_per_step, gpu_seconds=self.gpu_seconds)
         entry["phase"] = "lighthouse" if uses_lighthouse(model) else "dense"
-        with attention(model, "sdpa"):
-            entry["loss"] = self.evaluator.loss(model)
-        if self.lighthouse_eval:
-            with attention(model, lighthouse_hf.ATTN_IMPLEMENTATION):
-                entry["loss_lighthouse"] = self.evaluator.loss(model)
+        entry.update(self.measure(model, entry["phase"]))
         model.train(was_training)
         synchronize()
         self.eval_seconds += time.perf_counter() - started
@@ -442,6 +438,15 @@ class StudyLog(TrainerCallback):
         self.save()
         extra = f", with Lighthouse {entry['loss_lighthouse']:.4f}" if "loss_lighthouse" in entry else ""
         print(f"eval step {step}: held-out loss {entry['loss']:.4f} (dense){extra}, GPU {self.gpu_seconds:.1f} s", flush=True)
+
+    def measure(self, model, phase: str) -> dict:
+        """One evaluation's results (the model in eval mode, the step clock stopped)."""
+        with attention(model, "sdpa"):
+            out = dict(loss=self.evaluator.loss(model))
+        if self.lighthouse_eval:
+            with attention(model, lighthouse_hf.ATTN_IMPLEMENTATION):
+                out["loss_lighthouse"] = self.evaluator.loss(model)
+        return out
 
     def save(self) -> None:
         self.record["gpu_seconds"] = self.gpu_seconds

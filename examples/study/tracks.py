@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 import lighthouse_hf
-from lighthouse_hf.training import activation_checkpointing, uses_lighthouse
+from lighthouse_hf.training import activation_checkpointing
 from study import (
     PROBE_DEPTH_BINS,
     Corpus,
@@ -227,27 +227,14 @@ class TrackLog(StudyLog):
         super().__init__(record, path, evaluator.evaluator, eval_steps, tokens_per_step, lighthouse_eval=False)
         self.track_evaluator = evaluator
 
-    def evaluate(self, model, step: int) -> None:
-        synchronize()
-        started = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        phase = "lighthouse" if uses_lighthouse(model) else "dense"
-        entry = dict(step=step, tokens=step * self.tokens_per_step, gpu_seconds=self.gpu_seconds, phase=phase)
+    def measure(self, model, phase: str) -> dict:
         with attention(model, "sdpa"):
-            losses = self.track_evaluator.losses(model)
-        losses.pop("losses")
-        entry.update(losses)
+            out = self.track_evaluator.losses(model)
+        out.pop("losses")
         if phase == "lighthouse":
-            entry["lighthouse"] = self.track_evaluator.leak_check(model)
-        model.train(was_training)
-        synchronize()
-        self.eval_seconds += time.perf_counter() - started
-        self.record["evals"].append(entry)
-        self.record["eval_seconds"] = self.eval_seconds
-        self.save()
-        extra = f", with Lighthouse {entry['lighthouse']['loss']:.4f}" if "lighthouse" in entry else ""
-        print(f"eval step {step}: held-out loss {entry['loss']:.4f} (dense){extra}, GPU {self.gpu_seconds:.1f} s", flush=True)
+            out["lighthouse"] = self.track_evaluator.leak_check(model)
+            out["loss_lighthouse"] = out["lighthouse"]["loss"]
+        return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         super().on_log(args, state, control, logs=logs, **kwargs)
