@@ -39,7 +39,7 @@ SCRATCH_KINDS = 5
 @triton.jit
 def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
-    scores,  # out [B*H + B*Hkv, LEVELS-1, score_stride] float32: max-pooled norms of levels 1..L-1
+    scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
     means,  # out with WITH_MEANS: [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D], the coarsest level's means
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
     q_stride_b, q_stride_h, q_stride_s,
@@ -47,6 +47,7 @@ def scores_kernel(
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     WITH_MEANS: tl.constexpr,
+    CAUSAL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -56,7 +57,13 @@ def scores_kernel(
     heads' rows come first in ``scores`` and ``means``, then the key heads'. ``WITH_MEANS``: the
     same pass writes the coarsest level's means (every coarsest entry is in the compressed
     sequence), so the gather does not read q and k a second time. Needs
-    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block."""
+    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block.
+
+    ``CAUSAL`` (``selection="causal"``, whose score of entry j is the maximum over the window
+    ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
+    the maximum over each block without its first token (rows ``0 .. LEVELS-2``) and the norm of
+    its first token (rows ``LEVELS-1 ..``); the selection kernel joins entry j's first token with
+    entry j-1's rest (``_start_scores``)."""
     WIDTH: tl.constexpr = POOL ** (LEVELS - 1)
     ENTRIES: tl.constexpr = BLOCK_P // WIDTH
     block = tl.program_id(0)
@@ -70,7 +77,8 @@ def scores_kernel(
         row = tl.num_programs(2) * heads_q + b * heads_k + head - heads_q
         src = src_k + b.to(tl.int64) * k_stride_b + (head - heads_q).to(tl.int64) * k_stride_h
         stride_s = k_stride_s
-    scores += row.to(tl.int64) * ((LEVELS - 1) * score_stride)
+    SCORE_ROWS: tl.constexpr = 2 * (LEVELS - 1) if CAUSAL else LEVELS - 1
+    scores += row.to(tl.int64) * (SCORE_ROWS * score_stride)
     # The block is loaded as [coarsest entries, their positions, D]: norms reduce the last axis and
     # the means the middle one, both in the layout of the load (a 2-D load reshaped for the means
     # went through shared memory and ran at a quarter of the bandwidth).
@@ -83,9 +91,17 @@ def scores_kernel(
     norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
     for level in tl.static_range(1, LEVELS):
         # WIDTH // POOL**level entries of this level per coarsest entry
-        level_norm = tl.max(tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level)), axis=2)
+        spans = tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level))
         slot = entry[:, None] * (WIDTH // POOL**level) + tl.arange(0, WIDTH // POOL**level)[None, :]
-        tl.store(scores + (level - 1) * score_stride + slot, level_norm, mask=slot < padded_len // POOL**level)
+        in_level = slot < padded_len // POOL**level
+        if CAUSAL:
+            first = (tl.arange(0, POOL**level) == 0)[None, None, :]
+            rest = tl.max(tl.where(first, float("-inf"), spans), axis=2)
+            first_norm = tl.max(tl.where(first, spans, float("-inf")), axis=2)
+            tl.store(scores + (level - 1) * score_stride + slot, rest, mask=in_level)
+            tl.store(scores + (LEVELS - 2 + level) * score_stride + slot, first_norm, mask=in_level)
+        else:
+            tl.store(scores + (level - 1) * score_stride + slot, tl.max(spans, axis=2), mask=in_level)
     if WITH_MEANS:
         mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
         means += row.to(tl.int64) * ((padded_len // WIDTH) * dim)
@@ -95,22 +111,34 @@ def scores_kernel(
 
 @triton.jit
 def _ordered(score):
-    """float32 -> int32 with the same order (for non-NaN scores)."""
+    """float32 -> int32 with the same order (for non-NaN scores; -0.0 and 0.0 tie, as they compare)."""
     bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _unordered(key):
+    """The float32 whose ``_ordered`` key is ``key``."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest(key, COUNT: tl.constexpr):
+    """The COUNT-th largest of the int32 keys, found bit by bit (32 counting passes)."""
+    threshold = tl.where(tl.sum((key >= 0).to(tl.int32), axis=0) >= COUNT, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        trial = threshold | (1 << bit)
+        threshold = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= COUNT, trial, threshold)
+    return threshold
 
 
 @triton.jit
 def _take_best(key, COUNT: tl.constexpr):
     """Mask of the COUNT largest keys; among equal keys the lower lane wins (a stable sort's choice).
 
-    Finds the COUNT-th largest key bit by bit (32 counting passes), then takes every key above it
-    and the first ties in lane order.
-    """
-    threshold = tl.where(tl.sum((key >= 0).to(tl.int32), axis=0) >= COUNT, 0, -2147483648)
-    for bit in tl.static_range(30, -1, -1):
-        trial = threshold | (1 << bit)
-        threshold = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= COUNT, trial, threshold)
+    Every key above the COUNT-th largest, then the first ties in lane order."""
+    threshold = _kth_largest(key, COUNT)
     above = key > threshold
     room = COUNT - tl.sum(above.to(tl.int32), axis=0)
     tie = key == threshold
@@ -125,6 +153,95 @@ def _choose(q_scores, k_scores, candidates, valid):
     # Entries already taken, and lanes past the tile, sit below every score (the reference's -inf).
     k_key = tl.where(valid & ~chosen, _ordered(tl.load(k_scores + candidates, mask=valid, other=0.0)), -2147483648)
     return chosen | _take_best(k_key, 64)
+
+
+@triton.jit
+def _start_scores(scores, level, coarse, score_stride, candidates, valid):
+    """selection="causal": each candidate's score, the maximum over the ``c`` tokens ending at its
+    first token: its first token's norm and the rest of the entry before it (-1 before the
+    sequence), from the score pass's two rows of the level (see ``scores_kernel``)."""
+    first = tl.load(scores + (coarse + level - 1) * score_stride + candidates, mask=valid, other=0.0)
+    rest_before = tl.load(scores + (level - 1) * score_stride + candidates - 1, mask=valid & (candidates > 0), other=-1.0)
+    return tl.maximum(first, rest_before)
+
+
+@triton.jit
+def _exclusive_count(flags):
+    as_int = flags.to(tl.int32)
+    return tl.cumsum(as_int, axis=0) - as_int
+
+
+@triton.jit
+def _first_come(q_score, k_score, q_threshold, k_threshold, valid, count):
+    """selection="causal": the mask of candidates taken in position order (``ops/causal.py``):
+    into the query half while it holds fewer than 64 and the query score reaches its threshold,
+    else into the key half likewise, and every candidate from the one where the candidates left
+    equal the budget left (``count`` candidates; thresholds float64, per lane)."""
+    lane = tl.arange(0, q_score.shape[0])
+    wants_q = valid & (q_score.to(tl.float64) >= q_threshold)
+    by_q = wants_q & (_exclusive_count(wants_q) < 64)
+    wants_k = valid & ~by_q & (k_score.to(tl.float64) >= k_threshold)
+    taken = by_q | (wants_k & (_exclusive_count(wants_k) < 64))
+    budget_left = 128 - _exclusive_count(taken)
+    forced = tl.cumsum((valid & (count - lane == budget_left)).to(tl.int32), axis=0) > 0
+    return valid & (taken | forced)
+
+
+@triton.jit
+def _running_mean_before(score, valid):
+    """Per lane, float64: the mean of the scores of the valid lanes before it (-inf for lane 0)."""
+    lane = tl.arange(0, score.shape[0])
+    wide = tl.where(valid, score.to(tl.float64), 0.0)
+    seen = tl.maximum(lane, 1).to(tl.float64)
+    return tl.where(lane > 0, (tl.cumsum(wide, axis=0) - wide) / seen, float("-inf"))
+
+
+@triton.jit
+def _causal_tile(
+    q_scores, k_scores, scratch, tile, tile_len, score_stride, q_thresholds, k_thresholds,
+    LEVELS: tl.constexpr, POOL: tl.constexpr, COARSE_BLOCK: tl.constexpr, SCRATCH_ROW: tl.constexpr,
+    HANDS_ON: tl.constexpr,
+):
+    """selection="causal": phase 1 of ``select_kernel`` for ``tile`` (its choice per level, into the
+    scratch rows 0 and 1), with the thresholds that the tile before handed on (``[LEVEL_LANES]``
+    float32, lane = level; tile 0 uses running means instead). ``HANDS_ON``: also returns the
+    thresholds this tile hands to the next one, the smallest scores of the published top-k halves
+    of its candidates."""
+    COARSE: tl.constexpr = LEVELS - 1
+    CHILDREN: tl.constexpr = 128 * POOL
+    level_lane = tl.arange(0, q_thresholds.shape[0])
+    q_next = q_thresholds
+    k_next = k_thresholds
+    for level in tl.static_range(COARSE, 0, -1):
+        if level == COARSE:
+            lane = tl.arange(0, COARSE_BLOCK)
+            valid = lane < tile_len
+            candidates = tile * tile_len + lane
+            count = tile_len
+        else:
+            lane = tl.arange(0, CHILDREN)
+            valid = lane < CHILDREN
+            parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + lane // POOL)
+            candidates = parent * POOL + lane % POOL
+            count = CHILDREN
+        q_score = _start_scores(q_scores, level, COARSE, score_stride, candidates, valid)
+        k_score = _start_scores(k_scores, level, COARSE, score_stride, candidates, valid)
+        if HANDS_ON:
+            q_key = tl.where(valid, _ordered(q_score), -2147483648)
+            q_floor = _kth_largest(q_key, 64)
+            k_key = tl.where(valid & ~_take_best(q_key, 64), _ordered(k_score), -2147483648)
+            q_next = tl.where(level_lane == level, _unordered(q_floor), q_next)
+            k_next = tl.where(level_lane == level, _unordered(_kth_largest(k_key, 64)), k_next)
+        handed_q = tl.max(tl.where(level_lane == level, q_thresholds, float("-inf")), axis=0).to(tl.float64)
+        handed_k = tl.max(tl.where(level_lane == level, k_thresholds, float("-inf")), axis=0).to(tl.float64)
+        q_threshold = tl.where(tile == 0, _running_mean_before(q_score, valid), handed_q)
+        k_threshold = tl.where(tile == 0, _running_mean_before(k_score, valid), handed_k)
+        chosen = _first_come(q_score, k_score, q_threshold, k_threshold, valid, count)
+        rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, candidates, mask=chosen)
+        tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + lane, chosen.to(tl.int32))
+        tl.debug_barrier()
+    return q_next, k_next
 
 
 @triton.jit
@@ -145,7 +262,18 @@ def select_kernel(
     POOL: tl.constexpr,
     COARSE_BLOCK: tl.constexpr,
     SCRATCH_ROW: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    LEVEL_LANES: tl.constexpr,
 ):
+    """One program per (tile, query head, batch). ``CAUSAL`` (``selection="causal"``; the scores
+    then hold two rows per level, see ``scores_kernel``): tile T's thresholds at level l come from
+    tile T-1's candidates at level l, the children of tile T-1's choice at level l+1, which took
+    its thresholds from tile T-2's candidates at level l+1, and so on up to the coarsest level,
+    whose candidates are fixed. So the program first runs tiles max(0, T-L+1) .. T-1 (their choices
+    at the levels below the first one's coarsest are wrong where it is not tile 0, but only the
+    levels where they are right feed tile T) and hands each tile's thresholds to the next: about
+    L tiles' cascades per program, no grid-wide synchronisation. ``LEVEL_LANES``: a power of two
+    >= LEVELS (the thresholds per level)."""
     TILE: tl.constexpr = 128
     CHILDREN: tl.constexpr = 128 * POOL
     COARSE: tl.constexpr = LEVELS - 1
@@ -155,8 +283,9 @@ def select_kernel(
     b = tl.program_id(2)
     bh = b * heads + h
     kv_bh = b * (heads // group) + h // group
-    q_scores += bh.to(tl.int64) * (COARSE * score_stride)
-    k_scores += kv_bh.to(tl.int64) * (COARSE * score_stride)
+    SCORE_ROWS: tl.constexpr = 2 * COARSE if CAUSAL else COARSE
+    q_scores += bh.to(tl.int64) * (SCORE_ROWS * score_stride)
+    k_scores += kv_bh.to(tl.int64) * (SCORE_ROWS * score_stride)
     entry_local += bh.to(tl.int64) * selected_len
     entry_row += bh.to(tl.int64) * selected_len
     inverse += bh.to(tl.int64) * (LEVELS * padded_len)
@@ -169,19 +298,32 @@ def select_kernel(
     coarse_local = tile * tile_len + coarse
 
     # Phase 1, top-down: the cascade. Selected entries are kept by rank (their order in the tile).
-    chosen = _choose(q_scores + (COARSE - 1) * score_stride, k_scores + (COARSE - 1) * score_stride, coarse_local, in_tile)
-    rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(scratch + (COARSE * 5 + 0) * SCRATCH_ROW + rank, coarse_local, mask=chosen)
-    tl.store(scratch + (COARSE * 5 + 1) * SCRATCH_ROW + coarse, chosen.to(tl.int32))
-    tl.debug_barrier()
-    for level in tl.static_range(COARSE - 1, 0, -1):
-        parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + children // POOL)
-        local = parent * POOL + children % POOL
-        chosen = _choose(q_scores + (level - 1) * score_stride, k_scores + (level - 1) * score_stride, local, children < CHILDREN)
+    if CAUSAL:
+        q_thresholds = tl.zeros((LEVEL_LANES,), dtype=tl.float32)
+        k_thresholds = tl.zeros((LEVEL_LANES,), dtype=tl.float32)
+        for earlier in range(tl.maximum(tile - COARSE, 0), tile):
+            q_thresholds, k_thresholds = _causal_tile(
+                q_scores, k_scores, scratch, earlier, tile_len, score_stride, q_thresholds, k_thresholds,
+                LEVELS, POOL, COARSE_BLOCK, SCRATCH_ROW, True,
+            )
+        _causal_tile(q_scores, k_scores, scratch, tile, tile_len, score_stride, q_thresholds, k_thresholds,
+                     LEVELS, POOL, COARSE_BLOCK, SCRATCH_ROW, False)
+    else:
+        chosen = _choose(q_scores + (COARSE - 1) * score_stride, k_scores + (COARSE - 1) * score_stride, coarse_local,
+                         in_tile)
         rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, local, mask=chosen)
-        tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + children, chosen.to(tl.int32))
+        tl.store(scratch + (COARSE * 5 + 0) * SCRATCH_ROW + rank, coarse_local, mask=chosen)
+        tl.store(scratch + (COARSE * 5 + 1) * SCRATCH_ROW + coarse, chosen.to(tl.int32))
         tl.debug_barrier()
+        for level in tl.static_range(COARSE - 1, 0, -1):
+            parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + children // POOL)
+            local = parent * POOL + children % POOL
+            chosen = _choose(q_scores + (level - 1) * score_stride, k_scores + (level - 1) * score_stride, local,
+                             children < CHILDREN)
+            rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, local, mask=chosen)
+            tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + children, chosen.to(tl.int32))
+            tl.debug_barrier()
 
     # Phase 2, bottom-up: subtree sizes (an entry plus, when selected, everything below it).
     for level in tl.static_range(1, COARSE):
