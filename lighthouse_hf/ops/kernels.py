@@ -3,7 +3,7 @@
 Three kernels, each a gather (no atomics anywhere, so every result is bitwise reproducible):
 
 * ``select_kernel``: one program per (batch, query head, tile) runs the top-k cascade of its tile
-  and writes every entry straight to its causal position. A tile owns a contiguous span of
+  (or the causal rule of ``ops/causal.py``) and writes every entry straight to its causal position. A tile owns a contiguous span of
   positions and a data-independent number of entries, so its entries start at
   ``tile * per_tile`` in the compressed sequence; inside the tile the causal order is the post-order
   of the refinement tree (children before the selected entry that summarises them), so each
@@ -135,10 +135,13 @@ def _kth_largest(key, COUNT: tl.constexpr):
 
 @triton.jit
 def _take_best(key, COUNT: tl.constexpr):
-    """Mask of the COUNT largest keys; among equal keys the lower lane wins (a stable sort's choice).
+    """Mask of the COUNT largest keys; among equal keys the lower lane wins (a stable sort's choice)."""
+    return _take_from(key, _kth_largest(key, COUNT), COUNT)
 
-    Every key above the COUNT-th largest, then the first ties in lane order."""
-    threshold = _kth_largest(key, COUNT)
+
+@triton.jit
+def _take_from(key, threshold, COUNT: tl.constexpr):
+    """``_take_best`` given the COUNT-th largest key: every key above it, then the first ties in lane order."""
     above = key > threshold
     room = COUNT - tl.sum(above.to(tl.int32), axis=0)
     tie = key == threshold
@@ -189,7 +192,9 @@ def _first_come(q_score, k_score, q_threshold, k_threshold, valid, count):
 
 @triton.jit
 def _running_mean_before(score, valid):
-    """Per lane, float64: the mean of the scores of the valid lanes before it (-inf for lane 0)."""
+    """Per lane, float64: the mean of the scores of the valid lanes before it (-inf for lane 0).
+    The reference sums in another order: both are exact, so equal, while (largest / smallest
+    nonzero score) x candidates < 2**29 (float64 then holds every partial sum of float32 scores)."""
     lane = tl.arange(0, score.shape[0])
     wide = tl.where(valid, score.to(tl.float64), 0.0)
     seen = tl.maximum(lane, 1).to(tl.float64)
@@ -229,7 +234,7 @@ def _causal_tile(
         if HANDS_ON:
             q_key = tl.where(valid, _ordered(q_score), -2147483648)
             q_floor = _kth_largest(q_key, 64)
-            k_key = tl.where(valid & ~_take_best(q_key, 64), _ordered(k_score), -2147483648)
+            k_key = tl.where(valid & ~_take_from(q_key, q_floor, 64), _ordered(k_score), -2147483648)
             q_next = tl.where(level_lane == level, _unordered(q_floor), q_next)
             k_next = tl.where(level_lane == level, _unordered(_kth_largest(k_key, 64)), k_next)
         handed_q = tl.max(tl.where(level_lane == level, q_thresholds, float("-inf")), axis=0).to(tl.float64)
@@ -246,8 +251,8 @@ def _causal_tile(
 
 @triton.jit
 def select_kernel(
-    q_scores,  # [B*H, LEVELS-1, score_stride] float32: max-pooled query norms of levels 1..L-1
-    k_scores,  # [B*Hkv, LEVELS-1, score_stride] float32
+    q_scores,  # [B*H, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32: the score pass's rows
+    k_scores,  # [B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32
     entry_local,  # out [B*H, selected_len] int32, level-major: the entry's index inside its level
     entry_row,  # out [B*H, selected_len] int32, level-major: the entry's causal row
     inverse,  # out [B*H, LEVELS, padded_len] int32, pre-filled with -1: slot -> causal row
@@ -266,14 +271,15 @@ def select_kernel(
     LEVEL_LANES: tl.constexpr,
 ):
     """One program per (tile, query head, batch). ``CAUSAL`` (``selection="causal"``; the scores
-    then hold two rows per level, see ``scores_kernel``): tile T's thresholds at level l come from
-    tile T-1's candidates at level l, the children of tile T-1's choice at level l+1, which took
-    its thresholds from tile T-2's candidates at level l+1, and so on up to the coarsest level,
-    whose candidates are fixed. So the program first runs tiles max(0, T-L+1) .. T-1 (their choices
-    at the levels below the first one's coarsest are wrong where it is not tile 0, but only the
-    levels where they are right feed tile T) and hands each tile's thresholds to the next: about
-    L tiles' cascades per program, no grid-wide synchronisation. ``LEVEL_LANES``: a power of two
-    >= LEVELS (the thresholds per level)."""
+    then hold two rows per level, see ``scores_kernel``): tile T's thresholds at level l are read
+    from tile T-1's candidates at level l, the children of tile T-1's choice at level l+1, whose
+    thresholds were read from tile T-2's candidates at level l+1, and so on up to the coarsest
+    level (L-1), whose candidates are fixed. So the program runs the cascades of tiles
+    max(0, T-L+1) .. T-1 before its own, each handing its thresholds on to the next. The first of
+    them, unless it is tile 0, starts from made-up thresholds (zeros); by induction tile T-j then
+    chooses right at levels > j and hands on right thresholds at levels >= j, so tile T chooses
+    right at every level. About L tiles' cascades per program, no grid-wide synchronisation.
+    ``LEVEL_LANES``: a power of two >= LEVELS (the thresholds, one lane per level)."""
     TILE: tl.constexpr = 128
     CHILDREN: tl.constexpr = 128 * POOL
     COARSE: tl.constexpr = LEVELS - 1
