@@ -175,15 +175,14 @@ def _exclusive_count(flags):
 
 
 @triton.jit
-def _first_come(q_score, k_score, q_threshold, k_threshold, valid, count):
+def _first_come(wants_q, wants_k, valid, count):
     """selection="causal": the mask of candidates taken in position order (``ops/causal.py``):
-    into the query half while it holds fewer than 64 and the query score reaches its threshold,
-    else into the key half likewise, and every candidate from the one where the candidates left
-    equal the budget left (``count`` candidates; thresholds float64, per lane)."""
-    lane = tl.arange(0, q_score.shape[0])
-    wants_q = valid & (q_score.to(tl.float64) >= q_threshold)
+    into the query half while it holds fewer than 64 and the candidate reaches the query
+    threshold (``wants_q``), else into the key half likewise (``wants_k``), and every candidate
+    from the one where the candidates left (of ``count``) equal the budget left."""
+    lane = tl.arange(0, wants_q.shape[0])
     by_q = wants_q & (_exclusive_count(wants_q) < 64)
-    wants_k = valid & ~by_q & (k_score.to(tl.float64) >= k_threshold)
+    wants_k = wants_k & ~by_q
     taken = by_q | (wants_k & (_exclusive_count(wants_k) < 64))
     budget_left = 128 - _exclusive_count(taken)
     forced = tl.cumsum((valid & (count - lane == budget_left)).to(tl.int32), axis=0) > 0
@@ -191,14 +190,29 @@ def _first_come(q_score, k_score, q_threshold, k_threshold, valid, count):
 
 
 @triton.jit
-def _running_mean_before(score, valid):
-    """Per lane, float64: the mean of the scores of the valid lanes before it (-inf for lane 0).
-    The reference sums in another order: both are exact, so equal, while (largest / smallest
-    nonzero score) x candidates < 2**29 (float64 then holds every partial sum of float32 scores)."""
+def _reaches_running_mean(score, valid):
+    """Tile 0's test: whether each lane's score reaches the mean of the valid lanes' scores before
+    it (float64, as the reference; lane 0 always does). The reference sums in another order: both
+    are exact, so equal, while (largest / smallest nonzero score) x candidates < 2**29 (float64
+    then holds every partial sum of float32 scores)."""
     lane = tl.arange(0, score.shape[0])
     wide = tl.where(valid, score.to(tl.float64), 0.0)
     seen = tl.maximum(lane, 1).to(tl.float64)
-    return tl.where(lane > 0, (tl.cumsum(wide, axis=0) - wide) / seen, float("-inf"))
+    return valid & ((lane == 0) | (wide >= (tl.cumsum(wide, axis=0) - wide) / seen))
+
+
+@triton.jit
+def _reaching(q_score, k_score, valid, tile, this_level, q_thresholds, k_thresholds):
+    """Which candidates reach the query and the key threshold: in tile 0 the running means, else
+    the thresholds handed on for this level (lane ``this_level``). The float64 means live in
+    their branch only (as per-lane thresholds they spilled registers)."""
+    if tile == 0:
+        wants_q = _reaches_running_mean(q_score, valid)
+        wants_k = _reaches_running_mean(k_score, valid)
+    else:
+        wants_q = valid & (q_score >= tl.max(tl.where(this_level, q_thresholds, float("-inf")), axis=0))
+        wants_k = valid & (k_score >= tl.max(tl.where(this_level, k_thresholds, float("-inf")), axis=0))
+    return wants_q, wants_k
 
 
 @triton.jit
@@ -237,11 +251,8 @@ def _causal_tile(
             k_key = tl.where(valid & ~_take_from(q_key, q_floor, 64), _ordered(k_score), -2147483648)
             q_next = tl.where(level_lane == level, _unordered(q_floor), q_next)
             k_next = tl.where(level_lane == level, _unordered(_kth_largest(k_key, 64)), k_next)
-        handed_q = tl.max(tl.where(level_lane == level, q_thresholds, float("-inf")), axis=0).to(tl.float64)
-        handed_k = tl.max(tl.where(level_lane == level, k_thresholds, float("-inf")), axis=0).to(tl.float64)
-        q_threshold = tl.where(tile == 0, _running_mean_before(q_score, valid), handed_q)
-        k_threshold = tl.where(tile == 0, _running_mean_before(k_score, valid), handed_k)
-        chosen = _first_come(q_score, k_score, q_threshold, k_threshold, valid, count)
+        wants_q, wants_k = _reaching(q_score, k_score, valid, tile, level_lane == level, q_thresholds, k_thresholds)
+        chosen = _first_come(wants_q, wants_k, valid, count)
         rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, candidates, mask=chosen)
         tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + lane, chosen.to(tl.int32))
