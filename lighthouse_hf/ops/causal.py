@@ -63,11 +63,12 @@ more than published; nothing changes in the pyramid, the SDPA on the compressed 
 scatter. The fused path's ``select_kernel`` runs the rule with prefix sums too; a program for tile
 T first recomputes the cascades of the L-1 tiles before it, on which its thresholds depend (about
 L-1 times the published top-k work), and the score pass writes two rows per level, from which the
-kernel forms the start-window scores. What the rule gives up against the published top-k: a block is scored by the tokens up to its first one, so refinement follows the
-region just before a block rather than the block's own content; a tile with more high scorers than
-the previous tile takes only the earliest of them, and a tile with fewer gives the unused budget to
-its last candidates whatever their scores; tile 0 takes the first candidates above the running
-mean, which fills its budget early in the tile.
+kernel forms the start-window scores. What the rule gives up against the published top-k: a block
+is scored by the tokens up to its first one, so refinement follows the region just before a block
+rather than the block's own content; a tile with more high scorers than the previous tile takes
+only the earliest of them, and a tile with fewer gives the unused budget to its last candidates
+whatever their scores; tile 0 takes the first candidates above the running mean, which fills its
+budget early in the tile.
 """
 
 from __future__ import annotations

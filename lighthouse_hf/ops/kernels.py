@@ -3,11 +3,11 @@
 Three kernels, each a gather (no atomics anywhere, so every result is bitwise reproducible):
 
 * ``select_kernel``: one program per (batch, query head, tile) runs the top-k cascade of its tile
-  (or the causal rule of ``ops/causal.py``) and writes every entry straight to its causal position. A tile owns a contiguous span of
-  positions and a data-independent number of entries, so its entries start at
-  ``tile * per_tile`` in the compressed sequence; inside the tile the causal order is the post-order
-  of the refinement tree (children before the selected entry that summarises them), so each
-  entry's position follows from subtree sizes, without a sort.
+  (or the causal rule of ``ops/causal.py``) and writes every entry straight to its causal
+  position. A tile owns a contiguous span of positions and a data-independent number of entries,
+  so its entries start at ``tile * per_tile`` in the compressed sequence; inside the tile the
+  causal order is the post-order of the refinement tree (children before the selected entry that
+  summarises them), so each entry's position follows from subtree sizes, without a sort.
 * ``entries_kernel``: for every entry of every level, reads its span (the mean of its positions,
   or for the scatter's backward the sum of the output gradient over the positions it reaches) and
   writes the row where the entry sits in the compressed sequence.
@@ -125,10 +125,11 @@ def _unordered(key):
 
 @triton.jit
 def _kth_largest(key, COUNT: tl.constexpr):
-    """The COUNT-th largest of the int32 keys, found bit by bit (32 counting passes)."""
+    """The COUNT-th largest of the int32 keys, found bit by bit (32 counting passes). A runtime
+    loop: unrolled, the causal select kernel took 3-6x longer to compile and spilled registers."""
     threshold = tl.where(tl.sum((key >= 0).to(tl.int32), axis=0) >= COUNT, 0, -2147483648)
-    for bit in tl.static_range(30, -1, -1):
-        trial = threshold | (1 << bit)
+    for step in range(31):
+        trial = threshold | (1 << (30 - step))
         threshold = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= COUNT, trial, threshold)
     return threshold
 
@@ -436,9 +437,12 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
         offsets = position.to(tl.int64)[:, :, None] * stride_s + f[None, None, :]
         lo = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(base + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-        to_end = (WIDTH - 1 - step - steps)[:, None] * (2 * HALF) + f[None, :]  # [CHUNK, HALF] table rows
-        cos = tl.load(rotary + to_end)[None, :, :]
-        sin = tl.load(rotary + to_end + HALF)[None, :, :]
+        # The table is loaded at the rows' full shape (repeats hit L1): broadcasting a [CHUNK, HALF]
+        # load moved it through shared memory, with barriers, for every chunk.
+        to_end = tl.broadcast_to((WIDTH - 1 - step - steps)[None, :, None] * (2 * HALF) + f[None, None, :],
+                                 (BLOCK_R, CHUNK, HALF))
+        cos = tl.load(rotary + to_end)
+        sin = tl.load(rotary + to_end + HALF)
         total_lo += tl.sum(lo * cos - hi * sin, axis=1)
         total_hi += tl.sum(hi * cos + lo * sin, axis=1)
     return total_lo, total_hi
