@@ -3,9 +3,11 @@ reference: every method option, forward and backward. Run by tests/test_kernels_
 its own process (TRITON_INTERPRET must be set before the kernels are compiled), or by hand:
 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
-whether the selections are identical.
+whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
+whether the selection kernel equals the reference entry for entry (ties included).
 """
 
 from __future__ import annotations
@@ -67,13 +69,63 @@ def run(dtype: torch.dtype) -> None:
             fused.handles = handles
             plan = LighthousePlan(seq, levels, pooling, topk)
             same_selection = None
-            if not options.get("selection") and not options.get("scores") and dtype == torch.float32:
-                same_selection = torch.equal(fused.select(q, k, plan).index, reference.select(q, k, plan).index)
+            if dtype == torch.float32:
+                chosen_by = dict(q_scores=kwargs.get("q_scores"), k_scores=kwargs.get("k_scores"),
+                                 causal=options.get("selection") == "causal")
+                same_selection = torch.equal(fused.select(q, k, plan, **chosen_by).key,
+                                             reference.select(q, k, plan, **chosen_by).key)
             (out, grads), (ref_out, ref_grads) = results
             print(json.dumps(dict(case=case, options=options, out=rel(out, ref_out),
                                   grads=[rel(a, b) for a, b in zip(grads, ref_grads)], same_selection=same_selection)),
                   flush=True)
 
 
+# (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
+# (else the coarsest choice is forced whole) and more tiles than levels - 1 (else every program's
+# run of earlier tiles starts at tile 0): 4 tiles of 256; padded, GQA, B = 2, L = 4; p = 8 with
+# padded tiles of 313; 5 tiles of 225 at L = 4; one tile with a tail; L = 5.
+SELECTION_CASES = [(1, 1, 1, 4096, 4, 3, 2, 512), (2, 2, 1, 3001, 8, 4, 2, 384), (1, 2, 2, 5000, 4, 2, 8, 256),
+                   (1, 1, 1, 9000, 4, 4, 2, 640), (1, 1, 1, 2051, 4, 3, 4, 128), (1, 1, 1, 8192, 4, 5, 2, 256)]
+# "norms": float32 q and k (their norms by ATen, as the reference); "integer": bfloat16 q and k of
+# small integers (norms through the Triton score pass, exact, so equal to the reference's, and
+# tied by the hundred); "given": given level-0 scores of 0..3 (ties everywhere, running means
+# that scores equal exactly); "signed zeros": given scores mostly 0.0 and -0.0, which tie.
+SELECTION_SCORES = ["norms", "integer", "given", "signed zeros"]
+
+
+def _selection_inputs(case, scores):
+    batch, heads, kv_heads, seq, dim = case[:5]
+    g = torch.Generator().manual_seed(seq)
+    if scores == "integer":
+        q, k = (torch.randint(-2, 3, (batch, h, seq, dim), generator=g).bfloat16() for h in (heads, kv_heads))
+    else:
+        q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
+    given = {}
+    for name, h in (("q_scores", heads), ("k_scores", kv_heads)):
+        if scores == "given":
+            given[name] = torch.randint(0, 4, (batch, h, seq), generator=g).float()
+        elif scores == "signed zeros":
+            ones = (torch.rand(batch, h, seq, generator=g) < 0.02).float()
+            negative = torch.rand(batch, h, seq, generator=g) < 0.9
+            given[name] = torch.where(negative & (ones == 0), -0.0, ones)
+    return q, k, given
+
+
+def run_selection() -> None:
+    for case in SELECTION_CASES:
+        plan = LighthousePlan(case[3], *case[5:])
+        for scores in SELECTION_SCORES:
+            q, k, given = _selection_inputs(case, scores)
+            for causal in (False, True):
+                got = fused.select(q, k, plan, causal=causal, **given)
+                want = reference.select(q, k, plan, causal=causal, **given)
+                fields = ("level", "local", "index", "key", "refined")
+                print(json.dumps(dict(case=case, scores=scores, causal=causal,
+                                      score_pass=fused._triton_score_pass(q, plan) and not given,
+                                      equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})),
+                      flush=True)
+
+
 if __name__ == "__main__":
-    run(getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32"))
+    mode = sys.argv[1] if len(sys.argv) > 1 else "float32"
+    run_selection() if mode == "selection" else run(getattr(torch, mode))

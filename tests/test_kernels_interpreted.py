@@ -25,3 +25,16 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
     for row in rows:
         assert row["out"] < tolerance and max(row["grads"]) < tolerance, row
         assert row["same_selection"] in (None, True), row
+
+
+@pytest.mark.slow
+def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter():
+    # Both rules (the causal one above all), on scores with ties, signed zeros, padded plans, and
+    # tiles whose causal thresholds come from a run of earlier tiles that does not start at tile 0.
+    run = subprocess.run([sys.executable, str(SCRIPT), "selection"], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 48
+    for row in rows:
+        assert all(row["equal"].values()), row
+        assert row["score_pass"] == (row["scores"] == "integer"), row  # the Triton score pass ran where meant to

@@ -60,13 +60,15 @@ scattered; tail tokens are read by no score and by no real entry.
 **Cost.** Per tile and level the reference computes the published top-k on these scores (for the
 next tile's thresholds) and then a few prefix sums over the candidates, so selection costs a little
 more than published; nothing changes in the pyramid, the SDPA on the compressed sequence or the
-scatter. A kernel needs the previous tile's 64th-largest scores (one top-k per tile, as published)
-and one sequential pass over the tile's candidates with O(1) state. What it gives up against the
-published top-k: a block is scored by the tokens up to its first one, so refinement follows the
-region just before a block rather than the block's own content; a tile with more high scorers than
-the previous tile takes only the earliest of them, and a tile with fewer gives the unused budget to
-its last candidates whatever their scores; tile 0 takes the first candidates above the running
-mean, which fills its budget early in the tile.
+scatter. The fused path's ``select_kernel`` runs the rule with prefix sums too; a program for tile
+T first recomputes the cascades of the L-1 tiles before it, on which its thresholds depend (about
+L-1 times the published top-k work), and the score pass writes two rows per level, from which the
+kernel forms the start-window scores. What the rule gives up against the published top-k: a block
+is scored by the tokens up to its first one, so refinement follows the region just before a block
+rather than the block's own content; a tile with more high scorers than the previous tile takes
+only the earliest of them, and a tile with fewer gives the unused budget to its last candidates
+whatever their scores; tile 0 takes the first candidates above the running mean, which fills its
+budget early in the tile.
 """
 
 from __future__ import annotations

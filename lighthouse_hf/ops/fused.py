@@ -89,10 +89,12 @@ def _score_pyramids(
     q_scores: torch.Tensor | None = None,
     k_scores: torch.Tensor | None = None,
     rope: bool = False,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
-    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor).
+    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor). ``causal``: two
+    rows per level instead of one, ``[B*h, 2*(L-1), padded_len // p]`` (see ``scores_kernel``).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
     selections) are identical to it. Half-precision inputs take one Triton pass over q and k that
@@ -103,27 +105,30 @@ def _score_pyramids(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    if q_scores is not None:
-        return _aten_score_pyramid(q_scores, plan, stride), _aten_score_pyramid(k_scores, plan, stride), q.new_empty(0)
-    if not _triton_score_pass(q, plan):
-        return _aten_score_pyramid(q, plan, stride), _aten_score_pyramid(k, plan, stride), q.new_empty(0)
+    if q_scores is not None or not _triton_score_pass(q, plan):
+        q_source, k_source = (q, k) if q_scores is None else (q_scores, k_scores)
+        pyramids = (_aten_score_pyramid(x, plan, stride, causal) for x in (q_source, k_source))
+        return *pyramids, q.new_empty(0)
     block_d = _next_power_of_2(dim)
     block_p = _positions_per_program(block_d, _SCORE_BLOCK_ELEMENTS)
     rows = batch * (heads + kv_heads)
-    scores = torch.empty(rows, plan.levels - 1, stride, dtype=torch.float32, device=q.device)
+    score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
+    scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
     with_means = _means_in_score_pass(q, plan, rope=rope)
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
         q, k, scores, means if with_means else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
         stride, *q.stride()[:3], *k.stride()[:3],
-        LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=4,
     )
     return scores[: batch * heads], scores[batch * heads :], means
 
 
-def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> torch.Tensor:
-    """From ``x`` ``[B, h, S, D]`` (scores are its norms) or ``[B, h, S]`` (given level-0 scores)."""
+def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int, causal: bool = False) -> torch.Tensor:
+    """From ``x`` ``[B, h, S, D]`` (scores are its norms) or ``[B, h, S]`` (given level-0 scores);
+    ``causal``: the score pass's two rows per level (see ``scores_kernel``)."""
     real = x[:, :, : plan.real_len]
     if x.dim() == 3:
         norms = real.float()
@@ -132,6 +137,13 @@ def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int) -> t
     else:
         norms = torch.linalg.vector_norm(real, dim=-1, dtype=torch.float32)
     norms = F.pad(norms.flatten(0, 1), (0, plan.padded_len - plan.real_len), value=-1.0)
+    if causal:
+        out = norms.new_empty(norms.shape[0], 2 * (plan.levels - 1), stride)
+        for level in range(1, plan.levels):
+            spans = norms.unflatten(-1, (-1, plan.pooling**level))
+            out[:, level - 1, : spans.shape[1]] = spans[..., 1:].amax(-1)
+            out[:, plan.levels - 2 + level, : spans.shape[1]] = spans[..., 0]
+        return out
     out = norms.new_empty(norms.shape[0], plan.levels - 1, stride)
     for level in range(1, plan.levels):
         norms = norms.unflatten(-1, (-1, plan.pooling)).amax(-1)  # max of maxima: exact
@@ -143,7 +155,8 @@ Tensor = torch.Tensor
 
 
 def _select_impl(
-    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool, levels: int, pooling: int, topk: int
+    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool, levels: int, pooling: int, topk: int,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
     plan = plan_for(q.shape[2], levels, pooling, topk)
@@ -162,7 +175,7 @@ def _select_impl(
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope)
+    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope, causal)
     kernels.select_kernel[(plan.tiles, heads, batch)](
         q_scores,
         k_scores,
@@ -180,6 +193,8 @@ def _select_impl(
         POOL=pooling,
         COARSE_BLOCK=coarse_block,
         SCRATCH_ROW=scratch_row,
+        CAUSAL=causal,
+        LEVEL_LANES=_next_power_of_2(levels),
         num_warps=4,
     )
     return (
@@ -342,7 +357,7 @@ _scatter_backward_op = torch.library.custom_op(
 
 
 @_select_op.register_fake
-def _(q, k, q_scores, k_scores, rope, levels, pooling, topk):
+def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
@@ -455,13 +470,13 @@ def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
 
 def select_entries(
     q: Tensor, k: Tensor, plan: LighthousePlan, q_scores: Tensor | None = None, k_scores: Tensor | None = None,
-    rope: bool = False,
+    rope: bool = False, causal: bool = False,
 ) -> Listing:
     """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence; ``q_scores`` and
     ``k_scores``: level-0 scores instead of the norms; ``rope``: span-end RoPE follows (the score
-    pass then writes no coarsest means)."""
+    pass then writes no coarsest means); ``causal``: the causal selection rule (``ops/causal.py``)."""
     select = _select_op if torch.compiler.is_compiling() else _select_impl
-    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan)))
+    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan), causal))
 
 
 def gather_entries(
@@ -504,27 +519,11 @@ def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tens
 
 
 @torch.no_grad()
-def listing_from_selection(selection: Selection) -> Listing:
-    """The kernels' listing of a selection made elsewhere (the reference's causal rule): per level,
-    its entries in local order with their causal rows, and the inverse map."""
-    plan = selection.plan
-    batch, heads, n = selection.level.shape
-    rows = torch.arange(n, device=selection.level.device, dtype=torch.int32).expand(batch, heads, n)
-    entry_local, entry_row = [], []
-    for level, _, length in _listing(plan):
-        at_level = selection.level == level  # exactly ``length`` per (batch, head); causal order is local order
-        entry_local.append(selection.local.masked_select(at_level).view(batch, heads, length))
-        entry_row.append(rows.masked_select(at_level).view(batch, heads, length))
-    inverse = torch.full((batch, heads, plan.levels * plan.padded_len), -1, dtype=torch.int32, device=rows.device)
-    inverse.scatter_(-1, selection.level * plan.padded_len + selection.local, rows)
-    listing_local = torch.cat(entry_local, dim=-1).int()
-    inverse = inverse.view(batch, heads, plan.levels, plan.padded_len)
-    return Listing(listing_local, torch.cat(entry_row, dim=-1), inverse, rows.new_empty(0, dtype=torch.float32))
-
-
-@torch.no_grad()
-def select(q: Tensor, k: Tensor, plan: LighthousePlan) -> Selection:
+def select(
+    q: Tensor, k: Tensor, plan: LighthousePlan, *, q_scores: Tensor | None = None, k_scores: Tensor | None = None,
+    causal: bool = False,
+) -> Selection:
     """Steps 2-4 with the selection kernel as the reference's :class:`Selection` (for comparing the
-    two); equals ``reference.select`` on float32 inputs."""
-    listing = select_entries(q, k, plan)
+    two); equals ``reference.select`` with the same arguments on float32 inputs and given scores."""
+    listing = select_entries(q, k, plan, q_scores, k_scores, causal=causal)
     return selection_from_listing(listing.entry_local, listing.entry_row, listing.inverse, plan)

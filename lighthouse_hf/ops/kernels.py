@@ -3,11 +3,11 @@
 Three kernels, each a gather (no atomics anywhere, so every result is bitwise reproducible):
 
 * ``select_kernel``: one program per (batch, query head, tile) runs the top-k cascade of its tile
-  and writes every entry straight to its causal position. A tile owns a contiguous span of
-  positions and a data-independent number of entries, so its entries start at
-  ``tile * per_tile`` in the compressed sequence; inside the tile the causal order is the post-order
-  of the refinement tree (children before the selected entry that summarises them), so each
-  entry's position follows from subtree sizes, without a sort.
+  (or the causal rule of ``ops/causal.py``) and writes every entry straight to its causal
+  position. A tile owns a contiguous span of positions and a data-independent number of entries,
+  so its entries start at ``tile * per_tile`` in the compressed sequence; inside the tile the
+  causal order is the post-order of the refinement tree (children before the selected entry that
+  summarises them), so each entry's position follows from subtree sizes, without a sort.
 * ``entries_kernel``: for every entry of every level, reads its span (the mean of its positions,
   or for the scatter's backward the sum of the output gradient over the positions it reaches) and
   writes the row where the entry sits in the compressed sequence.
@@ -39,7 +39,7 @@ SCRATCH_KINDS = 5
 @triton.jit
 def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
-    scores,  # out [B*H + B*Hkv, LEVELS-1, score_stride] float32: max-pooled norms of levels 1..L-1
+    scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
     means,  # out with WITH_MEANS: [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D], the coarsest level's means
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
     q_stride_b, q_stride_h, q_stride_s,
@@ -47,6 +47,7 @@ def scores_kernel(
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     WITH_MEANS: tl.constexpr,
+    CAUSAL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -56,7 +57,13 @@ def scores_kernel(
     heads' rows come first in ``scores`` and ``means``, then the key heads'. ``WITH_MEANS``: the
     same pass writes the coarsest level's means (every coarsest entry is in the compressed
     sequence), so the gather does not read q and k a second time. Needs
-    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block."""
+    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block.
+
+    ``CAUSAL`` (``selection="causal"``, whose score of entry j is the maximum over the window
+    ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
+    the maximum over each block without its first token (rows ``0 .. LEVELS-2``) and the norm of
+    its first token (rows ``LEVELS-1 ..``); the selection kernel joins entry j's first token with
+    entry j-1's rest (``_start_scores``)."""
     WIDTH: tl.constexpr = POOL ** (LEVELS - 1)
     ENTRIES: tl.constexpr = BLOCK_P // WIDTH
     block = tl.program_id(0)
@@ -70,7 +77,8 @@ def scores_kernel(
         row = tl.num_programs(2) * heads_q + b * heads_k + head - heads_q
         src = src_k + b.to(tl.int64) * k_stride_b + (head - heads_q).to(tl.int64) * k_stride_h
         stride_s = k_stride_s
-    scores += row.to(tl.int64) * ((LEVELS - 1) * score_stride)
+    SCORE_ROWS: tl.constexpr = 2 * (LEVELS - 1) if CAUSAL else LEVELS - 1
+    scores += row.to(tl.int64) * (SCORE_ROWS * score_stride)
     # The block is loaded as [coarsest entries, their positions, D]: norms reduce the last axis and
     # the means the middle one, both in the layout of the load (a 2-D load reshaped for the means
     # went through shared memory and ran at a quarter of the bandwidth).
@@ -83,9 +91,17 @@ def scores_kernel(
     norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
     for level in tl.static_range(1, LEVELS):
         # WIDTH // POOL**level entries of this level per coarsest entry
-        level_norm = tl.max(tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level)), axis=2)
+        spans = tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level))
         slot = entry[:, None] * (WIDTH // POOL**level) + tl.arange(0, WIDTH // POOL**level)[None, :]
-        tl.store(scores + (level - 1) * score_stride + slot, level_norm, mask=slot < padded_len // POOL**level)
+        in_level = slot < padded_len // POOL**level
+        if CAUSAL:
+            first = (tl.arange(0, POOL**level) == 0)[None, None, :]
+            rest = tl.max(tl.where(first, float("-inf"), spans), axis=2)
+            first_norm = tl.max(tl.where(first, spans, float("-inf")), axis=2)
+            tl.store(scores + (level - 1) * score_stride + slot, rest, mask=in_level)
+            tl.store(scores + (LEVELS - 2 + level) * score_stride + slot, first_norm, mask=in_level)
+        else:
+            tl.store(scores + (level - 1) * score_stride + slot, tl.max(spans, axis=2), mask=in_level)
     if WITH_MEANS:
         mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
         means += row.to(tl.int64) * ((padded_len // WIDTH) * dim)
@@ -95,22 +111,38 @@ def scores_kernel(
 
 @triton.jit
 def _ordered(score):
-    """float32 -> int32 with the same order (for non-NaN scores)."""
+    """float32 -> int32 with the same order (for non-NaN scores; -0.0 and 0.0 tie, as they compare)."""
     bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit
-def _take_best(key, COUNT: tl.constexpr):
-    """Mask of the COUNT largest keys; among equal keys the lower lane wins (a stable sort's choice).
+def _unordered(key):
+    """The float32 whose ``_ordered`` key is ``key``."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
-    Finds the COUNT-th largest key bit by bit (32 counting passes), then takes every key above it
-    and the first ties in lane order.
-    """
+
+@triton.jit
+def _kth_largest(key, COUNT: tl.constexpr):
+    """The COUNT-th largest of the int32 keys, found bit by bit (32 counting passes). A runtime
+    loop: unrolled, the causal select kernel took 3-6x longer to compile and spilled registers."""
     threshold = tl.where(tl.sum((key >= 0).to(tl.int32), axis=0) >= COUNT, 0, -2147483648)
-    for bit in tl.static_range(30, -1, -1):
-        trial = threshold | (1 << bit)
+    for step in range(31):
+        trial = threshold | (1 << (30 - step))
         threshold = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= COUNT, trial, threshold)
+    return threshold
+
+
+@triton.jit
+def _take_best(key, COUNT: tl.constexpr):
+    """Mask of the COUNT largest keys; among equal keys the lower lane wins (a stable sort's choice)."""
+    return _take_from(key, _kth_largest(key, COUNT), COUNT)
+
+
+@triton.jit
+def _take_from(key, threshold, COUNT: tl.constexpr):
+    """``_take_best`` given the COUNT-th largest key: every key above it, then the first ties in lane order."""
     above = key > threshold
     room = COUNT - tl.sum(above.to(tl.int32), axis=0)
     tie = key == threshold
@@ -128,9 +160,111 @@ def _choose(q_scores, k_scores, candidates, valid):
 
 
 @triton.jit
+def _start_scores(scores, level, coarse, score_stride, candidates, valid):
+    """selection="causal": each candidate's score, the maximum over the ``c`` tokens ending at its
+    first token: its first token's norm and the rest of the entry before it (-1 before the
+    sequence), from the score pass's two rows of the level (see ``scores_kernel``)."""
+    first = tl.load(scores + (coarse + level - 1) * score_stride + candidates, mask=valid, other=0.0)
+    rest_before = tl.load(scores + (level - 1) * score_stride + candidates - 1, mask=valid & (candidates > 0), other=-1.0)
+    return tl.maximum(first, rest_before)
+
+
+@triton.jit
+def _exclusive_count(flags):
+    as_int = flags.to(tl.int32)
+    return tl.cumsum(as_int, axis=0) - as_int
+
+
+@triton.jit
+def _first_come(wants_q, wants_k, valid, count):
+    """selection="causal": the mask of candidates taken in position order (``ops/causal.py``):
+    into the query half while it holds fewer than 64 and the candidate reaches the query
+    threshold (``wants_q``), else into the key half likewise (``wants_k``), and every candidate
+    from the one where the candidates left (of ``count``) equal the budget left."""
+    lane = tl.arange(0, wants_q.shape[0])
+    by_q = wants_q & (_exclusive_count(wants_q) < 64)
+    wants_k = wants_k & ~by_q
+    taken = by_q | (wants_k & (_exclusive_count(wants_k) < 64))
+    budget_left = 128 - _exclusive_count(taken)
+    forced = tl.cumsum((valid & (count - lane == budget_left)).to(tl.int32), axis=0) > 0
+    return valid & (taken | forced)
+
+
+@triton.jit
+def _reaches_running_mean(score, valid):
+    """Tile 0's test: whether each lane's score reaches the mean of the valid lanes' scores before
+    it (float64, as the reference; lane 0 always does). The reference sums in another order: both
+    are exact, so equal, while (largest / smallest nonzero score) x candidates < 2**29 (float64
+    then holds every partial sum of float32 scores)."""
+    lane = tl.arange(0, score.shape[0])
+    wide = tl.where(valid, score.to(tl.float64), 0.0)
+    seen = tl.maximum(lane, 1).to(tl.float64)
+    return valid & ((lane == 0) | (wide >= (tl.cumsum(wide, axis=0) - wide) / seen))
+
+
+@triton.jit
+def _reaching(q_score, k_score, valid, tile, this_level, q_thresholds, k_thresholds):
+    """Which candidates reach the query and the key threshold: in tile 0 the running means, else
+    the thresholds handed on for this level (lane ``this_level``). The float64 means live in
+    their branch only (as per-lane thresholds they spilled registers)."""
+    if tile == 0:
+        wants_q = _reaches_running_mean(q_score, valid)
+        wants_k = _reaches_running_mean(k_score, valid)
+    else:
+        wants_q = valid & (q_score >= tl.max(tl.where(this_level, q_thresholds, float("-inf")), axis=0))
+        wants_k = valid & (k_score >= tl.max(tl.where(this_level, k_thresholds, float("-inf")), axis=0))
+    return wants_q, wants_k
+
+
+@triton.jit
+def _causal_tile(
+    q_scores, k_scores, scratch, tile, tile_len, score_stride, q_thresholds, k_thresholds,
+    LEVELS: tl.constexpr, POOL: tl.constexpr, COARSE_BLOCK: tl.constexpr, SCRATCH_ROW: tl.constexpr,
+    HANDS_ON: tl.constexpr,
+):
+    """selection="causal": phase 1 of ``select_kernel`` for ``tile`` (its choice per level, into the
+    scratch rows 0 and 1), with the thresholds that the tile before handed on (``[LEVEL_LANES]``
+    float32, lane = level; tile 0 uses running means instead). ``HANDS_ON``: also returns the
+    thresholds this tile hands to the next one, the smallest scores of the published top-k halves
+    of its candidates."""
+    COARSE: tl.constexpr = LEVELS - 1
+    CHILDREN: tl.constexpr = 128 * POOL
+    level_lane = tl.arange(0, q_thresholds.shape[0])
+    q_next = q_thresholds
+    k_next = k_thresholds
+    for level in tl.static_range(COARSE, 0, -1):
+        if level == COARSE:
+            lane = tl.arange(0, COARSE_BLOCK)
+            valid = lane < tile_len
+            candidates = tile * tile_len + lane
+            count = tile_len
+        else:
+            lane = tl.arange(0, CHILDREN)
+            valid = lane < CHILDREN
+            parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + lane // POOL)
+            candidates = parent * POOL + lane % POOL
+            count = CHILDREN
+        q_score = _start_scores(q_scores, level, COARSE, score_stride, candidates, valid)
+        k_score = _start_scores(k_scores, level, COARSE, score_stride, candidates, valid)
+        if HANDS_ON:
+            q_key = tl.where(valid, _ordered(q_score), -2147483648)
+            q_floor = _kth_largest(q_key, 64)
+            k_key = tl.where(valid & ~_take_from(q_key, q_floor, 64), _ordered(k_score), -2147483648)
+            q_next = tl.where(level_lane == level, _unordered(q_floor), q_next)
+            k_next = tl.where(level_lane == level, _unordered(_kth_largest(k_key, 64)), k_next)
+        wants_q, wants_k = _reaching(q_score, k_score, valid, tile, level_lane == level, q_thresholds, k_thresholds)
+        chosen = _first_come(wants_q, wants_k, valid, count)
+        rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, candidates, mask=chosen)
+        tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + lane, chosen.to(tl.int32))
+        tl.debug_barrier()
+    return q_next, k_next
+
+
+@triton.jit
 def select_kernel(
-    q_scores,  # [B*H, LEVELS-1, score_stride] float32: max-pooled query norms of levels 1..L-1
-    k_scores,  # [B*Hkv, LEVELS-1, score_stride] float32
+    q_scores,  # [B*H, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32: the score pass's rows
+    k_scores,  # [B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32
     entry_local,  # out [B*H, selected_len] int32, level-major: the entry's index inside its level
     entry_row,  # out [B*H, selected_len] int32, level-major: the entry's causal row
     inverse,  # out [B*H, LEVELS, padded_len] int32, pre-filled with -1: slot -> causal row
@@ -145,7 +279,19 @@ def select_kernel(
     POOL: tl.constexpr,
     COARSE_BLOCK: tl.constexpr,
     SCRATCH_ROW: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    LEVEL_LANES: tl.constexpr,
 ):
+    """One program per (tile, query head, batch). ``CAUSAL`` (``selection="causal"``; the scores
+    then hold two rows per level, see ``scores_kernel``): tile T's thresholds at level l are read
+    from tile T-1's candidates at level l, the children of tile T-1's choice at level l+1, whose
+    thresholds were read from tile T-2's candidates at level l+1, and so on up to the coarsest
+    level (L-1), whose candidates are fixed. So the program runs the cascades of tiles
+    max(0, T-L+1) .. T-1 before its own, each handing its thresholds on to the next. The first of
+    them, unless it is tile 0, starts from made-up thresholds (zeros); by induction tile T-j then
+    chooses right at levels > j and hands on right thresholds at levels >= j, so tile T chooses
+    right at every level. About L tiles' cascades per program, no grid-wide synchronisation.
+    ``LEVEL_LANES``: a power of two >= LEVELS (the thresholds, one lane per level)."""
     TILE: tl.constexpr = 128
     CHILDREN: tl.constexpr = 128 * POOL
     COARSE: tl.constexpr = LEVELS - 1
@@ -155,8 +301,9 @@ def select_kernel(
     b = tl.program_id(2)
     bh = b * heads + h
     kv_bh = b * (heads // group) + h // group
-    q_scores += bh.to(tl.int64) * (COARSE * score_stride)
-    k_scores += kv_bh.to(tl.int64) * (COARSE * score_stride)
+    SCORE_ROWS: tl.constexpr = 2 * COARSE if CAUSAL else COARSE
+    q_scores += bh.to(tl.int64) * (SCORE_ROWS * score_stride)
+    k_scores += kv_bh.to(tl.int64) * (SCORE_ROWS * score_stride)
     entry_local += bh.to(tl.int64) * selected_len
     entry_row += bh.to(tl.int64) * selected_len
     inverse += bh.to(tl.int64) * (LEVELS * padded_len)
@@ -169,19 +316,32 @@ def select_kernel(
     coarse_local = tile * tile_len + coarse
 
     # Phase 1, top-down: the cascade. Selected entries are kept by rank (their order in the tile).
-    chosen = _choose(q_scores + (COARSE - 1) * score_stride, k_scores + (COARSE - 1) * score_stride, coarse_local, in_tile)
-    rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-    tl.store(scratch + (COARSE * 5 + 0) * SCRATCH_ROW + rank, coarse_local, mask=chosen)
-    tl.store(scratch + (COARSE * 5 + 1) * SCRATCH_ROW + coarse, chosen.to(tl.int32))
-    tl.debug_barrier()
-    for level in tl.static_range(COARSE - 1, 0, -1):
-        parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + children // POOL)
-        local = parent * POOL + children % POOL
-        chosen = _choose(q_scores + (level - 1) * score_stride, k_scores + (level - 1) * score_stride, local, children < CHILDREN)
+    if CAUSAL:
+        q_thresholds = tl.zeros((LEVEL_LANES,), dtype=tl.float32)
+        k_thresholds = tl.zeros((LEVEL_LANES,), dtype=tl.float32)
+        for earlier in range(tl.maximum(tile - COARSE, 0), tile):
+            q_thresholds, k_thresholds = _causal_tile(
+                q_scores, k_scores, scratch, earlier, tile_len, score_stride, q_thresholds, k_thresholds,
+                LEVELS, POOL, COARSE_BLOCK, SCRATCH_ROW, True,
+            )
+        _causal_tile(q_scores, k_scores, scratch, tile, tile_len, score_stride, q_thresholds, k_thresholds,
+                     LEVELS, POOL, COARSE_BLOCK, SCRATCH_ROW, False)
+    else:
+        chosen = _choose(q_scores + (COARSE - 1) * score_stride, k_scores + (COARSE - 1) * score_stride, coarse_local,
+                         in_tile)
         rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, local, mask=chosen)
-        tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + children, chosen.to(tl.int32))
+        tl.store(scratch + (COARSE * 5 + 0) * SCRATCH_ROW + rank, coarse_local, mask=chosen)
+        tl.store(scratch + (COARSE * 5 + 1) * SCRATCH_ROW + coarse, chosen.to(tl.int32))
         tl.debug_barrier()
+        for level in tl.static_range(COARSE - 1, 0, -1):
+            parent = tl.load(scratch + ((level + 1) * 5 + 0) * SCRATCH_ROW + children // POOL)
+            local = parent * POOL + children % POOL
+            chosen = _choose(q_scores + (level - 1) * score_stride, k_scores + (level - 1) * score_stride, local,
+                             children < CHILDREN)
+            rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(scratch + (level * 5 + 0) * SCRATCH_ROW + rank, local, mask=chosen)
+            tl.store(scratch + (level * 5 + 1) * SCRATCH_ROW + children, chosen.to(tl.int32))
+            tl.debug_barrier()
 
     # Phase 2, bottom-up: subtree sizes (an entry plus, when selected, everything below it).
     for level in tl.static_range(1, COARSE):
@@ -277,9 +437,12 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
         offsets = position.to(tl.int64)[:, :, None] * stride_s + f[None, None, :]
         lo = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
         hi = tl.load(base + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-        to_end = (WIDTH - 1 - step - steps)[:, None] * (2 * HALF) + f[None, :]  # [CHUNK, HALF] table rows
-        cos = tl.load(rotary + to_end)[None, :, :]
-        sin = tl.load(rotary + to_end + HALF)[None, :, :]
+        # The table is loaded at the rows' full shape (repeats hit L1): broadcasting a [CHUNK, HALF]
+        # load moved it through shared memory, with barriers, for every chunk.
+        to_end = tl.broadcast_to((WIDTH - 1 - step - steps)[None, :, None] * (2 * HALF) + f[None, None, :],
+                                 (BLOCK_R, CHUNK, HALF))
+        cos = tl.load(rotary + to_end)
+        sin = tl.load(rotary + to_end + HALF)
         total_lo += tl.sum(lo * cos - hi * sin, axis=1)
         total_hi += tl.sum(hi * cos + lo * sin, axis=1)
     return total_lo, total_hi

@@ -57,11 +57,10 @@ def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan, options: Meth
     """Steps 2-4 for ``q`` ``[B, H, S, D]`` and ``k`` ``[B, Hkv, S, D]`` with ``S == plan.seq_len``."""
     rope = options.rope_inv_freq is not None
     kernels = fused.handles(q) and (not rope or fused.handles_rope(q, options.rope_inv_freq))
-    if kernels and not options.causal:
-        return SelectedEntries(plan, options, fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope), None)
+    if kernels:
+        listing = fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope, options.causal)
+        return SelectedEntries(plan, options, listing, None)
     selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores, causal=options.causal)
-    if kernels:  # the causal rule has no kernel yet: its selection feeds the fused gather and scatter
-        return SelectedEntries(plan, options, fused.listing_from_selection(selection), None)
     return SelectedEntries(plan, options, None, selection)
 
 
