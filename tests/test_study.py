@@ -272,15 +272,16 @@ def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thr
 
     summary = report.main(["--results", str(results)])
     by_arm = {c["arm"]: c for c in summary["comparisons"]}
-    assert set(by_arm) == {"dense", "all", "published-constant"}
+    assert set(by_arm) == {"dense", "all"}  # published-constant has no dense-constant to be compared with
     low, high = by_arm["all"]["interval"]
     assert low <= by_arm["all"]["difference"] <= high
-    assert summary["verdict"]["outcome"] in ("confirmed", "refuted", "inconclusive")
+    assert summary["verdict"]["default"]["outcome"] in ("confirmed", "refuted", "inconclusive")
+    assert summary["verdict"]["constant"] == dict(outcome="inconclusive", reason="no dense-constant run to compare with")
     for name in ("summary.json", "results.md", "long_loss_vs_gpu_time.png", "loss_by_position.png", "probes_by_depth.png"):
         assert (results / name).stat().st_size > 0
 
 
-def test_report_verdict_follows_the_plan(load_script):
+def test_report_verdict_follows_the_plan(study_dir, load_script):
     report = load_script("report_tracks")
 
     def arm(name, ratio, interval, probes_ok=True):
@@ -295,14 +296,22 @@ def test_report_verdict_follows_the_plan(load_script):
     assert report.verdict([dense, arm("a", 0.7, None)])["outcome"] == "inconclusive"
 
 
-def test_report_interval_pairs_windows_and_pools_seeds(load_script):
+def test_report_compares_each_schedule_with_its_own_dense_run(study_dir, load_script):
+    report = load_script("report_tracks")
+    assert [report.variant(a) for a in ("all", "span_end", "published-constant", "dense-constant-recovery0.375")] == [
+        "", "", "constant", "constant-recovery0.375"
+    ]
+    assert report.baseline("published-constant") == "dense-constant" and report.baseline("mean") == "dense"
+    assert report.is_dense("dense-constant") and not report.is_dense("published")
+
+
+def test_report_interval_pairs_windows_and_pools_seeds(study_dir, load_script):
     report = load_script("report_tracks")
     dense = {s: {"final": {"by_window_long": [5.0, 6.0, 7.0]}} for s in (0, 1)}
     arm = {s: {"final": {"by_window_long": [4.9, 5.9, 6.9]}} for s in (0, 1)}
     assert report.paired_interval(arm, dense, [0, 1]) == pytest.approx([-0.1, -0.1])
-    arm[1]["final"]["by_window_long"] = [5.1, 6.1, 7.1]  # the seeds disagree: the pooled mean is 0
-    low, high = report.paired_interval(arm, dense, [0, 1])
-    assert low == pytest.approx(0.0, abs=1e-9) and high == pytest.approx(0.0, abs=1e-9)
+    arm[1]["final"]["by_window_long"] = [5.1, 6.1, 7.1]  # the seeds disagree: the interval spans both
+    assert report.paired_interval(arm, dense, [0, 1]) == pytest.approx([-0.1, 0.1])
     del arm[1]["final"]["by_window_long"]
     assert report.paired_interval(arm, dense, [0, 1]) is None
 

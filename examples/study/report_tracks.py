@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tracks import ARMS
 
 GPU_TIME_GOAL = 0.75
 BOOTSTRAP_SAMPLES = 10_000
@@ -39,7 +40,7 @@ def load_runs(folder: Path) -> dict[str, dict[int, dict]]:
         record = json.loads(path.read_text())
         if match and "final" in record:  # a run cut short has no final evaluation
             runs[match["arm"]][int(match["seed"])] = record
-    if "dense" not in runs:
+    if not any(is_dense(name) for name in runs):
         raise ValueError(f"no finished dense run in {folder}: every arm is compared with dense")
     return dict(runs)
 
@@ -64,20 +65,39 @@ def time_to_reach(record: dict, target: float) -> float | None:
 
 def paired_interval(arm: dict[int, dict], dense: dict[int, dict], seeds: list[int], seed: int = 0) -> list[float] | None:
     """95% bootstrap interval of the mean difference (arm - dense) of the final long-position loss,
-    resampling windows (the same draw for every seed); None when a run predates per-window records."""
+    paired by seed and window: each draw resamples the seeds, then the windows (the same windows
+    for both arms of a seed), so the spread between seeds widens it as much as the text does.
+    With one seed only the windows vary. None when a run predates per-window records."""
     try:
         differences = np.array([np.subtract(arm[s]["final"]["by_window_long"], dense[s]["final"]["by_window_long"]) for s in seeds])
     except KeyError:
         return None
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, differences.shape[1], size=(BOOTSTRAP_SAMPLES, differences.shape[1]))
-    means = differences[:, draws].mean(axis=(0, 2))
+    count, windows = differences.shape
+    seed_draws = rng.integers(0, count, size=(BOOTSTRAP_SAMPLES, count))
+    window_draws = rng.integers(0, windows, size=(BOOTSTRAP_SAMPLES, count, windows))
+    means = differences[seed_draws[:, :, None], window_draws].mean(axis=(1, 2))
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
 def probe_scores(record: dict) -> dict[str, list[float]]:
     final = record["final"]
     return {probe: [b["score"] for b in final[probe]["by_depth"]] for probe in ("passkey", "copy")}
+
+
+def variant(arm: str) -> str:
+    """The schedule variant of a run name's arm: ``published-constant`` -> ``constant``, ``all`` -> ``""``."""
+    base = next(a for a in sorted(ARMS, key=len, reverse=True) if arm == a or arm.startswith(a + "-"))
+    return arm[len(base) + 1 :]
+
+
+def is_dense(arm: str) -> bool:
+    return arm == "dense" or arm.startswith("dense-")
+
+
+def baseline(arm: str) -> str:
+    """The dense run an arm is compared with: the one of the same schedule variant."""
+    return "-".join(filter(None, ["dense", variant(arm)]))
 
 
 def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
@@ -114,11 +134,12 @@ def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
 
 
 def verdict(comparisons: list[dict]) -> dict:
-    """``PLAN.md``'s rule. Confirmed: an arm with its full GPU time at most 0.75x dense's whose
-    interval is not wholly above zero (not worse) and whose probes hold. Refuted: every arm worse
-    with the interval above zero, or below dense's probes. Otherwise inconclusive; also when an
-    interval is missing."""
-    judged = [c for c in comparisons if c["arm"] != "dense" and c.get("seeds")]
+    """``PLAN.md``'s rule, over the Lighthouse arms of one schedule. Confirmed: an arm with its full
+    GPU time at most 0.75x dense's whose interval is not wholly above zero (not worse) and whose
+    probes hold. Refuted: every arm worse with the interval above zero, or below dense's probes
+    (an arm's final loss comes at its own, shorter, GPU time: the runs do not go on to dense's).
+    Otherwise inconclusive; also when an interval is missing."""
+    judged = [c for c in comparisons if not is_dense(c["arm"]) and c.get("seeds")]
     if not judged:
         return dict(outcome="inconclusive", reason="no Lighthouse arm shares a seed with dense")
     if any(c["interval"] is None for c in judged):
@@ -192,12 +213,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", type=Path, required=True, help="one track's results folder")
     args = parser.parse_args(argv)
     runs = load_runs(args.results)
-    comparisons = [compare(name, seeds, runs["dense"]) for name, seeds in sorted(runs.items(), key=lambda kv: kv[0] != "dense")]
-    summary = dict(comparisons=comparisons, verdict=verdict(comparisons))
+    comparisons, verdicts = [], {}
+    for schedule in sorted({variant(name) for name in runs}):
+        names = sorted((n for n in runs if variant(n) == schedule), key=lambda n: (not is_dense(n), n))
+        dense = baseline(names[0]) if names else "dense"
+        if dense not in runs:
+            verdicts[schedule or "default"] = dict(outcome="inconclusive", reason=f"no {dense} run to compare with")
+            continue
+        group = [compare(name, runs[name], runs[dense]) for name in names]
+        comparisons += group
+        verdicts[schedule or "default"] = verdict(group)
+    summary = dict(comparisons=comparisons, verdict=verdicts)
+    text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
-    (args.results / "results.md").write_text(table(comparisons) + f"\nVerdict: {summary['verdict']}\n")
+    (args.results / "results.md").write_text(text)
     plot(runs, args.results)
-    print(table(comparisons) + f"\nVerdict: {summary['verdict']}")
+    print(text)
     return summary
 
 

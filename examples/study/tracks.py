@@ -111,7 +111,7 @@ def text_windows(path: Path, tokenizer_file: Path, seq_len: int) -> np.ndarray:
 def chunked_causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss, the LM head and cross entropy recomputed per chunk in the backward
     (a track-A step would otherwise spend more memory traffic on logits than on attention)."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     targets = input_ids[:, 1:]
     weight = model.get_output_embeddings().weight
 
