@@ -194,6 +194,8 @@ class Variant(NamedTuple):
     context: Callable
     given_scores: bool = False
     """Whether each input set also holds level-0 scores, passed as ``q_scores`` and ``k_scores``."""
+    batch: int | None = None
+    """Rows of the inputs; ``None``: ``--batch``."""
 
 
 def _attention_step(attend: Callable, backward: bool) -> Callable:
@@ -243,11 +245,11 @@ def _input_sets(args: argparse.Namespace, device: str, variant: Variant, count: 
     dtype = getattr(torch, args.dtype)
 
     def draw(heads, requires_grad):
-        return torch.randn(args.batch, heads, variant.seq, args.dim, device=device, dtype=dtype, requires_grad=requires_grad)
+        return torch.randn(variant.batch or args.batch, heads, variant.seq, args.dim, device=device, dtype=dtype, requires_grad=requires_grad)
 
     def draw_scores(heads):
         # Positive like norms, float32 like the recorded pre-norm norms; selection only ranks them.
-        return torch.rand(args.batch, heads, variant.seq, device=device, dtype=torch.float32) + 1.0
+        return torch.rand(variant.batch or args.batch, heads, variant.seq, device=device, dtype=torch.float32) + 1.0
 
     return [
         (draw(args.heads, backward), draw(variant.kv_heads, backward), draw(variant.kv_heads, backward),
@@ -400,8 +402,9 @@ def packed_operators(args: argparse.Namespace, device: str) -> list[dict]:
         def compresses(length: int) -> bool:
             return runs_lighthouse(length, levels, pooling, topk, None)
 
-        # Each document as long as the sequence SDPA sees for it: compressed, or its own length.
-        floor = Documents.from_lengths([[compressed_length(n, **settings) for n in row] for row in rows])
+        # Each document as long as the sequence SDPA sees for it: compressed, or its own length. The
+        # rows' compressed totals differ, so every document goes into one row: the same work.
+        floor = Documents.from_lengths([[compressed_length(n, **settings) for row in rows for n in row]])
         compressed = [n for row in rows for n in row if compresses(n)]
         described = {
             "documents": sum(map(len, rows)), "longest": documents.max_length, "compressed_documents": len(compressed),
@@ -416,7 +419,7 @@ def packed_operators(args: argparse.Namespace, device: str) -> list[dict]:
             variants = {
                 "lighthouse": Variant(partial(lighthouse_attention_varlen, documents=documents, **settings, **op_options),
                                       documents.seq_len, kv_heads, own, given_scores=given),
-                "sdpa_sel": Variant(partial(dense_causal_attention_varlen, documents=floor), floor.seq_len, args.heads, own),
+                "sdpa_sel": Variant(partial(dense_causal_attention_varlen, documents=floor), floor.seq_len, args.heads, own, batch=1),
                 "lighthouse_unpacked": Variant(partial(lighthouse_attention, **settings, **op_options), documents.seq_len,
                                                kv_heads, own, given_scores=given),
             }
