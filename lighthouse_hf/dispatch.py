@@ -343,6 +343,9 @@ def _flash_max_length(kwargs: dict[str, Any], name: str, documents: Documents) -
         )
 
 
+# Reading document lengths is a host read: under torch.compile one clean graph break here rather
+# than data-dependent guards inside the trace (Transformers marks every compiled forward as packed).
+@torch.compiler.disable
 def _read_documents(attention_mask: Any, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any], by_positions: bool) -> Documents:
     batch, seq_len = query.shape[0], query.shape[2]
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")

@@ -633,3 +633,21 @@ def test_gpu_packed_model_equals_each_document_alone():
         for _, start, length in Documents.from_lengths(rows).spans():
             alone = model(ids[:, start : start + length], use_cache=False).logits
             assert rel_err(logits[:, start : start + length], alone) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["single", "position_ids"])
+def test_a_compiled_whole_model_runs_lighthouse_per_document_like_eager(route):
+    """Under torch.compile Transformers marks every forward without a cache as packed; the lengths
+    are read in one graph break (fullgraph=False, as Trainer compiles), not by falling back to dense."""
+    model = tiny_model("llama")
+    rows = [[1500]] if route == "single" else [[700, 1, 799]]
+    ids, kwargs = packed_inputs(rows, "position_ids")
+    eager = model(ids, **kwargs).logits
+    dense = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32, attn_implementation="sdpa").eval()
+    dense.load_state_dict(model.state_dict())
+    assert rel_err(eager, dense(ids, **kwargs).logits) > 1e-3  # Lighthouse ran in eager
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)  # no dense fallback
+        assert rel_err(compiled(ids, **kwargs).logits, eager) <= 1e-6
