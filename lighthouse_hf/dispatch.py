@@ -30,7 +30,7 @@ from transformers.masking_utils import sdpa_mask
 
 from . import patches, prenorm
 from .config import CONFIG_KEY, LighthouseConfig
-from .ops import Documents, plan_for, runs_lighthouse, shortest_compressed_length
+from .ops import Documents, runs_lighthouse, shortest_compressed_length
 from .rotary import rope_inv_freq
 
 
@@ -242,7 +242,7 @@ def settings_of(module: torch.nn.Module) -> LighthouseConfig:
 def _length_reason(seq_len: int, settings: LighthouseConfig) -> str | None:
     if settings.min_seq_len is not None and seq_len < settings.min_seq_len:
         return "shorter than min_seq_len"
-    if not plan_for(seq_len, settings.levels, settings.pooling, settings.topk).compresses:
+    if not runs_lighthouse(seq_len, settings.levels, settings.pooling, settings.topk, None):
         return TOO_SHORT
     return None
 
