@@ -125,14 +125,26 @@ def plan_for(seq_len: int, levels: int, pooling: int, topk: int) -> LighthousePl
     return _cached_plan(seq_len, levels, pooling, topk)
 
 
-@functools.lru_cache(maxsize=64)
 def shortest_compressed_length(levels: int, pooling: int, topk: int) -> int | None:
     """The shortest sequence that these settings compress (None: they never do, ``levels == 1``).
 
-    The compressed length never decreases as S grows, so from a length that does not compress no
-    length below ``compressed_len + 1`` can: the search jumps there until a length compresses.
+    Searched once per process; while ``torch.compile`` traces, searched directly, like
+    :func:`plan_for`.
     """
     check_settings(levels, pooling, topk)
+    if torch.compiler.is_compiling():
+        return _search_shortest(levels, pooling, topk)
+    return _cached_shortest(levels, pooling, topk)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shortest(levels: int, pooling: int, topk: int) -> int | None:
+    return _search_shortest(levels, pooling, topk)
+
+
+def _search_shortest(levels: int, pooling: int, topk: int) -> int | None:
+    """The compressed length never decreases as S grows, so from a length that does not compress no
+    length below ``compressed_len + 1`` can: the search jumps there until a length compresses."""
     if levels == 1:
         return None
     seq_len = topk + (levels - 1) * pooling * topk + 1  # compressed_len is never below this - 1
