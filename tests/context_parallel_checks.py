@@ -182,3 +182,19 @@ def _model_report(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any
         worst_param=worst,
         worst_param_grad=rel_err(mine["grads"][worst], theirs["grads"][worst]),
     )
+
+
+def layer_eager_and_compiled(model, layer, hidden: torch.Tensor, positions: torch.Tensor, world: int, rank: int) -> list[list[torch.Tensor]]:
+    """This rank's chunk through a decoder layer under context parallelism, eager and then compiled
+    (``fullgraph=True``, aot_eager): for each, the output and the gradient of its float32 squared
+    sum with respect to the chunk."""
+    local = shard(hidden, world, rank, dim=1).requires_grad_()
+    local_positions = shard(positions, world, rank, dim=1)
+    position_embeddings = model.model.rotary_emb(local, local_positions)
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        out = fn(local, attention_mask=None, position_ids=local_positions, position_embeddings=position_embeddings,
+                 lighthouse_cp_group=dist.group.WORLD)
+        out = out[0] if isinstance(out, tuple) else out
+        results.append([out.detach(), torch.autograd.grad(out.float().square().sum(), local)[0]])
+    return results

@@ -18,6 +18,7 @@ from helpers import free_port, tiny_config
 from lighthouse_hf import apply_lighthouse
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel, shard_sequence
 from lighthouse_hf.dispatch import LighthouseWarning
+from context_parallel_checks import layer_eager_and_compiled
 from threaded_ranks import run_ranks, shard, unshard
 
 WORLD = 2
@@ -98,19 +99,7 @@ def test_decoder_layer_under_context_parallelism_captures_as_one_graph(dense):
     positions = torch.arange(seq)[None]
     assert chunk_plan(seq, 2 * world, 3, 2, 1024) is not None
 
-    def rank_main(rank):
-        local = shard(hidden, world, rank, dim=1).requires_grad_()
-        local_positions = shard(positions, world, rank, dim=1)
-        position_embeddings = model.model.rotary_emb(local, local_positions)
-        results = []
-        for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
-            out = fn(local, attention_mask=None, position_ids=local_positions, position_embeddings=position_embeddings,
-                     lighthouse_cp_group=dist.group.WORLD)
-            out = out[0] if isinstance(out, tuple) else out
-            results.append([out.detach(), torch.autograd.grad(out.square().sum(), local)[0]])
-        return results
-
-    parts = run_ranks(world, rank_main)
+    parts = run_ranks(world, lambda rank: layer_eager_and_compiled(model, layer, hidden, positions, world, rank))
     eager, compiled = ([unshard([part[run][i] for part in parts], dim=1) for i in range(2)] for run in range(2))
     for mine, theirs in zip(compiled, eager):
         torch.testing.assert_close(mine, theirs)

@@ -20,10 +20,9 @@ import threading
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import LlamaConfig, Qwen3Config
 
-from context_parallel_checks import collectives_round_trip, layer_errors, model_errors
+from context_parallel_checks import collectives_round_trip, layer_eager_and_compiled, layer_errors, model_errors
 from helpers import rel_err
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel
 from lighthouse_hf.dispatch import LighthouseWarning
@@ -211,19 +210,7 @@ def test_decoder_layer_under_context_parallelism_captures_as_one_graph(dense):
     hidden = torch.randn(1, MODEL_SEQ, config.hidden_size, generator=torch.Generator().manual_seed(4)).to(CUDA, torch.bfloat16)
     positions = torch.arange(MODEL_SEQ, device=CUDA)[None]
 
-    def rank_main(rank):
-        local = shard(hidden, world, rank, dim=1).requires_grad_()
-        local_positions = shard(positions, world, rank, dim=1)
-        position_embeddings = model.model.rotary_emb(local, local_positions)
-        results = []
-        for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
-            out = fn(local, attention_mask=None, position_ids=local_positions, position_embeddings=position_embeddings,
-                     lighthouse_cp_group=dist.group.WORLD)
-            out = out[0] if isinstance(out, tuple) else out
-            results.append([out.detach(), torch.autograd.grad(out.float().square().sum(), local)[0]])
-        return results
-
-    parts = run_ranks(world, rank_main)
+    parts = run_ranks(world, lambda rank: layer_eager_and_compiled(model, layer, hidden, positions, world, rank))
     eager, compiled = ([unshard([part[run][i] for part in parts], dim=1) for i in range(2)] for run in range(2))
     for mine, theirs in zip(compiled, eager):
         assert rel_err(mine, theirs) < 1e-2
