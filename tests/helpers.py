@@ -4,6 +4,7 @@ fixtures); the fixtures built on them live in conftest.py."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -94,3 +95,52 @@ def decoder_layer_step(layer, hidden, position_ids, position_embeddings):
     out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
     out = out[0] if isinstance(out, tuple) else out
     return out, torch.autograd.grad(out.float().square().mean(), hidden)[0]
+
+
+def write_tiny_llama_gguf(directory: Path, sizes: dict[str, int], context: int) -> Path:
+    """A small Llama of ``sizes`` (LlamaConfig keys; K/V heads half the heads) as GGUF in a new
+    ``directory``, its matrices quantized to Q8_0 (what a downloaded GGUF holds)."""
+    import gguf
+    import numpy as np
+
+    directory.mkdir()
+    hidden, kv_width, ffn = sizes["hidden_size"], sizes["hidden_size"] // 2, sizes["intermediate_size"]
+    writer = gguf.GGUFWriter(str(directory / "tiny-llama.Q8_0.gguf"), "llama")
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(sizes["num_hidden_layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(sizes["num_attention_heads"])
+    writer.add_head_count_kv(sizes["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(hidden // sizes["num_attention_heads"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([bytes([i]).hex() for i in range(sizes["vocab_size"])])
+    writer.add_token_types([1] * sizes["vocab_size"])
+    writer.add_token_merges([])
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1:
+            writer.add_tensor(name, values)
+            return
+        quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    tensor("token_embd.weight", sizes["vocab_size"], hidden)
+    for i in range(sizes["num_hidden_layers"]):
+        for name, shape in (
+            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv_width, hidden)), ("attn_v", (kv_width, hidden)), ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)),
+        ):
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    tensor("output_norm.weight", hidden)
+    tensor("output.weight", sizes["vocab_size"], hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return directory

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import lighthouse_hf
-from helpers import count_lighthouse_calls
+from helpers import count_lighthouse_calls, write_tiny_llama_gguf
 from lighthouse_hf.export import source as export_source
 from lighthouse_hf.export import write as export_write
 from lighthouse_hf.cli import main
@@ -317,54 +317,6 @@ def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
 GGUF_ROPE_FACTOR = 2
 
 
-def _write_tiny_llama_gguf(directory: Path) -> Path:
-    """A 2-layer Llama as GGUF, its matrices quantized to Q8_0 (what a downloaded GGUF holds)."""
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-
-    directory.mkdir()
-    hidden, kv_width, ffn = SMALL["hidden_size"], SMALL["hidden_size"] // 2, SMALL["intermediate_size"]
-    writer = gguf.GGUFWriter(str(directory / "tiny-llama.Q8_0.gguf"), "llama")
-    writer.add_context_length(SEQ_LEN)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(SMALL["num_hidden_layers"])
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(SMALL["num_attention_heads"])
-    writer.add_head_count_kv(SMALL["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_dimension_count(hidden // SMALL["num_attention_heads"])
-    writer.add_rope_freq_base(10000.0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([bytes([i]).hex() for i in range(VOCAB)])
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
-    rng = np.random.default_rng(0)
-
-    def tensor(name: str, *shape: int) -> None:
-        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        if len(shape) == 1:
-            writer.add_tensor(name, values)
-            return
-        quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-
-    tensor("token_embd.weight", VOCAB, hidden)
-    for i in range(SMALL["num_hidden_layers"]):
-        for name, shape in (
-            ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
-            ("attn_k", (kv_width, hidden)), ("attn_v", (kv_width, hidden)), ("attn_output", (hidden, hidden)),
-            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn)),
-        ):
-            tensor(f"blk.{i}.{name}.weight", *shape)
-    tensor("output_norm.weight", hidden)
-    tensor("output.weight", VOCAB, hidden)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return directory
-
-
 def _dequantized(base: Path, config=None):
     """The GGUF base loaded as examples/pretrain.py loads it: dequantized into a plain float32 model."""
     from transformers import AutoConfig
@@ -384,8 +336,9 @@ def gguf_adapter(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
+    pytest.importorskip("gguf")
     root = tmp_path_factory.mktemp("gguf")
-    base = _write_tiny_llama_gguf(root / "base")
+    base = write_tiny_llama_gguf(root / "base", SMALL, SEQ_LEN)
     config = AutoConfig.from_pretrained(base, gguf_file=next(base.glob("*.gguf")).name)
     config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": GGUF_ROPE_FACTOR}
     config.max_position_embeddings *= GGUF_ROPE_FACTOR

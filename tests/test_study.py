@@ -334,3 +334,25 @@ def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_s
     (parts[1] / "part").write_bytes((parts[1] / "part").read_bytes()[:-1])
     with pytest.raises(ValueError, match="SHA-256 differs"):
         stage.join(tmp_path / "model", parts)
+
+
+@pytest.mark.slow
+def test_stage_model_converts_a_gguf_into_a_plain_checkpoint(tmp_path, load_script):
+    """What ``join`` runs on the GPU machine: the GGUF dequantized, saved as a checkpoint that plain
+    Transformers loads (it refuses to save a model loaded from GGUF) with the same weights."""
+    pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helpers import write_tiny_llama_gguf
+
+    stage = load_script("stage_model")
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    base = write_tiny_llama_gguf(tmp_path / "base", sizes, SEQ_LEN)
+    name = next(base.glob("*.gguf")).name
+    stage.convert(base, name, tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    assert getattr(plain.config, "quantization_config", None) is None
+    dequantized = AutoModelForCausalLM.from_pretrained(base, gguf_file=name, dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 32))
+    assert torch.equal(plain(ids).logits, dequantized(ids).logits)
