@@ -429,7 +429,7 @@ class StudyLog(TrainerCallback):
         model.eval()
         entry = dict(step=step, tokens=step * self.tokens_per_step, gpu_seconds=self.gpu_seconds)
         entry["phase"] = "lighthouse" if uses_lighthouse(model) else "dense"
-        entry.update(self.measure(model, entry["phase"]))
+        entry.update(self.measure(model, entry))
         model.train(was_training)
         synchronize()
         self.eval_seconds += time.perf_counter() - started
@@ -439,8 +439,9 @@ class StudyLog(TrainerCallback):
         extra = f", with Lighthouse {entry['loss_lighthouse']:.4f}" if "loss_lighthouse" in entry else ""
         print(f"eval step {step}: held-out loss {entry['loss']:.4f} (dense){extra}, GPU {self.gpu_seconds:.1f} s", flush=True)
 
-    def measure(self, model, phase: str) -> dict:
-        """One evaluation's results (the model in eval mode, the step clock stopped)."""
+    def measure(self, model, entry: dict) -> dict:
+        """One evaluation's results (the model in eval mode, the step clock stopped); ``entry`` holds
+        its step and phase."""
         with attention(model, "sdpa"):
             out = dict(loss=self.evaluator.loss(model))
         if self.lighthouse_eval:

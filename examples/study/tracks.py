@@ -12,9 +12,9 @@ Writes ``<out>/<arm>[-<variant>]-seed<N>.json`` after every evaluation (a run cu
 curve): the settings, every optimizer step's loss, learning rate, phase and GPU seconds, the
 held-out evaluations, and at the end the final evaluation with dense attention: loss overall, by
 position bucket and by held-out book; the pass-key and copy probes by depth; each ``--eval-text``
-file. During the Lighthouse phase every evaluation also runs with Lighthouse attention and reports
-the loss by the predicting position's offset inside a ``pooling``-token block (the leak check:
-the last offset cannot see its own block's future).
+file. The evaluation at the switch also runs with Lighthouse attention and reports the loss by
+the predicting position's offset inside a ``pooling``-token block (the leak check: the last offset
+cannot see its own block's future).
 """
 
 from __future__ import annotations
@@ -221,17 +221,18 @@ class TrackEvaluator:
 
 class TrackLog(StudyLog):
     """The small study's step clock and JSON record; its evaluations add the position buckets and,
-    during the Lighthouse phase, the leak check."""
+    at ``leak_steps`` while the model is still on Lighthouse (the switch), the leak check: once per
+    run, since a whole-model Lighthouse evaluation costs as much as the dense one."""
 
-    def __init__(self, record: dict, path: Path, evaluator: TrackEvaluator, eval_steps: set[int], tokens_per_step: int) -> None:
+    def __init__(self, record: dict, path: Path, evaluator: TrackEvaluator, eval_steps: set[int], tokens_per_step: int, leak_steps: set[int]) -> None:
         super().__init__(record, path, evaluator.evaluator, eval_steps, tokens_per_step, lighthouse_eval=False)
-        self.track_evaluator = evaluator
+        self.track_evaluator, self.leak_steps = evaluator, leak_steps
 
-    def measure(self, model, phase: str) -> dict:
+    def measure(self, model, entry: dict) -> dict:
         with attention(model, "sdpa"):
             out = self.track_evaluator.losses(model)
         out.pop("losses")
-        if phase == "lighthouse":
+        if entry["phase"] == "lighthouse" and entry["step"] in self.leak_steps:
             out["lighthouse"] = self.track_evaluator.leak_check(model)
             out["loss_lighthouse"] = out["lighthouse"]["loss"]
         return out
@@ -407,7 +408,7 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
         steps=[],
         evals=[],
     )
-    log = TrackLog(record, args.out / result_name(args), evaluator, eval_steps, tokens_per_step)
+    log = TrackLog(record, args.out / result_name(args), evaluator, eval_steps, tokens_per_step, leak_steps={recovery_step})
     callbacks = [log] + ([recovery] if recovery else [])  # the log first: its clock stops before other callbacks work
 
     with tempfile.TemporaryDirectory() as trainer_dir:
