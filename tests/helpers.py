@@ -144,3 +144,18 @@ def write_tiny_llama_gguf(directory: Path, sizes: dict[str, int], context: int) 
     writer.write_tensors_to_file()
     writer.close()
     return directory
+
+
+def change_after(x: torch.Tensor, t: int, how: str, generator: torch.Generator) -> torch.Tensor:
+    """``x`` ``[B, H, S, D]`` with every position after t changed: scaled by 10, replaced by values
+    from elsewhere in the sequence (rolled), or replaced by large random values drawn with
+    ``generator`` (on its device)."""
+    changed = x.clone()
+    if how == "scaled":
+        changed[:, :, t + 1 :] *= 10
+    elif how == "rolled":
+        changed[:, :, t + 1 :] = x.roll(97, dims=2)[:, :, t + 1 :] * 3
+    else:
+        later = changed[:, :, t + 1 :]
+        changed[:, :, t + 1 :] = (torch.randn(later.shape, device=generator.device, generator=generator) * 5).to(x.dtype)
+    return changed

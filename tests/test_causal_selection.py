@@ -5,6 +5,7 @@ and refines where the norms are large."""
 import pytest
 import torch
 
+from helpers import change_after
 from lighthouse_hf.ops import LighthousePlan
 from lighthouse_hf.ops import reference
 
@@ -39,19 +40,6 @@ def probe_positions(plan, seed):
     g = torch.Generator().manual_seed(seed)
     positions |= set(torch.randint(0, seq, (4,), generator=g).tolist())
     return sorted(t for t in positions if 0 <= t < seq)
-
-
-def change_after(x, t, how, g):
-    """``x`` with every position after t changed: scaled by 10, replaced by values from elsewhere
-    in the sequence (rolled), or replaced by large random values."""
-    changed = x.clone()
-    if how == "scaled":
-        changed[:, :, t + 1 :] *= 10
-    elif how == "rolled":
-        changed[:, :, t + 1 :] = x.roll(97, dims=2)[:, :, t + 1 :] * 3
-    else:
-        changed[:, :, t + 1 :] = (torch.randn(changed[:, :, t + 1 :].shape, generator=g) * 5).to(x.dtype)
-    return changed
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk): odd lengths, padded plans (lengths the

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import change_after, rel_err
 from lighthouse_hf.ops import fused, lighthouse_attention, reference
 from lighthouse_hf.ops.plan import LighthousePlan
 
@@ -122,18 +122,6 @@ def _probe_positions(plan):
     return sorted(t for t in positions if 0 <= t < plan.seq_len)
 
 
-def _change_after(x, t, how, generator):
-    changed = x.clone()
-    if how == "scaled":
-        changed[:, :, t + 1 :] *= 10
-    elif how == "rolled":
-        changed[:, :, t + 1 :] = x.roll(97, dims=2)[:, :, t + 1 :] * 3
-    else:
-        later = changed[:, :, t + 1 :]
-        changed[:, :, t + 1 :] = (torch.randn(later.shape, device="cuda", generator=generator) * 5).to(x.dtype)
-    return changed
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], (1, 2, 1, 8195, 64, 3, 4, 256)], ids=_ids)
 def test_output_at_t_ignores_every_later_input_with_the_kernel(shape, dtype, kernels_only):
@@ -144,7 +132,7 @@ def test_output_at_t_ignores_every_later_input_with_the_kernel(shape, dtype, ker
     before = lighthouse_attention(q, k, v, selection="causal", **_settings(shape))
     for t in _probe_positions(_plan(shape)):
         for how in ("scaled", "rolled", "random"):
-            changed = [_change_after(x, t, how, generator) for x in (q, k, v)]
+            changed = [change_after(x, t, how, generator) for x in (q, k, v)]
             after = lighthouse_attention(*changed, selection="causal", **_settings(shape))
             assert torch.equal(after[:, :, : t + 1], before[:, :, : t + 1]), (t, how)
 
@@ -157,7 +145,7 @@ def test_the_same_changes_move_the_published_output():
     before = lighthouse_attention(q, k, v, **_settings(shape))
     moved = 0
     for t in _probe_positions(_plan(shape)):
-        changed = [_change_after(x, t, "scaled", generator) for x in (q, k, v)]
+        changed = [change_after(x, t, "scaled", generator) for x in (q, k, v)]
         moved += not torch.equal(lighthouse_attention(*changed, **_settings(shape))[:, :, : t + 1], before[:, :, : t + 1])
     assert moved > 0
 
