@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -474,15 +475,67 @@ class StudyLog(TrainerCallback):
             self.record["steps"][-1]["loss"] = logs["loss"]
 
 
-def warm_up(model, ids: torch.Tensor, implementations: list[str], bf16: bool) -> None:
-    """One untimed forward and backward per attention the arm will use, so kernel compilation and
-    cuDNN plan building stay out of the step clock; no optimizer step, gradients dropped."""
+def model_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def warm_up(model, ids: torch.Tensor, implementations: list[str], bf16: bool, loss: Callable = model_loss) -> None:
+    """One untimed forward and backward (``loss(model, ids[None])``) per attention the arm will use,
+    so kernel compilation and cuDNN plan building stay out of the step clock; no optimizer step,
+    gradients dropped."""
     device = next(model.parameters()).device
     for implementation in implementations:
         with attention(model, implementation), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            model(input_ids=ids[None].to(device), labels=ids[None].to(device)).loss.backward()
+            loss(model, ids[None].to(device)).backward()
     model.zero_grad(set_to_none=True)
     synchronize()
+
+
+def training_arguments(output_dir: str, args: argparse.Namespace, device: str, bf16: bool, **run: object) -> TrainingArguments:
+    """What every study run trains with (AdamW with weight decay 0.1 and beta2 0.95, clipping at 1,
+    ``args``' steps, learning rate, warm-up, seed and checkpointing, a log line per step, no saved
+    checkpoints); ``run``: the batch and the schedule."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        **activation_checkpointing(args.checkpointing),
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=device == "cuda",
+        seed=args.seed,
+        **run,
+    )
+
+
+def json_arguments(args: argparse.Namespace) -> dict:
+    """The command's arguments as JSON values (paths, and lists of them, as strings)."""
+
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        return [plain(v) for v in value] if isinstance(value, list) else value
+
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def run_description(args: argparse.Namespace, model, blocks: np.ndarray, windows: np.ndarray, names: list[str], device: str) -> dict:
+    """What every result file says about its run: the arguments, the machine, the model's size and the data."""
+    return dict(
+        settings=json_arguments(args),
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
+        parameters=dict(total=sum(p.numel() for p in model.parameters()), non_embedding=non_embedding_parameters(model)),
+        data=dict(train_blocks=len(blocks), train_tokens=int(blocks.size), heldout_windows=len(windows), heldout_documents=sorted(set(names))),
+    )
 
 
 def phase_summary(steps: list[dict], tokens_per_step: int) -> dict:
@@ -572,13 +625,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     record = dict(
         arm=args.arm,
-        settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         lighthouse=settings,
         compressed_length=compressed,
-        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
-        parameters=dict(total=sum(p.numel() for p in model.parameters()), non_embedding=non_embedding_parameters(model)),
-        data=dict(train_blocks=len(blocks), train_tokens=int(blocks.size), heldout_windows=len(windows), heldout_documents=sorted(set(names))),
+        **run_description(args, model, blocks, windows, names, device),
         tokens_per_step=tokens_per_step,
         steps=[],
         evals=[],
@@ -587,27 +636,15 @@ def main(argv: list[str] | None = None) -> dict:
     callbacks.insert(0, log)  # first: its clock stops before any other callback's work
 
     with tempfile.TemporaryDirectory() as trainer_dir:
-        training_args = TrainingArguments(
-            output_dir=trainer_dir,
-            max_steps=args.steps,
+        training_args = training_arguments(
+            trainer_dir,
+            args,
+            device,
+            args.bf16,
             per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.grad_accum,
-            learning_rate=args.learning_rate,
             lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": 0.1},
-            warmup_steps=args.warmup,
-            weight_decay=0.1,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            logging_steps=1,
-            save_strategy="no",
-            bf16=args.bf16,
-            use_cpu=device == "cpu",
-            **activation_checkpointing(args.checkpointing),
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_pin_memory=device == "cuda",
-            seed=args.seed,
         )
         stream = TrainStream(blocks, passkey, args.seed, args.passkey_rate)
         trainer = Trainer(model=model, args=training_args, train_dataset=stream, callbacks=callbacks)

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer
 
 import lighthouse_hf
-from lighthouse_hf.training import activation_checkpointing
 from study import (
     PROBE_DEPTH_BINS,
     Corpus,
@@ -45,9 +44,11 @@ from study import (
     TrainStream,
     attention,
     copy_probes,
-    non_embedding_parameters,
     retrieval_probes,
+    run_description,
     synchronize,
+    training_arguments,
+    warm_up,
 )
 
 ARMS: dict[str, dict | None] = {
@@ -383,11 +384,8 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
     if settings is not None:
         lighthouse_hf.apply_lighthouse(model, **settings)
         recovery = lighthouse_hf.RecoveryCallback(at=recovery_step)
-    warm_ids = torch.from_numpy(blocks[0])[None].to(device)
-    for implementation in ["sdpa"] + ([lighthouse_hf.ATTN_IMPLEMENTATION] if settings else []):
-        with attention(model, implementation), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            chunked_causal_lm_loss(model, warm_ids).backward()
-    model.zero_grad(set_to_none=True)
+    implementations = ["sdpa"] + ([lighthouse_hf.ATTN_IMPLEMENTATION] if settings else [])
+    warm_up(model, torch.from_numpy(blocks[0]), implementations, bf16, loss=chunked_causal_lm_loss)
 
     tokens_per_step = args.seq_len
     eval_steps = {max(1, round(args.steps * (i + 1) / args.evals)) for i in range(args.evals)} | {recovery_step}
@@ -395,15 +393,11 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
         track=track,
         arm=args.arm,
         seed=args.seed,
-        settings={k: [str(p) for p in v] if k == "eval_text" else str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         lighthouse=settings,
         recovery_step=recovery_step,
         long_from=long_from,
         compressed_length=lighthouse_hf.compressed_length(args.seq_len, levels=args.levels, pooling=args.pooling, topk=args.topk),
-        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
-        parameters=dict(total=sum(p.numel() for p in model.parameters()), non_embedding=non_embedding_parameters(model)),
-        data=dict(train_blocks=len(blocks), train_tokens=int(blocks.size), heldout_windows=len(windows), heldout_documents=sorted(set(names))),
+        **run_description(args, model, blocks, windows, names, device),
         tokens_per_step=tokens_per_step,
         steps=[],
         evals=[],
@@ -412,25 +406,8 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
     callbacks = [log] + ([recovery] if recovery else [])  # the log first: its clock stops before other callbacks work
 
     with tempfile.TemporaryDirectory() as trainer_dir:
-        training_args = TrainingArguments(
-            output_dir=trainer_dir,
-            max_steps=args.steps,
-            per_device_train_batch_size=1,
-            learning_rate=args.learning_rate,
-            warmup_steps=args.warmup,
-            **scheduler_arguments(args, recovery_step),
-            weight_decay=0.1,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            logging_steps=1,
-            save_strategy="no",
-            bf16=bf16,
-            use_cpu=device == "cpu",
-            **activation_checkpointing(args.checkpointing),
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_pin_memory=bf16,
-            seed=args.seed,
+        training_args = training_arguments(
+            trainer_dir, args, device, bf16, per_device_train_batch_size=1, **scheduler_arguments(args, recovery_step)
         )
         stream = TrainStream(blocks, passkey, args.seed, args.passkey_rate)
         if repeat_rate:
