@@ -294,6 +294,20 @@ def test_report_verdict_follows_the_plan(study_dir, load_script):
     assert report.verdict([dense, arm("a", 0.7, [-0.02, 0.01], probes_ok=False)])["outcome"] == "refuted"
     assert report.verdict([dense, arm("a", 0.7, [0.01, 0.05]), arm("b", 0.6, [0.02, 0.03])])["outcome"] == "refuted"
     assert report.verdict([dense, arm("a", 0.7, None)])["outcome"] == "inconclusive"
+    assert report.verdict([dense, arm("a", 0.7, [0.01, 0.05])])["provisional"]  # one seed of the plan's three
+    three = dict(arm("a", 0.7, [0.01, 0.05]), seeds=[0, 1, 2])
+    assert report.verdict([dense, three]) == dict(outcome="refuted", arms=["a"], provisional=False, seeds=3)
+
+
+def test_report_reads_dense_at_the_arms_gpu_time_off_its_curve(study_dir, load_script):
+    report = load_script("report_tracks")
+
+    def evaluation(seconds, loss):
+        return dict(gpu_seconds=seconds, by_position=[dict(first=1, last=9, loss=9.0), dict(first=10, last=19, loss=loss)])
+
+    dense = dict(long_from=10, evals=[evaluation(0, 4.0), evaluation(100, 3.0), evaluation(200, 2.0)])
+    assert report.loss_at(dense, 150) == pytest.approx(2.5)
+    assert report.loss_at(dense, 250) == pytest.approx(2.0)  # past the end: its final loss
 
 
 def test_report_compares_each_schedule_with_its_own_dense_run(study_dir, load_script):
@@ -334,6 +348,8 @@ def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_s
     (parts[1] / "part").write_bytes((parts[1] / "part").read_bytes()[:-1])
     with pytest.raises(ValueError, match="SHA-256 differs"):
         stage.join(tmp_path / "model", parts)
+    with pytest.raises(ValueError, match="--parts: no part in"):
+        stage.join(tmp_path / "model", (parts[0], tmp_path / "elsewhere"))
 
 
 @pytest.mark.slow

@@ -7,7 +7,10 @@ Reads every ``<arm>[-<variant>]-seed<N>.json`` there and writes ``summary.json``
 compared with the dense arm on the seeds both have (same initialization, same data order): the
 difference of the final held-out loss on the long positions, with a 95% paired bootstrap interval
 that resamples held-out windows (the same windows for both arms, seeds pooled), and the GPU time
-the arm needed against dense's. ``PLAN.md`` fixed the verdict's rule before any run.
+the arm needed against dense's, and dense's own long-position loss when it had spent the arm's GPU
+time (read off its evaluation curve: still at its stable learning rate there, not decayed, so a
+reference, not a verdict). ``PLAN.md`` fixed the verdict's rule before any run; a verdict on fewer
+seeds than the plan's ``PLANNED_SEEDS`` is marked provisional.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from tracks import ARMS
 
 GPU_TIME_GOAL = 0.75
+PLANNED_SEEDS = 3  # for dense, published and the best arm (PLAN.md)
 BOOTSTRAP_SAMPLES = 10_000
 RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)\.json$")
 LONG_FROM = {"scratch": lambda seq_len: seq_len // 2, "extend": lambda seq_len: min(8192, seq_len // 8)}
@@ -61,6 +65,12 @@ def time_to_reach(record: dict, target: float) -> float | None:
         if l1 <= target:
             return t0 if l0 <= target else t0 + (l0 - target) / (l0 - l1) * (t1 - t0)
     return None
+
+
+def loss_at(record: dict, seconds: float) -> float:
+    """The run's long-position loss after ``seconds`` of GPU time (linear between evaluations)."""
+    times, losses = zip(*[(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"]])
+    return float(np.interp(seconds, times, losses))
 
 
 def paired_interval(arm: dict[int, dict], dense: dict[int, dict], seeds: list[int], seed: int = 0) -> list[float] | None:
@@ -128,6 +138,7 @@ def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
         gpu_seconds=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])),
         dense_gpu_seconds=dense_seconds,
         gpu_time_ratio=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])) / dense_seconds,
+        dense_long_loss_at_same_gpu_time=float(np.mean([loss_at(dense[s], arm[s]["gpu_seconds"]) for s in seeds])),
         seconds_to_dense_final_by_seed=reached,
         probes_ok=probes_ok,
     )
@@ -138,19 +149,23 @@ def verdict(comparisons: list[dict]) -> dict:
     GPU time at most 0.75x dense's whose interval is not wholly above zero (not worse) and whose
     probes hold. Refuted: every arm worse with the interval above zero, or below dense's probes
     (an arm's final loss comes at its own, shorter, GPU time: the runs do not go on to dense's).
-    Otherwise inconclusive; also when an interval is missing."""
+    Otherwise inconclusive; also when an interval is missing. ``provisional`` while no arm has
+    ``PLANNED_SEEDS`` seeds shared with dense: with one seed the interval holds only the windows'
+    spread, not the seeds'."""
     judged = [c for c in comparisons if not is_dense(c["arm"]) and c.get("seeds")]
     if not judged:
         return dict(outcome="inconclusive", reason="no Lighthouse arm shares a seed with dense")
     if any(c["interval"] is None for c in judged):
         return dict(outcome="inconclusive", reason="some runs predate per-window records: no paired interval")
+    seeds = max(len(c["seeds"]) for c in judged)
+    planned = dict(provisional=seeds < PLANNED_SEEDS, seeds=seeds)
     # Not worse: the interval below zero (better) or containing it (equal), i.e. its lower end <= 0.
     confirming = [c["arm"] for c in judged if c["gpu_time_ratio"] <= GPU_TIME_GOAL and c["interval"][0] <= 0 and c["probes_ok"]]
     if confirming:
-        return dict(outcome="confirmed", arms=confirming)
+        return dict(outcome="confirmed", arms=confirming, **planned)
     if all(c["interval"][0] > 0 or not c["probes_ok"] for c in judged):
-        return dict(outcome="refuted", arms=[c["arm"] for c in judged])
-    return dict(outcome="inconclusive", reason="no arm meets the rule and not every arm is worse")
+        return dict(outcome="refuted", arms=[c["arm"] for c in judged], **planned)
+    return dict(outcome="inconclusive", reason="no arm meets the rule and not every arm is worse", **planned)
 
 
 def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
@@ -194,8 +209,8 @@ def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
 
 def table(comparisons: list[dict]) -> str:
     lines = [
-        "| arm | seeds | final long loss | vs dense (95% interval) | GPU s | x dense | probes hold |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seeds | final long loss | vs dense (95% interval) | GPU s | x dense | dense at that GPU time | probes hold |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
         if not c.get("seeds"):
@@ -203,7 +218,8 @@ def table(comparisons: list[dict]) -> str:
         interval = "n/a" if c["interval"] is None else f"[{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]"
         lines.append(
             f"| {c['arm']} | {len(c['seeds'])} | {c['final_long_loss']:.3f} | {c['difference']:+.3f} {interval} | "
-            f"{c['gpu_seconds']:.0f} | {c['gpu_time_ratio']:.2f} | {'yes' if c['probes_ok'] else 'no'} |"
+            f"{c['gpu_seconds']:.0f} | {c['gpu_time_ratio']:.2f} | {c['dense_long_loss_at_same_gpu_time']:.3f} | "
+            f"{'yes' if c['probes_ok'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

