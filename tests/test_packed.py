@@ -689,10 +689,11 @@ def test_gpu_fused_packed_equals_reference_packed(option):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("option", ["published", "causal"])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_gpu_bfloat16_packed_equals_each_document_alone(option):
-    # bfloat16: the dense documents go through one varlen flash call; each document against the
-    # single-sequence op on it alone, same kernels, same selection.
+    # bfloat16: the compressed sequences and the dense documents go through one varlen flash call;
+    # each document against the single-sequence op on it alone (same kernels, same selection, its
+    # SDPA possibly another backend: rounding apart).
     documents, inputs, extra = _gpu_case(option)
     grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(12))
 
@@ -707,6 +708,25 @@ def test_gpu_bfloat16_packed_equals_each_document_alone(option):
     for g_, e_ in zip(got, expected):
         assert torch.isfinite(g_).all()
         assert rel_err(g_, e_) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bfloat16_packed_forward_makes_one_varlen_call(monkeypatch):
+    documents, inputs, _ = _gpu_case("published")
+    lengths = documents.distinct_lengths()
+    long_lengths = [n for n in lengths if compressed_length(n, **GPU["settings"]) < n]
+    assert len(long_lengths) >= 3 and len(long_lengths) < len(lengths)  # several Lighthouse groups and dense documents
+    calls = []
+    varlen_attn = lighthouse_hf.ops.varlen.varlen_attn
+    monkeypatch.setattr(lighthouse_hf.ops.varlen, "varlen_attn", lambda *a, **kw: calls.append(a[3].numel() - 1) or varlen_attn(*a, **kw))
+    monkeypatch.setattr(lighthouse_hf.ops.varlen, "compressed_attention", lambda *a: pytest.fail("a separate SDPA call"))
+    q, k, v = (x.to("cuda", torch.bfloat16).requires_grad_() for x in inputs)
+    out = lighthouse_attention_varlen(q, k, v, documents, **GPU["settings"])
+    heads, flat = q.shape[1], [n for row in documents.lengths for n in row]
+    assert calls == [heads * len(flat)]  # one call; every (document, head) one sequence in it
+    out.backward(torch.randn_like(out))
+    assert len(calls) == 1 and all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
 @pytest.mark.gpu
