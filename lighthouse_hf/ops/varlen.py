@@ -6,14 +6,21 @@ what the single-sequence op gives it alone: Lighthouse where the settings compre
 dense causal SDPA where they do not. :func:`dense_documents` is dense causal attention inside
 every document (the dense layers of a packed batch).
 
-How, without an S x S mask and without a Python loop of attention calls over documents: each
-row is split into its documents (views), the documents of one length run as one batched call on
-``[documents, heads, length, head_dim]`` (the steps of :mod:`.steps`, which pick the fused kernels
-on CUDA as they do for one sequence, or dense SDPA; a length held by one document reads it in
-place), and the outputs are concatenated back in order. On CUDA in half precision the dense
-documents of all lengths instead go through one varlen flash call (``torch.nn.attention.varlen``),
-whose block-diagonal causal structure is given by cumulative lengths. A :class:`Documents` keeps
-its grouping, so every layer of a forward reuses the first layer's.
+How, without an S x S mask: each row is split into its documents (views), and the documents are
+grouped by length. Where the varlen flash call runs (``torch.nn.attention.varlen``: CUDA, half
+precision, head dim at most 256, outside deterministic mode), a Lighthouse layer makes one
+attention call per forward: each Lighthouse group (the documents of one length, batched as
+``[documents, heads, length, head_dim]``; a length held by one document reads it in place) runs
+select and gather (the steps of :mod:`.steps`, the fused kernels as for one sequence), then the
+compressed sequences of every group and the dense documents of every length attend in one varlen
+call, every (document, query head) pair a causal sequence of its own given by cumulative lengths,
+and each group scatters its part back. Still one launch sequence per distinct Lighthouse length:
+select, gather and scatter (and their backward). One Lighthouse length and no dense document keeps
+its group's own SDPA call (already one call; SDPA may pick cuDNN, faster than flash on Hopper).
+Elsewhere (CPU, float32, deterministic mode) each length runs its own batched call: Lighthouse with
+its SDPA on the compressed sequences, or dense causal SDPA. The outputs are concatenated back in
+order. A :class:`Documents` keeps its grouping and the joint call's cumulative lengths, so every
+layer of a forward reuses the first layer's.
 """
 
 from __future__ import annotations
@@ -333,6 +340,13 @@ def _attend_jointly(
     return group_outs, bundle_outs
 
 
+def _joins_compressed(layout: _Layout, bundle_dense: bool) -> bool:
+    """Whether the compressed sequences go into the dense documents' varlen call: where the dense
+    documents are bundled (then every group runs Lighthouse) and that saves a call (one group and
+    no bundle is already one SDPA call)."""
+    return bundle_dense and bool(layout.groups) and len(layout.groups) + (layout.bundle is not None) >= 2
+
+
 class _GroupInputs(NamedTuple):
     """One group's documents, batched: q, k, v ``[count, heads or kv_heads, length, head_dim]`` and,
     with given scores, theirs ``([count, heads, length], [count, kv_heads, length])``."""
@@ -455,9 +469,7 @@ def attend_documents(
                 outs.append(_dense_group(inputs.q, inputs.k, inputs.v, scale, None, 0.0))
         return outs, None if bundled is None else _dense_bundle(layout.bundle, bundled, scale)
 
-    # With the dense documents bundled every group runs Lighthouse; one group alone is already one
-    # SDPA call, so the joint call is for two calls or more.
-    if not bundle_dense or not layout.groups or len(layout.groups) + (layout.bundle is not None) < 2:
+    if not _joins_compressed(layout, bundle_dense):
         return _run(layout, documents, q, k, v, scores, attend_by_group)
     compressed_lengths = tuple(plan_for(group.length, levels, pooling, topk).compressed_len for group in layout.groups)
     call = _joint_call(documents, layout, compressed_lengths, q.shape[1], q.device)
