@@ -321,13 +321,11 @@ def _attend_jointly(
     views), all in the one varlen call ``call`` lays out: each group's output
     ``[count, heads, C, head_dim]`` and each bundled document's ``[length, heads, head_dim]``."""
     parts: list[list[torch.Tensor]] = [[x[i] for x in compressed] for i in range(3)]
-    heads = None
+    heads, dim = compressed[0][0].shape[1], compressed[0][0].shape[-1]
     if bundled is not None:
         q_dense, k_dense, v_dense = (torch.cat(docs, dim=1) for docs in bundled)  # [heads or kv_heads, tokens, D]
-        heads = q_dense.shape[0]
         for part, x in zip(parts, (q_dense, *(_expand_heads(x.unsqueeze(0), heads)[0] for x in (k_dense, v_dense)))):
             part.append(x)
-    dim = parts[0][0].shape[-1]
     q, k, v = (torch.cat([x.reshape(-1, dim) for x in part]).unsqueeze(1) for part in parts)
     cu = call.cu_seqlens
     out = varlen_attn(q, k, v, cu, cu, call.max_length, call.max_length, scale=scale, **_VARLEN_CAUSAL)
