@@ -35,8 +35,7 @@ def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = 
     """``[rank_main(0, *args), ..., rank_main(world - 1, *args)]``, each called in its own process
     as that rank of a ``world``-rank gloo default process group. A rank that raises ends the run:
     the others are stopped and a RuntimeError names that rank and carries its traceback. After
-    ``timeout_s`` the ranks still running are stopped and TimeoutError names them (a rank waiting
-    in a collective for a rank that is gone gives up after ``timeout_s`` by itself, too)."""
+    ``timeout_s`` the ranks still running are stopped and TimeoutError names them."""
     with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
         context = mp.start_processes(
             _rank_entry, args=(world, folder, rank_main, args, timeout_s), nprocs=world, join=False, start_method="spawn"
@@ -56,8 +55,12 @@ def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = 
 def _rank_entry(rank: int, world: int, folder: str, rank_main: Callable[..., Any], args: tuple, timeout_s: float) -> None:
     # Two cores for two ranks, not two each: oversubscribed ranks crawl through every collective.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this machine
     store = dist.FileStore(os.path.join(folder, "store"), world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    # The group's own timeout is a backstop for ranks left behind by a parent that died: longer than
+    # the parent's, whose TimeoutError names the stuck ranks.
+    group_timeout = timedelta(seconds=2 * timeout_s)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=group_timeout)
     try:
         result = rank_main(rank, *args)
     finally:
