@@ -53,7 +53,7 @@ def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = 
 
 
 def _rank_entry(rank: int, world: int, folder: str, rank_main: Callable[..., Any], args: tuple, timeout_s: float) -> None:
-    # Two cores for two ranks, not two each: oversubscribed ranks crawl through every collective.
+    # The cores shared among the ranks, not all of them for each: oversubscribed ranks crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this machine
     store = dist.FileStore(os.path.join(folder, "store"), world)
