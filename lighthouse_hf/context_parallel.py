@@ -100,6 +100,11 @@ class _AllGather(torch.autograd.Function):
         world = dist.get_world_size(group)
         gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
         dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+        if torch.compiler.is_compiling():
+            # torch 2.11 compiles the gradient of an output that a collective wrote in place to
+            # zeros when the backward issues a collective too (torch 2.13 does not): measured on
+            # gloo, the compiled op's k and v gradients were all zeros. A copy is an ordinary output.
+            return gathered.clone()
         return gathered
 
     @staticmethod

@@ -1,16 +1,25 @@
-"""Context parallelism against one device, on threaded ranks (tests/threaded_ranks.py): the checks
-the CPU tests (reference branch) and the GPU tests (CUDA branch, fused kernels) both run.
+"""Context parallelism against one device, and compiled against eager: the checks the CPU tests
+(reference branch) and the GPU tests (CUDA branch, fused kernels) both run.
 
-Every check computes the single-device result on the whole sequence, runs the context-parallel
-path on ``world`` ranks, reassembles the ranks' parts and returns relative errors (norm of the
-difference over the norm of the single-device result). In bfloat16 it also returns both paths'
-errors against float32, so a test can ask that context parallelism be no less accurate than one
-device rather than bit-equal to it (the two paths round in different places).
+Every eager check computes the single-device result on the whole sequence, runs the
+context-parallel path on ``world`` threaded ranks (tests/threaded_ranks.py), reassembles the
+ranks' parts and returns relative errors (norm of the difference over the norm of the
+single-device result). In bfloat16 it also returns both paths' errors against float32, so a test
+can ask that context parallelism be no less accurate than one device rather than bit-equal to it
+(the two paths round in different places).
+
+The compile checks run their ranks as gloo processes (tests/process_ranks.py: torch 2.11's dynamo
+cannot trace collectives on the threaded group) and return compiled-against-eager errors with the
+operators of every graph each rank's ``torch.compile`` captured, so a test can tell that the
+collectives and the branch it expects (the fused kernels' custom ops on a GPU) are inside the one
+graph.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +29,9 @@ from transformers import AutoModelForCausalLM
 from helpers import rel_err
 from lighthouse_hf import apply_lighthouse, lighthouse_attention, shard_batch
 from lighthouse_hf.context_parallel import dense_attention_context_parallel, lighthouse_attention_context_parallel
+from lighthouse_hf.dispatch import LighthouseWarning
 from lighthouse_hf.ops import dense_causal_attention
+from process_ranks import run_rank_processes
 from threaded_ranks import run_ranks, shard, unshard
 
 NAMES = ("out", "dq", "dk", "dv")
@@ -184,17 +195,123 @@ def _model_report(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any
     )
 
 
-def layer_eager_and_compiled(model, layer, hidden: torch.Tensor, positions: torch.Tensor, world: int, rank: int) -> list[list[torch.Tensor]]:
+def layer_eager_and_compiled(
+    model, layer, hidden: torch.Tensor, positions: torch.Tensor, world: int, rank: int, backend: str | Callable = "aot_eager"
+) -> list[list[torch.Tensor]]:
     """This rank's chunk through a decoder layer under context parallelism, eager and then compiled
-    (``fullgraph=True``, aot_eager): for each, the output and the gradient of its float32 squared
+    (``fullgraph=True``, ``backend``): for each, the output and the gradient of its float32 squared
     sum with respect to the chunk."""
     local = shard(hidden, world, rank, dim=1).requires_grad_()
     local_positions = shard(positions, world, rank, dim=1)
     position_embeddings = model.model.rotary_emb(local, local_positions)
     results = []
-    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend=backend)):
         out = fn(local, attention_mask=None, position_ids=local_positions, position_embeddings=position_embeddings,
                  lighthouse_cp_group=dist.group.WORLD)
         out = out[0] if isinstance(out, tuple) else out
         results.append([out.detach(), torch.autograd.grad(out.float().square().sum(), local)[0]])
     return results
+
+
+COMPILE_TIMEOUT_S = 150
+"""A compile check's ranks start, compile their own graphs and run in about 30 s on a 2-core CPU
+with aot_eager (inductor compiling the op for the CPU: 110 s); a hang fails in 150 s."""
+
+
+class GraphRecorder:
+    """A ``torch.compile`` backend that compiles every graph dynamo captures with the registered
+    backend ``backend`` ("inductor", "aot_eager") and records, per graph, the names of the
+    operators it calls, those of its nested graphs (an ``autograd.Function``'s forward and
+    backward) included: ``"lighthouse_hf.gather_entries.default"``,
+    ``"_c10d_functional.all_gather_into_tensor"``."""
+
+    def __init__(self, backend: str) -> None:
+        self.compile = torch._dynamo.lookup_backend(backend)
+        self.graphs: list[set[str]] = []
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs.append({
+            str(node.target)
+            for module in graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes if node.op == "call_function"
+        })
+        return self.compile(graph_module, example_inputs)
+
+
+def _compiled_report(parts: list[dict[str, Any]], names: tuple[str, ...], dim: int) -> dict[str, Any]:
+    eager, compiled = ([unshard([part[run][i] for part in parts], dim=dim) for i in range(len(names))] for run in ("eager", "compiled"))
+    return dict(
+        compiled_vs_eager={name: rel_err(mine, theirs) for name, mine, theirs in zip(names, compiled, eager)},
+        eager=dict(zip(names, eager)),
+        graphs=[part["graphs"] for part in parts],
+    )
+
+
+def op_eager_and_compiled(
+    world: int, shape: tuple[int, int, int, int], settings: dict[str, Any], dtype: torch.dtype, device: str, backend: str
+) -> dict[str, Any]:
+    """The context-parallel Lighthouse op (the chunk-local path: a LighthouseWarning, such as the
+    gathered fallback's, fails a rank) on ``world`` gloo processes, eager and ``torch.compile(fullgraph=True, backend=backend)``;
+    ``shape`` as in :func:`layer_errors`. Returns the compiled op's errors against eager (output
+    and q/k/v gradients of the float32 squared sum) and each rank's recorded graphs."""
+    heads, kv_heads, seq, dim = shape
+    generator = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(1, h, seq, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
+    parts = run_rank_processes(world, _op_rank, (world, q, k, v, settings, dtype, device, backend), timeout_s=COMPILE_TIMEOUT_S)
+    return _compiled_report(parts, NAMES, dim=2)
+
+
+def _op_rank(rank: int, world: int, q, k, v, settings, dtype, device, backend) -> dict[str, Any]:
+    recorder = GraphRecorder(backend)
+
+    def attention(q, k, v):
+        return lighthouse_attention_context_parallel(q, k, v, **settings)
+
+    results: dict[str, Any] = dict(graphs=recorder.graphs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        for run, fn in (("eager", attention), ("compiled", torch.compile(attention, fullgraph=True, backend=recorder))):
+            inputs = [shard(x, world, rank, dim=2).to(device, dtype).requires_grad_() for x in (q, k, v)]
+            out = fn(*inputs)
+            results[run] = [out.detach(), *torch.autograd.grad(out.float().square().sum(), inputs)]
+    return results
+
+
+def decoder_model(config, lighthouse: dict[str, Any], dtype: torch.dtype, device: str):
+    """The causal LM of ``config`` (seeded: the same weights in every process) with Lighthouse
+    ``lighthouse`` settings, in ``dtype`` on ``device``."""
+    torch.manual_seed(0)
+    return apply_lighthouse(AutoModelForCausalLM.from_config(config), **lighthouse).to(device, dtype)
+
+
+def decoder_layer_eager_and_compiled(
+    world: int, config, lighthouse: dict[str, Any], seq: int, dtype: torch.dtype, device: str, backend: str
+) -> dict[str, Any]:
+    """The first decoder layer of :func:`decoder_model` called with ``lighthouse_cp_group`` on
+    ``world`` gloo processes (a LighthouseWarning, such as the gathered fallback's, fails a rank),
+    eager and compiled (:func:`layer_eager_and_compiled`): the compiled layer's errors against
+    eager (``out``, and ``grad``, the input's gradient), each rank's recorded graphs, and
+    ``eager_vs_one_device``: the eager ranks' output against the layer on the whole sequence in
+    this process (the ranks did run context parallelism)."""
+    hidden = torch.randn(1, seq, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    parts = run_rank_processes(world, _layer_rank, (world, config, lighthouse, hidden, dtype, device, backend), timeout_s=COMPILE_TIMEOUT_S)
+    report = _compiled_report(parts, ("out", "grad"), dim=1)
+    model = decoder_model(config, lighthouse, dtype, device)
+    whole, positions = hidden.to(device, dtype), torch.arange(seq, device=device)[None]
+    with torch.no_grad():
+        out = model.model.layers[0](
+            whole, attention_mask=None, position_ids=positions, position_embeddings=model.model.rotary_emb(whole, positions)
+        )
+    out = out[0] if isinstance(out, tuple) else out
+    report["eager_vs_one_device"] = rel_err(report["eager"]["out"], out.cpu())
+    return report
+
+
+def _layer_rank(rank: int, world: int, config, lighthouse, hidden, dtype, device, backend) -> dict[str, Any]:
+    recorder = GraphRecorder(backend)
+    model = decoder_model(config, lighthouse, dtype, device)
+    positions = torch.arange(hidden.shape[1], device=device)[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LighthouseWarning)
+        eager, compiled = layer_eager_and_compiled(model, model.model.layers[0], hidden.to(device, dtype), positions, world, rank, recorder)
+    return dict(eager=eager, compiled=compiled, graphs=recorder.graphs)

@@ -2,8 +2,10 @@
 process sharing the GPU (tests/threaded_ranks.py), against the single-GPU result, for a Lighthouse
 layer (with the method options), a dense layer, the gathered fallback, a small Llama and a small
 Qwen3 with the options through the model; and ``torch.compile(fullgraph=True)`` of the
-context-parallel op (inductor) and of a decoder layer under context parallelism. Skipped without
-a GPU; tests/test_context_parallel_threaded.py runs the same checks on the CPU.
+context-parallel op (inductor) and of a decoder layer under context parallelism, whose ranks are
+2 gloo processes sharing the GPU (tests/process_ranks.py: torch 2.11's dynamo cannot trace the
+threaded group's collectives). Skipped without a GPU; tests/test_context_parallel_threaded.py
+and tests/test_context_parallel_processes.py run the same checks on the CPU.
 
     python -m pytest tests/test_gpu_context_parallel.py -q -m gpu
 
@@ -22,12 +24,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen3Config
 
-from context_parallel_checks import collectives_round_trip, layer_eager_and_compiled, layer_errors, model_errors
-from helpers import rel_err
-from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel
+from context_parallel_checks import (
+    collectives_round_trip, decoder_layer_eager_and_compiled, layer_errors, model_errors, op_eager_and_compiled,
+)
+from lighthouse_hf.context_parallel import chunk_plan
 from lighthouse_hf.dispatch import LighthouseWarning
 from lighthouse_hf.ops import fused
-from threaded_ranks import run_ranks, shard, unshard
 
 pytestmark = [
     pytest.mark.gpu,
@@ -165,56 +167,32 @@ def test_qwen3_with_method_options_equals_one_gpu(world, dtype):
     _assert_model(model_errors(world, config, settings, MODEL_SEQ, dtype, CUDA), dtype)
 
 
-@NO_FALLBACK
+def _assert_one_graph_on_the_cuda_branch(graphs, fused: bool):
+    """Every rank's compile captured one graph holding the collectives (gloo: the backward
+    all-reduces) and, for Lighthouse, the fused kernels' custom ops (``lighthouse_hf::*``; the
+    reference branch has none)."""
+    for rank_graphs in graphs:
+        assert len(rank_graphs) == 1, rank_graphs
+        (graph,) = rank_graphs
+        assert {"_c10d_functional.all_gather_into_tensor", "_c10d_functional.all_reduce"} <= graph, graph
+        fused_ops = {op for op in ("select", "gather_entries", "scatter_entries") if any(name.startswith(f"lighthouse_hf.{op}.") for name in graph)}
+        assert fused_ops == ({"select", "gather_entries", "scatter_entries"} if fused else set()), graph
+
+
 def test_context_parallel_op_compiles_as_one_graph_with_inductor():
     """``torch.compile(fullgraph=True)`` (inductor) of the op on each of 2 ranks equals eager
     (within bfloat16 rounding: compiled code masks SDPA explicitly, see ``_causal_prefix_attention``)."""
-    world = 2
-    generator = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, h, SEQ, 64, generator=generator).to(CUDA, torch.bfloat16) for h in (8, 2, 2))
-
-    def attention(q, k, v):
-        return lighthouse_attention_context_parallel(q, k, v, **SETTINGS)
-
-    compiled = torch.compile(attention, fullgraph=True)
-
-    def rank_main(rank):
-        results = []
-        for fn in (attention, compiled):
-            inputs = [shard(x, world, rank, dim=2).requires_grad_() for x in (q, k, v)]
-            out = fn(*inputs)
-            results.append([out.detach(), *torch.autograd.grad(out.float().square().sum(), inputs)])
-        return results
-
-    parts = run_ranks(world, rank_main)
-    for i in range(4):
-        eager = unshard([part[0][i] for part in parts], dim=2)
-        assert rel_err(unshard([part[1][i] for part in parts], dim=2), eager) < 1e-2
+    report = op_eager_and_compiled(2, SHAPE, SETTINGS, torch.bfloat16, "cuda", "inductor")
+    assert max(report["compiled_vs_eager"].values()) < 1e-2, report["compiled_vs_eager"]
+    _assert_one_graph_on_the_cuda_branch(report["graphs"], fused=True)
 
 
-@NO_FALLBACK
 @pytest.mark.parametrize("dense", [False, True], ids=["lighthouse_layer", "dense_layer"])
 def test_decoder_layer_under_context_parallelism_captures_as_one_graph(dense):
     """A Llama decoder layer called with ``lighthouse_cp_group`` captures as one graph on the
     CUDA branch (aot_eager: the graph, without inductor's compile time per rank) and equals eager."""
-    from transformers import AutoModelForCausalLM
-
-    import lighthouse_hf
-
-    world = 2
-    config = LlamaConfig(**MODEL_SIZES)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(CUDA, torch.bfloat16)
-    lighthouse_hf.apply_lighthouse(model, **dict(MODEL_SETTINGS, dense_layers=[0] if dense else []))
-    layer = model.model.layers[0]
-    hidden = torch.randn(1, MODEL_SEQ, config.hidden_size, generator=torch.Generator().manual_seed(4)).to(CUDA, torch.bfloat16)
-    positions = torch.arange(MODEL_SEQ, device=CUDA)[None]
-
-    parts = run_ranks(world, lambda rank: layer_eager_and_compiled(model, layer, hidden, positions, world, rank))
-    eager, compiled = ([unshard([part[run][i] for part in parts], dim=1) for i in range(2)] for run in range(2))
-    for mine, theirs in zip(compiled, eager):
-        assert rel_err(mine, theirs) < 1e-2
-    # the ranks ran context parallelism: together they are the layer on the whole sequence
-    out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=model.model.rotary_emb(hidden, positions))
-    out = out[0] if isinstance(out, tuple) else out
-    assert rel_err(eager[0], out.detach()) < 1e-2
+    lighthouse = dict(MODEL_SETTINGS, dense_layers=[0] if dense else [])
+    report = decoder_layer_eager_and_compiled(2, LlamaConfig(**MODEL_SIZES), lighthouse, MODEL_SEQ, torch.bfloat16, "cuda", "aot_eager")
+    assert max(report["compiled_vs_eager"].values()) < 1e-2, report["compiled_vs_eager"]
+    assert report["eager_vs_one_device"] < 1e-2, report["eager_vs_one_device"]
+    _assert_one_graph_on_the_cuda_branch(report["graphs"], fused=not dense)

@@ -43,22 +43,26 @@ def run_ranks(world: int, rank_main: Callable[[int], Result], timeout_s: float =
     # Functional collectives (what compiled code calls) look process groups up by name; isolation
     # gives every thread its own names, as every process has its own.
     torch._C._distributed_c10d._set_thread_isolation_mode(True)
-    _install_threaded_pg()
+    threads_world = _install_threaded_pg()
+    if not hasattr(type(threads_world), "comms"):
+        # torch 2.11's destroy_process_group finalizes the world's torchcomms communicators, a list
+        # its threaded world lacks (torch 2.13's has it); a threaded group has none: an empty list.
+        threads_world.comms = []
     store = dist.HashStore()
 
     def thread_main(rank: int) -> None:
         try:
             dist.init_process_group("threaded", rank=rank, world_size=world, store=store)
-            # Each rank runs its own backward (see the module docstring); the group's constructor
-            # does this too, but that is its own detail.
-            with torch.autograd.set_multithreading_enabled(False):
-                results[rank] = rank_main(rank)
+            try:
+                # Each rank runs its own backward (see the module docstring); the group's
+                # constructor does this too, but that is its own detail.
+                with torch.autograd.set_multithreading_enabled(False):
+                    results[rank] = rank_main(rank)
+            finally:
+                dist.destroy_process_group()  # inside the outer try: a failed teardown fails the rank
         except BaseException as error:  # SystemExit too: how a rank woken by another's failure leaves
             failures.append((rank, error))
             ProcessLocalGroup.exception_handle(error)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
     threads = [threading.Thread(target=thread_main, args=(rank,), name=f"rank{rank}", daemon=True) for rank in range(world)]
     try:

@@ -1,0 +1,80 @@
+"""Several ranks of one gloo process group as processes of this machine, sharing its CPU or its one GPU.
+
+What this is for: ``torch.compile`` of code that issues ``torch.distributed`` collectives. Dynamo
+turns a collective into a graph node only when the group is one of torch's C++ process groups;
+torch 2.11's dynamo cannot trace the threaded group of tests/threaded_ranks.py (a Python
+``ProcessGroup``): it fails with ``UserDefinedObjectVariable(ProcessLocalGroup)``. NCCL refuses
+two ranks on one GPU, but gloo runs all-gather and all-reduce on CUDA tensors (staged through host
+memory), and those are the collectives the context-parallel path issues off NCCL. Nothing of the
+code under test is replaced: on a GPU every rank runs the CUDA branch on ``cuda:0``, on a CPU the
+reference branch.
+
+A rank's function runs in a fresh (spawned) process, so it and its arguments must pickle: a
+module-level function and CPU tensors. What it returns comes back through ``torch.save`` (CUDA
+tensors arrive on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TERMINATE_GRACE_S = 5.0
+"""How long a rank still running at the timeout gets to leave after SIGTERM before SIGKILL."""
+
+
+def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = (), timeout_s: float = 300.0) -> list:
+    """``[rank_main(0, *args), ..., rank_main(world - 1, *args)]``, each called in its own process
+    as that rank of a ``world``-rank gloo default process group. A rank that raises ends the run:
+    the others are stopped and a RuntimeError names that rank and carries its traceback. After
+    ``timeout_s`` the ranks still running are stopped and TimeoutError names them."""
+    with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
+        context = mp.start_processes(
+            _rank_entry, args=(world, folder, rank_main, args, timeout_s), nprocs=world, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=TERMINATE_GRACE_S):
+                if time.monotonic() >= deadline:
+                    stuck = [f"rank{rank}" for rank, process in enumerate(context.processes) if process.is_alive()]
+                    _stop(context.processes)
+                    raise TimeoutError(f"{', '.join(stuck)} still running after {timeout_s} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # start_processes has stopped the other ranks
+            raise RuntimeError(f"rank {error.error_index} of {world} failed: {error}") from None
+        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), map_location="cpu", weights_only=False) for rank in range(world)]
+
+
+def _rank_entry(rank: int, world: int, folder: str, rank_main: Callable[..., Any], args: tuple, timeout_s: float) -> None:
+    # The cores shared among the ranks, not all of them for each: oversubscribed ranks crawl.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this machine
+    store = dist.FileStore(os.path.join(folder, "store"), world)
+    # The group's own timeout is a backstop for ranks left behind by a parent that died: longer than
+    # the parent's, whose TimeoutError names the stuck ranks.
+    group_timeout = timedelta(seconds=2 * timeout_s)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=group_timeout)
+    try:
+        result = rank_main(rank, *args)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+
+
+def _stop(processes) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    end = time.monotonic() + TERMINATE_GRACE_S
+    for process in processes:
+        process.join(max(0.0, end - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
