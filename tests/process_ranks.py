@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -48,7 +49,11 @@ def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = 
                     _stop(context.processes)
                     raise TimeoutError(f"{', '.join(stuck)} still running after {timeout_s} s")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # start_processes has stopped the other ranks
-            raise RuntimeError(f"rank {error.error_index} of {world} failed: {error}") from None
+            first = _first_failure(folder)
+            if first is None:  # the rank died without raising (a signal, an exit)
+                raise RuntimeError(f"rank {error.error_index} of {world} failed: {error}") from None
+            rank, trace = first
+            raise RuntimeError(f"rank {rank} of {world} failed: {trace}") from None
         return [torch.load(os.path.join(folder, f"rank{rank}.pt"), map_location="cpu", weights_only=False) for rank in range(world)]
 
 
@@ -63,9 +68,26 @@ def _rank_entry(rank: int, world: int, folder: str, rank_main: Callable[..., Any
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=group_timeout)
     try:
         result = rank_main(rank, *args)
+    except BaseException:
+        # Written before this rank leaves the group, which is what makes the ranks waiting on it
+        # fail (connection reset): the earliest record names the rank that failed by itself.
+        with open(os.path.join(folder, f"rank{rank}.failure"), "w") as record:
+            record.write(f"{time.monotonic_ns()}\n{traceback.format_exc()}")
+        raise
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+
+
+def _first_failure(folder: str) -> tuple[int, str] | None:
+    """The rank whose failure was recorded first, and its traceback."""
+    records = []
+    for name in os.listdir(folder):
+        if name.endswith(".failure"):
+            with open(os.path.join(folder, name)) as record:
+                stamp, trace = record.read().split("\n", 1)
+            records.append((int(stamp), int(name[len("rank") : -len(".failure")]), trace))
+    return min(records)[1:] if records else None
 
 
 def _stop(processes) -> None:
