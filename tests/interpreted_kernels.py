@@ -4,10 +4,12 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
-whether the selection kernel equals the reference entry for entry (ties included).
+whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
+line per shape with the score pass's coarsest means against the reference pyramid (both RoPE modes).
 """
 
 from __future__ import annotations
@@ -126,6 +128,46 @@ def run_selection() -> None:
                       flush=True)
 
 
+# The score pass's coarsest means (half precision only): spans of 2, 4, 8 and 16 positions, padding
+# entries past the sequence (S=1500 at width 16: 93 real coarse entries of 128), B = 2, GQA, D 16-64.
+MEANS_CASES = [(1, 2, 1, 1500, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 2, 8, 128), (1, 2, 2, 3000, 16, 4, 2, 256),
+               (1, 1, 1, 1000, 16, 2, 2, 128), (1, 1, 1, 2048, 64, 2, 4, 128)]
+
+
+def _same_scores(pyramids, others, plan) -> bool:
+    """Whether two score passes' pyramids are equal where written (each level's slots; the rest of a
+    row is never written)."""
+    return all(torch.equal(a[:, level - 1, : plan.level_len(level)], b[:, level - 1, : plan.level_len(level)])
+               for a, b in zip(pyramids, others) for level in range(1, plan.levels))
+
+
+def run_means() -> None:
+    """rope="span_end" and "pooled": the score pass's means against the reference pyramid's coarsest
+    level, and whether the span-end pass scores exactly as the pooled one."""
+    for case in MEANS_CASES:
+        batch, heads, kv_heads, seq, dim = case[:5]
+        plan = LighthousePlan(seq, *case[5:])
+        g = torch.Generator().manual_seed(seq)
+        q, k = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads))
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+        offset = plan.level_offset(plan.levels - 1)
+        runs = {rope: fused._score_pyramids(q, k, plan, rope_inv_freq=inv_freq if rope else None) for rope in (False, True)}
+        errors = {}
+        for rope, (_, _, means) in runs.items():
+            want = torch.cat([reference.pyramid(x.float(), plan, inv_freq if rope else None)[:, :, offset:].flatten(0, 1)
+                              for x in (q, k)])
+            errors["span_end" if rope else "pooled"] = (means.float() - want).abs().max().item()
+        print(json.dumps(dict(case=case, means_written=fused._means_in_score_pass(q, plan, rope_inv_freq=inv_freq),
+                              max_error=errors, same_scores=_same_scores(runs[False][:2], runs[True][:2], plan),
+                              span_end_differs=not torch.equal(runs[False][2], runs[True][2]))),
+              flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "float32"
-    run_selection() if mode == "selection" else run(getattr(torch, mode))
+    if mode == "selection":
+        run_selection()
+    elif mode == "means":
+        run_means()
+    else:
+        run(getattr(torch, mode))

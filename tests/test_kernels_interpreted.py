@@ -38,3 +38,16 @@ def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter()
     for row in rows:
         assert all(row["equal"].values()), row
         assert row["score_pass"] == (row["scores"] == "integer"), row  # the Triton score pass ran where meant to
+
+
+@pytest.mark.slow
+def test_score_pass_means_equal_the_reference_pyramid_under_the_interpreter():
+    # The gather copies the coarsest q and k rows from these means, with rope="span_end" too (rotated
+    # to span end in the score pass), whose scores must stay the pooled pass's bit for bit.
+    run = subprocess.run([sys.executable, str(SCRIPT), "means"], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 5
+    for row in rows:
+        assert row["means_written"] and row["same_scores"] and row["span_end_differs"], row
+        assert max(row["max_error"].values()) < 0.05, row  # bf16 rounding of means of magnitude < 4
