@@ -38,8 +38,11 @@ def _patch_with_scalar_index(tensor, scope):
 
 interpreter._patch_lang_tensor = _patch_with_scalar_index
 
+# (batch, heads, kv_heads, seq, dim, levels, pooling, topk). The last two: spans wider than one step of
+# the entries kernel (512 and 256 positions), at levels listing far more entries than they have
+# blocks (9 and 11 real coarsest entries of 128), so whole programs of padding entries.
 CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 2, 1500, 16, 2, 8, 128),
-         (1, 2, 1, 3000, 16, 4, 2, 256)]
+         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 5000, 16, 4, 8, 128), (2, 2, 2, 3000, 16, 5, 4, 128)]
 OPTIONS = [{}, {"combine": "mean"}, {"scores": True}, {"rope": True}, {"selection": "causal"},
            {"rope": True, "scores": True, "combine": "mean", "selection": "causal"}]
 

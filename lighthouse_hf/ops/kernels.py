@@ -443,6 +443,21 @@ def select_kernel(
 
 
 @triton.jit
+def _span_stop(first, use, seq_len, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """Where a program's loop over the spans of its entries (from ``first``, where ``use``) can stop:
+    past the last position inside the sequence. Levels whose listed entries outnumber the level's
+    blocks list padding entries whose spans lie wholly past it (at 128K, L5 p8 K1536 lists 1536
+    coarsest entries of 4096 positions, 32 of them real), and their programs now skip the loop.
+    The loop adds only zeros past the sequence, to totals that start at +0.0, so stopping early
+    changes no bit. Spans of one step (the published default's widths) keep a constant loop."""
+    if WIDTH > CHUNK:
+        stop = tl.max(tl.where(use, tl.minimum(seq_len - first, WIDTH), 0), axis=0)
+    else:
+        stop = WIDTH
+    return stop
+
+
+@triton.jit
 def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask, counts,
                 WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                 DIVIDE: tl.constexpr):
@@ -453,7 +468,7 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     steps = tl.arange(0, CHUNK)
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for step in range(0, WIDTH, CHUNK):
+    for step in range(0, _span_stop(first, use, seq_len, WIDTH, CHUNK), CHUNK):
         position = first[:, None] + step + steps[None, :]
         live = use[:, None] & (position < seq_len)
         offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
@@ -476,7 +491,7 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     f = tl.arange(0, HALF)
     total_lo = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
     total_hi = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
-    for step in range(0, WIDTH, CHUNK):
+    for step in range(0, _span_stop(first, use, seq_len, WIDTH, CHUNK), CHUNK):
         position = first[:, None] + step + steps[None, :]
         mask = (use[:, None] & (position < seq_len))[:, :, None]
         offsets = position.to(tl.int64)[:, :, None] * stride_s + f[None, None, :]
@@ -493,11 +508,20 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     return total_lo, total_hi
 
 
+def positions_per_step(width: int) -> int:
+    """Positions of a span that ``entries_kernel`` sums at a time: the whole span up to 16 (the
+    published default's widths), else up to 64. Wide spans have few entries per level (at 128K,
+    L5 p8 has 32 real coarsest entries of 4096 positions): 16 positions at a time put 4 entries
+    in a program, 8 programs per head each summing 12 MB in 768 dependent steps; 64 at a time
+    give each entry its own program, with 4x fewer, 4x larger steps."""
+    return width if width <= 16 else min(width, 64)
+
+
 def entries_per_program(width: int, block_d: int) -> int:
     """Entries of ``width`` positions that one ``entries_kernel`` program fills: about 8192 elements
-    in flight (16-32 KB), summed ``min(width, 16)`` positions at a time. ``_level_entries`` repeats
-    this formula at compile time; the host uses it for the grid."""
-    return max(1, min(64, 8192 // (min(width, 16) * block_d)))
+    in flight (16-32 KB), summed ``positions_per_step(width)`` positions at a time.
+    ``_level_entries`` repeats both formulas at compile time; the host uses this one for the grid."""
+    return max(1, min(64, 8192 // (positions_per_step(width) * block_d)))
 
 
 @triton.jit
@@ -512,7 +536,7 @@ def _level_entries(
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
     ``level_first_block``); returns where the next level's blocks start."""
     WIDTH: tl.constexpr = POOL**LEVEL
-    CHUNK: tl.constexpr = min(WIDTH, 16)  # entries_per_program's formula
+    CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else min(WIDTH, 64)  # positions_per_step's formula
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
@@ -598,7 +622,7 @@ def entries_kernel(
     of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
-    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each
+    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
     level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
     coarsest q and k rows are copies of the means that ``scores_kernel`` wrote (with ``ROPE_HALF``
@@ -611,7 +635,8 @@ def entries_kernel(
     b = tl.program_id(2)
     bh = b * heads + h
     level_first_block = 0
-    for level in tl.static_range(LEVELS):
+    # coarsest level first: its programs sum the widest spans, so they should not start last
+    for level in tl.static_range(LEVELS - 1, -1, -1):
         level_first_block = _level_entries(
             src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
             block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
