@@ -69,10 +69,25 @@ def _kernels():
 
 
 def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
-    """Whether the scores come from ``scores_kernel``: half precision, with every coarsest span inside
-    one program's block of positions."""
+    """Whether ``scores_kernel`` computes the whole score pyramid: half precision, with every coarsest
+    span inside one program's block of positions."""
+    return _score_pass_levels(q, plan) == plan.levels
+
+
+def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan, causal: bool = False) -> int:
+    """How many pyramid levels (level 0 included) ``scores_kernel`` computes: those whose spans fit
+    one program's block of positions (half precision; 0 for float32, whose norms are ATen's). Wider
+    levels are max-pooled by ATen from the last of them (not with ``causal``, whose rows the
+    kernel must then write in full)."""
+    if q.dtype == torch.float32:
+        return 0
     block_p = _positions_per_program(_next_power_of_2(q.shape[-1]), _SCORE_BLOCK_ELEMENTS)
-    return q.dtype != torch.float32 and plan.coarse_width <= block_p
+    fitting = 1
+    while fitting < plan.levels and plan.pooling**fitting <= block_p:
+        fitting += 1
+    if fitting < plan.levels and (causal or fitting == 1):
+        return 0
+    return fitting
 
 
 def _means_in_score_pass(
@@ -111,7 +126,8 @@ def _score_pyramids(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    if q_scores is not None or not _triton_score_pass(q, plan):
+    pass_levels = _score_pass_levels(q, plan, causal)
+    if q_scores is not None or pass_levels == 0:
         q_source, k_source = (q, k) if q_scores is None else (q_scores, k_scores)
         pyramids = (_aten_score_pyramid(x, plan, stride, causal) for x in (q_source, k_source))
         return *pyramids, q.new_empty(0)
@@ -124,13 +140,32 @@ def _score_pyramids(
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
     rotary = rotary_table(rope_inv_freq, plan) if with_means else None
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
-    _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
+    # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
+    # K1536 pads 131,072 positions to 6,291,456), and the host fills the padding slots.
+    covered = plan.padded_len if pass_levels == plan.levels else _cdiv(plan.seq_len, block_p) * block_p
+    _kernels().scores_kernel[(covered // block_p, heads + kv_heads, batch)](
         q, k, scores, means if with_means else q, scores if rotary is None else rotary, heads, kv_heads, dim,
         plan.seq_len, plan.real_len, plan.padded_len, stride, *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
-        ROPE_HALF=0 if rotary is None else rotary.shape[-1], num_warps=4,
+        ROPE_HALF=0 if rotary is None else rotary.shape[-1], PASS_LEVELS=pass_levels, num_warps=4,
     )
+    if pass_levels < plan.levels:
+        _finish_score_pyramid(scores, plan, pass_levels, covered)
     return scores[: batch * heads], scores[batch * heads :], means
+
+
+def _finish_score_pyramid(scores: torch.Tensor, plan: LighthousePlan, pass_levels: int, covered: int) -> None:
+    """Completes ``scores`` ``[rows, L-1, stride]`` after a pass that wrote levels ``1 ..
+    pass_levels-1`` for positions ``< covered``: -1 in their padding slots past that, and each wider
+    level max-pooled from the one below over its real slots (-1 in the rest), as the ATen pyramid
+    would have it."""
+    for level in range(1, pass_levels):
+        scores[:, level - 1, covered // plan.pooling**level : plan.level_len(level)] = -1.0
+    for level in range(pass_levels, plan.levels):
+        real = plan.real_len // plan.pooling**level
+        below = scores[:, level - 2, : real * plan.pooling]
+        scores[:, level - 1, :real] = below.unflatten(-1, (real, plan.pooling)).amax(-1)
+        scores[:, level - 1, real : plan.level_len(level)] = -1.0
 
 
 def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int, causal: bool = False) -> torch.Tensor:

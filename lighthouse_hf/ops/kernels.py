@@ -52,6 +52,7 @@ def scores_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr,
+    PASS_LEVELS: tl.constexpr,
 ):
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
     L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
@@ -59,7 +60,10 @@ def scores_kernel(
     heads' rows come first in ``scores`` and ``means``, then the key heads'. ``WITH_MEANS``: the
     same pass writes the coarsest level's means (every coarsest entry is in the compressed
     sequence), so the gather does not read q and k a second time. Needs
-    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block.
+    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block; wider
+    pyramids set ``PASS_LEVELS < LEVELS`` (not with ``WITH_MEANS`` nor ``CAUSAL``): the pass
+    writes levels ``1 .. PASS_LEVELS-1`` (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the
+    whole pyramid, and the host max-pools the rest from the last of them.
     ``ROPE_HALF > 0`` (``rope="span_end"``, with ``WITH_MEANS``; needs ``dim == BLOCK_D == 2 *
     ROPE_HALF``): the means are of each position's row rotated on to its span's last token, as
     ``entries_kernel`` would pool them; the scores do not change.
@@ -69,7 +73,7 @@ def scores_kernel(
     the maximum over each block without its first token (rows ``0 .. LEVELS-2``) and the norm of
     its first token (rows ``LEVELS-1 ..``); the selection kernel joins entry j's first token with
     entry j-1's rest (``_start_scores``)."""
-    WIDTH: tl.constexpr = POOL ** (LEVELS - 1)
+    WIDTH: tl.constexpr = POOL ** (PASS_LEVELS - 1)
     ENTRIES: tl.constexpr = BLOCK_P // WIDTH
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -94,7 +98,7 @@ def scores_kernel(
     rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
                    mask=(position < seq_len)[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
     norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
-    for level in tl.static_range(1, LEVELS):
+    for level in tl.static_range(1, PASS_LEVELS):
         # WIDTH // POOL**level entries of this level per coarsest entry
         spans = tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level))
         slot = entry[:, None] * (WIDTH // POOL**level) + tl.arange(0, WIDTH // POOL**level)[None, :]
