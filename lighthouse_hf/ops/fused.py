@@ -267,7 +267,9 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     src_k, src_v = (sources[1], sources[2]) if with_kv else (src_q, src_q)
     dst_q, dst_k, dst_v = destinations if with_kv else (destinations[0],) * 3
     block_d = _next_power_of_2(dim)
-    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
+    rotated = rotary is not None and not shifted
+    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d, rotated))
+                 for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,
         dst_q if rotary is None else rotary, dst_q if counts is None else counts,
@@ -288,7 +290,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
 
 def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
-    source for an output over the query heads, two (dk and dv) for outputs over the KV heads;
+    source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query heads;
     ``rotary``: rotate the first source back from span ends (span-end RoPE's gradient);
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
@@ -356,7 +358,13 @@ def _gather_backward_impl(
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
     rotary = rotary_table(rope_inv_freq, plan)
     _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary)
-    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False, rotary=rotary)
+    if rotary is None:
+        _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
+    else:
+        # dk rotated back and dv in one program took 177 registers per thread at D=128 (2 programs
+        # per SM; dk alone 96, dv alone 64): two launches keep more rows in flight for the same bytes.
+        _run_positions([dk_sel.contiguous()], [dk], inverse, plan, shifted=False, rotary=rotary)
+        _run_positions([dv_sel.contiguous()], [dv], inverse, plan, shifted=False)
     return dq, dk, dv
 
 

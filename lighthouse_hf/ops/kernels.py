@@ -512,20 +512,22 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     return total_lo, total_hi
 
 
-def positions_per_step(width: int) -> int:
+def positions_per_step(width: int, rotated: bool = False) -> int:
     """Positions of a span that ``entries_kernel`` sums at a time: the whole span up to 16 (the
     published default's widths), else up to 64. Wide spans have few entries per level (at 128K,
     L5 p8 has 32 real coarsest entries of 4096 positions): 16 positions at a time put 4 entries
     in a program, 8 programs per head each summing 12 MB in 768 dependent steps; 64 at a time
-    give each entry its own program, with 4x fewer, 4x larger steps."""
-    return width if width <= 16 else min(width, 64)
+    give each entry its own program, with 4x fewer, 4x larger steps. ``rotated`` (span-end
+    q and k rows at levels >= 1): up to 16, as before; at 64 the kernel took 188-211 registers
+    per thread instead of 168 (L4/L5, D=128), and every level of the launch pays the most."""
+    return width if width <= 16 else (16 if rotated else min(width, 64))
 
 
-def entries_per_program(width: int, block_d: int) -> int:
+def entries_per_program(width: int, block_d: int, rotated: bool = False) -> int:
     """Entries of ``width`` positions that one ``entries_kernel`` program fills: about 8192 elements
-    in flight (16-32 KB), summed ``positions_per_step(width)`` positions at a time.
+    in flight (16-32 KB), summed ``positions_per_step(width, rotated)`` positions at a time.
     ``_level_entries`` repeats both formulas at compile time; the host uses this one for the grid."""
-    return max(1, min(64, 8192 // (positions_per_step(width) * block_d)))
+    return max(1, min(64, 8192 // (positions_per_step(width, rotated) * block_d)))
 
 
 @triton.jit
@@ -540,11 +542,12 @@ def _level_entries(
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
     ``level_first_block``); returns where the next level's blocks start."""
     WIDTH: tl.constexpr = POOL**LEVEL
-    CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else min(WIDTH, 64)  # positions_per_step's formula
+    ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
+    # positions_per_step's formula (rotated: every level >= 1 with ROPE_HALF, as the host counts them)
+    CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else (16 if ROPE_HALF > 0 and not SHIFTED else min(WIDTH, 64))
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
-    ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
     DIVIDE: tl.constexpr = MEAN and SHIFTED
     TABLE_START: tl.constexpr = (POOL**LEVEL - POOL) // (POOL - 1)  # this level's rows in the rotary table
     if LEVEL < LEVELS - 1:
@@ -702,6 +705,12 @@ def positions_kernel(
             slot = position // POOL**level
             covered = p_mask & (slot < padded_len // POOL**level)
             weight = 1.0 / POOL**level
+        if HALVES and level > 0:
+            # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
+            table = rotary + ((POOL**level - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
+            to_end = (POOL**level - 1 - position % POOL**level)[:, None] * (2 * ROPE_HALF) + a[None, :]
+            cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
+            sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
         for member in range(group):
             head = bx.to(tl.int64) * group + member
             row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
@@ -711,11 +720,6 @@ def positions_kernel(
             if HALVES:
                 rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
                 if level > 0:
-                    # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c
-                    table = rotary + ((POOL**level - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
-                    to_end = (POOL**level - 1 - position % POOL**level)[:, None] * (2 * ROPE_HALF) + a[None, :]
-                    cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
-                    sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
                     rows_a, rows_hi = rows_a * cos + rows_hi * sin, rows_hi * cos - rows_a * sin
                 total_a_hi += rows_hi * weight
             total_a += rows_a * weight
