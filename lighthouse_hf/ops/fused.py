@@ -142,15 +142,15 @@ def _score_pyramids(
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
     # K1536 pads 131,072 positions to 6,291,456), and the host fills the padding slots.
-    covered = plan.padded_len if pass_levels == plan.levels else _cdiv(plan.seq_len, block_p) * block_p
-    _kernels().scores_kernel[(covered // block_p, heads + kv_heads, batch)](
+    blocks = _cdiv(plan.padded_len if pass_levels == plan.levels else plan.seq_len, block_p)
+    _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
         q, k, scores, means if with_means else q, scores if rotary is None else rotary, heads, kv_heads, dim,
         plan.seq_len, plan.real_len, plan.padded_len, stride, *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
         ROPE_HALF=0 if rotary is None else rotary.shape[-1], PASS_LEVELS=pass_levels, num_warps=4,
     )
     if pass_levels < plan.levels:
-        _finish_score_pyramid(scores, plan, pass_levels, covered)
+        _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p)
     return scores[: batch * heads], scores[batch * heads :], means
 
 
