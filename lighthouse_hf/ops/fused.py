@@ -77,8 +77,9 @@ def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
 def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan, causal: bool = False) -> int:
     """How many pyramid levels (level 0 included) ``scores_kernel`` computes: those whose spans fit
     one program's block of positions (half precision; 0 for float32, whose norms are ATen's). Wider
-    levels are max-pooled by ATen from the last of them (not with ``causal``, whose rows the
-    kernel must then write in full)."""
+    levels are max-pooled by ATen from the last of them (``_finish_score_pyramid``); not with
+    ``causal``, whose two rows per level would need a causal max-pool on the host (0: the ATen
+    pyramid)."""
     if q.dtype == torch.float32:
         return 0
     block_p = _positions_per_program(_next_power_of_2(q.shape[-1]), _SCORE_BLOCK_ELEMENTS)
