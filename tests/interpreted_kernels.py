@@ -89,7 +89,8 @@ def run(dtype: torch.dtype) -> None:
 # (else the coarsest choice is forced whole) and more tiles than levels - 1 (else every program's
 # run of earlier tiles starts at tile 0): 4 tiles of 256; padded, GQA, B = 2, L = 4; p = 8 with
 # padded tiles of 313; 5 tiles of 225 at L = 4; one tile with a tail; L = 5; coarsest spans of 512
-# positions, wider than the score pass's block (it writes levels 1-2, the host max-pools level 3).
+# positions, wider than the score pass's block (it writes levels 1-2, the host max-pools level 3,
+# for the causal rule too).
 SELECTION_CASES = [(1, 1, 1, 4096, 4, 3, 2, 512), (2, 2, 1, 3001, 8, 4, 2, 384), (1, 2, 2, 5000, 4, 2, 8, 256),
                    (1, 1, 1, 9000, 4, 4, 2, 640), (1, 1, 1, 2051, 4, 3, 4, 128), (1, 1, 1, 8192, 4, 5, 2, 256),
                    (1, 2, 1, 6000, 4, 4, 8, 128)]
@@ -128,7 +129,7 @@ def run_selection() -> None:
                 want = reference.select(q, k, plan, causal=causal, **given)
                 fields = ("level", "local", "index", "key", "refined")
                 print(json.dumps(dict(case=case, scores=scores, causal=causal,
-                                      score_pass_levels=0 if given else fused._score_pass_levels(q, plan, causal),
+                                      score_pass_levels=0 if given else fused._score_pass_levels(q, plan),
                                       equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})),
                       flush=True)
 

@@ -158,21 +158,24 @@ def test_score_pass_span_end_means_equal_reference_pyramid_and_keep_the_selectio
         assert not torch.allclose(means[part], pooled_means[part], rtol=1e-2, atol=1e-2)  # rotated at all
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["published", "causal"])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 9000, 64, 4, 8, 128), (2, 4, 2, 70000, 128, 5, 4, 256)], ids=_ids)
-def test_partial_score_pass_equals_the_aten_pyramid(shape):
+def test_partial_score_pass_equals_the_aten_pyramid(shape, causal):
     # Coarsest spans wider than the score pass's block: it writes the levels that fit, the host
     # max-pools the rest and fills the padding slots; the maxima are the ATen pyramid's (norms to
-    # the last bit, which the two compute in different orders).
+    # the last bit, which the two compute in different orders). causal: two rows per level.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=10)
     plan = _plan(shape)
     assert 1 < fused._score_pass_levels(q, plan) < plan.levels
-    got = fused._score_pyramids(q, k, plan)[:2]
+    got = fused._score_pyramids(q, k, plan, causal=causal)[:2]
     stride = plan.padded_len // plan.pooling
+    coarse = plan.levels - 1
     for pyramid, x in zip(got, (q, k)):
-        want = fused._aten_score_pyramid(x, plan, stride)
+        want = fused._aten_score_pyramid(x, plan, stride, causal)
         for level in range(1, plan.levels):
             slots = slice(0, plan.level_len(level))
-            torch.testing.assert_close(pyramid[:, level - 1, slots], want[:, level - 1, slots], rtol=1e-6, atol=0)
+            for row in (level - 1, coarse + level - 1) if causal else (level - 1,):
+                torch.testing.assert_close(pyramid[:, row, slots], want[:, row, slots], rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow

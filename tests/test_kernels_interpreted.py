@@ -37,11 +37,9 @@ def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter()
     assert len(rows) == 56
     for row in rows:
         assert all(row["equal"].values()), row
-        # the Triton score pass ran where meant to (not for wide pyramids under the causal rule)
-        assert (row["score_pass_levels"] > 0) == (row["scores"] == "integer" and not (row["causal"] and row["case"][6] == 8
-                                                                                      and row["case"][5] == 4)), row
-    # and once for part of a pyramid only (the host max-pooled the rest)
-    assert any(0 < row["score_pass_levels"] < row["case"][5] for row in rows)
+        assert (row["score_pass_levels"] > 0) == (row["scores"] == "integer"), row  # the Triton pass ran where meant to
+    # and for part of a pyramid only (the host max-pooled the rest), under both rules
+    assert {row["causal"] for row in rows if 0 < row["score_pass_levels"] < row["case"][5]} == {False, True}
 
 
 @pytest.mark.slow

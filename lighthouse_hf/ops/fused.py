@@ -74,21 +74,17 @@ def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
     return _score_pass_levels(q, plan) == plan.levels
 
 
-def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan, causal: bool = False) -> int:
+def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan) -> int:
     """How many pyramid levels (level 0 included) ``scores_kernel`` computes: those whose spans fit
     one program's block of positions (half precision; 0 for float32, whose norms are ATen's). Wider
-    levels are max-pooled by ATen from the last of them (``_finish_score_pyramid``); not with
-    ``causal``, whose two rows per level would need a causal max-pool on the host (0: the ATen
-    pyramid)."""
+    levels are max-pooled by ATen from the last of them (``_finish_score_pyramid``)."""
     if q.dtype == torch.float32:
         return 0
     block_p = _positions_per_program(_next_power_of_2(q.shape[-1]), _SCORE_BLOCK_ELEMENTS)
     fitting = 1
     while fitting < plan.levels and plan.pooling**fitting <= block_p:
         fitting += 1
-    if fitting < plan.levels and (causal or fitting == 1):
-        return 0
-    return fitting
+    return 0 if fitting == 1 else fitting
 
 
 def _means_in_score_pass(
@@ -127,7 +123,7 @@ def _score_pyramids(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    pass_levels = _score_pass_levels(q, plan, causal)
+    pass_levels = _score_pass_levels(q, plan)
     if q_scores is not None or pass_levels == 0:
         q_source, k_source = (q, k) if q_scores is None else (q_scores, k_scores)
         pyramids = (_aten_score_pyramid(x, plan, stride, causal) for x in (q_source, k_source))
@@ -151,22 +147,35 @@ def _score_pyramids(
         ROPE_HALF=0 if rotary is None else rotary.shape[-1], PASS_LEVELS=pass_levels, num_warps=4,
     )
     if pass_levels < plan.levels:
-        _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p)
+        _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p, causal)
     return scores[: batch * heads], scores[batch * heads :], means
 
 
-def _finish_score_pyramid(scores: torch.Tensor, plan: LighthousePlan, pass_levels: int, covered: int) -> None:
-    """Completes ``scores`` ``[rows, L-1, stride]`` after a pass that wrote levels ``1 ..
-    pass_levels-1`` for positions ``< covered``: -1 in their padding slots past that, and each wider
-    level max-pooled from the one below over its real slots (-1 in the rest), as the ATen pyramid
-    would have it."""
+def _finish_score_pyramid(
+    scores: torch.Tensor, plan: LighthousePlan, pass_levels: int, covered: int, causal: bool = False
+) -> None:
+    """Completes ``scores`` ``[rows, L-1 (causal: 2*(L-1)), stride]`` after a pass that wrote levels
+    ``1 .. pass_levels-1`` for positions ``< covered``: -1 in their padding slots past that, and each
+    wider level max-pooled from the one below over its real slots (-1 in the rest), as the ATen
+    pyramid would have it. ``causal``: a block's first token is its first child's, and the maximum
+    without it is that of its first child's rest and of its other children whole."""
+    coarse = plan.levels - 1
+    rows = (0, coarse) if causal else (0,)  # where the rest rows and the first-token rows start
     for level in range(1, pass_levels):
-        scores[:, level - 1, covered // plan.pooling**level : plan.level_len(level)] = -1.0
+        for start in rows:
+            scores[:, start + level - 1, covered // plan.pooling**level : plan.level_len(level)] = -1.0
     for level in range(pass_levels, plan.levels):
         real = plan.real_len // plan.pooling**level
-        below = scores[:, level - 2, : real * plan.pooling]
-        scores[:, level - 1, :real] = below.unflatten(-1, (real, plan.pooling)).amax(-1)
-        scores[:, level - 1, real : plan.level_len(level)] = -1.0
+        children = scores[:, level - 2, : real * plan.pooling].unflatten(-1, (real, plan.pooling))
+        if causal:
+            first = scores[:, coarse + level - 2, : real * plan.pooling].unflatten(-1, (real, plan.pooling))
+            whole = torch.maximum(children[..., 1:], first[..., 1:]).amax(-1)
+            scores[:, level - 1, :real] = torch.maximum(children[..., 0], whole)
+            scores[:, coarse + level - 1, :real] = first[..., 0]
+        else:
+            scores[:, level - 1, :real] = children.amax(-1)
+        for start in rows:
+            scores[:, start + level - 1, real : plan.level_len(level)] = -1.0
 
 
 def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int, causal: bool = False) -> torch.Tensor:

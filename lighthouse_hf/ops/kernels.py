@@ -61,7 +61,7 @@ def scores_kernel(
     same pass writes the coarsest level's means (every coarsest entry is in the compressed
     sequence), so the gather does not read q and k a second time. Needs
     ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block; wider
-    pyramids set ``PASS_LEVELS < LEVELS`` (not with ``WITH_MEANS`` nor ``CAUSAL``): the pass
+    pyramids set ``PASS_LEVELS < LEVELS`` (not with ``WITH_MEANS``): the pass
     writes levels ``1 .. PASS_LEVELS-1`` (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the
     whole pyramid, and the host max-pools the rest from the last of them.
     ``ROPE_HALF > 0`` (``rope="span_end"``, with ``WITH_MEANS``; needs ``dim == BLOCK_D == 2 *
