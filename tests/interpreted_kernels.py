@@ -4,10 +4,12 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
-whether the selection kernel equals the reference entry for entry (ties included).
+whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
+line per shape with the score pass's coarsest means against the reference pyramid (both RoPE modes).
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ def _patch_with_scalar_index(tensor, scope):
 
 interpreter._patch_lang_tensor = _patch_with_scalar_index
 
+# (batch, heads, kv_heads, seq, dim, levels, pooling, topk). The last two: spans wider than one step of
+# the entries kernel (512 and 256 positions), at levels listing far more entries than they have
+# blocks (9 and 11 real coarsest entries of 128), so whole programs of padding entries.
 CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 2, 1500, 16, 2, 8, 128),
-         (1, 2, 1, 3000, 16, 4, 2, 256)]
+         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 5000, 16, 4, 8, 128), (2, 2, 2, 3000, 16, 5, 4, 128)]
 OPTIONS = [{}, {"combine": "mean"}, {"scores": True}, {"rope": True}, {"selection": "causal"},
            {"rope": True, "scores": True, "combine": "mean", "selection": "causal"}]
 
@@ -83,9 +88,12 @@ def run(dtype: torch.dtype) -> None:
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
 # (else the coarsest choice is forced whole) and more tiles than levels - 1 (else every program's
 # run of earlier tiles starts at tile 0): 4 tiles of 256; padded, GQA, B = 2, L = 4; p = 8 with
-# padded tiles of 313; 5 tiles of 225 at L = 4; one tile with a tail; L = 5.
+# padded tiles of 313; 5 tiles of 225 at L = 4; one tile with a tail; L = 5; coarsest spans of 512
+# positions, wider than the score pass's block (it writes levels 1-2, the host max-pools level 3,
+# for the causal rule too).
 SELECTION_CASES = [(1, 1, 1, 4096, 4, 3, 2, 512), (2, 2, 1, 3001, 8, 4, 2, 384), (1, 2, 2, 5000, 4, 2, 8, 256),
-                   (1, 1, 1, 9000, 4, 4, 2, 640), (1, 1, 1, 2051, 4, 3, 4, 128), (1, 1, 1, 8192, 4, 5, 2, 256)]
+                   (1, 1, 1, 9000, 4, 4, 2, 640), (1, 1, 1, 2051, 4, 3, 4, 128), (1, 1, 1, 8192, 4, 5, 2, 256),
+                   (1, 2, 1, 6000, 4, 4, 8, 128)]
 # "norms": float32 q and k (their norms by ATen, as the reference); "integer": bfloat16 q and k of
 # small integers (norms through the Triton score pass, exact, so equal to the reference's, and
 # tied by the hundred); "given": given level-0 scores of 0..3 (ties everywhere, running means
@@ -121,11 +129,51 @@ def run_selection() -> None:
                 want = reference.select(q, k, plan, causal=causal, **given)
                 fields = ("level", "local", "index", "key", "refined")
                 print(json.dumps(dict(case=case, scores=scores, causal=causal,
-                                      score_pass=fused._triton_score_pass(q, plan) and not given,
+                                      score_pass_levels=0 if given else fused._score_pass_levels(q, plan),
                                       equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})),
                       flush=True)
 
 
+# The score pass's coarsest means (half precision only): spans of 2, 4, 8 and 16 positions, padding
+# entries past the sequence (S=1500 at width 16: 93 real coarse entries of 128), B = 2, GQA, D 16-64.
+MEANS_CASES = [(1, 2, 1, 1500, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 2, 8, 128), (1, 2, 2, 3000, 16, 4, 2, 256),
+               (1, 1, 1, 1000, 16, 2, 2, 128), (1, 1, 1, 2048, 64, 2, 4, 128)]
+
+
+def _same_scores(pyramids, others, plan) -> bool:
+    """Whether two score passes' pyramids are equal where written (each level's slots; the rest of a
+    row is never written)."""
+    return all(torch.equal(a[:, level - 1, : plan.level_len(level)], b[:, level - 1, : plan.level_len(level)])
+               for a, b in zip(pyramids, others) for level in range(1, plan.levels))
+
+
+def run_means() -> None:
+    """rope="span_end" and "pooled": the score pass's means against the reference pyramid's coarsest
+    level, and whether the span-end pass scores exactly as the pooled one."""
+    for case in MEANS_CASES:
+        batch, heads, kv_heads, seq, dim = case[:5]
+        plan = LighthousePlan(seq, *case[5:])
+        g = torch.Generator().manual_seed(seq)
+        q, k = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads))
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+        offset = plan.level_offset(plan.levels - 1)
+        runs = {rope: fused._score_pyramids(q, k, plan, rope_inv_freq=inv_freq if rope else None) for rope in (False, True)}
+        errors = {}
+        for rope, (_, _, means) in runs.items():
+            want = torch.cat([reference.pyramid(x.float(), plan, inv_freq if rope else None)[:, :, offset:].flatten(0, 1)
+                              for x in (q, k)])
+            errors["span_end" if rope else "pooled"] = (means.float() - want).abs().max().item()
+        print(json.dumps(dict(case=case, means_written=fused._means_in_score_pass(q, plan, rope_inv_freq=inv_freq),
+                              max_error=errors, same_scores=_same_scores(runs[False][:2], runs[True][:2], plan),
+                              span_end_differs=not torch.equal(runs[False][2], runs[True][2]))),
+              flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "float32"
-    run_selection() if mode == "selection" else run(getattr(torch, mode))
+    if mode == "selection":
+        run_selection()
+    elif mode == "means":
+        run_means()
+    else:
+        run(getattr(torch, mode))

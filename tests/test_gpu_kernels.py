@@ -138,6 +138,46 @@ def test_score_pass_coarse_means_equal_reference_pyramid(shape):
         torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[8], PADDED_TAIL], ids=_ids)
+def test_score_pass_span_end_means_equal_reference_pyramid_and_keep_the_selection(shape):
+    # rope="span_end": the score pass rotates each position to its span's end before the mean,
+    # and its scores (so the selection) stay those of rope="pooled".
+    q, k, _ = _inputs(shape, torch.bfloat16, seed=9)
+    plan = _plan(shape)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, shape[4], 2, device="cuda").float() / shape[4])
+    assert fused._means_in_score_pass(q, plan, rope_inv_freq=inv_freq)
+    *listing, means = fused._select_impl(q, k, None, None, inv_freq, *shape[5:])
+    *pooled_listing, pooled_means = fused._select_impl(q, k, None, None, None, *shape[5:])
+    for got, want in zip(listing, pooled_listing):
+        assert torch.equal(got, want)
+    batch, heads = q.shape[:2]
+    offset = plan.level_offset(plan.levels - 1)
+    for part, x in ((slice(None, batch * heads), q), (slice(batch * heads, None), k)):
+        want = reference.pyramid(x.float(), plan, inv_freq)[:, :, offset:].flatten(0, 1).to(x.dtype)
+        torch.testing.assert_close(means[part], want, rtol=1e-2, atol=1e-2)
+        assert not torch.allclose(means[part], pooled_means[part], rtol=1e-2, atol=1e-2)  # rotated at all
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["published", "causal"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 9000, 64, 4, 8, 128), (2, 4, 2, 70000, 128, 5, 4, 256)], ids=_ids)
+def test_partial_score_pass_equals_the_aten_pyramid(shape, causal):
+    # Coarsest spans wider than the score pass's block: it writes the levels that fit, the host
+    # max-pools the rest and fills the padding slots; the maxima are the ATen pyramid's (norms to
+    # the last bit, which the two compute in different orders). causal: two rows per level.
+    q, k, _ = _inputs(shape, torch.bfloat16, seed=10)
+    plan = _plan(shape)
+    assert 1 < fused._score_pass_levels(q, plan) < plan.levels
+    got = fused._score_pyramids(q, k, plan, causal=causal)[:2]
+    stride = plan.padded_len // plan.pooling
+    coarse = plan.levels - 1
+    for pyramid, x in zip(got, (q, k)):
+        want = fused._aten_score_pyramid(x, plan, stride, causal)
+        for level in range(1, plan.levels):
+            slots = slice(0, plan.level_len(level))
+            for row in (level - 1, coarse + level - 1) if causal else (level - 1,):
+                torch.testing.assert_close(pyramid[:, row, slots], want[:, row, slots], rtol=1e-6, atol=0)
+
+
 @pytest.mark.slow
 def test_bench_reports_every_variant():
     import json
@@ -215,7 +255,7 @@ def test_lighthouse_kernels_bitwise_deterministic_by_default(shape):
     settings = tuple(shape[5:])
     runs = []
     for _ in range(2):
-        entry_local, entry_row, inverse, means = fused._select_impl(q, k, None, None, False, *settings)
+        entry_local, entry_row, inverse, means = fused._select_impl(q, k, None, None, None, *settings)
         gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, means, None, *settings)
         scattered, _ = fused._scatter_impl(gathered[2], inverse, entry_local, entry_row, shape[3], False, *settings)
         grad_sel = fused._scatter_backward_impl(q, q.new_empty(0, dtype=torch.float32), entry_local, entry_row, *settings)

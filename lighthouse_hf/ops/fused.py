@@ -69,17 +69,34 @@ def _kernels():
 
 
 def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
-    """Whether the scores come from ``scores_kernel``: half precision, with every coarsest span inside
-    one program's block of positions."""
+    """Whether ``scores_kernel`` computes the whole score pyramid: half precision, with every coarsest
+    span inside one program's block of positions."""
+    return _score_pass_levels(q, plan) == plan.levels
+
+
+def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan) -> int:
+    """How many pyramid levels (level 0 included) ``scores_kernel`` computes: those whose spans fit
+    one program's block of positions (half precision; 0 for float32, whose norms are ATen's). Wider
+    levels are max-pooled by ATen from the last of them (``_finish_score_pyramid``)."""
+    if q.dtype == torch.float32:
+        return 0
     block_p = _positions_per_program(_next_power_of_2(q.shape[-1]), _SCORE_BLOCK_ELEMENTS)
-    return q.dtype != torch.float32 and plan.coarse_width <= block_p
+    fitting = 1
+    while fitting < plan.levels and plan.pooling**fitting <= block_p:
+        fitting += 1
+    return 0 if fitting == 1 else fitting
 
 
-def _means_in_score_pass(q: torch.Tensor, plan: LighthousePlan, given_scores: bool = False, rope: bool = False) -> bool:
-    """Whether the score pass also writes the coarsest means of q and k. Spans of up to 16 positions:
-    the compiler keeps a wider span's block whole (168-206 registers per thread at D=128). Not with
-    given scores (no score pass) nor span-end RoPE (its means rotate each position first)."""
-    return not given_scores and not rope and _triton_score_pass(q, plan) and plan.coarse_width <= 16
+def _means_in_score_pass(
+    q: torch.Tensor, plan: LighthousePlan, given_scores: bool = False, rope_inv_freq: torch.Tensor | None = None
+) -> bool:
+    """Whether the score pass also writes the coarsest means of q and k (with ``rope_inv_freq``:
+    rotated to span end, where the kernels pool at span end for this head size). Spans of up to 16
+    positions: the compiler keeps a wider span's block whole (168-206 registers per thread at
+    D=128). Not with given scores (no score pass)."""
+    if rope_inv_freq is not None and not handles_rope(q, rope_inv_freq):
+        return False
+    return not given_scores and _triton_score_pass(q, plan) and plan.coarse_width <= 16
 
 
 def _score_pyramids(
@@ -88,12 +105,13 @@ def _score_pyramids(
     plan: LighthousePlan,
     q_scores: torch.Tensor | None = None,
     k_scores: torch.Tensor | None = None,
-    rope: bool = False,
+    rope_inv_freq: torch.Tensor | None = None,
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
-    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor). ``causal``: two
+    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor; with
+    ``rope_inv_freq`` the means are at span end, as ``gather_entries`` pools). ``causal``: two
     rows per level instead of one, ``[B*h, 2*(L-1), padded_len // p]`` (see ``scores_kernel``).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
@@ -105,7 +123,8 @@ def _score_pyramids(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    if q_scores is not None or not _triton_score_pass(q, plan):
+    pass_levels = _score_pass_levels(q, plan)
+    if q_scores is not None or pass_levels == 0:
         q_source, k_source = (q, k) if q_scores is None else (q_scores, k_scores)
         pyramids = (_aten_score_pyramid(x, plan, stride, causal) for x in (q_source, k_source))
         return *pyramids, q.new_empty(0)
@@ -114,16 +133,49 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    with_means = _means_in_score_pass(q, plan, rope=rope)
+    with_means = _means_in_score_pass(q, plan, rope_inv_freq=rope_inv_freq)
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
+    rotary = rotary_table(rope_inv_freq, plan) if with_means else None
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
-    _kernels().scores_kernel[(_cdiv(plan.padded_len, block_p), heads + kv_heads, batch)](
-        q, k, scores, means if with_means else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
-        stride, *q.stride()[:3], *k.stride()[:3],
+    # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
+    # K1536 pads 131,072 positions to 6,291,456), and the host fills the padding slots.
+    blocks = _cdiv(plan.padded_len if pass_levels == plan.levels else plan.seq_len, block_p)
+    _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
+        q, k, scores, means if with_means else q, scores if rotary is None else rotary, heads, kv_heads, dim,
+        plan.seq_len, plan.real_len, plan.padded_len, stride, *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=4,
+        ROPE_HALF=0 if rotary is None else rotary.shape[-1], PASS_LEVELS=pass_levels, num_warps=4,
     )
+    if pass_levels < plan.levels:
+        _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p, causal)
     return scores[: batch * heads], scores[batch * heads :], means
+
+
+def _finish_score_pyramid(
+    scores: torch.Tensor, plan: LighthousePlan, pass_levels: int, covered: int, causal: bool = False
+) -> None:
+    """Completes ``scores`` ``[rows, L-1 (causal: 2*(L-1)), stride]`` after a pass that wrote levels
+    ``1 .. pass_levels-1`` for positions ``< covered``: -1 in their padding slots past that, and each
+    wider level max-pooled from the one below over its real slots (-1 in the rest), as the ATen
+    pyramid would have it. ``causal``: a block's first token is its first child's, and the maximum
+    without it is that of its first child's rest and of its other children whole."""
+    coarse = plan.levels - 1
+    rows = (0, coarse) if causal else (0,)  # where the rest rows and the first-token rows start
+    for level in range(1, pass_levels):
+        for start in rows:
+            scores[:, start + level - 1, covered // plan.pooling**level : plan.level_len(level)] = -1.0
+    for level in range(pass_levels, plan.levels):
+        real = plan.real_len // plan.pooling**level
+        children = scores[:, level - 2, : real * plan.pooling].unflatten(-1, (real, plan.pooling))
+        if causal:
+            first = scores[:, coarse + level - 2, : real * plan.pooling].unflatten(-1, (real, plan.pooling))
+            whole = torch.maximum(children[..., 1:], first[..., 1:]).amax(-1)
+            scores[:, level - 1, :real] = torch.maximum(children[..., 0], whole)
+            scores[:, coarse + level - 1, :real] = first[..., 0]
+        else:
+            scores[:, level - 1, :real] = children.amax(-1)
+        for start in rows:
+            scores[:, start + level - 1, real : plan.level_len(level)] = -1.0
 
 
 def _aten_score_pyramid(x: torch.Tensor, plan: LighthousePlan, stride: int, causal: bool = False) -> torch.Tensor:
@@ -155,8 +207,8 @@ Tensor = torch.Tensor
 
 
 def _select_impl(
-    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool, levels: int, pooling: int, topk: int,
-    causal: bool = False,
+    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope_inv_freq: Optional[Tensor],
+    levels: int, pooling: int, topk: int, causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
     plan = plan_for(q.shape[2], levels, pooling, topk)
@@ -175,7 +227,7 @@ def _select_impl(
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope, causal)
+    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope_inv_freq, causal)
     kernels.select_kernel[(plan.tiles, heads, batch)](
         q_scores,
         k_scores,
@@ -225,7 +277,9 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     src_k, src_v = (sources[1], sources[2]) if with_kv else (src_q, src_q)
     dst_q, dst_k, dst_v = destinations if with_kv else (destinations[0],) * 3
     block_d = _next_power_of_2(dim)
-    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d)) for level, _, length in _listing(plan))
+    rotated = rotary is not None and not shifted
+    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d, rotated))
+                 for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,
         dst_q if rotary is None else rotary, dst_q if counts is None else counts,
@@ -246,7 +300,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
 
 def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
-    source for an output over the query heads, two (dk and dv) for outputs over the KV heads;
+    source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query heads;
     ``rotary``: rotate the first source back from span ends (span-end RoPE's gradient);
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
@@ -314,7 +368,13 @@ def _gather_backward_impl(
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
     rotary = rotary_table(rope_inv_freq, plan)
     _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary)
-    _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False, rotary=rotary)
+    if rotary is None:
+        _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
+    else:
+        # dk rotated back and dv in one program took 177 registers per thread at D=128 (2 programs
+        # per SM; dk alone 96, dv alone 64): two launches keep more rows in flight for the same bytes.
+        _run_positions([dk_sel.contiguous()], [dk], inverse, plan, shifted=False, rotary=rotary)
+        _run_positions([dv_sel.contiguous()], [dv], inverse, plan, shifted=False)
     return dq, dk, dv
 
 
@@ -357,13 +417,13 @@ _scatter_backward_op = torch.library.custom_op(
 
 
 @_select_op.register_fake
-def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
+def _(q, k, q_scores, k_scores, rope_inv_freq, levels, pooling, topk, causal=False):
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    with_means = _means_in_score_pass(q, plan, q_scores is not None, rope)
+    with_means = _means_in_score_pass(q, plan, q_scores is not None, rope_inv_freq)
     means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if with_means else q.new_empty(0)
     return listing, torch.empty_like(listing), inverse, means
 
@@ -470,13 +530,14 @@ def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
 
 def select_entries(
     q: Tensor, k: Tensor, plan: LighthousePlan, q_scores: Tensor | None = None, k_scores: Tensor | None = None,
-    rope: bool = False, causal: bool = False,
+    rope_inv_freq: Tensor | None = None, causal: bool = False,
 ) -> Listing:
     """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence; ``q_scores`` and
-    ``k_scores``: level-0 scores instead of the norms; ``rope``: span-end RoPE follows (the score
-    pass then writes no coarsest means); ``causal``: the causal selection rule (``ops/causal.py``)."""
+    ``k_scores``: level-0 scores instead of the norms; ``rope_inv_freq``: span-end RoPE follows
+    (the score pass's coarsest means are then rotated to span end; the same ``rope_inv_freq`` must
+    reach ``gather_entries``); ``causal``: the causal selection rule (``ops/causal.py``)."""
     select = _select_op if torch.compiler.is_compiling() else _select_impl
-    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan), causal))
+    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope_inv_freq, *_settings(plan), causal))
 
 
 def gather_entries(

@@ -41,6 +41,7 @@ def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
     scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
     means,  # out with WITH_MEANS: [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D], the coarsest level's means
+    rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
@@ -50,6 +51,8 @@ def scores_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROPE_HALF: tl.constexpr,
+    PASS_LEVELS: tl.constexpr,
 ):
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
     L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
@@ -57,14 +60,20 @@ def scores_kernel(
     heads' rows come first in ``scores`` and ``means``, then the key heads'. ``WITH_MEANS``: the
     same pass writes the coarsest level's means (every coarsest entry is in the compressed
     sequence), so the gather does not read q and k a second time. Needs
-    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block.
+    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block; wider
+    pyramids set ``PASS_LEVELS < LEVELS`` (not with ``WITH_MEANS``): the pass
+    writes levels ``1 .. PASS_LEVELS-1`` (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the
+    whole pyramid, and the host max-pools the rest from the last of them.
+    ``ROPE_HALF > 0`` (``rope="span_end"``, with ``WITH_MEANS``; needs ``dim == BLOCK_D == 2 *
+    ROPE_HALF``): the means are of each position's row rotated on to its span's last token, as
+    ``entries_kernel`` would pool them; the scores do not change.
 
     ``CAUSAL`` (``selection="causal"``, whose score of entry j is the maximum over the window
     ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
     the maximum over each block without its first token (rows ``0 .. LEVELS-2``) and the norm of
     its first token (rows ``LEVELS-1 ..``); the selection kernel joins entry j's first token with
     entry j-1's rest (``_start_scores``)."""
-    WIDTH: tl.constexpr = POOL ** (LEVELS - 1)
+    WIDTH: tl.constexpr = POOL ** (PASS_LEVELS - 1)
     ENTRIES: tl.constexpr = BLOCK_P // WIDTH
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -89,7 +98,7 @@ def scores_kernel(
     rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
                    mask=(position < seq_len)[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
     norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
-    for level in tl.static_range(1, LEVELS):
+    for level in tl.static_range(1, PASS_LEVELS):
         # WIDTH // POOL**level entries of this level per coarsest entry
         spans = tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level))
         slot = entry[:, None] * (WIDTH // POOL**level) + tl.arange(0, WIDTH // POOL**level)[None, :]
@@ -103,10 +112,50 @@ def scores_kernel(
         else:
             tl.store(scores + (level - 1) * score_stride + slot, tl.max(spans, axis=2), mask=in_level)
     if WITH_MEANS:
-        mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
         means += row.to(tl.int64) * ((padded_len // WIDTH) * dim)
+        if ROPE_HALF > 0:
+            _store_rotated_span_means(src, stride_s, rotary, means, block * ENTRIES, padded_len // WIDTH, seq_len, dim,
+                                      ENTRIES, WIDTH, POOL, BLOCK_D, ROPE_HALF)
+        else:
+            mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
+            tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
+                     mask=(entry < padded_len // WIDTH)[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _store_rotated_span_means(src, stride_s, rotary, means, first_entry, entries_len, seq_len, dim,
+                              ENTRIES: tl.constexpr, WIDTH: tl.constexpr, POOL: tl.constexpr, BLOCK_D: tl.constexpr,
+                              HALF: tl.constexpr):
+    """Writes the means of entries ``first_entry ..`` (ENTRIES of them, those ``< entries_len``) of
+    width WIDTH (the coarsest level) from ``src`` (one head), each position's row rotated by
+    ``WIDTH - 1 - t`` positions first (``t`` its offset in the span; rotate_half convention:
+    ``R x = x cos + rot(x) sin``, ``rot(x) = [-x_hi, x_lo]``).
+
+    ``rot`` is linear and both halves turn by the same angles, so the span's sum of ``R x`` is
+    ``sum(x cos) + rot(sum(x sin))``: two reductions and one ``rot`` per entry, not per position.
+    Sixteen positions at a time, re-read (the caller has just loaded them, so from cache) in the
+    layout of the table, which is loaded once: the table at the caller's whole block took 177-255
+    registers per thread, four fp32 table loads per bf16 element."""
+    SUB: tl.constexpr = 16 // WIDTH
+    table = rotary + ((WIDTH - POOL) // (POOL - 1)) * (2 * HALF)
+    t = tl.arange(0, WIDTH)
+    d = tl.arange(0, BLOCK_D)
+    sub = tl.arange(0, SUB)
+    to_end = tl.broadcast_to((WIDTH - 1 - t)[None, :, None] * (2 * HALF) + (d % HALF)[None, None, :], (SUB, WIDTH, BLOCK_D))
+    cos = tl.load(table + to_end)
+    sin = tl.load(table + to_end + HALF)
+    for first in range(0, ENTRIES, SUB):
+        entry = first_entry + first + sub
+        position = entry[:, None] * WIDTH + t[None, :]
+        rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
+                       mask=(position < seq_len)[:, :, None], other=0.0).to(tl.float32)
+        along = tl.sum(rows * cos, axis=1)
+        across = tl.sum(rows * sin, axis=1)
+        low, high = tl.split(tl.permute(tl.reshape(across, (SUB, 2, HALF)), (0, 2, 1)))
+        turned = tl.reshape(tl.permute(tl.join(-high, low), (0, 2, 1)), (SUB, BLOCK_D))
+        mean = (along + turned) * (1.0 / WIDTH)
         tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
-                 mask=(entry < padded_len // WIDTH)[:, None] & d_mask[None, :])
+                 mask=(entry < entries_len)[:, None])
 
 
 @triton.jit
@@ -398,6 +447,21 @@ def select_kernel(
 
 
 @triton.jit
+def _span_stop(first, use, seq_len, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """Where a program's loop over the spans of its entries (from ``first``, where ``use``) can stop:
+    past the last position inside the sequence. Levels whose listed entries outnumber the level's
+    blocks list padding entries whose spans lie wholly past it (at 128K, L5 p8 K1536 lists 1536
+    coarsest entries of 4096 positions, 32 of them real), and their programs now skip the loop.
+    The loop adds only zeros past the sequence, to totals that start at +0.0, so stopping early
+    changes no bit. Spans of one step (the published default's widths) keep a constant loop."""
+    if WIDTH > CHUNK:
+        stop = tl.max(tl.where(use, tl.minimum(seq_len - first, WIDTH), 0), axis=0)
+    else:
+        stop = WIDTH
+    return stop
+
+
+@triton.jit
 def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask, counts,
                 WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                 DIVIDE: tl.constexpr):
@@ -408,7 +472,7 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     steps = tl.arange(0, CHUNK)
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for step in range(0, WIDTH, CHUNK):
+    for step in range(0, _span_stop(first, use, seq_len, WIDTH, CHUNK), CHUNK):
         position = first[:, None] + step + steps[None, :]
         live = use[:, None] & (position < seq_len)
         offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
@@ -431,7 +495,7 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     f = tl.arange(0, HALF)
     total_lo = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
     total_hi = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
-    for step in range(0, WIDTH, CHUNK):
+    for step in range(0, _span_stop(first, use, seq_len, WIDTH, CHUNK), CHUNK):
         position = first[:, None] + step + steps[None, :]
         mask = (use[:, None] & (position < seq_len))[:, :, None]
         offsets = position.to(tl.int64)[:, :, None] * stride_s + f[None, None, :]
@@ -448,11 +512,22 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     return total_lo, total_hi
 
 
-def entries_per_program(width: int, block_d: int) -> int:
+def positions_per_step(width: int, rotated: bool = False) -> int:
+    """Positions of a span that ``entries_kernel`` sums at a time: the whole span up to 16 (the
+    published default's widths), else up to 64. Wide spans have few entries per level (at 128K,
+    L5 p8 has 32 real coarsest entries of 4096 positions): 16 positions at a time put 4 entries
+    in a program, 8 programs per head each summing 12 MB in 768 dependent steps; 64 at a time
+    give each entry its own program, with 4x fewer, 4x larger steps. ``rotated`` (span-end
+    q and k rows at levels >= 1): up to 16, as before; at 64 the kernel took 188-211 registers
+    per thread instead of 168 (L4/L5, D=128), and every level of the launch pays the most."""
+    return width if width <= 16 else (16 if rotated else min(width, 64))
+
+
+def entries_per_program(width: int, block_d: int, rotated: bool = False) -> int:
     """Entries of ``width`` positions that one ``entries_kernel`` program fills: about 8192 elements
-    in flight (16-32 KB), summed ``min(width, 16)`` positions at a time. ``_level_entries`` repeats
-    this formula at compile time; the host uses it for the grid."""
-    return max(1, min(64, 8192 // (min(width, 16) * block_d)))
+    in flight (16-32 KB), summed ``positions_per_step(width, rotated)`` positions at a time.
+    ``_level_entries`` repeats both formulas at compile time; the host uses this one for the grid."""
+    return max(1, min(64, 8192 // (positions_per_step(width, rotated) * block_d)))
 
 
 @triton.jit
@@ -467,11 +542,12 @@ def _level_entries(
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
     ``level_first_block``); returns where the next level's blocks start."""
     WIDTH: tl.constexpr = POOL**LEVEL
-    CHUNK: tl.constexpr = min(WIDTH, 16)  # entries_per_program's formula
+    ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
+    # positions_per_step's formula (rotated: every level >= 1 with ROPE_HALF, as the host counts them)
+    CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else (16 if ROPE_HALF > 0 and not SHIFTED else min(WIDTH, 64))
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
-    ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
     DIVIDE: tl.constexpr = MEAN and SHIFTED
     TABLE_START: tl.constexpr = (POOL**LEVEL - POOL) // (POOL - 1)  # this level's rows in the rotary table
     if LEVEL < LEVELS - 1:
@@ -553,10 +629,11 @@ def entries_kernel(
     of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
-    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another, each
+    h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
     level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
-    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
+    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote (with ``ROPE_HALF``
+    already at span end). ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
     q and k rows rotate each position to the span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
     position's gradient is divided by its ``counts``."""
@@ -565,7 +642,8 @@ def entries_kernel(
     b = tl.program_id(2)
     bh = b * heads + h
     level_first_block = 0
-    for level in tl.static_range(LEVELS):
+    # coarsest level first: its programs sum the widest spans, so they should not start last
+    for level in tl.static_range(LEVELS - 1, -1, -1):
         level_first_block = _level_entries(
             src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
             block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
@@ -627,6 +705,12 @@ def positions_kernel(
             slot = position // POOL**level
             covered = p_mask & (slot < padded_len // POOL**level)
             weight = 1.0 / POOL**level
+        if HALVES and level > 0:
+            # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
+            table = rotary + ((POOL**level - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
+            to_end = (POOL**level - 1 - position % POOL**level)[:, None] * (2 * ROPE_HALF) + a[None, :]
+            cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
+            sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
         for member in range(group):
             head = bx.to(tl.int64) * group + member
             row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
@@ -636,11 +720,6 @@ def positions_kernel(
             if HALVES:
                 rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
                 if level > 0:
-                    # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c
-                    table = rotary + ((POOL**level - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
-                    to_end = (POOL**level - 1 - position % POOL**level)[:, None] * (2 * ROPE_HALF) + a[None, :]
-                    cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
-                    sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
                     rows_a, rows_hi = rows_a * cos + rows_hi * sin, rows_hi * cos - rows_a * sin
                 total_a_hi += rows_hi * weight
             total_a += rows_a * weight
