@@ -6,21 +6,14 @@ what the single-sequence op gives it alone: Lighthouse where the settings compre
 dense causal SDPA where they do not. :func:`dense_documents` is dense causal attention inside
 every document (the dense layers of a packed batch).
 
-How, without an S x S mask: each row is split into its documents (views), and the documents are
-grouped by length. Where the varlen flash call runs (``torch.nn.attention.varlen``: CUDA, half
-precision, head dim at most 256, outside deterministic mode), a Lighthouse layer makes one
-attention call per forward: each Lighthouse group (the documents of one length, batched as
-``[documents, heads, length, head_dim]``; a length held by one document reads it in place) runs
-select and gather (the steps of :mod:`.steps`, the fused kernels as for one sequence), then the
-compressed sequences of every group and the dense documents of every length attend in one varlen
-call, every (document, query head) pair a causal sequence of its own given by cumulative lengths,
-and each group scatters its part back. Still one launch sequence per distinct Lighthouse length:
-select, gather and scatter (and their backward). One Lighthouse length and no dense document keeps
-its group's own SDPA call (already one call; SDPA may pick cuDNN, faster than flash on Hopper).
-Elsewhere (CPU, float32, deterministic mode) each length runs its own batched call: Lighthouse with
-its SDPA on the compressed sequences, or dense causal SDPA. The outputs are concatenated back in
-order. A :class:`Documents` keeps its grouping and the joint call's cumulative lengths, so every
-layer of a forward reuses the first layer's.
+How, without an S x S mask and without a Python loop of attention calls over documents: each
+row is split into its documents (views), the documents of one length run as one batched call on
+``[documents, heads, length, head_dim]`` (the steps of :mod:`.steps`, which pick the fused kernels
+on CUDA as they do for one sequence, or dense SDPA; a length held by one document reads it in
+place), and the outputs are concatenated back in order. On CUDA in half precision the dense
+documents of all lengths instead go through one varlen flash call (``torch.nn.attention.varlen``),
+whose block-diagonal causal structure is given by cumulative lengths. A :class:`Documents` keeps
+its grouping, so every layer of a forward reuses the first layer's.
 """
 
 from __future__ import annotations
@@ -35,7 +28,7 @@ import torch.nn.functional as F
 
 from ..validation import check_positive_int, is_int
 from .plan import plan_for, shortest_compressed_length
-from .steps import MethodOptions, SelectedEntries, compressed_attention, gather, scatter, select
+from .steps import MethodOptions, compressed_attention, gather, scatter, select
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -263,97 +256,12 @@ def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
 
 
-def _dense_bundle(bundle: _Bundle, bundled: tuple[list[torch.Tensor], ...], scale: float | None) -> list[torch.Tensor]:
-    """Dense causal attention of the bundled documents (q, k, v: lists of ``[heads, length,
-    head_dim]`` views) in one varlen call: each document's output, ``[length, heads, head_dim]``."""
-    q, k, v = (torch.cat([doc.transpose(0, 1) for doc in docs]) for docs in bundled)
+def _dense_bundle(bundle: _Bundle, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Dense causal attention of the bundled documents, ``[tokens, heads, head_dim]`` each."""
     heads = q.shape[1]
     k, v = _expand_heads(k, heads), _expand_heads(v, heads)
     cu = bundle.cu_seqlens
-    out = varlen_attn(q, k, v, cu, cu, bundle.max_length, bundle.max_length, scale=scale, **_VARLEN_CAUSAL)
-    return list(out.split(bundle.lengths))
-
-
-class _JointCall(NamedTuple):
-    """One varlen call over the compressed sequences of every Lighthouse group and the bundled dense
-    documents.
-
-    Every (document, query head) pair is a sequence of its own, in a one-head varlen layout: each
-    query head has its own compressed rows (its own selection), so a group's gathered
-    ``[count, heads, C, head_dim]`` is already ``count * heads`` sequences of ``C`` rows, end to
-    end. The sequences: each group's, in the layout's order, then the dense documents head by head
-    (head 0's documents in the bundle's order, then head 1's, ...).
-    """
-
-    cu_seqlens: torch.Tensor
-    max_length: int
-    rows: tuple[int, ...]
-    """Rows of each part: each group's ``count * heads * C``, then (with a bundle) the dense
-    documents' ``heads * total length``."""
-
-
-def _joint_call(
-    documents: Documents, layout: _Layout, compressed_lengths: tuple[int, ...], heads: int, device: torch.device
-) -> _JointCall:
-    """The joint call for ``layout`` (whose groups all run Lighthouse, ``compressed_lengths`` theirs),
-    built once per :class:`Documents` like the layout."""
-    key = ("joint", device, tuple(group.length for group in layout.groups), compressed_lengths, heads)
-    call = documents.layouts.get(key)
-    if call is None:
-        lengths = [c for group, c in zip(layout.groups, compressed_lengths) for _ in range(len(group.docs) * heads)]
-        rows = [len(group.docs) * heads * c for group, c in zip(layout.groups, compressed_lengths)]
-        if layout.bundle is not None:
-            lengths += list(layout.bundle.lengths) * heads
-            rows.append(heads * sum(layout.bundle.lengths))
-        ends = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        call = documents.layouts[key] = _JointCall(_on_device(ends, device), max(lengths), tuple(rows))
-    return call
-
-
-def _attend_jointly(
-    call: _JointCall,
-    compressed: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    bundled: tuple[list[torch.Tensor], ...] | None,
-    scale: float | None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Causal attention inside every compressed sequence (q, k, v ``[count, heads, C, head_dim]``
-    per group) and every bundled dense document (lists of ``[heads or kv_heads, length, head_dim]``
-    views), all in the one varlen call ``call`` lays out: each group's output
-    ``[count, heads, C, head_dim]`` and each bundled document's ``[length, heads, head_dim]``."""
-    parts: list[list[torch.Tensor]] = [[x[i] for x in compressed] for i in range(3)]
-    heads, dim = compressed[0][0].shape[1], compressed[0][0].shape[-1]
-    if bundled is not None:
-        q_dense, k_dense, v_dense = (torch.cat(docs, dim=1) for docs in bundled)  # [heads or kv_heads, tokens, D]
-        for part, x in zip(parts, (q_dense, *(_expand_heads(x.unsqueeze(0), heads)[0] for x in (k_dense, v_dense)))):
-            part.append(x)
-    q, k, v = (torch.cat([x.reshape(-1, dim) for x in part]).unsqueeze(1) for part in parts)
-    cu = call.cu_seqlens
-    out = varlen_attn(q, k, v, cu, cu, call.max_length, call.max_length, scale=scale, **_VARLEN_CAUSAL)
-    pieces = out.squeeze(1).split(call.rows)
-    group_outs = [piece.view(x.shape) for piece, x in zip(pieces, parts[0])]
-    bundle_outs = None
-    if bundled is not None:
-        dense = pieces[-1].view(heads, -1, dim)
-        bundle_outs = [doc.transpose(0, 1) for doc in dense.split([doc.shape[1] for doc in bundled[0]], dim=1)]
-    return group_outs, bundle_outs
-
-
-def _joins_compressed(layout: _Layout, bundle_dense: bool) -> bool:
-    """Whether the compressed sequences go into the dense documents' varlen call: where the dense
-    documents are bundled (then every group runs Lighthouse) and that saves a call (one group and
-    no bundle is already one SDPA call)."""
-    return bundle_dense and bool(layout.groups) and len(layout.groups) + (layout.bundle is not None) >= 2
-
-
-class _GroupInputs(NamedTuple):
-    """One group's documents, batched: q, k, v ``[count, heads or kv_heads, length, head_dim]`` and,
-    with given scores, theirs ``([count, heads, length], [count, kv_heads, length])``."""
-
-    group: _Group
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    scores: tuple[torch.Tensor, torch.Tensor] | None
+    return varlen_attn(q, k, v, cu, cu, bundle.max_length, bundle.max_length, scale=scale, **_VARLEN_CAUSAL)
 
 
 def _run(
@@ -363,20 +271,17 @@ def _run(
     k: torch.Tensor,
     v: torch.Tensor,
     scores: tuple[torch.Tensor, torch.Tensor] | None,
-    attend: Callable[[list[_GroupInputs], tuple[list[torch.Tensor], ...] | None], tuple[list[torch.Tensor], list[torch.Tensor] | None]],
+    attend_group: Callable[..., torch.Tensor],
+    scale: float | None,
 ) -> torch.Tensor:
-    """Hand every group and the bundle to ``attend`` and put the outputs back in place: ``[B, H, S, D]``.
-
-    ``attend(groups, bundled)`` gets one :class:`_GroupInputs` per group of ``layout`` and, with a
-    bundle, the bundled documents' q, k and v (lists of ``[heads, length, head_dim]`` views, in
-    the bundle's order; else None); it returns each group's output ``[count, heads, length,
-    head_dim]`` and each bundled document's ``[length, heads, head_dim]`` (None without a bundle).
+    """Run each group (``attend_group(group, q, k, v, scores)`` on ``[count, heads, length, ...]``)
+    and the bundle, and put the outputs back in place: ``[B, H, S, D]``.
 
     Every document's rows are views (a split of each batch row), so a group of one document reads
     q, k and v where they are; only groups of several documents and the bundle copy theirs. The
     backward of the split writes each row's gradient once.
     """
-    batch = q.shape[0]
+    batch, heads, seq_len, dim = q.shape
 
     def split(x: torch.Tensor) -> list[torch.Tensor]:
         return [doc for row, lengths in zip(x.unbind(0), documents.lengths) for doc in row.split(lengths, dim=1)]
@@ -388,27 +293,19 @@ def _run(
 
     whole_rows = len(layout.groups) == 1 and layout.bundle is None and all(len(row) == 1 for row in documents.lengths)
     if whole_rows:  # one document per row, all of one length: the batch is the group
-        return attend([_GroupInputs(layout.groups[0], q, k, v, scores)], None)[0][0]
+        return attend_group(layout.groups[0], q, k, v, scores)
     q_docs, k_docs, v_docs = split(q), split(k), split(v)
     score_docs = [split(s) for s in scores] if scores is not None else None
-    groups = [
-        _GroupInputs(
-            group,
-            batched(q_docs, group),
-            batched(k_docs, group),
-            batched(v_docs, group),
-            tuple(batched(s, group).contiguous() for s in score_docs) if score_docs is not None else None,
-        )
-        for group in layout.groups
-    ]
-    bundled = None if layout.bundle is None else tuple([docs[i] for i in layout.bundle.docs] for docs in (q_docs, k_docs, v_docs))
-    group_outs, bundle_outs = attend(groups, bundled)
     out_docs: list[torch.Tensor | None] = [None] * len(q_docs)  # [length, heads, dim] each
-    for group, out in zip(layout.groups, group_outs):
+    for group in layout.groups:
+        group_scores = tuple(batched(s, group).contiguous() for s in score_docs) if score_docs is not None else None
+        out = attend_group(group, batched(q_docs, group), batched(k_docs, group), batched(v_docs, group), group_scores)
         for doc, piece in zip(group.docs, out.unbind(0)):
             out_docs[doc] = piece.transpose(0, 1)
     if layout.bundle is not None:
-        for doc, piece in zip(layout.bundle.docs, bundle_outs):
+        flat = [torch.cat([docs[i].transpose(0, 1) for i in layout.bundle.docs]) for docs in (q_docs, k_docs, v_docs)]
+        out = _dense_bundle(layout.bundle, *flat, scale)
+        for doc, piece in zip(layout.bundle.docs, out.split(layout.bundle.lengths)):
             out_docs[doc] = piece
     rows, first = [], 0
     for lengths in documents.lengths:
@@ -447,38 +344,18 @@ def attend_documents(
     lighthouse_lengths = frozenset(
         length for length in documents.distinct_lengths() if runs_lighthouse(length, levels, pooling, topk, min_seq_len)
     )
-    bundle_dense = _bundles_dense(q, None, 0.0)
-    layout = _layout(documents, lighthouse_lengths, bundle_dense, q.device)
+    layout = _layout(documents, lighthouse_lengths, _bundles_dense(q, None, 0.0), q.device)
     scores = None if options.q_scores is None else (options.q_scores, options.k_scores)
 
-    def select_and_gather(inputs: _GroupInputs) -> tuple[SelectedEntries, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        plan = plan_for(inputs.group.length, levels, pooling, topk)
-        group_options = options if inputs.scores is None else options._replace(q_scores=inputs.scores[0], k_scores=inputs.scores[1])
-        entries = select(inputs.q, inputs.k, plan, group_options)
-        return entries, gather(entries, inputs.q, inputs.k, inputs.v)
+    def attend_group(group: _Group, q_g, k_g, v_g, group_scores) -> torch.Tensor:
+        if not group.lighthouse:
+            return _dense_group(q_g, k_g, v_g, scale, None, 0.0)
+        plan = plan_for(group.length, levels, pooling, topk)
+        group_options = options if group_scores is None else options._replace(q_scores=group_scores[0], k_scores=group_scores[1])
+        entries = select(q_g, k_g, plan, group_options)
+        return scatter(entries, compressed_attention(*gather(entries, q_g, k_g, v_g), scale), group.length)
 
-    def attend_by_group(groups: list[_GroupInputs], bundled):
-        outs = []
-        for inputs in groups:
-            if inputs.group.lighthouse:
-                entries, selected = select_and_gather(inputs)
-                outs.append(scatter(entries, compressed_attention(*selected, scale), inputs.group.length))
-            else:
-                outs.append(_dense_group(inputs.q, inputs.k, inputs.v, scale, None, 0.0))
-        return outs, None if bundled is None else _dense_bundle(layout.bundle, bundled, scale)
-
-    if not _joins_compressed(layout, bundle_dense):
-        return _run(layout, documents, q, k, v, scores, attend_by_group)
-    compressed_lengths = tuple(plan_for(group.length, levels, pooling, topk).compressed_len for group in layout.groups)
-    call = _joint_call(documents, layout, compressed_lengths, q.shape[1], q.device)
-
-    def attend_jointly(groups: list[_GroupInputs], bundled):
-        steps = [select_and_gather(inputs) for inputs in groups]
-        outs_sel, bundle_outs = _attend_jointly(call, [selected for _, selected in steps], bundled, scale)
-        outs = [scatter(entries, out_sel, inputs.group.length) for (entries, _), out_sel, inputs in zip(steps, outs_sel, groups)]
-        return outs, bundle_outs
-
-    return _run(layout, documents, q, k, v, scores, attend_jointly)
+    return _run(layout, documents, q, k, v, scores, attend_group, scale)
 
 
 def dense_documents(
@@ -495,8 +372,7 @@ def dense_documents(
     only the ``window`` positions ending at it; ``dropout``: SDPA's attention dropout."""
     layout = _layout(documents, frozenset(), _bundles_dense(q, window, dropout), q.device)
 
-    def attend(groups: list[_GroupInputs], bundled):
-        outs = [_dense_group(inputs.q, inputs.k, inputs.v, scale, window, dropout) for inputs in groups]
-        return outs, None if bundled is None else _dense_bundle(layout.bundle, bundled, scale)
+    def attend_group(group: _Group, q_g, k_g, v_g, _scores) -> torch.Tensor:
+        return _dense_group(q_g, k_g, v_g, scale, window, dropout)
 
-    return _run(layout, documents, q, k, v, None, attend)
+    return _run(layout, documents, q, k, v, None, attend_group, scale)
