@@ -200,8 +200,8 @@ Tensor = torch.Tensor
 
 
 def _select_impl(
-    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool, levels: int, pooling: int, topk: int,
-    causal: bool = False,
+    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool,
+    levels: int, pooling: int, topk: int, causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
     plan = plan_for(q.shape[2], levels, pooling, topk)
