@@ -9,7 +9,8 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
 whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
-line per shape with the score pass's coarsest means against the reference pyramid (both RoPE modes).
+line per shape with the score pass's coarsest means against the reference pyramid, and whether
+rope="span_end" selects as rope="pooled" (with no means from the score pass).
 """
 
 from __future__ import annotations
@@ -140,32 +141,22 @@ MEANS_CASES = [(1, 2, 1, 1500, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 2, 8, 128), (
                (1, 1, 1, 1000, 16, 2, 2, 128), (1, 1, 1, 2048, 64, 2, 4, 128)]
 
 
-def _same_scores(pyramids, others, plan) -> bool:
-    """Whether two score passes' pyramids are equal where written (each level's slots; the rest of a
-    row is never written)."""
-    return all(torch.equal(a[:, level - 1, : plan.level_len(level)], b[:, level - 1, : plan.level_len(level)])
-               for a, b in zip(pyramids, others) for level in range(1, plan.levels))
-
-
 def run_means() -> None:
-    """rope="span_end" and "pooled": the score pass's means against the reference pyramid's coarsest
-    level, and whether the span-end pass scores exactly as the pooled one."""
+    """rope="pooled": the score pass's means against the reference pyramid's coarsest level.
+    rope="span_end": the same listing (the scores are the same norms) and no means (the gather pools
+    the coarsest level's rows, rotated to span end, itself)."""
     for case in MEANS_CASES:
         batch, heads, kv_heads, seq, dim = case[:5]
         plan = LighthousePlan(seq, *case[5:])
         g = torch.Generator().manual_seed(seq)
         q, k = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads))
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+        pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
         offset = plan.level_offset(plan.levels - 1)
-        runs = {rope: fused._score_pyramids(q, k, plan, rope_inv_freq=inv_freq if rope else None) for rope in (False, True)}
-        errors = {}
-        for rope, (_, _, means) in runs.items():
-            want = torch.cat([reference.pyramid(x.float(), plan, inv_freq if rope else None)[:, :, offset:].flatten(0, 1)
-                              for x in (q, k)])
-            errors["span_end" if rope else "pooled"] = (means.float() - want).abs().max().item()
-        print(json.dumps(dict(case=case, means_written=fused._means_in_score_pass(q, plan, rope_inv_freq=inv_freq),
-                              max_error=errors, same_scores=_same_scores(runs[False][:2], runs[True][:2], plan),
-                              span_end_differs=not torch.equal(runs[False][2], runs[True][2]))),
+        want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1) for x in (q, k)])
+        print(json.dumps(dict(case=case, means_written=fused._means_in_score_pass(q, plan),
+                              max_error=(pooled.means.float() - want).abs().max().item(),
+                              same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
+                              span_end_means=span_end.means.numel())),
               flush=True)
 
 

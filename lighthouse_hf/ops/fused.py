@@ -87,16 +87,11 @@ def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan) -> int:
     return 0 if fitting == 1 else fitting
 
 
-def _means_in_score_pass(
-    q: torch.Tensor, plan: LighthousePlan, given_scores: bool = False, rope_inv_freq: torch.Tensor | None = None
-) -> bool:
-    """Whether the score pass also writes the coarsest means of q and k (with ``rope_inv_freq``:
-    rotated to span end, where the kernels pool at span end for this head size). Spans of up to 16
-    positions: the compiler keeps a wider span's block whole (168-206 registers per thread at
-    D=128). Not with given scores (no score pass)."""
-    if rope_inv_freq is not None and not handles_rope(q, rope_inv_freq):
-        return False
-    return not given_scores and _triton_score_pass(q, plan) and plan.coarse_width <= 16
+def _means_in_score_pass(q: torch.Tensor, plan: LighthousePlan, given_scores: bool = False, rope: bool = False) -> bool:
+    """Whether the score pass also writes the coarsest means of q and k. Spans of up to 16 positions:
+    the compiler keeps a wider span's block whole (168-206 registers per thread at D=128). Not with
+    given scores (no score pass) nor span-end RoPE (its means rotate each position first)."""
+    return not given_scores and not rope and _triton_score_pass(q, plan) and plan.coarse_width <= 16
 
 
 def _score_pyramids(
@@ -105,13 +100,12 @@ def _score_pyramids(
     plan: LighthousePlan,
     q_scores: torch.Tensor | None = None,
     k_scores: torch.Tensor | None = None,
-    rope_inv_freq: torch.Tensor | None = None,
+    rope: bool = False,
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
-    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor; with
-    ``rope_inv_freq`` the means are at span end, as ``gather_entries`` pools). ``causal``: two
+    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor). ``causal``: two
     rows per level instead of one, ``[B*h, 2*(L-1), padded_len // p]`` (see ``scores_kernel``).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
@@ -133,18 +127,17 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    with_means = _means_in_score_pass(q, plan, rope_inv_freq=rope_inv_freq)
+    with_means = _means_in_score_pass(q, plan, rope=rope)
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
-    rotary = rotary_table(rope_inv_freq, plan) if with_means else None
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
     # K1536 pads 131,072 positions to 6,291,456), and the host fills the padding slots.
     blocks = _cdiv(plan.padded_len if pass_levels == plan.levels else plan.seq_len, block_p)
     _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
-        q, k, scores, means if with_means else q, scores if rotary is None else rotary, heads, kv_heads, dim,
-        plan.seq_len, plan.real_len, plan.padded_len, stride, *q.stride()[:3], *k.stride()[:3],
+        q, k, scores, means if with_means else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
+        stride, *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
-        ROPE_HALF=0 if rotary is None else rotary.shape[-1], PASS_LEVELS=pass_levels, num_warps=4,
+        PASS_LEVELS=pass_levels, num_warps=4,
     )
     if pass_levels < plan.levels:
         _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p, causal)
@@ -207,7 +200,7 @@ Tensor = torch.Tensor
 
 
 def _select_impl(
-    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope_inv_freq: Optional[Tensor],
+    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool,
     levels: int, pooling: int, topk: int, causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
@@ -227,7 +220,7 @@ def _select_impl(
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope_inv_freq, causal)
+    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope, causal)
     kernels.select_kernel[(plan.tiles, heads, batch)](
         q_scores,
         k_scores,
@@ -417,13 +410,13 @@ _scatter_backward_op = torch.library.custom_op(
 
 
 @_select_op.register_fake
-def _(q, k, q_scores, k_scores, rope_inv_freq, levels, pooling, topk, causal=False):
+def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    with_means = _means_in_score_pass(q, plan, q_scores is not None, rope_inv_freq)
+    with_means = _means_in_score_pass(q, plan, q_scores is not None, rope)
     means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if with_means else q.new_empty(0)
     return listing, torch.empty_like(listing), inverse, means
 
@@ -530,14 +523,13 @@ def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
 
 def select_entries(
     q: Tensor, k: Tensor, plan: LighthousePlan, q_scores: Tensor | None = None, k_scores: Tensor | None = None,
-    rope_inv_freq: Tensor | None = None, causal: bool = False,
+    rope: bool = False, causal: bool = False,
 ) -> Listing:
     """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence; ``q_scores`` and
-    ``k_scores``: level-0 scores instead of the norms; ``rope_inv_freq``: span-end RoPE follows
-    (the score pass's coarsest means are then rotated to span end; the same ``rope_inv_freq`` must
-    reach ``gather_entries``); ``causal``: the causal selection rule (``ops/causal.py``)."""
+    ``k_scores``: level-0 scores instead of the norms; ``rope``: span-end RoPE follows (the score
+    pass then writes no coarsest means); ``causal``: the causal selection rule (``ops/causal.py``)."""
     select = _select_op if torch.compiler.is_compiling() else _select_impl
-    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope_inv_freq, *_settings(plan), causal))
+    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan), causal))
 
 
 def gather_entries(

@@ -41,7 +41,6 @@ def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
     scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
     means,  # out with WITH_MEANS: [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D], the coarsest level's means
-    rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
@@ -51,7 +50,6 @@ def scores_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ROPE_HALF: tl.constexpr,
     PASS_LEVELS: tl.constexpr,
 ):
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
@@ -64,9 +62,6 @@ def scores_kernel(
     pyramids set ``PASS_LEVELS < LEVELS`` (not with ``WITH_MEANS``): the pass
     writes levels ``1 .. PASS_LEVELS-1`` (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the
     whole pyramid, and the host max-pools the rest from the last of them.
-    ``ROPE_HALF > 0`` (``rope="span_end"``, with ``WITH_MEANS``; needs ``dim == BLOCK_D == 2 *
-    ROPE_HALF``): the means are of each position's row rotated on to its span's last token, as
-    ``entries_kernel`` would pool them; the scores do not change.
 
     ``CAUSAL`` (``selection="causal"``, whose score of entry j is the maximum over the window
     ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
@@ -112,50 +107,10 @@ def scores_kernel(
         else:
             tl.store(scores + (level - 1) * score_stride + slot, tl.max(spans, axis=2), mask=in_level)
     if WITH_MEANS:
+        mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
         means += row.to(tl.int64) * ((padded_len // WIDTH) * dim)
-        if ROPE_HALF > 0:
-            _store_rotated_span_means(src, stride_s, rotary, means, block * ENTRIES, padded_len // WIDTH, seq_len, dim,
-                                      ENTRIES, WIDTH, POOL, BLOCK_D, ROPE_HALF)
-        else:
-            mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
-            tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
-                     mask=(entry < padded_len // WIDTH)[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _store_rotated_span_means(src, stride_s, rotary, means, first_entry, entries_len, seq_len, dim,
-                              ENTRIES: tl.constexpr, WIDTH: tl.constexpr, POOL: tl.constexpr, BLOCK_D: tl.constexpr,
-                              HALF: tl.constexpr):
-    """Writes the means of entries ``first_entry ..`` (ENTRIES of them, those ``< entries_len``) of
-    width WIDTH (the coarsest level) from ``src`` (one head), each position's row rotated by
-    ``WIDTH - 1 - t`` positions first (``t`` its offset in the span; rotate_half convention:
-    ``R x = x cos + rot(x) sin``, ``rot(x) = [-x_hi, x_lo]``).
-
-    ``rot`` is linear and both halves turn by the same angles, so the span's sum of ``R x`` is
-    ``sum(x cos) + rot(sum(x sin))``: two reductions and one ``rot`` per entry, not per position.
-    Sixteen positions at a time, re-read (the caller has just loaded them, so from cache) in the
-    layout of the table, which is loaded once: the table at the caller's whole block took 177-255
-    registers per thread, four fp32 table loads per bf16 element."""
-    SUB: tl.constexpr = 16 // WIDTH
-    table = rotary + ((WIDTH - POOL) // (POOL - 1)) * (2 * HALF)
-    t = tl.arange(0, WIDTH)
-    d = tl.arange(0, BLOCK_D)
-    sub = tl.arange(0, SUB)
-    to_end = tl.broadcast_to((WIDTH - 1 - t)[None, :, None] * (2 * HALF) + (d % HALF)[None, None, :], (SUB, WIDTH, BLOCK_D))
-    cos = tl.load(table + to_end)
-    sin = tl.load(table + to_end + HALF)
-    for first in range(0, ENTRIES, SUB):
-        entry = first_entry + first + sub
-        position = entry[:, None] * WIDTH + t[None, :]
-        rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
-                       mask=(position < seq_len)[:, :, None], other=0.0).to(tl.float32)
-        along = tl.sum(rows * cos, axis=1)
-        across = tl.sum(rows * sin, axis=1)
-        low, high = tl.split(tl.permute(tl.reshape(across, (SUB, 2, HALF)), (0, 2, 1)))
-        turned = tl.reshape(tl.permute(tl.join(-high, low), (0, 2, 1)), (SUB, BLOCK_D))
-        mean = (along + turned) * (1.0 / WIDTH)
         tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
-                 mask=(entry < entries_len)[:, None])
+                 mask=(entry < padded_len // WIDTH)[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -632,8 +587,7 @@ def entries_kernel(
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
     level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
-    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote (with ``ROPE_HALF``
-    already at span end). ``ROPE_HALF > 0``
+    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
     q and k rows rotate each position to the span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
     position's gradient is divided by its ``counts``."""

@@ -58,7 +58,7 @@ def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan, options: Meth
     rope = options.rope_inv_freq is not None
     kernels = fused.handles(q) and (not rope or fused.handles_rope(q, options.rope_inv_freq))
     if kernels:
-        listing = fused.select_entries(q, k, plan, options.q_scores, options.k_scores, options.rope_inv_freq, options.causal)
+        listing = fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope, options.causal)
         return SelectedEntries(plan, options, listing, None)
     selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores, causal=options.causal)
     return SelectedEntries(plan, options, None, selection)
