@@ -15,12 +15,18 @@ pytest.importorskip("triton")
 SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
 
+def interpreted_rows(mode: str) -> list[dict]:
+    """The JSON rows that ``interpreted_kernels.py MODE`` prints, run in a process of its own (the
+    interpreter must be on before the kernels are compiled)."""
+    run = subprocess.run([sys.executable, str(SCRIPT), mode], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 3e-2)])
 def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, tolerance):
-    run = subprocess.run([sys.executable, str(SCRIPT), dtype], capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows(dtype)
     assert len(rows) == 36
     for row in rows:
         assert row["out"] < tolerance and max(row["grads"]) < tolerance, row
@@ -31,9 +37,7 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
 def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter():
     # Both rules (the causal one above all), on scores with ties, signed zeros, padded plans, and
     # tiles whose causal thresholds come from a run of earlier tiles that does not start at tile 0.
-    run = subprocess.run([sys.executable, str(SCRIPT), "selection"], capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows("selection")
     assert len(rows) == 56
     for row in rows:
         assert all(row["equal"].values()), row
@@ -47,9 +51,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter():
     # The gather copies the coarsest q and k rows from these means (rope="pooled"). rope="span_end"
     # pools that level rotated in the gather, so its score pass writes no means, and selects as the
     # pooled one (its scores are the same norms).
-    run = subprocess.run([sys.executable, str(SCRIPT), "means"], capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows("means")
     assert len(rows) == 5
     for row in rows:
         assert row["means_written"] and row["same_listing"] and row["span_end_means"] == 0, row
