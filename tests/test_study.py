@@ -251,7 +251,8 @@ def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thr
     records["published"] = scratch.main(["--arm", "published", "--schedule", "constant", *common])
 
     written = sorted(p.name for p in results.glob("*.json"))
-    assert written == ["all-seed0.json", "dense-seed0.json", "published-constant-seed0.json"]
+    # 8 steps, not the track's planned 360: the variant says so
+    assert written == ["all-steps8-seed0.json", "dense-steps8-seed0.json", "published-constant-steps8-seed0.json"]
     for arm, record in records.items():
         assert [s["phase"] for s in record["steps"]] == (["dense"] * 8 if arm == "dense" else ["lighthouse"] * 6 + ["dense"] * 2)
         assert [e["step"] for e in record["evals"]] == [0, 4, 6, 8]
@@ -272,11 +273,11 @@ def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thr
 
     summary = report.main(["--results", str(results)])
     by_arm = {c["arm"]: c for c in summary["comparisons"]}
-    assert set(by_arm) == {"dense", "all"}  # published-constant has no dense-constant to be compared with
-    low, high = by_arm["all"]["interval"]
-    assert low <= by_arm["all"]["difference"] <= high
-    assert summary["verdict"]["default"]["outcome"] in ("confirmed", "refuted", "inconclusive")
-    assert summary["verdict"]["constant"] == dict(outcome="inconclusive", reason="no dense-constant run to compare with")
+    assert set(by_arm) == {"dense-steps8", "all-steps8"}  # published-constant has no dense-constant to be compared with
+    low, high = by_arm["all-steps8"]["interval"]
+    assert low <= by_arm["all-steps8"]["difference"] <= high
+    assert summary["verdict"]["steps8"]["outcome"] in ("confirmed", "refuted", "inconclusive")
+    assert summary["verdict"]["constant-steps8"] == dict(outcome="inconclusive", reason="no dense-constant-steps8 run to compare with")
     for name in ("summary.json", "results.md", "long_loss_vs_gpu_time.png", "loss_by_position.png", "probes_by_depth.png"):
         assert (results / name).stat().st_size > 0
 

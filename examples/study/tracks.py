@@ -256,7 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--out", type=Path, default=defaults["out"], help="results folder (default: %(default)s)")
     parser.add_argument("--eval-text", type=Path, nargs="*", default=[], metavar="FILE", help="extra held-out text files, evaluated like the held-out books")
     parser.add_argument("--seq-len", type=int, default=65536)
-    parser.add_argument("--steps", type=int, default=defaults["steps"])
+    parser.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer steps (default: %(default)s; another count names the run's variant)")
+    parser.set_defaults(track_steps=defaults["steps"])
     parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"])
     parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="warm-up steps")
     parser.add_argument("--schedule", choices=SCHEDULES, default="wsd", help="wsd: warmup-stable-decay; constant: the paper's protocol")
@@ -286,9 +287,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def result_name(args: argparse.Namespace) -> str:
+    """``<arm>[-<variant>]-seed<N>.json``: the variant names what differs from the track's plan, so
+    that e.g. a shorter dense run never overwrites the planned one."""
     variant = [] if args.schedule == "wsd" else [args.schedule]
     if args.recovery != 0.25:
         variant.append(f"recovery{args.recovery:g}")
+    if args.steps != args.track_steps:
+        variant.append(f"steps{args.steps}")
     return "-".join([args.arm, *variant, f"seed{args.seed}"]) + ".json"
 
 
