@@ -7,17 +7,17 @@ dense causal SDPA where they do not. :func:`dense_documents` is dense causal att
 every document (the dense layers of a packed batch).
 
 How, without an S x S mask: each row is split into its documents (views), the documents of one
-length run as one batched call on
-``[documents, heads, length, head_dim]`` (the steps of :mod:`.steps`, which pick the fused kernels
-on CUDA as they do for one sequence, or dense SDPA; a length held by one document reads it in
-place), and the outputs are concatenated back in order. On CUDA in half precision the dense
-documents of all lengths instead go through one varlen flash call (``torch.nn.attention.varlen``),
-whose block-diagonal causal structure is given by cumulative lengths. So a row makes one launch
-sequence per distinct length of its compressed documents (at most ``S`` over the shortest length
-the settings compress) and one dense call. Putting the compressed sequences into the dense
-documents' varlen call too was measured slower on the H200 (flash against SDPA's cuDNN on the long
-compressed sequences; NOTES-kernels.md, "Packed documents"). A :class:`Documents` keeps its
-grouping, so every layer of a forward reuses the first layer's.
+length run as one batched call on ``[documents, heads, length, head_dim]`` (the steps of
+:mod:`.steps`, which pick the fused kernels on CUDA as they do for one sequence, or dense SDPA; a
+length held by one document reads it in place), and the outputs are concatenated back in order. On
+CUDA in half precision the dense documents of all lengths instead go through one varlen flash call
+(``torch.nn.attention.varlen``), whose block-diagonal causal structure is given by cumulative
+lengths. So a row makes one launch sequence per distinct length of its compressed documents (at
+most ``S`` over the shortest length the settings compress) and one dense call. Putting the
+compressed sequences into the dense documents' varlen call too was measured slower on the H200
+(flash against SDPA's cuDNN on the long compressed sequences; NOTES-kernels.md, "Packed
+documents"). A :class:`Documents` keeps its grouping, so every layer of a forward reuses the first
+layer's.
 """
 
 from __future__ import annotations
