@@ -570,6 +570,15 @@ def _gpu_case(option: str):
     return documents, (q, k, v), extra
 
 
+def _packed_op(documents):
+    """``lighthouse_attention_varlen`` over ``documents`` with the GPU tests' settings."""
+
+    def packed(*args, **options):
+        return lighthouse_attention_varlen(*args, documents, **GPU["settings"], **options)
+
+    return packed
+
+
 def _run_on(fn, inputs, extra, grad, device, dtype):
     moved = [x.to(device, dtype).requires_grad_() for x in inputs]
     options = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in extra.items()}
@@ -587,8 +596,7 @@ def test_gpu_fused_packed_equals_reference_packed(option):
     documents, inputs, extra = _gpu_case(option)
     grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(11))
 
-    def packed(*args, **options):
-        return lighthouse_attention_varlen(*args, documents, **GPU["settings"], **options)
+    packed = _packed_op(documents)
 
     got = _run_on(packed, inputs, extra, grad, "cuda", torch.float32)
     expected = _run_on(packed, inputs, extra, grad, "cpu", torch.float32)
@@ -606,8 +614,7 @@ def test_gpu_bfloat16_packed_equals_each_document_alone(option):
     documents, inputs, extra = _gpu_case(option)
     grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(12))
 
-    def packed(*args, **options):
-        return lighthouse_attention_varlen(*args, documents, **GPU["settings"], **options)
+    packed = _packed_op(documents)
 
     def alone(*args, **options):
         return per_document(lambda *t: lighthouse_attention(*t, **GPU["settings"], **options), documents, *args)
