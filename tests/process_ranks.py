@@ -16,6 +16,7 @@ tensors arrive on the CPU).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import tempfile
 import time
@@ -34,8 +35,9 @@ TERMINATE_GRACE_S = 5.0
 
 def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = (), timeout_s: float = 300.0) -> list:
     """``[rank_main(0, *args), ..., rank_main(world - 1, *args)]``, each called in its own process
-    as that rank of a ``world``-rank gloo default process group. A rank that raises ends the run:
-    the others are stopped and a RuntimeError names that rank and carries its traceback. After
+    as that rank of a ``world``-rank gloo default process group. A rank that raises or crashes
+    ends the run: the others are stopped and a RuntimeError names that rank and carries its
+    traceback (for a crash, faulthandler's: the signal and every thread's stack). After
     ``timeout_s`` the ranks still running are stopped and TimeoutError names them."""
     with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
         context = mp.start_processes(
@@ -49,8 +51,10 @@ def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = 
                     _stop(context.processes)
                     raise TimeoutError(f"{', '.join(stuck)} still running after {timeout_s} s")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # start_processes has stopped the other ranks
-            first = _first_failure(folder)
-            if first is None:  # the rank died without raising (a signal, an exit)
+            # A rank that crashed wrote no failure record, but the ranks it left waiting did:
+            # its fault record comes first.
+            first = _first_fault(folder, world) or _first_failure(folder)
+            if first is None:  # the rank died without raising or crashing (an exit)
                 raise RuntimeError(f"rank {error.error_index} of {world} failed: {error}") from None
             rank, trace = first
             raise RuntimeError(f"rank {rank} of {world} failed: {trace}") from None
@@ -58,6 +62,9 @@ def run_rank_processes(world: int, rank_main: Callable[..., Any], args: tuple = 
 
 
 def _rank_entry(rank: int, world: int, folder: str, rank_main: Callable[..., Any], args: tuple, timeout_s: float) -> None:
+    # A rank killed by a signal (a crash in a collective or a kernel) leaves no Python traceback
+    # to record below; faulthandler writes the signal and where each of its threads was.
+    faulthandler.enable(open(os.path.join(folder, f"rank{rank}.fault"), "w"), all_threads=True)
     # The cores shared among the ranks, not all of them for each: oversubscribed ranks crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this machine
@@ -88,6 +95,18 @@ def _first_failure(folder: str) -> tuple[int, str] | None:
                 stamp, trace = record.read().split("\n", 1)
             records.append((int(stamp), int(name[len("rank") : -len(".failure")]), trace))
     return min(records)[1:] if records else None
+
+
+def _first_fault(folder: str, world: int) -> tuple[int, str] | None:
+    """The lowest rank that faulthandler saw crash (a fatal signal), and where its threads were."""
+    for rank in range(world):
+        path = os.path.join(folder, f"rank{rank}.fault")
+        if os.path.exists(path):
+            with open(path) as record:
+                trace = record.read().strip()
+            if trace:
+                return rank, trace
+    return None
 
 
 def _stop(processes) -> None:

@@ -5,6 +5,7 @@ one GPU (the CUDA branch; inductor for the op)."""
 
 from __future__ import annotations
 
+import ctypes
 import time
 
 import pytest
@@ -33,6 +34,12 @@ def _rank_one_fails(rank: int) -> None:
     dist.barrier()  # would wait for rank 1 until the group's timeout
 
 
+def _rank_one_crashes(rank: int) -> None:
+    if rank == 1:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV, as a crash inside a collective would
+    dist.barrier()
+
+
 def _rank_one_sleeps(rank: int) -> None:
     if rank == 1:
         time.sleep(60.0)
@@ -51,6 +58,12 @@ def test_a_failing_process_rank_raises_and_stops_the_others():
     with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed: .*ValueError: rank one is broken"):
         run_rank_processes(2, _rank_one_fails, timeout_s=120)
     assert time.monotonic() - start < 60  # not the timeout: rank 0, stuck in the barrier, was stopped
+
+
+@pytest.mark.slow
+def test_a_crashed_process_rank_names_the_signal_and_where_it_was():
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed: Fatal Python error: Segmentation fault.*in _rank_one_crashes"):
+        run_rank_processes(2, _rank_one_crashes, timeout_s=120)
 
 
 @pytest.mark.slow
