@@ -15,7 +15,11 @@ call (inputs, outputs and gradients included). Times are per call with calls que
 as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
 which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead
 times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Llama with hidden
-1024 under ``sdpa`` and ``lighthouse`` attention and reports tokens per second.
+1024 under ``sdpa`` and ``lighthouse`` attention and reports tokens per second. ``--layer`` times
+one Llama decoder layer (hidden ``--heads`` x ``--dim``, MLP 1.5x hidden, bf16) under ``sdpa`` and
+``lighthouse`` attention, forward+backward and forward only: per call queued back to back (``ms``)
+and from an idle GPU (``latency_ms``). Their difference is the host time the GPU waited for; a
+Lighthouse layer whose difference is no larger than the SDPA layer's is device-bound.
 
 Method options (``--rope``, ``--scores``, ``--selection``, ``--combine``; README, "Method options")
 are swept like the settings, every combination a row. ``span_end`` passes default RoPE
@@ -52,6 +56,7 @@ Packed mode also runs on the CPU (times with the host clock; no memory figures) 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -83,25 +88,31 @@ GB = 1e9
 
 def run(args: argparse.Namespace) -> int:
     packed_mode = args.packed is not None or args.packed_longtail is not None
+    model_mode = "--e2e" if args.e2e else "--layer" if args.layer else None
     if packed_mode:
-        if args.e2e:
-            print("lighthouse-hf bench: --packed and --packed-longtail time the operator; leave out --e2e", file=sys.stderr)
+        if model_mode:
+            print(f"lighthouse-hf bench: --packed and --packed-longtail time the operator; leave out {model_mode}",
+                  file=sys.stderr)
             return 2
         return _run_packed(args)
-    if args.e2e and "given" in args.scores:
-        print("lighthouse-hf bench: --scores given is for operator mode; the --e2e Llama scores the norms of q and k",
+    if args.e2e and args.layer:
+        print("lighthouse-hf bench: --e2e and --layer are two modes; give one", file=sys.stderr)
+        return 2
+    if model_mode and "given" in args.scores:
+        print(f"lighthouse-hf bench: --scores given is for operator mode; the {model_mode} Llama scores the norms of q and k",
               file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("lighthouse-hf bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = _e2e(args) if args.e2e else operators(args)
+    mode = "e2e" if args.e2e else "layer" if args.layer else "operators"
+    results = {"e2e": _e2e, "layer": decoder_layers, "operators": operators}[mode](args)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(f"device: {report['device']}, torch {report['torch']}")
-        _print_e2e(results) if args.e2e else _print_operators(results)
+        {"e2e": _print_e2e, "layer": _print_layers, "operators": _print_operators}[mode](results)
     return 0
 
 
@@ -520,6 +531,90 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
                   f"sdpa {row['sdpa']['tokens_per_s']:.0f} tok/s, lighthouse "
                   f"{row['lighthouse']['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x", flush=True)
     return results
+
+
+def decoder_layers(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
+    """``--layer``: one Llama decoder layer under ``sdpa`` and under ``lighthouse`` attention (the
+    first value of each setting and option), each sequence length and mode, timed in turns."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .integration import apply_lighthouse
+
+    dtype = getattr(torch, args.dtype)
+    kv_heads = args.kv_heads or args.heads
+    hidden = args.heads * args.dim
+    settings = dict(levels=args.levels[0], pooling=args.pooling[0], topk=args.topk[0])
+    options = dict(rope=args.rope[0], selection=args.selection[0], combine=args.combine[0])
+    results = []
+    for seq in args.seq:
+        config = LlamaConfig(
+            vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=1,
+            num_attention_heads=args.heads, num_key_value_heads=kv_heads, head_dim=args.dim, max_position_embeddings=seq,
+        )
+        models = {}
+        for implementation in ("sdpa", "lighthouse"):
+            torch.manual_seed(0)
+            # A config of its own: apply_lighthouse switches the attention its model's config names.
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").to(device, dtype)
+            if implementation == "lighthouse":
+                apply_lighthouse(model, **settings, dense_layers=[], **options)
+            models[implementation] = model
+        positions = torch.arange(seq, device=device)[None]
+        inputs = [torch.randn(args.batch, seq, hidden, device=device, dtype=dtype) for _ in range(args.input_sets)]
+        for mode in args.modes:
+            backward = mode == "fwd+bwd"
+            steps = {name: _layer_step(model, inputs, positions, backward) for name, model in models.items()}
+            timed = time_interleaved(steps, warmup=args.warmup, iters=args.iters, input_sets=args.input_sets, device=device)
+            row = {"seq": seq, "batch": args.batch, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
+                   "dtype": args.dtype, "mode": mode, **settings, **options, **timed}
+            for name in models:
+                row[name]["waited_ms"] = row[name]["latency_ms"] - row[name]["ms"]
+            results.append(row)
+            if not args.json:
+                print(_layer_line(row), flush=True)
+        del models, inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _layer_step(model, inputs: list[torch.Tensor], positions: torch.Tensor, backward: bool) -> Callable[[int], object]:
+    """``step(i)``: the model's decoder layer on input ``i`` as its model calls it (and, with
+    ``backward``, the gradient of the output's sum with respect to the layer's input and weights)."""
+    layer, rotary = model.model.layers[0], model.model.rotary_emb
+
+    def step(i):
+        hidden = inputs[i].requires_grad_(backward)
+        with torch.set_grad_enabled(backward):
+            out = layer(hidden, attention_mask=None, position_ids=positions,
+                        position_embeddings=rotary(hidden, positions))
+            out = out[0] if isinstance(out, tuple) else out
+            if backward:
+                out.sum().backward()
+        return out
+
+    return step
+
+
+def _layer_line(row: dict) -> str:
+    sdpa, lighthouse = row["sdpa"], row["lighthouse"]
+    return (
+        f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} {row['mode']:>7}: "
+        f"sdpa layer {sdpa['ms']:8.2f} ms (idle GPU {sdpa['latency_ms']:.2f}, waited {sdpa['waited_ms']:.2f}) | "
+        f"lighthouse layer {lighthouse['ms']:8.2f} ms (idle GPU {lighthouse['latency_ms']:.2f}, "
+        f"waited {lighthouse['waited_ms']:.2f})"
+    )
+
+
+def _print_layers(results: list[dict]) -> None:
+    print()
+    print("| S | mode | L/p/K | sdpa layer ms | from idle | waited | lighthouse layer ms | from idle | waited |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        sdpa, lighthouse = row["sdpa"], row["lighthouse"]
+        print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
+              f"{sdpa['ms']:.2f} | {sdpa['latency_ms']:.2f} | {sdpa['waited_ms']:.2f} | "
+              f"{lighthouse['ms']:.2f} | {lighthouse['latency_ms']:.2f} | {lighthouse['waited_ms']:.2f} |")
 
 
 def _print_e2e(results: list[dict]) -> None:

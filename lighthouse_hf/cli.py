@@ -110,6 +110,9 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--input-sets", type=int, default=3, help="input sets rotated through")
     _option(parser, "--e2e", action="store_true",
             help="end-to-end training-step mode instead (the first value of each Lighthouse setting and option)")
+    _option(parser, "--layer", action="store_true",
+            help="decoder-layer mode instead: one Llama layer (hidden --heads x --dim) under sdpa and lighthouse "
+            "attention, queued and from an idle GPU (the first value of each Lighthouse setting and option)")
     _option(parser, "--e2e-seq", type=_sequence_length, nargs="+", default=[32768, 65536, 131072],
             help="sequence lengths of --e2e")
     _option(parser, "--e2e-layers", type=int, default=30, help="layers of the --e2e model")

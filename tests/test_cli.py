@@ -182,3 +182,30 @@ def test_bench_sweeps_method_options_into_the_op(monkeypatch):
 def test_bench_e2e_rejects_given_scores():
     result = run(sys.executable, "-m", "lighthouse_hf", "bench", "--e2e", "--scores", "given")
     assert result.returncode == 2 and "--scores given is for operator mode" in result.stderr
+
+
+def test_bench_layer_mode_times_an_sdpa_and_a_lighthouse_layer(lighthouse_calls):
+    # On CPU with the host clock: both layers really run, every mode, and only one of them is Lighthouse.
+    from lighthouse_hf import bench
+
+    args = _bench_args("--layer", "--seq", "2048", "--heads", "2", "--dim", "16", "--topk", "128", "--dtype", "float32",
+                       "--warmup", "1", "--iters", "2", "--input-sets", "2", "--combine", "mean")
+    rows = bench.decoder_layers(args, device="cpu")
+    assert [(row["seq"], row["mode"]) for row in rows] == [(2048, "fwd+bwd"), (2048, "fwd")]
+    for row in rows:
+        assert (row["levels"], row["pooling"], row["topk"], row["combine"]) == (3, 4, 128, "mean")
+        for name in ("sdpa", "lighthouse"):
+            assert row[name]["ms"] > 0 and row[name]["waited_ms"] == row[name]["latency_ms"] - row[name]["ms"]
+    # Per mode: 1 warm-up call, then one round (2 iters over 2 input sets) of 1 call from idle + 2
+    # queued; the SDPA layer's calls do not count (its model must not share the Lighthouse config).
+    assert lighthouse_calls.single_device == 2 * (1 + 3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layer", "--e2e"], "--e2e and --layer are two modes"),
+    (["--layer", "--packed", "4096"], "leave out --layer"),
+    (["--layer", "--scores", "given"], "the --layer Llama scores the norms"),
+])
+def test_bench_layer_mode_refuses_what_it_cannot_time(flags, message):
+    result = run(sys.executable, "-m", "lighthouse_hf", "bench", *flags)
+    assert result.returncode == 2 and message in result.stderr
