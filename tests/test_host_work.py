@@ -1,0 +1,77 @@
+"""The host's work in one fused forward call, counted on the CPU: Triton launches and ATen ops.
+
+Where a call starts from an idle GPU, the GPU waits for the host until the first long kernel
+(SDPA) is queued; each launch costs the host about 35 us and each ATen op 5-10 us (NOTES-kernels,
+v4). The Triton kernels are replaced by launch counters and the fused path is forced on CPU
+tensors, so what is counted is exactly the Python and ATen work around the launches. A change that
+adds a launch or a handful of small ops to the forward fails here before it costs host time.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lighthouse_hf import lighthouse_attention
+from lighthouse_hf.ops import fused
+
+pytest.importorskip("triton")
+
+
+class _Launches:
+    """Stands in for ``lighthouse_hf.ops.kernels``: each ``kernel[grid](...)`` is counted, not run."""
+
+    def __init__(self, kernels) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.SCRATCH_KINDS = kernels.SCRATCH_KINDS
+        self.entries_per_program = kernels.entries_per_program
+
+    def __getattr__(self, name: str):
+        if not name.endswith("_kernel"):
+            raise AttributeError(name)
+        counts = self.counts
+
+        class _Kernel:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    counts[name] += 1
+
+                return launch
+
+        return _Kernel()
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_host_work(monkeypatch, seq: int, **settings) -> tuple[dict[str, int], collections.Counter]:
+    launches = _Launches(fused._kernels())
+    monkeypatch.setattr(fused, "_kernels", lambda: launches)
+    monkeypatch.setattr(fused, "handles", lambda q: True)
+    q, k, v = (torch.randn(1, 2, seq, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with _AtenOps() as aten:
+        lighthouse_attention(q, k, v, **settings)
+    return dict(launches.counts), aten.ops
+
+
+@pytest.mark.parametrize("settings, most_ops", [
+    (dict(levels=3, pooling=4, topk=128), 20),  # the published default's shape: the whole pyramid in the score pass
+    (dict(levels=5, pooling=8, topk=128), 50),  # spans past the score pass's block: ATen finishes two levels
+])
+def test_the_fused_forward_is_four_launches_and_few_aten_ops(monkeypatch, settings, most_ops):
+    launches, ops = _forward_host_work(monkeypatch, 65536, **settings)
+    assert launches == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "positions_kernel": 1}
+    assert sum(ops.values()) <= most_ops, ops
+    if settings["levels"] == 3:
+        # Besides allocations and views, one memset (the scatter's inverse table) and SDPA.
+        assert ops["aten.full"] == 1 and not {"aten.fill_", "aten.copy_", "aten.amax"} & set(ops), ops
