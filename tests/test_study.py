@@ -256,8 +256,8 @@ def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thr
     for arm, record in records.items():
         assert [s["phase"] for s in record["steps"]] == (["dense"] * 8 if arm == "dense" else ["lighthouse"] * 6 + ["dense"] * 2)
         assert [e["step"] for e in record["evals"]] == [0, 4, 6, 8]
-        # The leak check runs with Lighthouse once, at the switch (step 6), before the model turns dense.
-        assert [("lighthouse" in e) for e in record["evals"]] == [False, False, arm != "dense", False]
+        # The leak check runs with Lighthouse at the start and at the switch (step 6), before the model turns dense.
+        assert [("lighthouse" in e) for e in record["evals"]] == [arm != "dense", False, arm != "dense", False]
         final = record["final"]
         assert len(final["by_window"]) == len(final["by_window_long"]) == 4  # the synthetic held-out windows
         assert [b["first"] for b in final["by_position"]] == [1, SEQ_LEN // 2, 7 * SEQ_LEN // 8]

@@ -222,8 +222,10 @@ class TrackEvaluator:
 
 class TrackLog(StudyLog):
     """The small study's step clock and JSON record; its evaluations add the position buckets and,
-    at ``leak_steps`` while the model is still on Lighthouse (the switch), the leak check: once per
-    run, since a whole-model Lighthouse evaluation costs as much as the dense one."""
+    at ``leak_steps`` while the model is still on Lighthouse, the leak check: at the start (the loss
+    that switching a pretrained model to Lighthouse costs before it trains) and at the switch (what
+    the Lighthouse phase learned), not at every evaluation, since a whole-model Lighthouse
+    evaluation costs as much as the dense one."""
 
     def __init__(self, record: dict, path: Path, evaluator: TrackEvaluator, eval_steps: set[int], tokens_per_step: int, leak_steps: set[int]) -> None:
         super().__init__(record, path, evaluator.evaluator, eval_steps, tokens_per_step, lighthouse_eval=False)
@@ -407,7 +409,7 @@ def run(track: str, args: argparse.Namespace, build_model: Callable, edges: list
         steps=[],
         evals=[],
     )
-    log = TrackLog(record, args.out / result_name(args), evaluator, eval_steps, tokens_per_step, leak_steps={recovery_step})
+    log = TrackLog(record, args.out / result_name(args), evaluator, eval_steps, tokens_per_step, leak_steps={0, recovery_step})
     callbacks = [log] + ([recovery] if recovery else [])  # the log first: its clock stops before other callbacks work
 
     with tempfile.TemporaryDirectory() as trainer_dir:
