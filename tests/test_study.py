@@ -320,6 +320,31 @@ def test_report_compares_each_schedule_with_its_own_dense_run(study_dir, load_sc
     assert report.is_dense("dense-constant") and not report.is_dense("published")
 
 
+def test_report_compares_the_default_arms_with_dense_controls(tmp_path, study_dir, load_script):
+    report = load_script("report_tracks")
+
+    def run(name, loss, seconds):
+        window_losses = [loss - 0.01, loss + 0.01]
+        buckets = [dict(first=1, last=9, loss=9.0), dict(first=10, last=19, loss=loss)]
+        probes = {probe: dict(by_depth=[dict(score=0.5)] * 2) for probe in ("passkey", "copy")}
+        record = dict(track="extend", long_from=10, gpu_seconds=seconds,
+                      evals=[dict(gpu_seconds=0.0, by_position=[dict(b, loss=5.0) for b in buckets]),
+                             dict(gpu_seconds=seconds, by_position=buckets)],
+                      final=dict(by_position=buckets, by_window_long=window_losses, **probes))
+        (tmp_path / f"{name}-seed0.json").write_text(json.dumps(record))
+
+    run("dense", 3.0, 400.0)
+    run("published", 3.2, 200.0)
+    run("dense-steps134", 3.1, 200.0)  # dense on its own schedule for the Lighthouse arm's GPU time
+    summary = report.main(["--results", str(tmp_path)])
+    assert set(summary["verdict"]) == {"default"}  # a control has no verdict of its own
+    assert [c["arm"] for c in summary["comparisons"]] == ["dense", "published"]
+    (against_control,) = summary["controls"]["dense-steps134"]
+    assert against_control["arm"] == "published"
+    assert against_control["difference"] == pytest.approx(0.1) and against_control["gpu_time_ratio"] == pytest.approx(1.0)
+    assert "Against the dense control dense-steps134" in (tmp_path / "results.md").read_text()
+
+
 def test_report_interval_pairs_windows_and_pools_seeds(study_dir, load_script):
     report = load_script("report_tracks")
     dense = {s: {"final": {"by_window_long": [5.0, 6.0, 7.0]}} for s in (0, 1)}

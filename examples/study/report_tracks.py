@@ -11,6 +11,11 @@ the arm needed against dense's, and dense's own long-position loss when it had s
 time (read off its evaluation curve: still at its stable learning rate there, not decayed, so a
 reference, not a verdict). ``PLAN.md`` fixed the verdict's rule before any run; a verdict on fewer
 seeds than the plan's ``PLANNED_SEEDS`` is marked provisional.
+
+A dense run of a variant no Lighthouse arm has (``dense-steps134``: dense on its own schedule for
+the Lighthouse arms' GPU time; ``dense-recovery0.9-steps61``: dense for the recovery's steps only)
+is a control outside the rule: each Lighthouse arm of the default schedule is compared with it the
+same way (``controls`` in the summary, a table of its own), and it has no verdict.
 """
 
 from __future__ import annotations
@@ -207,9 +212,9 @@ def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
     plt.close("all")
 
 
-def table(comparisons: list[dict]) -> str:
+def table(comparisons: list[dict], against: str = "dense") -> str:
     lines = [
-        "| arm | seeds | final long loss | vs dense (95% interval) | GPU s | x dense | dense at that GPU time | probes hold |",
+        f"| arm | seeds | final long loss | vs {against} (95% interval) | GPU s | x {against} | {against} at that GPU time | probes hold |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
@@ -229,18 +234,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", type=Path, required=True, help="one track's results folder")
     args = parser.parse_args(argv)
     runs = load_runs(args.results)
-    comparisons, verdicts = [], {}
+    comparisons, verdicts, controls = [], {}, {}
+    default_arms = sorted(n for n in runs if variant(n) == "" and not is_dense(n))
     for schedule in sorted({variant(name) for name in runs}):
         names = sorted((n for n in runs if variant(n) == schedule), key=lambda n: (not is_dense(n), n))
         dense = baseline(names[0]) if names else "dense"
+        if schedule and names == [dense]:  # a dense control: the default schedule's arms against it
+            controls[dense] = [compare(name, runs[name], runs[dense]) for name in default_arms]
+            continue
         if dense not in runs:
             verdicts[schedule or "default"] = dict(outcome="inconclusive", reason=f"no {dense} run to compare with")
             continue
         group = [compare(name, runs[name], runs[dense]) for name in names]
         comparisons += group
         verdicts[schedule or "default"] = verdict(group)
-    summary = dict(comparisons=comparisons, verdict=verdicts)
+    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls)
     text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
+    for control, group in controls.items():
+        text += f"\nAgainst the dense control {control} (outside the rule):\n\n" + table(group, against=control)
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
     (args.results / "results.md").write_text(text)
     plot(runs, args.results)
