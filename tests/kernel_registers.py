@@ -1,0 +1,119 @@
+"""Registers and spills of ``entries_kernel``'s specializations, without a GPU: each is compiled
+for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and
+ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
+
+    python tests/kernel_registers.py            # D = 64 and 128, L3 p4 K2048 at S = 128K
+    python tests/kernel_registers.py --ptx DIR  # also keep each specialization's PTX in DIR
+
+Arguments are specialized as the JIT specializes a bf16 call: pointers and integers divisible by 16
+marked so, integers equal to 1 (``group`` under MHA) folded into constants. A launch takes the
+registers of its heaviest level at every level (one kernel covers all levels), which is why the
+table lists whole launches, not levels. Not a pytest module (it needs no GPU but takes about a
+minute per specialization on a small CPU and asserts nothing; the GPU timing decides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from lighthouse_hf.ops import kernels
+from lighthouse_hf.ops.plan import LighthousePlan
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _int_type(value: int) -> str:
+    return "i32" if -(2**31) <= value < 2**31 else "i64"
+
+
+def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool,
+                           coarse_means: bool, mean: bool = False) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of the ``entries_kernel`` launch that ``fused._run_entries``
+    makes for bf16 q, k, v of shape [1, heads, S, dim] (MHA) under ``plan``."""
+    with_kv = not shifted
+    selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
+    stride_s, stride_h = dim, plan.seq_len * dim
+    values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
+                  coarse_len=plan.n_coarse_padded, real_len=plan.real_len)
+    for name in "qkv":
+        values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h, f"{name}_stride_s": stride_s})
+    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=with_kv,
+                      COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
+    pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
+                    entry_local="*i32", entry_row="*i32", means="*bf16", rotary="*fp32" if rope else "*bf16",
+                    counts="*fp32" if mean else "*bf16")
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernels.entries_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif values[name] == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = _int_type(values[name])
+            if values[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def registers(signature: dict, constexprs: dict, attrs: dict, ptx_path: pathlib.Path | None = None) -> tuple[int, int]:
+    """(registers per thread, spill stores + loads in bytes) of ``entries_kernel`` so specialized, 4 warps."""
+    source = triton.compiler.ASTSource(fn=kernels.entries_kernel, signature=signature, constexprs=constexprs,
+                                       attrs=attrs)
+    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=4))
+    ptx = compiled.asm["ptx"]
+    if ptx_path is not None:
+        ptx_path.write_text(ptx)
+    ptxas = triton.knobs.nvidia.ptxas.path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(pathlib.Path(tmp, "kernel.o"))],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seq", type=int, default=128 * 1024)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--pooling", type=int, default=4)
+    parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--ptx", type=pathlib.Path, help="folder to keep each specialization's PTX in")
+    args = parser.parse_args()
+    plan = LighthousePlan(args.seq, args.levels, args.pooling, args.topk)
+    variants = [
+        ("pooled gather (coarsest means copied)", dict(rope=False, shifted=False, coarse_means=True)),
+        ("span_end gather", dict(rope=True, shifted=False, coarse_means=False)),
+        ("scatter backward (SHIFTED)", dict(rope=False, shifted=True, coarse_means=False)),
+        ("scatter backward, combine=mean", dict(rope=False, shifted=True, coarse_means=False, mean=True)),
+    ]
+    print(f"entries_kernel, bf16, sm_90, 4 warps, L{args.levels} p{args.pooling} K{args.topk}, S={args.seq}")
+    print("| variant | D | registers | spill bytes |")
+    print("|---|---|---|---|")
+    for dim in args.dims:
+        for name, options in variants:
+            ptx_path = None
+            if args.ptx is not None:
+                args.ptx.mkdir(parents=True, exist_ok=True)
+                ptx_path = args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx"
+            regs, spills = registers(*entries_specialization(plan, args.heads, dim, **options), ptx_path=ptx_path)
+            print(f"| {name} | {dim} | {regs} | {spills} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
