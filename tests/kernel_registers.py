@@ -8,8 +8,9 @@ ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Tri
 Arguments are specialized as the JIT specializes a bf16 call: pointers and integers divisible by 16
 marked so, integers equal to 1 (``group`` under MHA) folded into constants. A launch takes the
 registers of its heaviest level at every level (one kernel covers all levels), which is why the
-table lists whole launches, not levels. Not a pytest module (it needs no GPU but takes about a
-minute per specialization on a small CPU and asserts nothing; the GPU timing decides).
+table lists whole launches, not levels; it also counts barriers and shared-memory stores (a
+reduction across warps). A few seconds per specialization; tests/test_kernel_registers.py uses the
+same compile for what must hold.
 """
 
 from __future__ import annotations
@@ -66,23 +67,30 @@ def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: 
     return signature, constexprs, attrs
 
 
-def registers(signature: dict, constexprs: dict, attrs: dict, ptx_path: pathlib.Path | None = None) -> tuple[int, int]:
-    """(registers per thread, spill stores + loads in bytes) of ``entries_kernel`` so specialized, 4 warps."""
+def entries_ptx(plan: LighthousePlan, heads: int, dim: int, **options) -> str:
+    """The PTX of ``entries_kernel`` for sm_90, 4 warps, specialized as :func:`entries_specialization`."""
+    signature, constexprs, attrs = entries_specialization(plan, heads, dim, **options)
     source = triton.compiler.ASTSource(fn=kernels.entries_kernel, signature=signature, constexprs=constexprs,
                                        attrs=attrs)
-    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=4))
-    ptx = compiled.asm["ptx"]
-    if ptx_path is not None:
-        ptx_path.write_text(ptx)
-    ptxas = triton.knobs.nvidia.ptxas.path
+    return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill stores + loads in bytes) that Triton's ptxas reports for ``ptx``."""
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp, "kernel.ptx")
         src.write_text(ptx)
-        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(pathlib.Path(tmp, "kernel.o"))],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", str(src),
+                              "-o", str(pathlib.Path(tmp, "kernel.o"))], capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return regs, spills
+
+
+def cross_thread_traffic(ptx: str) -> dict[str, int]:
+    """Barriers and shared-memory stores in ``ptx``: what a reduction across warps (or a layout
+    conversion) costs inside a program."""
+    return {"bar.sync": len(re.findall(r"\bbar\.sync\b", ptx)), "st.shared": len(re.findall(r"\bst\.shared\b", ptx))}
 
 
 def main() -> None:
@@ -97,22 +105,26 @@ def main() -> None:
     args = parser.parse_args()
     plan = LighthousePlan(args.seq, args.levels, args.pooling, args.topk)
     variants = [
-        ("pooled gather (coarsest means copied)", dict(rope=False, shifted=False, coarse_means=True)),
+        ("pooled gather", dict(rope=False, shifted=False, coarse_means=plan.coarse_width <= 16)),
         ("span_end gather", dict(rope=True, shifted=False, coarse_means=False)),
         ("scatter backward (SHIFTED)", dict(rope=False, shifted=True, coarse_means=False)),
         ("scatter backward, combine=mean", dict(rope=False, shifted=True, coarse_means=False, mean=True)),
     ]
     print(f"entries_kernel, bf16, sm_90, 4 warps, L{args.levels} p{args.pooling} K{args.topk}, S={args.seq}")
-    print("| variant | D | registers | spill bytes |")
-    print("|---|---|---|---|")
+    print("| variant | D | registers | spill bytes | bar.sync | st.shared |")
+    print("|---|---|---|---|---|---|")
     for dim in args.dims:
         for name, options in variants:
             ptx_path = None
             if args.ptx is not None:
                 args.ptx.mkdir(parents=True, exist_ok=True)
                 ptx_path = args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx"
-            regs, spills = registers(*entries_specialization(plan, args.heads, dim, **options), ptx_path=ptx_path)
-            print(f"| {name} | {dim} | {regs} | {spills} |", flush=True)
+            ptx = entries_ptx(plan, args.heads, dim, **options)
+            if ptx_path is not None:
+                ptx_path.write_text(ptx)
+            regs, spills = ptxas_usage(ptx)
+            traffic = cross_thread_traffic(ptx)
+            print(f"| {name} | {dim} | {regs} | {spills} | {traffic['bar.sync']} | {traffic['st.shared']} |", flush=True)
 
 
 if __name__ == "__main__":
