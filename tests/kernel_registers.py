@@ -37,14 +37,17 @@ def _int_type(value: int) -> str:
 def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool,
                            coarse_means: bool, mean: bool = False) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of the ``entries_kernel`` launch that ``fused._run_entries``
-    makes for bf16 q, k, v of shape [1, heads, S, dim] (MHA) under ``plan``."""
+    makes for bf16 q, k, v of shape [1, heads, S, dim] (MHA) under ``plan``; ``dim`` a power of two."""
+    if dim & (dim - 1):
+        raise ValueError(f"dim must be a power of two (the kernel's BLOCK_D), got {dim}")
     with_kv = not shifted
     selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
     stride_s, stride_h = dim, plan.seq_len * dim
     values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
                   coarse_len=plan.n_coarse_padded, real_len=plan.real_len)
     for name in "qkv":
-        values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h, f"{name}_stride_s": stride_s})
+        values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h,
+                       f"{name}_stride_s": stride_s})
     constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=with_kv,
                       COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
     pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
@@ -80,8 +83,9 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp, "kernel.ptx")
         src.write_text(ptx)
-        log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", str(src),
-                              "-o", str(pathlib.Path(tmp, "kernel.o"))], capture_output=True, text=True, check=True).stderr
+        command = [triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", str(src),
+                   "-o", str(src.with_suffix(".o"))]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return regs, spills
@@ -90,7 +94,7 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 def cross_thread_traffic(ptx: str) -> dict[str, int]:
     """Barriers and shared-memory stores in ``ptx``: what a reduction across warps (or a layout
     conversion) costs inside a program."""
-    return {"bar.sync": len(re.findall(r"\bbar\.sync\b", ptx)), "st.shared": len(re.findall(r"\bst\.shared\b", ptx))}
+    return {name: len(re.findall(rf"\b{re.escape(name)}\b", ptx)) for name in ("bar.sync", "st.shared")}
 
 
 def main() -> None:
@@ -103,6 +107,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--ptx", type=pathlib.Path, help="folder to keep each specialization's PTX in")
     args = parser.parse_args()
+    if any(dim < 1 or dim & (dim - 1) for dim in args.dims):
+        parser.error(f"--dims: each must be a power of two (the kernel's BLOCK_D), got {args.dims}")
     plan = LighthousePlan(args.seq, args.levels, args.pooling, args.topk)
     variants = [
         ("pooled gather", dict(rope=False, shifted=False, coarse_means=plan.coarse_width <= 16)),
@@ -113,18 +119,17 @@ def main() -> None:
     print(f"entries_kernel, bf16, sm_90, 4 warps, L{args.levels} p{args.pooling} K{args.topk}, S={args.seq}")
     print("| variant | D | registers | spill bytes | bar.sync | st.shared |")
     print("|---|---|---|---|---|---|")
+    if args.ptx is not None:
+        args.ptx.mkdir(parents=True, exist_ok=True)
     for dim in args.dims:
         for name, options in variants:
-            ptx_path = None
-            if args.ptx is not None:
-                args.ptx.mkdir(parents=True, exist_ok=True)
-                ptx_path = args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx"
             ptx = entries_ptx(plan, args.heads, dim, **options)
-            if ptx_path is not None:
-                ptx_path.write_text(ptx)
+            if args.ptx is not None:
+                (args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
             regs, spills = ptxas_usage(ptx)
             traffic = cross_thread_traffic(ptx)
-            print(f"| {name} | {dim} | {regs} | {spills} | {traffic['bar.sync']} | {traffic['st.shared']} |", flush=True)
+            print(f"| {name} | {dim} | {regs} | {spills} | {traffic['bar.sync']} | {traffic['st.shared']} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
