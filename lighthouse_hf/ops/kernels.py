@@ -590,7 +590,7 @@ def entries_kernel(
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
-    level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
+    level in blocks of ``entries_per_program(c, BLOCK_D, ROPE_HALF > 0)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
     coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
