@@ -476,10 +476,13 @@ def positions_per_step(width: int, rotated: bool = False) -> int:
     L5 p8 has 32 real coarsest entries of 4096 positions): 16 positions at a time put 4 entries
     in a program, 8 programs per head each summing 12 MB in 768 dependent steps; 64 at a time
     give each entry its own program, with 4x fewer, 4x larger steps. ``rotated`` (span-end RoPE,
-    every level): up to 4, so a program holds 16 entries at D=128 (``_rotated_entry_rows`` takes
-    one position of each at a time, and v's [entries, 4, D] tiles sum inside each thread)."""
+    every level): up to 4 for spans up to 16, so a program holds 16 entries at D=128
+    (``_rotated_entry_rows`` takes one position of each at a time, and v's [entries, 4, D] tiles
+    sum inside each thread); 16 for wider spans, which keeps their programs as many, and their
+    dependent steps as few, as before (4 positions a step would leave 16 programs with real
+    coarsest entries at 128K, L5 p8, each running 3072 dependent steps)."""
     if rotated:
-        return min(width, 4)
+        return min(width, 4) if width <= 16 else 16
     return width if width <= 16 else min(width, 64)
 
 
@@ -504,7 +507,10 @@ def _level_entries(
     WIDTH: tl.constexpr = POOL**LEVEL
     ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
     # positions_per_step's formula (rotated: every level with ROPE_HALF, as the host counts them)
-    CHUNK: tl.constexpr = min(WIDTH, 4) if ROPE_HALF > 0 and not SHIFTED else (WIDTH if WIDTH <= 16 else min(WIDTH, 64))
+    if ROPE_HALF > 0 and not SHIFTED:
+        CHUNK: tl.constexpr = min(WIDTH, 4) if WIDTH <= 16 else 16
+    else:
+        CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else min(WIDTH, 64)
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
