@@ -444,26 +444,29 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
                         WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr):
     """``_entry_rows`` for span-end RoPE: the sum over the span of each position's row rotated by
     ``end - t`` (``end = first + WIDTH - 1``), as its two rotate_half halves [BLOCK_R, HALF] fp32.
-    ``rotary`` points at this level's table: row ``o`` holds cos then sin of ``o * inv_freq``."""
+    ``rotary`` points at this level's table: row ``o`` holds cos then sin of ``o * inv_freq``.
+
+    One position of every entry at a time, added in position order: the rows' tiles are 2-D and
+    the table row (the same for every entry) broadcasts along them, so nothing is reduced across
+    threads. Summed as [BLOCK_R, CHUNK, HALF] tiles, the chunk axis lay across the warps (16
+    positions at 4 entries per program, D=128): every chunk reduced through shared memory behind
+    barriers, with the table loaded at the tiles' 3-D shape."""
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
-    steps = tl.arange(0, CHUNK)
     f = tl.arange(0, HALF)
     total_lo = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
     total_hi = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
     for step in range(0, _span_stop(first, use, seq_len, WIDTH, CHUNK), CHUNK):
-        position = first[:, None] + step + steps[None, :]
-        mask = (use[:, None] & (position < seq_len))[:, :, None]
-        offsets = position.to(tl.int64)[:, :, None] * stride_s + f[None, None, :]
-        lo = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(base + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
-        # The table is loaded at the rows' full shape (repeats hit L1): broadcasting a [CHUNK, HALF]
-        # load moved it through shared memory, with barriers, for every chunk.
-        to_end = tl.broadcast_to((WIDTH - 1 - step - steps)[None, :, None] * (2 * HALF) + f[None, None, :],
-                                 (BLOCK_R, CHUNK, HALF))
-        cos = tl.load(rotary + to_end)
-        sin = tl.load(rotary + to_end + HALF)
-        total_lo += tl.sum(lo * cos - hi * sin, axis=1)
-        total_hi += tl.sum(hi * cos + lo * sin, axis=1)
+        for offset in tl.static_range(CHUNK):
+            position = first + step + offset
+            mask = (use & (position < seq_len))[:, None]
+            offsets = position.to(tl.int64)[:, None] * stride_s + f[None, :]
+            lo = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+            hi = tl.load(base + offsets + HALF, mask=mask, other=0.0).to(tl.float32)
+            to_end = (WIDTH - 1 - offset - step) * (2 * HALF) + f
+            cos = tl.load(rotary + to_end)[None, :]
+            sin = tl.load(rotary + to_end + HALF)[None, :]
+            total_lo += lo * cos - hi * sin
+            total_hi += hi * cos + lo * sin
     return total_lo, total_hi
 
 
@@ -472,10 +475,15 @@ def positions_per_step(width: int, rotated: bool = False) -> int:
     published default's widths), else up to 64. Wide spans have few entries per level (at 128K,
     L5 p8 has 32 real coarsest entries of 4096 positions): 16 positions at a time put 4 entries
     in a program, 8 programs per head each summing 12 MB in 768 dependent steps; 64 at a time
-    give each entry its own program, with 4x fewer, 4x larger steps. ``rotated`` (span-end
-    q and k rows at levels >= 1): up to 16, as before; at 64 the kernel took 188-211 registers
-    per thread instead of 168 (L4/L5, D=128), and every level of the launch pays the most."""
-    return width if width <= 16 else (16 if rotated else min(width, 64))
+    give each entry its own program, with 4x fewer, 4x larger steps. ``rotated`` (span-end RoPE,
+    every level): up to 4 for spans up to 16, so a program holds 16 entries at D=128
+    (``_rotated_entry_rows`` takes one position of each at a time, and v's [entries, 4, D] tiles
+    sum inside each thread); 16 for wider spans, which keeps their programs as many, and their
+    dependent steps as few, as before (4 positions a step would leave 16 programs with real
+    coarsest entries at 128K, L5 p8, each running 3072 dependent steps)."""
+    if rotated:
+        return min(width, 4) if width <= 16 else 16
+    return width if width <= 16 else min(width, 64)
 
 
 def entries_per_program(width: int, block_d: int, rotated: bool = False) -> int:
@@ -498,8 +506,11 @@ def _level_entries(
     ``level_first_block``); returns where the next level's blocks start."""
     WIDTH: tl.constexpr = POOL**LEVEL
     ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
-    # positions_per_step's formula (rotated: every level >= 1 with ROPE_HALF, as the host counts them)
-    CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else (16 if ROPE_HALF > 0 and not SHIFTED else min(WIDTH, 64))
+    # positions_per_step's formula (rotated: every level with ROPE_HALF, as the host counts them)
+    if ROPE_HALF > 0 and not SHIFTED:
+        CHUNK: tl.constexpr = min(WIDTH, 4) if WIDTH <= 16 else 16
+    else:
+        CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else min(WIDTH, 64)
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
@@ -585,7 +596,7 @@ def entries_kernel(
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
-    level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
+    level in blocks of ``entries_per_program(c, BLOCK_D, ROPE_HALF > 0)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
     coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled

@@ -1,0 +1,136 @@
+"""Registers and spills of ``entries_kernel``'s specializations, without a GPU: each is compiled
+for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and
+ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
+
+    python tests/kernel_registers.py            # D = 64 and 128, L3 p4 K2048 at S = 128K
+    python tests/kernel_registers.py --ptx DIR  # also keep each specialization's PTX in DIR
+
+Arguments are specialized as the JIT specializes a bf16 call: pointers and integers divisible by 16
+marked so, integers equal to 1 (``group`` under MHA) folded into constants. A launch takes the
+registers of its heaviest level at every level (one kernel covers all levels), which is why the
+table lists whole launches, not levels; it also counts barriers and shared-memory stores (a
+reduction across warps). A few seconds per specialization; tests/test_kernel_registers.py uses the
+same compile for what must hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from lighthouse_hf.ops import kernels
+from lighthouse_hf.ops.plan import LighthousePlan
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _int_type(value: int) -> str:
+    return "i32" if -(2**31) <= value < 2**31 else "i64"
+
+
+def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool,
+                           coarse_means: bool, mean: bool = False) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of the ``entries_kernel`` launch that ``fused._run_entries``
+    makes for bf16 q, k, v of shape [1, heads, S, dim] (MHA) under ``plan``; ``dim`` a power of two."""
+    if dim & (dim - 1):
+        raise ValueError(f"dim must be a power of two (the kernel's BLOCK_D), got {dim}")
+    with_kv = not shifted
+    selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
+    stride_s, stride_h = dim, plan.seq_len * dim
+    values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
+                  coarse_len=plan.n_coarse_padded, real_len=plan.real_len)
+    for name in "qkv":
+        values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h,
+                       f"{name}_stride_s": stride_s})
+    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=with_kv,
+                      COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
+    pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
+                    entry_local="*i32", entry_row="*i32", means="*bf16", rotary="*fp32" if rope else "*bf16",
+                    counts="*fp32" if mean else "*bf16")
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernels.entries_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif values[name] == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = _int_type(values[name])
+            if values[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def entries_ptx(plan: LighthousePlan, heads: int, dim: int, **options) -> str:
+    """The PTX of ``entries_kernel`` for sm_90, 4 warps, specialized as :func:`entries_specialization`."""
+    signature, constexprs, attrs = entries_specialization(plan, heads, dim, **options)
+    source = triton.compiler.ASTSource(fn=kernels.entries_kernel, signature=signature, constexprs=constexprs,
+                                       attrs=attrs)
+    return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill stores + loads in bytes) that Triton's ptxas reports for ``ptx``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        command = [triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", str(src),
+                   "-o", str(src.with_suffix(".o"))]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def cross_thread_traffic(ptx: str) -> dict[str, int]:
+    """Barriers and shared-memory stores in ``ptx``: what a reduction across warps (or a layout
+    conversion) costs inside a program."""
+    return {name: len(re.findall(rf"\b{re.escape(name)}\b", ptx)) for name in ("bar.sync", "st.shared")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seq", type=int, default=128 * 1024)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--pooling", type=int, default=4)
+    parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--ptx", type=pathlib.Path, help="folder to keep each specialization's PTX in")
+    args = parser.parse_args()
+    if any(dim < 1 or dim & (dim - 1) for dim in args.dims):
+        parser.error(f"--dims: each must be a power of two (the kernel's BLOCK_D), got {args.dims}")
+    plan = LighthousePlan(args.seq, args.levels, args.pooling, args.topk)
+    variants = [
+        ("pooled gather", dict(rope=False, shifted=False, coarse_means=plan.coarse_width <= 16)),
+        ("span_end gather", dict(rope=True, shifted=False, coarse_means=False)),
+        ("scatter backward (SHIFTED)", dict(rope=False, shifted=True, coarse_means=False)),
+        ("scatter backward, combine=mean", dict(rope=False, shifted=True, coarse_means=False, mean=True)),
+    ]
+    print(f"entries_kernel, bf16, sm_90, 4 warps, L{args.levels} p{args.pooling} K{args.topk}, S={args.seq}")
+    print("| variant | D | registers | spill bytes | bar.sync | st.shared |")
+    print("|---|---|---|---|---|---|")
+    if args.ptx is not None:
+        args.ptx.mkdir(parents=True, exist_ok=True)
+    for dim in args.dims:
+        for name, options in variants:
+            ptx = entries_ptx(plan, args.heads, dim, **options)
+            if args.ptx is not None:
+                (args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
+            regs, spills = ptxas_usage(ptx)
+            traffic = cross_thread_traffic(ptx)
+            print(f"| {name} | {dim} | {regs} | {spills} | {traffic['bar.sync']} | {traffic['st.shared']} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

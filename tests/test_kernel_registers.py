@@ -1,0 +1,38 @@
+"""The entries kernel as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what its
+span-end gather must not do, whatever the timing says."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from kernel_registers import cross_thread_traffic, entries_ptx, ptxas_usage  # noqa: E402
+
+from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
+
+SEQ = 128 * 1024
+
+
+def _span_end_gather(dim: int, levels: int, pooling: int, topk: int) -> str:
+    return entries_ptx(LighthousePlan(SEQ, levels, pooling, topk), 8, dim, rope=True, shifted=False, coarse_means=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim", [64, 128])
+def test_span_end_gather_at_the_default_reduces_nothing_across_warps(dim):
+    # Summed as [entries, 16 positions, D/2] tiles, the positions lay across the warps: 24 barriers and
+    # 86 shared-memory stores per program at L3 p4, and the gather ran at ~1 TB/s on the H200.
+    ptx = _span_end_gather(dim, 3, 4, 2048)
+    assert cross_thread_traffic(ptx) == {"bar.sync": 0, "st.shared": 0}
+    assert ptxas_usage(ptx)[1] == 0  # no spills
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("levels, pooling, topk", [(4, 4, 2048), (5, 4, 1536), (5, 8, 1536)])
+def test_span_end_gather_with_wide_spans_keeps_registers_low(dim, levels, pooling, topk):
+    # Every level of the launch pays its heaviest level's registers: the rotated [4, 16, D/2] tiles
+    # took 168 per thread (3 programs of 4 warps per SM) wherever a span was wider than 16.
+    registers, spills = ptxas_usage(_span_end_gather(dim, levels, pooling, topk))
+    assert registers <= 96 and spills == 0
