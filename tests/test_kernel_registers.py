@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+
+
+def _ptxas() -> str | None:
+    try:
+        return triton.knobs.nvidia.ptxas.path
+    except (AttributeError, RuntimeError, FileNotFoundError):  # a Triton without its NVIDIA backend
+        return None
+
+
+pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
 from kernel_registers import cross_thread_traffic, entries_ptx, ptxas_usage  # noqa: E402
 
