@@ -328,8 +328,8 @@ def test_report_compares_the_default_arms_with_dense_controls(tmp_path, study_di
         buckets = [dict(first=1, last=9, loss=9.0), dict(first=10, last=19, loss=loss)]
         probes = {probe: dict(by_depth=[dict(score=0.5)] * 2) for probe in ("passkey", "copy")}
         record = dict(track="extend", long_from=10, gpu_seconds=seconds,
-                      evals=[dict(gpu_seconds=0.0, by_position=[dict(b, loss=5.0) for b in buckets]),
-                             dict(gpu_seconds=seconds, by_position=buckets)],
+                      evals=[dict(step=0, gpu_seconds=0.0, by_position=[dict(b, loss=5.0) for b in buckets]),
+                             dict(step=1, gpu_seconds=seconds, by_position=buckets)],
                       final=dict(by_position=buckets, by_window_long=window_losses, **probes))
         (tmp_path / f"{name}-seed0.json").write_text(json.dumps(record))
 
@@ -343,6 +343,35 @@ def test_report_compares_the_default_arms_with_dense_controls(tmp_path, study_di
     assert against_control["arm"] == "published"
     assert against_control["difference"] == pytest.approx(0.1) and against_control["gpu_time_ratio"] == pytest.approx(1.0)
     assert "Against the dense control dense-steps134" in (tmp_path / "results.md").read_text()
+
+
+def test_report_says_what_the_lighthouse_phase_did(study_dir, load_script):
+    report = load_script("report_tracks")
+
+    def evaluation(step, phase, long, lighthouse=None):
+        entry = dict(step=step, phase=phase, by_position=[dict(first=1, last=9, loss=9.0), dict(first=10, last=19, loss=long)])
+        if lighthouse is not None:
+            entry["lighthouse"] = dict(by_position=[dict(first=10, last=19, loss=lighthouse)], by_offset=[lighthouse - 0.1, lighthouse + 0.1])
+        return entry
+
+    def record(evals):
+        return dict(long_from=10, recovery_step=6, evals=evals)
+
+    dense = {0: record([evaluation(0, "dense", 4.0), evaluation(6, "dense", 3.0), evaluation(8, "dense", 2.9)])}
+    arm = {
+        # seed 0 predates the start's leak check; seed 1 has it
+        0: record([evaluation(0, "lighthouse", 4.0), evaluation(6, "lighthouse", 3.9, lighthouse=5.0), evaluation(8, "dense", 3.1)]),
+        1: record([evaluation(0, "lighthouse", 4.0, lighthouse=7.0), evaluation(6, "lighthouse", 3.7, lighthouse=4.6), evaluation(8, "dense", 3.0)]),
+    }
+    phase = report.lighthouse_phase("published", arm, dense)
+    assert phase["seeds"] == 2
+    assert phase["dense_attention"] == pytest.approx([4.0, 3.8])
+    assert phase["lighthouse_attention"][0] is None and phase["lighthouse_attention"][1] == pytest.approx(4.8)
+    assert phase["dense_arm_at_switch"] is None  # seed 1 has no dense run
+    assert phase["by_offset_at_switch"] == pytest.approx([4.7, 4.9])
+    del arm[0]
+    assert report.lighthouse_phase("published", arm, dense)["lighthouse_attention"] == pytest.approx([7.0, 4.6])
+    assert "7.000 -> 4.600" in report.phase_table([report.lighthouse_phase("published", arm, dense)])
 
 
 def test_report_interval_pairs_windows_and_pools_seeds(study_dir, load_script):

@@ -16,6 +16,10 @@ A dense run of a variant no Lighthouse arm has (``dense-steps134``: dense on its
 the Lighthouse arms' GPU time; ``dense-recovery0.9-steps61``: dense for the recovery's steps only)
 is a control outside the rule: each Lighthouse arm of the default schedule is compared with it the
 same way (``controls`` in the summary, a table of its own), and it has no verdict.
+
+``lighthouse_phase`` says what each Lighthouse arm's Lighthouse steps did: its long-position loss
+with dense and with Lighthouse attention at the start and at the switch, against dense's own at
+that step, and the leak check's loss by offset in a block.
 """
 
 from __future__ import annotations
@@ -212,6 +216,63 @@ def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
     plt.close("all")
 
 
+def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
+    """What the Lighthouse phase did, mean over the arm's seeds: the long-position loss with dense
+    attention and with Lighthouse attention at the start and at the switch (the last Lighthouse
+    step), dense's own loss at the switch's step (same seeds), and the Lighthouse loss at the
+    switch by offset inside a pooling block (the leak check). A value some seed did not record
+    (the start's Lighthouse loss before runs measured it) is None."""
+    rows = []
+    for seed, record in sorted(arm.items()):
+        first = long_from(record)
+        at = {e["step"]: e for e in record["evals"]}
+        start, switch = record["evals"][0], at.get(record.get("recovery_step"))
+        if switch is None or switch.get("phase") != "lighthouse":
+            continue
+        dense_at = {e["step"]: e for e in dense[seed]["evals"]} if seed in dense else {}
+        rows.append(dict(
+            dense_attention=(long_loss(start, first), long_loss(switch, first)),
+            lighthouse_attention=tuple(long_loss(e["lighthouse"], first) if "lighthouse" in e else None for e in (start, switch)),
+            dense_arm_at_switch=long_loss(dense_at[switch["step"]], first) if switch["step"] in dense_at else None,
+            by_offset_at_switch=switch["lighthouse"]["by_offset"] if "lighthouse" in switch else None,
+        ))
+
+    def mean(values):
+        return None if not values or any(v is None for v in values) else float(np.mean(values, axis=0))
+
+    def pair(key):
+        return [mean([row[key][i] for row in rows]) for i in (0, 1)]
+
+    by_offset = [row["by_offset_at_switch"] for row in rows]
+    return dict(
+        arm=name,
+        seeds=len(rows),
+        dense_attention=pair("dense_attention") if rows else None,
+        lighthouse_attention=pair("lighthouse_attention") if rows else None,
+        dense_arm_at_switch=mean([row["dense_arm_at_switch"] for row in rows]),
+        by_offset_at_switch=None if not rows or None in by_offset else np.mean(by_offset, axis=0).tolist(),
+    )
+
+
+def phase_table(phases: list[dict]) -> str:
+    def value(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [
+        "| arm | seeds | dense attention: start -> switch | dense arm at the switch | Lighthouse attention: start -> switch | Lighthouse loss at the switch by offset in a block (all positions) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in phases:
+        if not p["seeds"]:
+            continue
+        offsets = "n/a" if p["by_offset_at_switch"] is None else " / ".join(f"{x:.3f}" for x in p["by_offset_at_switch"])
+        lines.append(
+            f"| {p['arm']} | {p['seeds']} | {value(p['dense_attention'][0])} -> {value(p['dense_attention'][1])} | "
+            f"{value(p['dense_arm_at_switch'])} | {value(p['lighthouse_attention'][0])} -> {value(p['lighthouse_attention'][1])} | {offsets} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(comparisons: list[dict], against: str = "dense") -> str:
     lines = [
         f"| arm | seeds | final long loss | vs {against} (95% interval) | GPU s | x {against} | {against} at that GPU time | probes hold |",
@@ -248,8 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
         group = [compare(name, runs[name], runs[dense]) for name in names]
         comparisons += group
         verdicts[schedule or "default"] = verdict(group)
-    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls)
+    phases = [lighthouse_phase(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
+    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls, lighthouse_phase=phases)
     text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
+    text += "\nThe Lighthouse phase (long-position loss; the switch is the last Lighthouse step):\n\n" + phase_table(phases)
     for control, group in controls.items():
         text += f"\nAgainst the dense control {control} (outside the rule):\n\n" + table(group, against=control)
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
