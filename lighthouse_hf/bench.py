@@ -580,14 +580,17 @@ def decoder_layers(args: argparse.Namespace, device: str = "cuda") -> list[dict]
 
 def _layer_step(model, inputs: list[torch.Tensor], positions: torch.Tensor, backward: bool) -> Callable[[int], object]:
     """``step(i)``: the model's decoder layer on input ``i`` as its model calls it (and, with
-    ``backward``, the gradient of the output's sum with respect to the layer's input and weights)."""
-    layer, rotary = model.model.layers[0], model.model.rotary_emb
+    ``backward``, the gradient of the output's sum with respect to the layer's input and weights).
+    The rotary cos/sin are computed once here: a model computes them once per forward for all its
+    layers, so they are not a layer's work."""
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        position_embeddings = model.model.rotary_emb(inputs[0], positions)
 
     def step(i):
         hidden = inputs[i].requires_grad_(backward)
         with torch.set_grad_enabled(backward):
-            out = layer(hidden, attention_mask=None, position_ids=positions,
-                        position_embeddings=rotary(hidden, positions))
+            out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
             out = out[0] if isinstance(out, tuple) else out
             if backward:
                 out.sum().backward()
