@@ -66,10 +66,15 @@ def long_loss(entry: dict, first: int) -> float:
     return float(np.dot(widths, [b["loss"] for b in buckets]) / widths.sum())
 
 
+def long_loss_curve(record: dict) -> list[tuple[float, float]]:
+    """(GPU seconds, long-position loss) at each of the run's evaluations."""
+    return [(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"]]
+
+
 def time_to_reach(record: dict, target: float) -> float | None:
     """GPU seconds at which the run's long-position loss first reaches ``target`` (linear between
     evaluations), or None when it never does."""
-    curve = [(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"]]
+    curve = long_loss_curve(record)
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if l1 <= target:
             return t0 if l0 <= target else t0 + (l0 - target) / (l0 - l1) * (t1 - t0)
@@ -78,7 +83,7 @@ def time_to_reach(record: dict, target: float) -> float | None:
 
 def loss_at(record: dict, seconds: float) -> float:
     """The run's long-position loss after ``seconds`` of GPU time (linear between evaluations)."""
-    times, losses = zip(*[(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"]])
+    times, losses = zip(*long_loss_curve(record))
     return float(np.interp(seconds, times, losses))
 
 
@@ -187,7 +192,7 @@ def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, seeds in sorted(runs.items()):
         for seed, record in sorted(seeds.items()):
-            curve = [(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"][1:]]
+            curve = long_loss_curve(record)[1:]
             axis.plot(*zip(*curve), color=colors[name], alpha=0.8, label=name if seed == min(seeds) else None)
     axis.set(xlabel="GPU seconds (optimizer steps)", ylabel="held-out loss, long positions (dense attention)")
     axis.legend()
