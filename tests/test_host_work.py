@@ -21,8 +21,18 @@ from lighthouse_hf.ops import fused
 pytest.importorskip("triton")
 
 
+class _CountedKernel:
+    """``kernel[grid](...)`` that counts the launch under the kernel's name instead of running it."""
+
+    def __init__(self, name: str, counts: collections.Counter) -> None:
+        self.name, self.counts = name, counts
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.counts.update([self.name])
+
+
 class _Launches:
-    """Stands in for ``lighthouse_hf.ops.kernels``: each ``kernel[grid](...)`` is counted, not run."""
+    """Stands in for ``lighthouse_hf.ops.kernels``: its host-side helpers, and kernels that count."""
 
     def __init__(self, kernels) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
@@ -32,16 +42,7 @@ class _Launches:
     def __getattr__(self, name: str):
         if not name.endswith("_kernel"):
             raise AttributeError(name)
-        counts = self.counts
-
-        class _Kernel:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    counts[name] += 1
-
-                return launch
-
-        return _Kernel()
+        return _CountedKernel(name, self.counts)
 
 
 class _AtenOps(TorchDispatchMode):
