@@ -374,6 +374,28 @@ def test_report_says_what_the_lighthouse_phase_did(study_dir, load_script):
     assert "7.000 -> 4.600" in report.phase_table([report.lighthouse_phase("published", arm, dense)])
 
 
+def test_report_gives_each_switch_its_cost_against_dense_on_the_same_steps(study_dir, load_script):
+    report = load_script("report_tracks")
+
+    def record(losses, recovery_step=None):
+        return dict(recovery_step=recovery_step, steps=[dict(step=i + 1, loss=loss) for i, loss in enumerate(losses)])
+
+    dense = {0: record([5.0] * 10), 1: record([4.0] * 10)}
+    # switch to dense after step 6; with 3-step windows: steps 1-3, 4-6 and 7-9
+    arm = {0: record([8.0, 7.0, 6.0, 5.5, 5.5, 5.5, 6.0, 5.0, 5.0, 5.0], recovery_step=6),
+           1: record([6.0, 6.0, 6.0, 4.5, 4.5, 4.5, 5.0, 4.0, 4.0, 4.0], recovery_step=6),
+           2: record([9.0] * 10, recovery_step=6)}  # no dense run of seed 2: left out
+    cost = report.switch_cost("published", arm, dense, steps=3)
+    assert cost["seeds"] == 2
+    assert cost["to_lighthouse"] == pytest.approx((2.0 + 2.0) / 2)
+    assert cost["before_dense"] == pytest.approx(0.5)
+    assert cost["to_dense"] == pytest.approx((1.0 / 3 + 1.0 / 3) / 2)
+    assert "| published | 2 | +2.000 | +0.500 | +0.333 |" in report.switch_table([cost])
+    # a window past the run's last step is cut to the steps that exist
+    short = {0: record([8.0, 7.0, 6.0, 5.5, 5.5, 5.5, 6.0], recovery_step=6)}
+    assert report.switch_cost("published", short, dense, steps=3)["to_dense"] == pytest.approx(1.0)
+
+
 def test_report_interval_pairs_windows_and_pools_seeds(study_dir, load_script):
     report = load_script("report_tracks")
     dense = {s: {"final": {"by_window_long": [5.0, 6.0, 7.0]}} for s in (0, 1)}

@@ -19,7 +19,10 @@ same way (``controls`` in the summary, a table of its own), and it has no verdic
 
 ``lighthouse_phase`` says what each Lighthouse arm's Lighthouse steps did: its long-position loss
 with dense and with Lighthouse attention at the start and at the switch, against dense's own at
-that step, and the leak check's loss by offset in a block.
+that step, and the leak check's loss by offset in a block. ``switch_cost`` is each switch's cost
+in training loss: the arm's against dense's on the same steps (same data) for the
+``SWITCH_STEPS`` steps after the switch to Lighthouse (the first steps) and for those before and
+after the switch to dense.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ GPU_TIME_GOAL = 0.75
 PLANNED_SEEDS = 3  # for dense, published and the best arm (PLAN.md)
 BOOTSTRAP_SAMPLES = 10_000
 RUN_NAME = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)\.json$")
+SWITCH_STEPS = 50
 LONG_FROM = {"scratch": lambda seq_len: seq_len // 2, "extend": lambda seq_len: min(8192, seq_len // 8)}
 """Each track's first long position (``scratch.py``, ``extend.py``), for runs that did not record it."""
 
@@ -259,6 +263,42 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
     )
 
 
+def switch_cost(name: str, arm: dict[int, dict], dense: dict[int, dict], steps: int = SWITCH_STEPS) -> dict:
+    """Mean training loss of the arm minus dense's over the same steps (the same batches), mean over
+    the seeds both have: the first ``steps`` steps (after the switch to Lighthouse), and the
+    ``steps`` before and after the switch to dense (fewer where the phase is shorter)."""
+    windows = defaultdict(list)
+    for seed in sorted(set(arm) & set(dense)):
+        switch = arm[seed].get("recovery_step")
+        if switch is None:
+            continue
+        losses = {row["step"]: row["loss"] for row in arm[seed]["steps"]}
+        dense_losses = {row["step"]: row["loss"] for row in dense[seed]["steps"]}
+        last = max(losses)
+        ranges = dict(to_lighthouse=range(1, min(steps, switch) + 1),
+                      before_dense=range(max(1, switch - steps + 1), switch + 1),
+                      to_dense=range(switch + 1, min(switch + steps, last) + 1))
+        for key, window in ranges.items():
+            shared = [s for s in window if s in losses and s in dense_losses]
+            if shared:
+                windows[key].append(float(np.mean([losses[s] - dense_losses[s] for s in shared])))
+    seeds = len(windows["to_dense"])
+    return dict(arm=name, seeds=seeds, steps=steps,
+                **{key: float(np.mean(windows[key])) if len(windows[key]) == seeds and seeds else None
+                   for key in ("to_lighthouse", "before_dense", "to_dense")})
+
+
+def switch_table(costs: list[dict]) -> str:
+    lines = [
+        f"| arm | seeds | first {SWITCH_STEPS} steps (Lighthouse) | last {SWITCH_STEPS} Lighthouse steps | first {SWITCH_STEPS} dense steps |",
+        "|---|---|---|---|---|",
+    ]
+    for c in costs:
+        if c["seeds"]:
+            lines.append(f"| {c['arm']} | {c['seeds']} | {c['to_lighthouse']:+.3f} | {c['before_dense']:+.3f} | {c['to_dense']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def phase_table(phases: list[dict]) -> str:
     def value(x):
         return "n/a" if x is None else f"{x:.3f}"
@@ -315,9 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
         comparisons += group
         verdicts[schedule or "default"] = verdict(group)
     phases = [lighthouse_phase(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
-    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls, lighthouse_phase=phases)
+    costs = [switch_cost(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
+    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls, lighthouse_phase=phases, switch_cost=costs)
     text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
     text += "\nThe Lighthouse phase (long-position loss; the switch is the last Lighthouse step):\n\n" + phase_table(phases)
+    text += "\nThe switches' cost (training loss minus dense's on the same steps and batches, all positions):\n\n" + switch_table(costs)
     for control, group in controls.items():
         text += f"\nAgainst the dense control {control} (outside the rule):\n\n" + table(group, against=control)
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
