@@ -15,7 +15,8 @@ entry's output lands up to ``pooling**(levels-1) - 1`` positions past its span, 
 that halo to the next chunk. When chunk boundaries do not fall on tile boundaries (or the setting
 pads the coarsest level), the ranks all-gather q, k and v and each computes its own chunks of the
 single-device result: still exact, with the memory of one device (a ``LighthouseWarning`` says so
-in eager calls; compiled code cannot warn). Both paths compile with ``fullgraph=True``.
+in eager calls; compiled code cannot warn). Both paths compile with ``fullgraph=True`` (on gloo
+with the collectives as two opaque ops: see ``_gloo_all_gather``).
 
 Dense layers (and every other call that runs dense) all-gather k and v and attend each local query
 chunk to its causal prefix. Only ``torch.distributed`` collectives are used: all-gather forward,
@@ -61,6 +62,62 @@ def _group_shape(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+# Compiled code on a gloo group calls its collectives through these opaque ops, which run the
+# eager ``torch.distributed`` calls: dynamo would otherwise trace them into functional
+# collectives, which crash gloo ranks on CUDA tensors with SIGSEGV in torch 2.11 (H200; eager
+# gloo all-gather and all-reduce of the same tensors work). Other backends keep the traced
+# collectives, which inductor can schedule.
+@torch.library.custom_op("lighthouse_hf::gloo_all_gather", mutates_args=())
+def _gloo_all_gather(local: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=dist.distributed_c10d._resolve_process_group(group_name))
+    return gathered
+
+
+@_gloo_all_gather.register_fake
+def _(local: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    return local.new_empty((world * local.shape[0], *local.shape[1:]))
+
+
+@torch.library.custom_op("lighthouse_hf::gloo_all_reduce", mutates_args=())
+def _gloo_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    total = x.clone()
+    dist.all_reduce(total, group=dist.distributed_c10d._resolve_process_group(group_name))
+    return total
+
+
+@_gloo_all_reduce.register_fake
+def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _opaque_name(group) -> str | None:
+    """The group's name where its collectives must go through the opaque ops (compiled code on
+    gloo), else None; ``None`` as the group is the default group."""
+    if torch.compiler.is_compiling() and dist.get_backend(group) == dist.Backend.GLOO:
+        return (group if group is not None else dist.group.WORLD).group_name
+    return None
+
+
+def _all_gather(local: torch.Tensor, group, opaque_name: str | None) -> torch.Tensor:
+    """Every rank's ``local`` concatenated along dim 0, in rank order."""
+    world = dist.get_world_size(group)
+    if opaque_name is not None:
+        return _gloo_all_gather(local, opaque_name, world)
+    gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    return gathered
+
+
+def _all_reduce(x: torch.Tensor, group, opaque_name: str | None) -> torch.Tensor:
+    """The sum of every rank's ``x`` (a new tensor)."""
+    if opaque_name is not None:
+        return _gloo_all_reduce(x, opaque_name)
+    total = x.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
     """This rank's head and tail chunks of ``x`` along ``dim`` (whose length must be a multiple of
     ``2 * world``)."""
@@ -83,9 +140,7 @@ def _in_global_order(halves: list[tuple[torch.Tensor, torch.Tensor]]) -> list[to
 def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
     """The whole sequence from every rank's head/tail part along ``dim`` (not differentiable)."""
     world, _ = _group_shape(group)
-    moved = x.movedim(dim, 0).contiguous()
-    gathered = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
-    dist.all_gather_into_tensor(gathered, moved, group=group)
+    gathered = _all_gather(x.movedim(dim, 0), group, _opaque_name(group))
     halves = [part.chunk(2, dim=0) for part in gathered.chunk(world, dim=0)]
     return torch.cat(_in_global_order(halves), dim=0).movedim(0, dim)
 
@@ -95,11 +150,9 @@ class _AllGather(torch.autograd.Function):
     (reduce-scatter where the backend has it, all-reduce otherwise, e.g. on gloo)."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        world = dist.get_world_size(group)
-        gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    def forward(ctx, local: torch.Tensor, group, opaque_name: str | None) -> torch.Tensor:
+        ctx.group, ctx.opaque_name = group, opaque_name
+        gathered = _all_gather(local, group, opaque_name)
         if torch.compiler.is_compiling():
             # torch 2.11 compiles the gradient of an output that a collective wrote in place to
             # zeros when the backward issues a collective too (torch 2.13 does not): measured on
@@ -115,16 +168,14 @@ class _AllGather(torch.autograd.Function):
         if dist.get_backend(group) == dist.Backend.NCCL:
             local = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
             dist.reduce_scatter_tensor(local, grad, group=group)
-            return local, None
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad.chunk(world, dim=0)[rank], None
+            return local, None, None
+        return _all_reduce(grad, group, ctx.opaque_name).chunk(world, dim=0)[rank], None, None
 
 
 def _gather_chunks(local: torch.Tensor, group, world: int) -> list[torch.Tensor]:
     """All-gather every rank's ``[head chunk, tail chunk]`` (along dim 2; differentiable) and
     return the chunks in global order."""
-    gathered = _AllGather.apply(local, group)
+    gathered = _AllGather.apply(local, group, _opaque_name(group))
     return _in_global_order([t.chunk(2, dim=2) for t in gathered.chunk(world, dim=0)])
 
 
