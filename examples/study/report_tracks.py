@@ -186,19 +186,31 @@ def verdict(comparisons: list[dict]) -> dict:
     return dict(outcome="inconclusive", reason="no arm meets the rule and not every arm is worse", **planned)
 
 
-def plot(runs: dict[str, dict[int, dict]], folder: Path) -> None:
+def plot(runs: dict[str, dict[int, dict]], comparisons: list[dict], folder: Path) -> None:
+    """The plots; on the loss curves, each arm's final loss against its dense run as the dense
+    run's final loss plus the paired difference, with its 95% interval, at the arm's GPU time."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(sorted(set(runs) - {"dense"}), plt.get_cmap("tab10").colors), dense="black")
+    palette = itertools.cycle(plt.get_cmap("tab20").colors)
+    colors = dict(zip(sorted(set(runs) - {"dense"}), palette), dense="black")
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, seeds in sorted(runs.items()):
         for seed, record in sorted(seeds.items()):
             curve = long_loss_curve(record)[1:]
             axis.plot(*zip(*curve), color=colors[name], alpha=0.8, label=name if seed == min(seeds) else None)
-    axis.set(xlabel="GPU seconds (optimizer steps)", ylabel="held-out loss, long positions (dense attention)")
+    for c in comparisons:
+        if c.get("seeds") and c["interval"] is not None and not is_dense(c["arm"]):
+            center = c["dense_final_long_loss"] + c["difference"]
+            low, high = (c["dense_final_long_loss"] + end for end in c["interval"])
+            axis.errorbar([c["gpu_seconds"]], [center], yerr=[[center - low], [high - center]], fmt="o",
+                          color=colors[c["arm"]], capsize=4)
+    axis.set(xlabel="GPU seconds (optimizer steps); points: final loss, 95% paired interval vs dense",
+             ylabel="held-out loss, long positions (dense attention)")
     axis.legend()
     figure.tight_layout()
     figure.savefig(folder / "long_loss_vs_gpu_time.png", dpi=120)
@@ -364,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         text += f"\nAgainst the dense control {control} (outside the rule):\n\n" + table(group, against=control)
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
     (args.results / "results.md").write_text(text)
-    plot(runs, args.results)
+    plot(runs, comparisons, args.results)
     print(text)
     return summary
 
