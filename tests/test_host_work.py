@@ -76,3 +76,19 @@ def test_the_fused_forward_is_four_launches_and_few_aten_ops(monkeypatch, settin
     if settings["levels"] == 3:
         # Besides allocations and views, one memset (the scatter's inverse table) and SDPA.
         assert ops["aten.full"] == 1 and not {"aten.fill_", "aten.copy_", "aten.amax"} & set(ops), ops
+
+
+def test_the_span_end_backward_reuses_the_forwards_rotary_table(monkeypatch):
+    launches = _Launches(fused._kernels())
+    monkeypatch.setattr(fused, "_kernels", lambda: launches)
+    monkeypatch.setattr(fused, "handles", lambda q: True)
+    q, k, v = (torch.randn(1, 2, 65536, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+    with _AtenOps() as forward:
+        out = lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128, rope_inv_freq=inv_freq)
+    with _AtenOps() as backward:
+        out.backward(torch.ones_like(out))
+    assert forward.ops["aten.cos"] == forward.ops["aten.sin"] == 1, forward.ops
+    assert not {"aten.cos", "aten.sin", "aten.arange"} & set(backward.ops), backward.ops
+    # the gather's backward: dq, dk (rotated back) and dv, as three launches
+    assert launches.counts["positions_kernel"] == 1 + 3, launches.counts

@@ -338,7 +338,7 @@ def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _gather_impl(
     q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, means: Tensor,
-    rope_inv_freq: Optional[Tensor], levels: int, pooling: int, topk: int,
+    rotary: Optional[Tensor], levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads, _, dim = q.shape
@@ -346,12 +346,12 @@ def _gather_impl(
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
     _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means.numel() else None,
-                 rotary=rotary_table(rope_inv_freq, plan))
+                 rotary=rotary)
     return tuple(out)
 
 
 def _gather_backward_impl(
-    dq_sel: Tensor, dk_sel: Tensor, dv_sel: Tensor, inverse: Tensor, rope_inv_freq: Optional[Tensor], kv_heads: int,
+    dq_sel: Tensor, dk_sel: Tensor, dv_sel: Tensor, inverse: Tensor, rotary: Optional[Tensor], kv_heads: int,
     seq_len: int, levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = plan_for(seq_len, levels, pooling, topk)
@@ -359,7 +359,6 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    rotary = rotary_table(rope_inv_freq, plan)
     _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary)
     if rotary is None:
         _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
@@ -422,13 +421,13 @@ def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
 
 
 @_gather_op.register_fake
-def _(q, k, v, entry_local, entry_row, inverse, means, rope_inv_freq, levels, pooling, topk):
+def _(q, k, v, entry_local, entry_row, inverse, means, rotary, levels, pooling, topk):
     shape = (*q.shape[:2], entry_local.shape[-1], q.shape[-1])
     return tuple(q.new_empty(shape) for _ in range(3))
 
 
 @_gather_backward_op.register_fake
-def _(dq_sel, dk_sel, dv_sel, inverse, rope_inv_freq, kv_heads, seq_len, levels, pooling, topk):
+def _(dq_sel, dk_sel, dv_sel, inverse, rotary, kv_heads, seq_len, levels, pooling, topk):
     batch, heads, _, dim = dq_sel.shape
     return (
         dq_sel.new_empty(batch, heads, seq_len, dim),
@@ -450,14 +449,14 @@ def _(grad_out, counts, entry_local, entry_row, levels, pooling, topk):
 
 
 def _gather_setup(ctx, inputs, output):
-    q, k, _, _, _, inverse, _, rope_inv_freq, levels, pooling, topk = inputs
-    ctx.save_for_backward(inverse, rope_inv_freq)
+    q, k, _, _, _, inverse, _, rotary, levels, pooling, topk = inputs
+    ctx.save_for_backward(inverse, rotary)
     ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
 
 
 def _gather_backward(ctx, dq_sel, dk_sel, dv_sel):
-    inverse, rope_inv_freq = ctx.saved_tensors
-    dq, dk, dv = _gather_backward_op(dq_sel, dk_sel, dv_sel, inverse, rope_inv_freq, *ctx.settings)
+    inverse, rotary = ctx.saved_tensors
+    dq, dk, dv = _gather_backward_op(dq_sel, dk_sel, dv_sel, inverse, rotary, *ctx.settings)
     return dq, dk, dv, *(None,) * 8
 
 
@@ -480,15 +479,15 @@ class _GatherEntries(torch.autograd.Function):
     """Eager twin of ``gather_entries`` (autograd.Function calls cost less host time than custom ops)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, entry_local, entry_row, inverse, means, rope_inv_freq, levels, pooling, topk):
-        ctx.save_for_backward(inverse, rope_inv_freq)
+    def forward(ctx, q, k, v, entry_local, entry_row, inverse, means, rotary, levels, pooling, topk):
+        ctx.save_for_backward(inverse, rotary)
         ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
-        return _gather_impl(q, k, v, entry_local, entry_row, inverse, means, rope_inv_freq, levels, pooling, topk)
+        return _gather_impl(q, k, v, entry_local, entry_row, inverse, means, rotary, levels, pooling, topk)
 
     @staticmethod
     def backward(ctx, dq_sel, dk_sel, dv_sel):
-        inverse, rope_inv_freq = ctx.saved_tensors
-        return (*_gather_backward_impl(dq_sel, dk_sel, dv_sel, inverse, rope_inv_freq, *ctx.settings), *(None,) * 8)
+        inverse, rotary = ctx.saved_tensors
+        return (*_gather_backward_impl(dq_sel, dk_sel, dv_sel, inverse, rotary, *ctx.settings), *(None,) * 8)
 
 
 class _ScatterEntries(torch.autograd.Function):
@@ -539,9 +538,10 @@ def gather_entries(
     span end with ``rope_inv_freq``); differentiable.
 
     Compiled code sees the custom op; eager calls take its ``autograd.Function`` twin, which runs
-    the same kernels with less host time on the critical path."""
+    the same kernels with less host time on the critical path. The rotary table is built here, once,
+    and saved for the backward."""
     gather = _gather_op if torch.compiler.is_compiling() else _GatherEntries.apply
-    return gather(q, k, v, *listing, rope_inv_freq, *_settings(plan))
+    return gather(q, k, v, *listing, rotary_table(rope_inv_freq, plan), *_settings(plan))
 
 
 def scatter_entries(listing: Listing, out_sel: Tensor, length: int, plan: LighthousePlan, mean: bool = False) -> Tensor:
