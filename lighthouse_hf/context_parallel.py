@@ -64,9 +64,11 @@ def _group_shape(group) -> tuple[int, int]:
 
 # Compiled code on a gloo group calls its collectives through these opaque ops, which run the
 # eager ``torch.distributed`` calls: dynamo would otherwise trace them into functional
-# collectives, which crash gloo ranks on CUDA tensors with SIGSEGV in torch 2.11 (H200; eager
-# gloo all-gather and all-reduce of the same tensors work). Other backends keep the traced
-# collectives, which inductor can schedule.
+# collectives, which crashed gloo ranks with SIGSEGV in torch 2.11 on the H200 (a functional
+# all-gather of CUDA tensors crashed uncompiled too, and compiled ones crashed with the tensors
+# staged through host memory; eager gloo all-gather and all-reduce of the same CUDA tensors work).
+# Other backends keep the traced collectives, which inductor can schedule. The group travels by
+# name; torch has no public lookup from a name back to its group.
 @torch.library.custom_op("lighthouse_hf::gloo_all_gather", mutates_args=())
 def _gloo_all_gather(local: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
@@ -140,7 +142,7 @@ def _in_global_order(halves: list[tuple[torch.Tensor, torch.Tensor]]) -> list[to
 def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
     """The whole sequence from every rank's head/tail part along ``dim`` (not differentiable)."""
     world, _ = _group_shape(group)
-    gathered = _all_gather(x.movedim(dim, 0), group, _opaque_name(group))
+    gathered = _all_gather(x.detach().movedim(dim, 0), group, _opaque_name(group))
     halves = [part.chunk(2, dim=0) for part in gathered.chunk(world, dim=0)]
     return torch.cat(_in_global_order(halves), dim=0).movedim(0, dim)
 
@@ -153,10 +155,10 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor, group, opaque_name: str | None) -> torch.Tensor:
         ctx.group, ctx.opaque_name = group, opaque_name
         gathered = _all_gather(local, group, opaque_name)
-        if torch.compiler.is_compiling():
-            # torch 2.11 compiles the gradient of an output that a collective wrote in place to
-            # zeros when the backward issues a collective too (torch 2.13 does not): measured on
-            # gloo, the compiled op's k and v gradients were all zeros. A copy is an ordinary output.
+        if torch.compiler.is_compiling() and opaque_name is None:
+            # torch 2.11 compiled the gradient of an output that a traced collective wrote in place
+            # to zeros when the backward issued a collective too (torch 2.13 does not; measured on
+            # gloo before its collectives became opaque ops). A copy is an ordinary output.
             return gathered.clone()
         return gathered
 

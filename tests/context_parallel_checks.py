@@ -223,7 +223,7 @@ class GraphRecorder:
     backend ``backend`` ("inductor", "aot_eager") and records, per graph, the names of the
     operators it calls, those of its nested graphs (an ``autograd.Function``'s forward and
     backward) included: ``"lighthouse_hf.gather_entries.default"``,
-    ``"_c10d_functional.all_gather_into_tensor"``."""
+    ``"lighthouse_hf.gloo_all_gather.default"`` (gloo) or ``"_c10d_functional.all_gather_into_tensor"``."""
 
     def __init__(self, backend: str) -> None:
         self.compile = torch._dynamo.lookup_backend(backend)

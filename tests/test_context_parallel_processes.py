@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from context_parallel_checks import decoder_layer_eager_and_compiled, op_eager_and_compiled
 from helpers import tiny_config
-from lighthouse_hf.context_parallel import chunk_plan
+from lighthouse_hf.context_parallel import chunk_plan, shard_sequence, unshard_sequence
 from process_ranks import run_rank_processes
 
 SEQ = 6144  # splits on tile boundaries into 4 chunks with these settings: the chunk-local path
@@ -26,6 +26,13 @@ def _gather_ranks(rank: int, scale: float) -> torch.Tensor:
     gathered = torch.empty(dist.get_world_size())
     dist.all_gather_into_tensor(gathered, torch.tensor([scale * rank]))
     return gathered
+
+
+def _compiled_unshard(rank: int, world: int) -> torch.Tensor:
+    full = torch.arange(2 * 4 * world * 3, dtype=torch.float32).reshape(2, 4 * world, 3)
+    local = shard_sequence(full, dim=1).requires_grad_()  # a part of the model's graph, as in training
+    unshard = torch.compile(lambda x: unshard_sequence(x * 2.0, dim=1), fullgraph=True, backend="aot_eager")
+    return unshard(local) - 2.0 * full
 
 
 def _rank_one_fails(rank: int) -> None:
@@ -50,6 +57,14 @@ def _rank_one_sleeps(rank: int) -> None:
 def test_process_ranks_exchange_data_and_return_in_rank_order():
     results = run_rank_processes(3, _gather_ranks, (2.0,), timeout_s=120)
     assert [result.tolist() for result in results] == [[0.0, 2.0, 4.0]] * 3
+
+
+@pytest.mark.slow
+def test_unshard_sequence_compiles_on_an_input_that_requires_grad():
+    # It gathers the detached values (it is not differentiable): the opaque gloo all-gather has no
+    # gradient formula for autograd to trace through.
+    for difference in run_rank_processes(2, _compiled_unshard, (2,), timeout_s=120):
+        assert torch.equal(difference, torch.zeros_like(difference))
 
 
 @pytest.mark.slow

@@ -391,9 +391,15 @@ def test_report_gives_each_switch_its_cost_against_dense_on_the_same_steps(study
     assert cost["before_dense"] == pytest.approx(0.5)
     assert cost["to_dense"] == pytest.approx((1.0 / 3 + 1.0 / 3) / 2)
     assert "| published | 2 | +2.000 | +0.500 | +0.333 |" in report.switch_table([cost])
+    assert "first 3 dense steps" in report.switch_table([cost])
     # a window past the run's last step is cut to the steps that exist
     short = {0: record([8.0, 7.0, 6.0, 5.5, 5.5, 5.5, 6.0], recovery_step=6)}
     assert report.switch_cost("published", short, dense, steps=3)["to_dense"] == pytest.approx(1.0)
+    # a seed that never reached dense: that window is unknown, the others still count
+    unfinished = {0: arm[0], 1: record([6.0, 6.0, 6.0, 4.5, 4.5, 4.5], recovery_step=6)}
+    cost = report.switch_cost("published", unfinished, dense, steps=3)
+    assert cost["seeds"] == 2 and cost["to_dense"] is None and cost["to_lighthouse"] == pytest.approx(2.0)
+    assert "| published | 2 | +2.000 | +0.500 | n/a |" in report.switch_table([cost])
 
 
 def test_report_interval_pairs_windows_and_pools_seeds(study_dir, load_script):

@@ -196,7 +196,9 @@ def plot(runs: dict[str, dict[int, dict]], comparisons: list[dict], folder: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = itertools.cycle(plt.get_cmap("tab20").colors)
+    # tab20 holds each hue dark then light: the dark ten first, so that neighbours differ in hue
+    tab20 = plt.get_cmap("tab20").colors
+    palette = itertools.cycle(tab20[::2] + tab20[1::2])
     colors = dict(zip(sorted(set(runs) - {"dense"}), palette), dense="black")
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, seeds in sorted(runs.items()):
@@ -278,36 +280,38 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
 def switch_cost(name: str, arm: dict[int, dict], dense: dict[int, dict], steps: int = SWITCH_STEPS) -> dict:
     """Mean training loss of the arm minus dense's over the same steps (the same batches), mean over
     the seeds both have: the first ``steps`` steps (after the switch to Lighthouse), and the
-    ``steps`` before and after the switch to dense (fewer where the phase is shorter)."""
+    ``steps`` before and after the switch to dense (fewer where the phase is shorter). A window no
+    seed has, or only some seeds have, is None."""
+    seeds = [s for s in sorted(set(arm) & set(dense)) if arm[s].get("recovery_step") is not None]
     windows = defaultdict(list)
-    for seed in sorted(set(arm) & set(dense)):
-        switch = arm[seed].get("recovery_step")
-        if switch is None:
-            continue
+    for seed in seeds:
+        switch = arm[seed]["recovery_step"]
         losses = {row["step"]: row["loss"] for row in arm[seed]["steps"]}
         dense_losses = {row["step"]: row["loss"] for row in dense[seed]["steps"]}
-        last = max(losses)
         ranges = dict(to_lighthouse=range(1, min(steps, switch) + 1),
                       before_dense=range(max(1, switch - steps + 1), switch + 1),
-                      to_dense=range(switch + 1, min(switch + steps, last) + 1))
+                      to_dense=range(switch + 1, switch + steps + 1))
         for key, window in ranges.items():
             shared = [s for s in window if s in losses and s in dense_losses]
             if shared:
                 windows[key].append(float(np.mean([losses[s] - dense_losses[s] for s in shared])))
-    seeds = len(windows["to_dense"])
-    return dict(arm=name, seeds=seeds, steps=steps,
-                **{key: float(np.mean(windows[key])) if len(windows[key]) == seeds and seeds else None
+    return dict(arm=name, seeds=len(seeds), steps=steps,
+                **{key: float(np.mean(windows[key])) if seeds and len(windows[key]) == len(seeds) else None
                    for key in ("to_lighthouse", "before_dense", "to_dense")})
 
 
 def switch_table(costs: list[dict]) -> str:
+    def value(x):
+        return "n/a" if x is None else f"{x:+.3f}"
+
+    steps = costs[0]["steps"] if costs else SWITCH_STEPS
     lines = [
-        f"| arm | seeds | first {SWITCH_STEPS} steps (Lighthouse) | last {SWITCH_STEPS} Lighthouse steps | first {SWITCH_STEPS} dense steps |",
+        f"| arm | seeds | first {steps} steps (Lighthouse) | last {steps} Lighthouse steps | first {steps} dense steps |",
         "|---|---|---|---|---|",
     ]
     for c in costs:
         if c["seeds"]:
-            lines.append(f"| {c['arm']} | {c['seeds']} | {c['to_lighthouse']:+.3f} | {c['before_dense']:+.3f} | {c['to_dense']:+.3f} |")
+            lines.append(f"| {c['arm']} | {c['seeds']} | {value(c['to_lighthouse'])} | {value(c['before_dense'])} | {value(c['to_dense'])} |")
     return "\n".join(lines) + "\n"
 
 
