@@ -335,13 +335,19 @@ def test_report_compares_the_default_arms_with_dense_controls(tmp_path, study_di
 
     run("dense", 3.0, 400.0)
     run("published", 3.2, 200.0)
+    run("causal", 3.15, 210.0)
     run("dense-steps134", 3.1, 200.0)  # dense on its own schedule for the Lighthouse arm's GPU time
     summary = report.main(["--results", str(tmp_path)])
+    (causal,) = summary["against_published"]  # what the option buys over the published method
+    assert causal["arm"] == "causal" and causal["difference"] == pytest.approx(-0.05)
+    assert causal["gpu_time_ratio"] == pytest.approx(1.05)
+    assert "What each option buys: against published" in (tmp_path / "results.md").read_text()
     assert set(summary["verdict"]) == {"default"}  # a control has no verdict of its own
-    assert [c["arm"] for c in summary["comparisons"]] == ["dense", "published"]
-    (against_control,) = summary["controls"]["dense-steps134"]
-    assert against_control["arm"] == "published"
-    assert against_control["difference"] == pytest.approx(0.1) and against_control["gpu_time_ratio"] == pytest.approx(1.0)
+    assert [c["arm"] for c in summary["comparisons"]] == ["dense", "causal", "published"]
+    against_control = {c["arm"]: c for c in summary["controls"]["dense-steps134"]}
+    assert set(against_control) == {"causal", "published"}
+    assert against_control["published"]["difference"] == pytest.approx(0.1)
+    assert against_control["published"]["gpu_time_ratio"] == pytest.approx(1.0)
     assert "Against the dense control dense-steps134" in (tmp_path / "results.md").read_text()
 
 

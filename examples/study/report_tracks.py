@@ -17,7 +17,9 @@ the Lighthouse arms' GPU time; ``dense-recovery0.9-steps61``: dense for the reco
 is a control outside the rule: each Lighthouse arm of the default schedule is compared with it the
 same way (``controls`` in the summary, a table of its own), and it has no verdict.
 
-``lighthouse_phase`` says what each Lighthouse arm's Lighthouse steps did: its long-position loss
+``against_published`` compares each option arm of the default schedule with published the same
+way (what the option buys: the evidence for the settings' defaults). ``lighthouse_phase`` says
+what each Lighthouse arm's Lighthouse steps did: its long-position loss
 with dense and with Lighthouse attention at the start and at the switch, against dense's own at
 that step, and the leak check's loss by offset in a block. ``switch_cost`` is each switch's cost
 in training loss: the arm's against dense's on the same steps (same data) for the
@@ -370,10 +372,15 @@ def main(argv: list[str] | None = None) -> dict:
         group = [compare(name, runs[name], runs[dense]) for name in names]
         comparisons += group
         verdicts[schedule or "default"] = verdict(group)
+    # What each option buys: the default schedule's option arms against published (the defaults' evidence)
+    options = [compare(name, runs[name], runs["published"]) for name in default_arms if name != "published"] if "published" in runs else []
     phases = [lighthouse_phase(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
     costs = [switch_cost(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
-    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls, lighthouse_phase=phases, switch_cost=costs)
+    summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls, against_published=options,
+                   lighthouse_phase=phases, switch_cost=costs)
     text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
+    if options:
+        text += "\nWhat each option buys: against published on the seeds both have (outside the rule):\n\n" + table(options, against="published")
     text += "\nThe Lighthouse phase (long-position loss; the switch is the last Lighthouse step):\n\n" + phase_table(phases)
     text += "\nThe switches' cost (training loss minus dense's on the same steps and batches, all positions):\n\n" + switch_table(costs)
     for control, group in controls.items():
