@@ -62,6 +62,18 @@ def _group_shape(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _eager_all_gather(local: torch.Tensor, group, world: int) -> torch.Tensor:
+    gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    return gathered
+
+
+def _eager_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    total = x.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 # Compiled code on a gloo group calls its collectives through these opaque ops, which run the
 # eager ``torch.distributed`` calls: dynamo would otherwise trace them into functional
 # collectives, which crashed gloo ranks with SIGSEGV in torch 2.11 on the H200 (a functional
@@ -71,9 +83,7 @@ def _group_shape(group) -> tuple[int, int]:
 # name; torch has no public lookup from a name back to its group.
 @torch.library.custom_op("lighthouse_hf::gloo_all_gather", mutates_args=())
 def _gloo_all_gather(local: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
-    gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=dist.distributed_c10d._resolve_process_group(group_name))
-    return gathered
+    return _eager_all_gather(local, dist.distributed_c10d._resolve_process_group(group_name), world)
 
 
 @_gloo_all_gather.register_fake
@@ -83,9 +93,7 @@ def _(local: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
 
 @torch.library.custom_op("lighthouse_hf::gloo_all_reduce", mutates_args=())
 def _gloo_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    total = x.clone()
-    dist.all_reduce(total, group=dist.distributed_c10d._resolve_process_group(group_name))
-    return total
+    return _eager_all_reduce(x, dist.distributed_c10d._resolve_process_group(group_name))
 
 
 @_gloo_all_reduce.register_fake
@@ -106,18 +114,14 @@ def _all_gather(local: torch.Tensor, group, opaque_name: str | None) -> torch.Te
     world = dist.get_world_size(group)
     if opaque_name is not None:
         return _gloo_all_gather(local, opaque_name, world)
-    gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
-    return gathered
+    return _eager_all_gather(local, group, world)
 
 
 def _all_reduce(x: torch.Tensor, group, opaque_name: str | None) -> torch.Tensor:
     """The sum of every rank's ``x`` (a new tensor)."""
     if opaque_name is not None:
         return _gloo_all_reduce(x, opaque_name)
-    total = x.clone()
-    dist.all_reduce(total, group=group)
-    return total
+    return _eager_all_reduce(x, group)
 
 
 def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> torch.Tensor:
