@@ -88,24 +88,23 @@ GB = 1e9
 
 def run(args: argparse.Namespace) -> int:
     packed_mode = args.packed is not None or args.packed_longtail is not None
-    model_mode = "--e2e" if args.e2e else "--layer" if args.layer else None
+    mode = "e2e" if args.e2e else "layer" if args.layer else "operators"
     if packed_mode:
-        if model_mode:
-            print(f"lighthouse-hf bench: --packed and --packed-longtail time the operator; leave out {model_mode}",
+        if mode != "operators":
+            print(f"lighthouse-hf bench: --packed and --packed-longtail time the operator; leave out --{mode}",
                   file=sys.stderr)
             return 2
         return _run_packed(args)
     if args.e2e and args.layer:
         print("lighthouse-hf bench: --e2e and --layer are two modes; give one", file=sys.stderr)
         return 2
-    if model_mode and "given" in args.scores:
-        print(f"lighthouse-hf bench: --scores given is for operator mode; the {model_mode} Llama scores the norms of q and k",
+    if mode != "operators" and "given" in args.scores:
+        print(f"lighthouse-hf bench: --scores given is for operator mode; the --{mode} Llama scores the norms of q and k",
               file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("lighthouse-hf bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    mode = "e2e" if args.e2e else "layer" if args.layer else "operators"
     results = {"e2e": _e2e, "layer": decoder_layers, "operators": operators}[mode](args)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
     if args.json:
