@@ -55,10 +55,16 @@ class _AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _forward_host_work(monkeypatch, seq: int, **settings) -> tuple[dict[str, int], collections.Counter]:
+def _counted_fused_path(monkeypatch) -> _Launches:
+    """The fused path forced on CPU tensors, its kernels replaced by launch counters."""
     launches = _Launches(fused._kernels())
     monkeypatch.setattr(fused, "_kernels", lambda: launches)
     monkeypatch.setattr(fused, "handles", lambda q: True)
+    return launches
+
+
+def _forward_host_work(monkeypatch, seq: int, **settings) -> tuple[dict[str, int], collections.Counter]:
+    launches = _counted_fused_path(monkeypatch)
     q, k, v = (torch.randn(1, 2, seq, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     with _AtenOps() as aten:
         lighthouse_attention(q, k, v, **settings)
@@ -79,9 +85,7 @@ def test_the_fused_forward_is_four_launches_and_few_aten_ops(monkeypatch, settin
 
 
 def test_the_span_end_backward_reuses_the_forwards_rotary_table(monkeypatch):
-    launches = _Launches(fused._kernels())
-    monkeypatch.setattr(fused, "_kernels", lambda: launches)
-    monkeypatch.setattr(fused, "handles", lambda q: True)
+    launches = _counted_fused_path(monkeypatch)
     q, k, v = (torch.randn(1, 2, 65536, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
     with _AtenOps() as forward:
