@@ -372,12 +372,14 @@ def test_report_says_what_the_lighthouse_phase_did(study_dir, load_script):
     phase = report.lighthouse_phase("published", arm, dense)
     assert phase["seeds"] == 2
     assert phase["dense_attention"] == pytest.approx([4.0, 3.8])
-    assert phase["lighthouse_attention"][0] is None and phase["lighthouse_attention"][1] == pytest.approx(4.8)
+    assert phase["lighthouse_attention"] == pytest.approx([7.0, 4.8])  # the start from the seed that measured it
     assert phase["dense_arm_at_switch"] is None  # seed 1 has no dense run
     assert phase["by_offset_at_switch"] == pytest.approx([4.7, 4.9])
     del arm[0]
     assert report.lighthouse_phase("published", arm, dense)["lighthouse_attention"] == pytest.approx([7.0, 4.6])
     assert "7.000 -> 4.600" in report.phase_table([report.lighthouse_phase("published", arm, dense)])
+    del arm[1]["evals"][0]["lighthouse"]
+    assert report.lighthouse_phase("published", arm, dense)["lighthouse_attention"][0] is None
 
 
 def test_report_gives_each_switch_its_cost_against_dense_on_the_same_steps(study_dir, load_script):

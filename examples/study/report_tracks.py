@@ -245,8 +245,9 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
     """What the Lighthouse phase did, mean over the arm's seeds: the long-position loss with dense
     attention and with Lighthouse attention at the start and at the switch (the last Lighthouse
     step), dense's own loss at the switch's step (same seeds), and the Lighthouse loss at the
-    switch by offset inside a pooling block (the leak check). A value some seed did not record
-    (the start's Lighthouse loss before runs measured it) is None."""
+    switch by offset inside a pooling block (the leak check). The start's Lighthouse loss is the
+    same model on the same windows whatever the seed, so it is the mean over the seeds that measured
+    it (runs before the check did not); any other value some seed did not record is None."""
     rows = []
     for seed, record in sorted(arm.items()):
         first = long_from(record)
@@ -268,12 +269,16 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
     def pair(key):
         return [mean([row[key][i] for row in rows]) for i in (0, 1)]
 
+    def lighthouse_pair():
+        start = [row["lighthouse_attention"][0] for row in rows if row["lighthouse_attention"][0] is not None]
+        return [mean(start), pair("lighthouse_attention")[1]]
+
     by_offset = [row["by_offset_at_switch"] for row in rows]
     return dict(
         arm=name,
         seeds=len(rows),
         dense_attention=pair("dense_attention") if rows else None,
-        lighthouse_attention=pair("lighthouse_attention") if rows else None,
+        lighthouse_attention=lighthouse_pair() if rows else None,
         dense_arm_at_switch=mean([row["dense_arm_at_switch"] for row in rows]),
         by_offset_at_switch=None if not rows or None in by_offset else np.mean(by_offset, axis=0).tolist(),
     )
