@@ -11,7 +11,11 @@ last one's cache, the variants taking turns) of
   and once with the backend Lighthouse uses inside (``compressed_attention``);
 
 forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
-call (inputs, outputs and gradients included). Times are per call with calls queued back to back,
+call (inputs, outputs and gradients included). Each row also gives the floor of the fused path's
+kernels: the bytes they move around SDPA (``lighthouse_hf.ops.traffic``: the forward's, or the
+forward's and the backward's) at the device-to-device copy bandwidth measured at the start of the
+run, added to SDPA(S_sel)'s cuDNN time (``floor_ms``, ``floor_ratio``): how close these kernels
+could come, so a ratio above its target says whether the bytes or the kernels are why. Times are per call with calls queued back to back,
 as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
 which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead
 times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Llama with hidden
@@ -79,8 +83,10 @@ from .ops import (
     dense_causal_attention_varlen,
     lighthouse_attention,
     lighthouse_attention_varlen,
+    plan_for,
     runs_lighthouse,
 )
+from .ops.traffic import fused_traffic
 from .rotary import rope_inv_freq
 
 GB = 1e9
@@ -185,6 +191,16 @@ def peak_memory(fn: Callable[[int], object], make_inputs: Callable[[], object]) 
     peak = torch.cuda.max_memory_allocated() / GB
     del inputs, fn_inputs
     return peak
+
+
+def copy_bandwidth(device: str, gigabytes: float = 1.0, iters: int = 20) -> float:
+    """Bytes per second of a device-to-device copy (bytes read plus bytes written), median of
+    ``iters`` copies of ``gigabytes`` after one warm-up copy: the bandwidth memory-bound kernels
+    can reach on this device."""
+    source = torch.empty(int(gigabytes * GB) // 2, dtype=torch.bfloat16, device=device).normal_()
+    target = torch.empty_like(source)
+    timed = time_interleaved({"copy": lambda i: target.copy_(source)}, warmup=1, iters=iters, input_sets=1, device=device)
+    return 2 * source.nbytes / (timed["copy"]["ms"] / 1e3)
 
 
 def _in_context(context: Callable, fn: Callable[[int], object]) -> Callable[[int], object]:
@@ -311,6 +327,7 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     span_end_freq = default_rope_inv_freq(args.dim, device) if "span_end" in args.rope else None
+    bandwidth = copy_bandwidth(device)
     grid = itertools.product(
         args.seq, args.levels, args.pooling, args.topk, args.rope, args.scores, args.selection, args.combine
     )
@@ -339,6 +356,12 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
             row.update(measure(variants, backward))
             base = row["sdpa_sel_cudnn"]["ms"]
             row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
+            traffic = fused_traffic(plan_for(seq, **settings), batch=args.batch, heads=args.heads, kv_heads=kv_heads,
+                                    dim=args.dim, dtype=getattr(torch, args.dtype), **options)
+            row["kernel_gb"] = (traffic.forward + traffic.backward if backward else traffic.forward) / GB
+            row["copy_tb_per_s"] = bandwidth / 1e12
+            row["floor_ms"] = base + row["kernel_gb"] * GB / bandwidth * 1e3
+            row["floor_ratio"] = row["floor_ms"] / base
             row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
             if "dense_cudnn" in row:
                 row["speedup_over_dense"] = row["dense_cudnn"]["ms"] / row["lighthouse"]["ms"]
@@ -362,7 +385,8 @@ def _operator_line(row: dict) -> str:
         f"{row['mode']:>7}{' det' if row['deterministic'] else ''}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
         f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
         + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
-        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x) | "
+        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x; "
+        f"floor {row['floor_ratio']:.2f}x: {row['kernel_gb']:.2f} GB at {row['copy_tb_per_s']:.2f} TB/s) | "
         f"latency {row['lighthouse']['latency_ms']:.2f} ms vs {row['sdpa_sel_cudnn']['latency_ms']:.2f}"
     )
 
@@ -371,14 +395,15 @@ def _print_operators(results: list[dict]) -> None:
     print()
     print("| S | mode | L/p/K | rope/scores/selection/combine | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | "
           "SDPA(S_sel) cuDNN ms | "
-          "SDPA(S_sel) own ms | ratio | Lighthouse GB | dense GB | latency: Lighthouse, SDPA(S_sel) cuDNN ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "SDPA(S_sel) own ms | ratio | kernels' bytes GB | floor ratio | Lighthouse GB | dense GB | "
+          "latency: Lighthouse, SDPA(S_sel) cuDNN ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         dense = row.get("dense_cudnn", {"ms": float("nan"), "peak_gb": float("nan")})
         print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
               f"{_options(row)} | {row['heads']}/{row['kv_heads']} | {row['seq_sel']} | {dense['ms']:.2f} | {row['lighthouse']['ms']:.2f} | "
               f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | "
-              f"{row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} | "
+              f"{row['kernel_gb']:.2f} | {row['floor_ratio']:.2f} | {row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} | "
               f"{row['lighthouse']['latency_ms']:.2f}, {row['sdpa_sel_cudnn']['latency_ms']:.2f} |")
 
 

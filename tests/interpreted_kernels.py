@@ -145,7 +145,7 @@ def run_selection() -> None:
                 want = reference.select(q, k, plan, causal=causal, **given)
                 fields = ("level", "local", "index", "key", "refined")
                 print(json.dumps(dict(case=case, scores=scores, causal=causal,
-                                      score_pass_levels=0 if given else fused._score_pass_levels(q, plan),
+                                      score_pass_levels=0 if given else fused._score_pass_levels(q.dtype, q.shape[-1], plan),
                                       equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})),
                       flush=True)
 
@@ -168,7 +168,7 @@ def run_means() -> None:
         pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
         offset = plan.level_offset(plan.levels - 1)
         want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1) for x in (q, k)])
-        print(json.dumps(dict(case=case, means_written=fused._means_in_score_pass(q, plan),
+        print(json.dumps(dict(case=case, means_written=fused.score_pass_writes_means(q.dtype, q.shape[-1], plan),
                               max_error=(pooled.means.float() - want).abs().max().item(),
                               same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
                               span_end_means=span_end.means.numel())),

@@ -138,7 +138,8 @@ def test_bench_method_options_take_the_packages_allowed_values():
 def test_bench_sweeps_method_options_into_the_op(monkeypatch):
     # On CPU: the timing and peak memory are faked; the Lighthouse step really runs once per row.
     from lighthouse_hf import bench
-    from lighthouse_hf.ops import compressed_length, lighthouse_attention
+    from lighthouse_hf.ops import compressed_length, lighthouse_attention, plan_for
+    from lighthouse_hf.ops.traffic import fused_traffic
 
     calls = []
 
@@ -153,6 +154,7 @@ def test_bench_sweeps_method_options_into_the_op(monkeypatch):
     monkeypatch.setattr(bench, "lighthouse_attention", recording)
     monkeypatch.setattr(bench, "time_interleaved", fake_timing)
     monkeypatch.setattr(bench, "peak_memory", lambda fn, make_inputs: 1.0)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 4e12)
     args = _bench_args("--seq", "2048", "--heads", "4", "--kv-heads", "2", "--dim", "16", "--topk", "128",
                        "--dtype", "float32", "--modes", "fwd", "--no-dense", "--input-sets", "1",
                        "--rope", "pooled", "span_end", "--scores", "norms", "given", "--combine", "sum", "mean")
@@ -177,6 +179,12 @@ def test_bench_sweeps_method_options_into_the_op(monkeypatch):
         else:
             assert "q_scores" not in kwargs and "k_scores" not in kwargs
         assert row["ratio_to_sdpa_sel_cudnn"] == 1.0 and row["lighthouse"]["peak_gb"] == 1.0
+        # the floor: the forward's bytes for this row's options at the measured bandwidth, over SDPA(S_sel)'s 2 ms
+        traffic = fused_traffic(plan_for(2048, 3, 4, 128), batch=1, heads=4, kv_heads=2, dim=16, dtype=torch.float32,
+                                rope=row["rope"], scores=row["scores"], selection="published", combine=row["combine"])
+        assert row["kernel_gb"] * 1e9 == pytest.approx(traffic.forward) and traffic.forward > 0
+        assert row["floor_ratio"] == pytest.approx(1 + traffic.forward / 4e12 * 1e3 / 2.0)
+    assert len({row["kernel_gb"] for row in rows}) > 1  # the options move bytes
 
 
 def test_bench_e2e_rejects_given_scores():

@@ -129,7 +129,7 @@ def test_score_pass_coarse_means_equal_reference_pyramid(shape):
     # The gather copies the coarsest q and k rows from these means.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=8)
     plan = _plan(shape)
-    assert fused._means_in_score_pass(q, plan)
+    assert fused.score_pass_writes_means(q.dtype, q.shape[-1], plan)
     means = fused._score_pyramids(q, k, plan)[2]
     batch, heads = q.shape[:2]
     offset = plan.level_offset(plan.levels - 1)
@@ -158,7 +158,7 @@ def test_partial_score_pass_equals_the_aten_pyramid(shape, causal):
     # the last bit, which the two compute in different orders). causal: two rows per level.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=10)
     plan = _plan(shape)
-    assert 1 < fused._score_pass_levels(q, plan) < plan.levels
+    assert 1 < fused._score_pass_levels(q.dtype, q.shape[-1], plan) < plan.levels
     got = fused._score_pyramids(q, k, plan, causal=causal)[:2]
     stride = plan.padded_len // plan.pooling
     coarse = plan.levels - 1

@@ -68,30 +68,33 @@ def _kernels():
     return kernels
 
 
-def _triton_score_pass(q: torch.Tensor, plan: LighthousePlan) -> bool:
+def _triton_score_pass(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> bool:
     """Whether ``scores_kernel`` computes the whole score pyramid: half precision, with every coarsest
     span inside one program's block of positions."""
-    return _score_pass_levels(q, plan) == plan.levels
+    return _score_pass_levels(dtype, dim, plan) == plan.levels
 
 
-def _score_pass_levels(q: torch.Tensor, plan: LighthousePlan) -> int:
+def _score_pass_levels(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> int:
     """How many pyramid levels (level 0 included) ``scores_kernel`` computes: those whose spans fit
     one program's block of positions (half precision; 0 for float32, whose norms are ATen's). Wider
     levels are max-pooled by ATen from the last of them (``_finish_score_pyramid``)."""
-    if q.dtype == torch.float32:
+    if dtype == torch.float32:
         return 0
-    block_p = _positions_per_program(_next_power_of_2(q.shape[-1]), _SCORE_BLOCK_ELEMENTS)
+    block_p = _positions_per_program(_next_power_of_2(dim), _SCORE_BLOCK_ELEMENTS)
     fitting = 1
     while fitting < plan.levels and plan.pooling**fitting <= block_p:
         fitting += 1
     return 0 if fitting == 1 else fitting
 
 
-def _means_in_score_pass(q: torch.Tensor, plan: LighthousePlan, given_scores: bool = False, rope: bool = False) -> bool:
-    """Whether the score pass also writes the coarsest means of q and k. Spans of up to 16 positions:
-    the compiler keeps a wider span's block whole (168-206 registers per thread at D=128). Not with
-    given scores (no score pass) nor span-end RoPE (its means rotate each position first)."""
-    return not given_scores and not rope and _triton_score_pass(q, plan) and plan.coarse_width <= 16
+def score_pass_writes_means(
+    dtype: torch.dtype, dim: int, plan: LighthousePlan, given_scores: bool = False, rope: bool = False
+) -> bool:
+    """Whether the score pass also writes the coarsest means of q and k (of this dtype and head size).
+    Spans of up to 16 positions: the compiler keeps a wider span's block whole (168-206 registers
+    per thread at D=128). Not with given scores (no score pass) nor span-end RoPE (its means rotate
+    each position first)."""
+    return not given_scores and not rope and _triton_score_pass(dtype, dim, plan) and plan.coarse_width <= 16
 
 
 def _score_pyramids(
@@ -105,7 +108,7 @@ def _score_pyramids(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
-    n_coarse_padded, D]`` where ``_means_in_score_pass`` (else an empty tensor). ``causal``: two
+    n_coarse_padded, D]`` where ``score_pass_writes_means`` (else an empty tensor). ``causal``: two
     rows per level instead of one, ``[B*h, 2*(L-1), padded_len // p]`` (see ``scores_kernel``).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
@@ -117,7 +120,7 @@ def _score_pyramids(
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
-    pass_levels = _score_pass_levels(q, plan)
+    pass_levels = _score_pass_levels(q.dtype, dim, plan)
     if q_scores is not None or pass_levels == 0:
         q_source, k_source = (q, k) if q_scores is None else (q_scores, k_scores)
         pyramids = (_aten_score_pyramid(x, plan, stride, causal) for x in (q_source, k_source))
@@ -127,7 +130,7 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    with_means = _means_in_score_pass(q, plan, rope=rope)
+    with_means = score_pass_writes_means(q.dtype, dim, plan, rope=rope)
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
@@ -415,7 +418,7 @@ def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    with_means = _means_in_score_pass(q, plan, q_scores is not None, rope)
+    with_means = score_pass_writes_means(q.dtype, q.shape[-1], plan, q_scores is not None, rope)
     means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if with_means else q.new_empty(0)
     return listing, torch.empty_like(listing), inverse, means
 

@@ -1,0 +1,79 @@
+"""The byte count of the fused kernels (``lighthouse_hf.ops.traffic``) that ``bench`` turns into floors."""
+
+import pytest
+import torch
+
+from lighthouse_hf.ops import plan_for, reference
+from lighthouse_hf.ops.traffic import fused_traffic, real_entries
+
+ROW = 128 * 2  # one bf16 row of D=128
+MB = 1e6
+
+
+@pytest.mark.parametrize(
+    "seq, levels, pooling, topk",
+    [(2048, 3, 4, 128), (3000, 3, 2, 256), (8192, 5, 4, 256), (5000, 3, 8, 256), (4096, 4, 2, 128), (1999, 2, 8, 128)],
+)
+def test_real_entries_are_what_the_reference_selection_lists(seq, levels, pooling, topk):
+    plan = plan_for(seq, levels, pooling, topk)
+    generator = torch.Generator().manual_seed(seq)
+    q, k = torch.randn(2, 2, seq, 8, generator=generator), torch.randn(2, 1, seq, 8, generator=generator)
+    selection = reference.select(q, k, plan)
+    real = selection.local * pooling**selection.level < plan.real_len
+    for level, expected in enumerate(real_entries(plan)):
+        counts = ((selection.level == level) & real).sum(-1)
+        assert (counts == expected).all(), (level, counts, expected)
+
+
+def test_default_setting_at_128k_matches_a_count_by_hand():
+    # L3 p4 K2048, S=128K, B=1, H=Hkv=8, D=128, bf16: no padding; 8192 entries of every level are real.
+    seq, heads, n = 131072, 8, 24576
+    traffic = fused_traffic(plan_for(seq, 3, 4, 2048), batch=1, heads=heads, kv_heads=heads, dim=128, dtype=torch.bfloat16)
+    scores = 2 * heads * (seq // 4 + seq // 16) * 4
+    assert traffic.score_pass == 2 * heads * seq * ROW + scores + 2 * heads * 8192 * ROW  # q, k; scores; coarsest means
+    assert traffic.selection == scores + heads * 4 * (3 * seq + 3 * n)  # inverse filled, its slots and the listing written
+    # level 0 rows, level 1 spans of 4, v whole and the means of q and k for the coarsest level, 3n rows written
+    assert traffic.gather == heads * ROW * (3 * 8192 + 3 * 8192 * 4 + seq + 2 * 8192 + 3 * n)
+    inverse_slots = seq + seq // 4 + seq // 16
+    assert traffic.scatter == heads * (n * ROW + 4 * inverse_slots + seq * ROW)
+    assert traffic.scatter_backward == heads * ROW * (8192 + 8192 * 4 + seq + n)
+    assert traffic.gather_backward == heads * (3 * n * ROW + 2 * 4 * inverse_slots + 3 * seq * ROW)
+    assert traffic.forward / MB == pytest.approx(1620, abs=1)  # NOTES-kernels: 1.64 GB counted with 3S inverse reads
+
+
+def test_options_move_the_bytes_they_should():
+    plan = plan_for(65536, 3, 4, 1024)
+    sizes = dict(batch=2, heads=8, kv_heads=2, dim=128, dtype=torch.bfloat16)
+    published = fused_traffic(plan, **sizes)
+    seq, rows = 65536, 2 * 8
+
+    mean = fused_traffic(plan, combine="mean", **sizes)
+    assert mean.scatter - published.scatter == rows * seq * 4  # the counts written
+    spans = sum(real * 4**level for level, real in enumerate(real_entries(plan)[:-1]))
+    assert mean.scatter_backward - published.scatter_backward == rows * (spans + seq) * 4  # read beside each row
+    assert (mean.score_pass, mean.gather, mean.gather_backward) == (published.score_pass, published.gather, published.gather_backward)
+
+    causal = fused_traffic(plan, selection="causal", **sizes)
+    pyramid = 2 * (8 + 2) * (seq // 4 + seq // 16) * 4  # one float32 score per level entry, both batch rows
+    assert causal.score_pass - published.score_pass == pyramid and causal.selection - published.selection == pyramid
+
+    # span-end RoPE and given scores: the coarsest q and k come from the sequence, not the score pass's means
+    span_end = fused_traffic(plan, rope="span_end", **sizes)
+    coarse_means = plan.n_coarse_padded * ROW
+    assert published.score_pass - span_end.score_pass == 2 * (8 + 2) * coarse_means
+    assert span_end.gather - published.gather == rows * (2 * seq * ROW - 2 * coarse_means)
+    given = fused_traffic(plan, scores="given", **sizes)
+    assert given.gather == span_end.gather
+    assert given.score_pass == 2 * (8 + 2) * seq * 4 + 2 * (8 + 2) * (seq // 4 + seq // 16) * 4
+
+
+def test_gqa_and_float32_and_no_compression():
+    plan = plan_for(32768, 3, 4, 512)
+    mha = fused_traffic(plan, batch=1, heads=8, kv_heads=8, dim=64, dtype=torch.bfloat16)
+    gqa = fused_traffic(plan, batch=1, heads=8, kv_heads=2, dim=64, dtype=torch.bfloat16)
+    # fewer KV heads: k read and its scores written once per KV head, dk and dv written per KV head
+    assert mha.score_pass > gqa.score_pass and mha.gather_backward - gqa.gather_backward == 2 * 6 * 32768 * 128
+    assert mha.gather == gqa.gather  # the gather reads k and v once per query head
+    fp32 = fused_traffic(plan, batch=1, heads=8, kv_heads=8, dim=64, dtype=torch.float32)
+    assert fp32.gather > 2 * mha.gather - 1  # twice the row bytes, and no means from the score pass (ATen's norms)
+    assert fused_traffic(plan_for(4096, 3, 4, 2048), batch=1, heads=8, kv_heads=8, dim=64, dtype=torch.bfloat16).forward == 0
