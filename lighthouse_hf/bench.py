@@ -335,6 +335,12 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
         # The options leave the compressed length, and so the SDPA(S_sel) baselines, unchanged.
         n_sel = compressed_length(seq, levels=levels, pooling=pooling, topk=topk)
         settings = dict(levels=levels, pooling=pooling, topk=topk)
+        plan = plan_for(seq, **settings)
+        if not plan.compresses:
+            # lighthouse_attention runs dense SDPA there: nothing of Lighthouse to time
+            print(f"S={seq} L{levels} p{pooling} K{topk}: does not compress ({plan.compressed_len} entries for "
+                  f"{seq} positions), skipped", file=sys.stderr, flush=True)
+            continue
         options = dict(rope=rope, scores=scores, selection=selection, combine=combine)
         op_options = dict(
             rope_inv_freq=span_end_freq if rope == "span_end" else None, selection=selection, combine=combine
@@ -356,7 +362,7 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
             row.update(measure(variants, backward))
             base = row["sdpa_sel_cudnn"]["ms"]
             row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
-            traffic = fused_traffic(plan_for(seq, **settings), batch=args.batch, heads=args.heads, kv_heads=kv_heads,
+            traffic = fused_traffic(plan, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
                                     dim=args.dim, dtype=getattr(torch, args.dtype), **options)
             row["kernel_gb"] = (traffic.forward + traffic.backward if backward else traffic.forward) / GB
             row["copy_tb_per_s"] = bandwidth / 1e12

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,11 +136,13 @@ def test_bench_method_options_take_the_packages_allowed_values():
     assert (defaults.rope, defaults.scores, defaults.selection, defaults.combine) == (["pooled"], ["norms"], ["published"], ["sum"])
 
 
-def test_bench_sweeps_method_options_into_the_op(monkeypatch):
-    # On CPU: the timing and peak memory are faked; the Lighthouse step really runs once per row.
+@pytest.fixture
+def bench_on_cpu(monkeypatch):
+    """``lighthouse_hf.bench`` (``.bench``) with its timing, peak memory and copy bandwidth faked (2 ms
+    a call, 1 GB, 4 TB/s); the Lighthouse step of each row really runs once, its arguments recorded
+    in ``.calls``."""
     from lighthouse_hf import bench
-    from lighthouse_hf.ops import compressed_length, lighthouse_attention, plan_for
-    from lighthouse_hf.ops.traffic import fused_traffic
+    from lighthouse_hf.ops import lighthouse_attention
 
     calls = []
 
@@ -155,6 +158,15 @@ def test_bench_sweeps_method_options_into_the_op(monkeypatch):
     monkeypatch.setattr(bench, "time_interleaved", fake_timing)
     monkeypatch.setattr(bench, "peak_memory", lambda fn, make_inputs: 1.0)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 4e12)
+    return SimpleNamespace(bench=bench, calls=calls)
+
+
+def test_bench_sweeps_method_options_into_the_op(bench_on_cpu):
+    # On CPU: the timing and peak memory are faked; the Lighthouse step really runs once per row.
+    from lighthouse_hf.ops import compressed_length, plan_for
+    from lighthouse_hf.ops.traffic import fused_traffic
+
+    bench, calls = bench_on_cpu.bench, bench_on_cpu.calls
     args = _bench_args("--seq", "2048", "--heads", "4", "--kv-heads", "2", "--dim", "16", "--topk", "128",
                        "--dtype", "float32", "--modes", "fwd", "--no-dense", "--input-sets", "1",
                        "--rope", "pooled", "span_end", "--scores", "norms", "given", "--combine", "sum", "mean")
@@ -185,6 +197,15 @@ def test_bench_sweeps_method_options_into_the_op(monkeypatch):
         assert row["kernel_gb"] * 1e9 == pytest.approx(traffic.forward) and traffic.forward > 0
         assert row["floor_ratio"] == pytest.approx(1 + traffic.forward / 4e12 * 1e3 / 2.0)
     assert len({row["kernel_gb"] for row in rows}) > 1  # the options move bytes
+
+
+def test_bench_skips_settings_that_do_not_compress(bench_on_cpu, capsys):
+    # K=1024 at S=2048 lists more entries than positions: lighthouse_attention would run dense SDPA
+    args = _bench_args("--seq", "2048", "--heads", "2", "--dim", "16", "--topk", "128", "1024", "--dtype", "float32",
+                       "--modes", "fwd", "--no-dense", "--input-sets", "1")
+    rows = bench_on_cpu.bench.operators(args, device="cpu")
+    assert [row["topk"] for row in rows] == [128] and len(bench_on_cpu.calls) == 1
+    assert "S=2048 L3 p4 K1024: does not compress (9216 entries for 2048 positions), skipped" in capsys.readouterr().err
 
 
 def test_bench_e2e_rejects_given_scores():
