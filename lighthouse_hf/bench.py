@@ -11,12 +11,13 @@ last one's cache, the variants taking turns) of
   and once with the backend Lighthouse uses inside (``compressed_attention``);
 
 forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
-call (inputs, outputs and gradients included). Each row also gives the floor of the fused path's
-kernels: the bytes they move around SDPA (``lighthouse_hf.ops.traffic``: the forward's, or the
-forward's and the backward's) at the device-to-device copy bandwidth measured at the start of the
-run, added to SDPA(S_sel)'s cuDNN time (``floor_ms``, ``floor_ratio``): how close these kernels
-could come, so a ratio above its target says whether the bytes or the kernels are why. Times are per call with calls queued back to back,
-as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
+call (inputs, outputs and gradients included). Each row also gives the floor of the fused
+path's kernels: the bytes they move around SDPA (``kernel_gb``, from ``lighthouse_hf.ops.traffic``:
+the forward's, or the forward's and the backward's) at the device-to-device copy bandwidth
+measured at the start of the run (``copy_tb_per_s``), added to SDPA(S_sel)'s cuDNN time
+(``floor_ms``, ``floor_ratio``): how close these kernels could come, so a ratio above its target
+says whether the bytes or the kernels are why. Settings that do not compress are skipped (the op
+runs dense SDPA there). Times are per call with calls queued back to back, as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
 which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead
 times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Llama with hidden
 1024 under ``sdpa`` and ``lighthouse`` attention and reports tokens per second. ``--layer`` times
@@ -197,7 +198,8 @@ def copy_bandwidth(device: str, gigabytes: float = 1.0, iters: int = 20) -> floa
     """Bytes per second of a device-to-device copy (bytes read plus bytes written), median of
     ``iters`` copies of ``gigabytes`` after one warm-up copy: the bandwidth memory-bound kernels
     can reach on this device."""
-    source = torch.empty(int(gigabytes * GB) // 2, dtype=torch.bfloat16, device=device).normal_()
+    # random, not zeros: METHOD's caution (a product ran faster on zeros); a copy should not care
+    source = torch.empty(int(gigabytes * GB) // torch.bfloat16.itemsize, dtype=torch.bfloat16, device=device).normal_()
     target = torch.empty_like(source)
     timed = time_interleaved({"copy": lambda i: target.copy_(source)}, warmup=1, iters=iters, input_sets=1, device=device)
     return 2 * source.nbytes / (timed["copy"]["ms"] / 1e3)
@@ -327,13 +329,12 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     span_end_freq = default_rope_inv_freq(args.dim, device) if "span_end" in args.rope else None
+    dtype = getattr(torch, args.dtype)
     bandwidth = copy_bandwidth(device)
     grid = itertools.product(
         args.seq, args.levels, args.pooling, args.topk, args.rope, args.scores, args.selection, args.combine
     )
     for seq, levels, pooling, topk, rope, scores, selection, combine in grid:
-        # The options leave the compressed length, and so the SDPA(S_sel) baselines, unchanged.
-        n_sel = compressed_length(seq, levels=levels, pooling=pooling, topk=topk)
         settings = dict(levels=levels, pooling=pooling, topk=topk)
         plan = plan_for(seq, **settings)
         if not plan.compresses:
@@ -341,7 +342,11 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
             print(f"S={seq} L{levels} p{pooling} K{topk}: does not compress ({plan.compressed_len} entries for "
                   f"{seq} positions), skipped", file=sys.stderr, flush=True)
             continue
+        # The options leave the compressed length, and so the SDPA(S_sel) baselines, unchanged.
+        n_sel = plan.compressed_len
         options = dict(rope=rope, scores=scores, selection=selection, combine=combine)
+        traffic = fused_traffic(plan, batch=args.batch, heads=args.heads, kv_heads=kv_heads, dim=args.dim, dtype=dtype,
+                                **options)
         op_options = dict(
             rope_inv_freq=span_end_freq if rope == "span_end" else None, selection=selection, combine=combine
         )
@@ -362,8 +367,6 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
             row.update(measure(variants, backward))
             base = row["sdpa_sel_cudnn"]["ms"]
             row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
-            traffic = fused_traffic(plan, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
-                                    dim=args.dim, dtype=getattr(torch, args.dtype), **options)
             row["kernel_gb"] = (traffic.forward + traffic.backward if backward else traffic.forward) / GB
             row["copy_tb_per_s"] = bandwidth / 1e12
             row["floor_ms"] = base + row["kernel_gb"] * GB / bandwidth * 1e3

@@ -5,12 +5,15 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo
 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
 whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
 line per shape with the score pass's coarsest means against the reference pyramid, and whether
-rope="span_end" selects as rope="pooled" (with no means from the score pass).
+rope="span_end" selects as rope="pooled" (with no means from the score pass); ``halo`` one line per
+(shape, combine) with the scatter over more positions than the plan's sequence (the
+context-parallel halo) against the reference's.
 """
 
 from __future__ import annotations
@@ -175,11 +178,39 @@ def run_means() -> None:
               flush=True)
 
 
+# Plans without padding, as the context-parallel op takes them (its chunks' plans are never
+# padded); L = 3 and L = 4, GQA. A padded plan's scatter builds its plan from the output length,
+# whose real entries then differ from the selection's, so the fused and reference scatters part
+# there (not reached: nothing but the context-parallel op scatters past the sequence).
+HALO_CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (1, 2, 2, 8192, 16, 4, 4, 128)]
+
+
+def run_halo() -> None:
+    """The scatter of the kernels' listing over ``S + c - 1`` positions (``c`` the coarsest width;
+    the context-parallel op scatters each chunk into the next chunk's first ``c - 1`` positions)
+    against the reference's scatter of the same selection, both combines, float32."""
+    for case in HALO_CASES:
+        batch, heads, kv_heads, seq, dim = case[:5]
+        plan = LighthousePlan(seq, *case[5:])
+        g = torch.Generator().manual_seed(seq)
+        q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
+        listing = fused.select_entries(q, k, plan)
+        selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
+        out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g)
+        length = seq + plan.coarse_width - 1
+        for mean in (False, True):
+            got = fused.scatter_entries(listing, out_sel, length, plan, mean)
+            want = reference.scatter_back(out_sel, selection, length, mean)
+            print(json.dumps(dict(case=case, mean=mean, length=length, error=rel(got, want))), flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "float32"
     if mode == "selection":
         run_selection()
     elif mode == "means":
         run_means()
+    elif mode == "halo":
+        run_halo()
     else:
         run(getattr(torch, mode))

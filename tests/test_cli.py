@@ -162,7 +162,6 @@ def bench_on_cpu(monkeypatch):
 
 
 def test_bench_sweeps_method_options_into_the_op(bench_on_cpu):
-    # On CPU: the timing and peak memory are faked; the Lighthouse step really runs once per row.
     from lighthouse_hf.ops import compressed_length, plan_for
     from lighthouse_hf.ops.traffic import fused_traffic
 
@@ -197,6 +196,20 @@ def test_bench_sweeps_method_options_into_the_op(bench_on_cpu):
         assert row["kernel_gb"] * 1e9 == pytest.approx(traffic.forward) and traffic.forward > 0
         assert row["floor_ratio"] == pytest.approx(1 + traffic.forward / 4e12 * 1e3 / 2.0)
     assert len({row["kernel_gb"] for row in rows}) > 1  # the options move bytes
+
+
+def test_bench_floor_of_forward_and_backward_counts_both(bench_on_cpu):
+    from lighthouse_hf.ops import plan_for
+    from lighthouse_hf.ops.traffic import fused_traffic
+
+    args = _bench_args("--seq", "2048", "--heads", "2", "--dim", "16", "--topk", "128", "--dtype", "float32",
+                       "--modes", "fwd+bwd", "fwd", "--no-dense", "--input-sets", "1")
+    both, forward = bench_on_cpu.bench.operators(args, device="cpu")
+    traffic = fused_traffic(plan_for(2048, 3, 4, 128), batch=1, heads=2, kv_heads=2, dim=16, dtype=torch.float32)
+    assert (both["mode"], forward["mode"]) == ("fwd+bwd", "fwd") and traffic.backward > 0
+    assert both["kernel_gb"] * 1e9 == pytest.approx(traffic.forward + traffic.backward)
+    assert forward["kernel_gb"] * 1e9 == pytest.approx(traffic.forward)
+    assert both["copy_tb_per_s"] == 4.0 and both["floor_ms"] == pytest.approx(2.0 + both["kernel_gb"] / 4.0)
 
 
 def test_bench_skips_settings_that_do_not_compress(bench_on_cpu, capsys):

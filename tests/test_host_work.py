@@ -46,13 +46,19 @@ class _Launches:
 
 
 class _AtenOps(TorchDispatchMode):
+    """Counts ATen ops by name, and keeps the sizes of the tensors ``aten.full`` fills."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.filled: list[tuple[int, ...]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.full:
+            self.filled.append(tuple(out.shape))
+        return out
 
 
 def _counted_fused_path(monkeypatch) -> _Launches:
@@ -82,6 +88,16 @@ def test_the_fused_forward_is_four_launches_and_few_aten_ops(monkeypatch, settin
     if settings["levels"] == 3:
         # Besides allocations and views, one memset (the scatter's inverse table) and SDPA.
         assert ops["aten.full"] == 1 and not {"aten.fill_", "aten.copy_", "aten.amax"} & set(ops), ops
+
+
+def test_the_inverse_table_spans_the_sequence_not_the_padded_pyramid(monkeypatch):
+    # L5 p8 K128 at 8K pads the pyramid to 128 coarsest entries of 4096 positions (524,288); the
+    # scatter reads only slots of positions inside the sequence (at 128K, L5 p8 K1536 filled 1.0 GB).
+    _counted_fused_path(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 8192, 64, dtype=torch.bfloat16) for _ in range(3))
+    with _AtenOps() as aten:
+        lighthouse_attention(q, k, v, levels=5, pooling=8, topk=128)
+    assert aten.filled == [(2, 5, 8192)]
 
 
 def test_the_span_end_backward_reuses_the_forwards_rotary_table(monkeypatch):

@@ -59,3 +59,13 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter():
     for row in rows:
         assert row["means_written"] and row["same_listing"] and row["span_end_means"] == 0, row
         assert row["max_error"] < 0.05, row  # bf16 rounding of means of magnitude < 4
+
+
+@pytest.mark.slow
+def test_scatter_past_the_sequence_under_the_interpreter():
+    # The context-parallel halo: the scatter writes S + c - 1 positions, while `inverse` holds the
+    # plan's S slots per level (once it held the padded pyramid's: its rows must keep that stride).
+    rows = interpreted_rows("halo")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["error"] < 1e-6, row

@@ -31,14 +31,31 @@ def test_default_setting_at_128k_matches_a_count_by_hand():
     traffic = fused_traffic(plan_for(seq, 3, 4, 2048), batch=1, heads=heads, kv_heads=heads, dim=128, dtype=torch.bfloat16)
     scores = 2 * heads * (seq // 4 + seq // 16) * 4
     assert traffic.score_pass == 2 * heads * seq * ROW + scores + 2 * heads * 8192 * ROW  # q, k; scores; coarsest means
-    assert traffic.selection == scores + heads * 4 * (3 * seq + 3 * n)  # inverse filled, its slots and the listing written
+    # q's and k's scores of 8192 coarsest and 8192 level-1 candidates per query head; inverse filled,
+    # its slots and the listing written
+    assert traffic.selection == heads * (2 * (8192 + 8192) * 4 + 4 * (3 * seq + 3 * n))
     # level 0 rows, level 1 spans of 4, v whole and the means of q and k for the coarsest level, 3n rows written
     assert traffic.gather == heads * ROW * (3 * 8192 + 3 * 8192 * 4 + seq + 2 * 8192 + 3 * n)
     inverse_slots = seq + seq // 4 + seq // 16
     assert traffic.scatter == heads * (n * ROW + 4 * inverse_slots + seq * ROW)
     assert traffic.scatter_backward == heads * ROW * (8192 + 8192 * 4 + seq + n)
     assert traffic.gather_backward == heads * (3 * n * ROW + 2 * 4 * inverse_slots + 3 * seq * ROW)
-    assert traffic.forward / MB == pytest.approx(1620, abs=1)  # NOTES-kernels: 1.64 GB counted with 3S inverse reads
+    assert traffic.forward / MB == pytest.approx(1617, abs=1)  # NOTES-kernels: 1.64 GB counted with 3S inverse reads
+
+
+def test_padding_entries_are_written_but_never_read_back():
+    # At 128K, L5 p4 K1536 lists 26112 entries per head of which 8704 hold real positions.
+    plan = plan_for(131072, 5, 4, 1536)
+    real, n = sum(real_entries(plan)), plan.compressed_len
+    assert (real, n) == (8704, 26112)
+    sizes = dict(batch=1, heads=8, kv_heads=8, dim=128, dtype=torch.bfloat16)
+    traffic = fused_traffic(plan, **sizes)
+    slots = sum(-(-131072 // 4**level) for level in range(5))
+    assert traffic.scatter == 8 * (real * ROW + 4 * slots + 131072 * ROW)
+    assert traffic.gather_backward == 8 * (3 * real * ROW + 2 * 4 * slots + 131072 * ROW) + 2 * 8 * 131072 * ROW
+    # span-end RoPE rotates dk back in a launch of its own: one more pass over inverse
+    span_end = fused_traffic(plan, rope="span_end", **sizes)
+    assert span_end.gather_backward - traffic.gather_backward == 8 * 4 * slots
 
 
 def test_options_move_the_bytes_they_should():
@@ -55,7 +72,9 @@ def test_options_move_the_bytes_they_should():
 
     causal = fused_traffic(plan, selection="causal", **sizes)
     pyramid = 2 * (8 + 2) * (seq // 4 + seq // 16) * 4  # one float32 score per level entry, both batch rows
-    assert causal.score_pass - published.score_pass == pyramid and causal.selection - published.selection == pyramid
+    candidates = plan.n_coarse_padded + 4 * 1024
+    assert causal.score_pass - published.score_pass == pyramid
+    assert causal.selection - published.selection == rows * 2 * candidates * 4  # a second score per candidate
 
     # span-end RoPE and given scores: the coarsest q and k come from the sequence, not the score pass's means
     span_end = fused_traffic(plan, rope="span_end", **sizes)
@@ -65,6 +84,9 @@ def test_options_move_the_bytes_they_should():
     given = fused_traffic(plan, scores="given", **sizes)
     assert given.gather == span_end.gather
     assert given.score_pass == 2 * (8 + 2) * seq * 4 + 2 * (8 + 2) * (seq // 4 + seq // 16) * 4
+    for name, wrong in (("rope", "span-end"), ("scores", "pre_norm"), ("selection", "exact"), ("combine", "max")):
+        with pytest.raises(ValueError, match=name):
+            fused_traffic(plan, **{name: wrong}, **sizes)
 
 
 def test_gqa_and_float32_and_no_compression():
@@ -75,5 +97,15 @@ def test_gqa_and_float32_and_no_compression():
     assert mha.score_pass > gqa.score_pass and mha.gather_backward - gqa.gather_backward == 2 * 6 * 32768 * 128
     assert mha.gather == gqa.gather  # the gather reads k and v once per query head
     fp32 = fused_traffic(plan, batch=1, heads=8, kv_heads=8, dim=64, dtype=torch.float32)
-    assert fp32.gather > 2 * mha.gather - 1  # twice the row bytes, and no means from the score pass (ATen's norms)
+    # twice the row bytes, and the coarsest q and k read whole: float32's scores are ATen's, no means
+    assert fp32.gather == 2 * mha.gather + 8 * (64 * 4) * 2 * (32768 - plan.n_coarse_padded)
     assert fused_traffic(plan_for(4096, 3, 4, 2048), batch=1, heads=8, kv_heads=8, dim=64, dtype=torch.bfloat16).forward == 0
+
+
+def test_a_padded_pyramid_costs_the_selection_nothing_past_the_sequence():
+    # At 128K, L5 p8 K1536 pads the pyramid to 6,291,456 positions; `inverse` keeps seq_len slots per level.
+    plan = plan_for(131072, 5, 8, 1536)
+    assert plan.padded_len == 48 * 131072
+    traffic = fused_traffic(plan, batch=1, heads=8, kv_heads=8, dim=128, dtype=torch.bfloat16)
+    candidates = plan.n_coarse_padded + 3 * 8 * 1536
+    assert traffic.selection == 8 * (2 * candidates * 4 + 4 * (5 * 131072 + 3 * plan.compressed_len))

@@ -269,16 +269,15 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
     def pair(key):
         return [mean([row[key][i] for row in rows]) for i in (0, 1)]
 
-    def lighthouse_pair():
-        start = [row["lighthouse_attention"][0] for row in rows if row["lighthouse_attention"][0] is not None]
-        return [mean(start), pair("lighthouse_attention")[1]]
+    measured_start = [row["lighthouse_attention"][0] for row in rows if row["lighthouse_attention"][0] is not None]
 
     by_offset = [row["by_offset_at_switch"] for row in rows]
     return dict(
         arm=name,
         seeds=len(rows),
         dense_attention=pair("dense_attention") if rows else None,
-        lighthouse_attention=lighthouse_pair() if rows else None,
+        lighthouse_attention=[mean(measured_start), mean([row["lighthouse_attention"][1] for row in rows])] if rows else None,
+        lighthouse_start_seeds=len(measured_start),
         dense_arm_at_switch=mean([row["dense_arm_at_switch"] for row in rows]),
         by_offset_at_switch=None if not rows or None in by_offset else np.mean(by_offset, axis=0).tolist(),
     )
@@ -326,6 +325,10 @@ def phase_table(phases: list[dict]) -> str:
     def value(x):
         return "n/a" if x is None else f"{x:.3f}"
 
+    def start_seeds(p):
+        measured = p["lighthouse_start_seeds"]
+        return f" ({measured} of {p['seeds']} seeds)" if 0 < measured < p["seeds"] else ""
+
     lines = [
         "| arm | seeds | dense attention: start -> switch | dense arm at the switch | Lighthouse attention: start -> switch | Lighthouse loss at the switch by offset in a block (all positions) |",
         "|---|---|---|---|---|---|",
@@ -336,7 +339,8 @@ def phase_table(phases: list[dict]) -> str:
         offsets = "n/a" if p["by_offset_at_switch"] is None else " / ".join(f"{x:.3f}" for x in p["by_offset_at_switch"])
         lines.append(
             f"| {p['arm']} | {p['seeds']} | {value(p['dense_attention'][0])} -> {value(p['dense_attention'][1])} | "
-            f"{value(p['dense_arm_at_switch'])} | {value(p['lighthouse_attention'][0])} -> {value(p['lighthouse_attention'][1])} | {offsets} |"
+            f"{value(p['dense_arm_at_switch'])} | {value(p['lighthouse_attention'][0])}{start_seeds(p)} -> "
+            f"{value(p['lighthouse_attention'][1])} | {offsets} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,8 @@ path is bitwise reproducible).
 
 Data flow per call (shapes per (batch, query head); ``n`` is the compressed length):
 ``select`` -> ``entry_local``/``entry_row`` (level-major listing, [n] int32 each) and ``inverse``
-([levels, padded_len] int32, -1 where a slot is not an entry); ``gather_entries`` -> pooled
+([levels, seq_len] int32: the causal row of the entry at each slot that a position inside the
+sequence reads, -1 where a slot is not an entry); ``gather_entries`` -> pooled
 q/k/v rows in causal order; SDPA; ``scatter_entries`` -> the output over all positions.
 """
 
@@ -88,13 +89,13 @@ def _score_pass_levels(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> in
 
 
 def score_pass_writes_means(
-    dtype: torch.dtype, dim: int, plan: LighthousePlan, given_scores: bool = False, rope: bool = False
+    dtype: torch.dtype, dim: int, plan: LighthousePlan, given_scores: bool = False, span_end_rope: bool = False
 ) -> bool:
     """Whether the score pass also writes the coarsest means of q and k (of this dtype and head size).
     Spans of up to 16 positions: the compiler keeps a wider span's block whole (168-206 registers
     per thread at D=128). Not with given scores (no score pass) nor span-end RoPE (its means rotate
     each position first)."""
-    return not given_scores and not rope and _triton_score_pass(dtype, dim, plan) and plan.coarse_width <= 16
+    return not given_scores and not span_end_rope and _triton_score_pass(dtype, dim, plan) and plan.coarse_width <= 16
 
 
 def _score_pyramids(
@@ -130,7 +131,7 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    with_means = score_pass_writes_means(q.dtype, dim, plan, rope=rope)
+    with_means = score_pass_writes_means(q.dtype, dim, plan, span_end_rope=rope)
     means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
     # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
@@ -217,7 +218,7 @@ def _select_impl(
     n = plan.compressed_len
     entry_local = torch.empty(batch * heads, n, dtype=torch.int32, device=q.device)
     entry_row = torch.empty_like(entry_local)
-    inverse = torch.full((batch * heads, levels, plan.padded_len), -1, dtype=torch.int32, device=q.device)
+    inverse = torch.full((batch * heads, levels, plan.seq_len), -1, dtype=torch.int32, device=q.device)
     coarse_block = _next_power_of_2(plan.tile_len)
     scratch_row = max(coarse_block, TILE * pooling)
     scratch = torch.empty(
@@ -233,7 +234,7 @@ def _select_impl(
         scratch,
         heads,
         heads // k.shape[1],
-        plan.padded_len,
+        plan.seq_len,
         plan.tile_len,
         plan.padded_len // pooling,
         n,
@@ -248,7 +249,7 @@ def _select_impl(
     return (
         entry_local.view(batch, heads, n),
         entry_row.view(batch, heads, n),
-        inverse.view(batch, heads, levels, plan.padded_len),
+        inverse.view(batch, heads, levels, plan.seq_len),
         means,
     )
 
@@ -306,6 +307,7 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         inverse if rotary is None else rotary, inverse if counts is None else counts,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
+        inverse.shape[-1],  # the selection's sequence: the scatter may write past it (a halo)
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,
@@ -416,7 +418,7 @@ def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
-    inverse = q.new_empty(batch, heads, levels, plan.padded_len, dtype=torch.int32)
+    inverse = q.new_empty(batch, heads, levels, plan.seq_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
     with_means = score_pass_writes_means(q.dtype, q.shape[-1], plan, q_scores is not None, rope)
     means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if with_means else q.new_empty(0)
@@ -555,7 +557,7 @@ def scatter_entries(listing: Listing, out_sel: Tensor, length: int, plan: Lighth
     return _ScatterEntries.apply(out_sel, listing.inverse, listing.entry_local, listing.entry_row, length, mean, *_settings(plan))
 
 
-def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tensor, plan: LighthousePlan) -> Selection:
+def selection_from_listing(entry_local: Tensor, entry_row: Tensor, plan: LighthousePlan) -> Selection:
     """The reference's :class:`Selection` (causal order, int64) from the kernels' listing."""
     batch, heads, n = entry_local.shape
     device = entry_local.device
@@ -565,10 +567,12 @@ def selection_from_listing(entry_local: Tensor, entry_row: Tensor, inverse: Tens
     ).expand(batch, heads, n)
     level = torch.empty(batch, heads, n, dtype=torch.long, device=device).scatter_(-1, rows, listed_level)
     local = torch.empty_like(level).scatter_(-1, rows, entry_local.long())
-    # An entry at level >= 1 is refined exactly when its first child is an entry one level down.
-    first_child = (level - 1).clamp(min=0) * plan.padded_len + local * plan.pooling
-    child_row = inverse.flatten(2).gather(-1, first_child.clamp(max=plan.levels * plan.padded_len - 1))
-    refined = (level > 0) & (child_row >= 0)
+    # An entry at level >= 1 is refined exactly when its first child is an entry one level down
+    # (looked up among the listed entries: ``inverse`` keeps no slots past the sequence).
+    listed = torch.sort(level * plan.padded_len + local, dim=-1).values
+    first_child = (level - 1) * plan.padded_len + local * plan.pooling
+    found = torch.searchsorted(listed, first_child).clamp(max=n - 1)
+    refined = (level > 0) & (listed.gather(-1, found) == first_child)
     key = position_keys(level, local, refined, plan)
     offsets = torch.tensor([plan.level_offset(m) for m in range(plan.levels)], device=device)
     return Selection(plan, level, local, offsets[level] + local, key, refined)
@@ -582,4 +586,4 @@ def select(
     """Steps 2-4 with the selection kernel as the reference's :class:`Selection` (for comparing the
     two); equals ``reference.select`` with the same arguments on float32 inputs and given scores."""
     listing = select_entries(q, k, plan, q_scores, k_scores, causal=causal)
-    return selection_from_listing(listing.entry_local, listing.entry_row, listing.inverse, plan)
+    return selection_from_listing(listing.entry_local, listing.entry_row, plan)

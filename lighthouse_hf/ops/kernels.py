@@ -271,11 +271,11 @@ def select_kernel(
     k_scores,  # [B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32
     entry_local,  # out [B*H, selected_len] int32, level-major: the entry's index inside its level
     entry_row,  # out [B*H, selected_len] int32, level-major: the entry's causal row
-    inverse,  # out [B*H, LEVELS, padded_len] int32, pre-filled with -1: slot -> causal row
+    inverse,  # out [B*H, LEVELS, seq_len] int32, pre-filled with -1: slot -> causal row
     scratch,  # [B*H*tiles, LEVELS, SCRATCH_KINDS, SCRATCH_ROW] int32
     heads,
     group,
-    padded_len,
+    seq_len,
     tile_len,
     score_stride,
     selected_len,
@@ -295,7 +295,11 @@ def select_kernel(
     them, unless it is tile 0, starts from made-up thresholds (zeros); by induction tile T-j then
     chooses right at levels > j and hands on right thresholds at levels >= j, so tile T chooses
     right at every level. About L tiles' cascades per program, no grid-wide synchronisation.
-    ``LEVEL_LANES``: a power of two >= LEVELS (the thresholds, one lane per level)."""
+    ``LEVEL_LANES``: a power of two >= LEVELS (the thresholds, one lane per level).
+
+    ``inverse`` keeps the slots of a level that positions inside the sequence read, fewer than
+    ``seq_len`` (a padded pyramid can be far longer: 6,291,456 positions at 128K, L5 p8 K1536,
+    whose table of every slot took 1.0 GB); slots of entries past the sequence are not stored."""
     TILE: tl.constexpr = 128
     CHILDREN: tl.constexpr = 128 * POOL
     COARSE: tl.constexpr = LEVELS - 1
@@ -310,7 +314,7 @@ def select_kernel(
     k_scores += kv_bh.to(tl.int64) * (SCORE_ROWS * score_stride)
     entry_local += bh.to(tl.int64) * selected_len
     entry_row += bh.to(tl.int64) * selected_len
-    inverse += bh.to(tl.int64) * (LEVELS * padded_len)
+    inverse += bh.to(tl.int64) * (LEVELS * seq_len)
     scratch += (bh.to(tl.int64) * tiles + tile) * (LEVELS * 5 * SCRATCH_ROW)
     per_tile = tile_len + COARSE * CHILDREN
     ranks = tl.arange(0, TILE)
@@ -373,7 +377,7 @@ def select_kernel(
     listed = COARSE * tiles * CHILDREN + coarse_local
     tl.store(entry_local + listed, coarse_local, mask=in_tile)
     tl.store(entry_row + listed, row, mask=in_tile)
-    tl.store(inverse + COARSE * padded_len + coarse_local, row, mask=in_tile)
+    tl.store(inverse + COARSE * seq_len + coarse_local, row, mask=in_tile & (coarse_local < seq_len))
     tl.store(scratch + (COARSE * 5 + 4) * SCRATCH_ROW + rank, start, mask=chosen_flag > 0)
     tl.debug_barrier()
     for level in tl.static_range(COARSE - 1, 0, -1):
@@ -388,7 +392,7 @@ def select_kernel(
         listed = level * tiles * CHILDREN + tile * CHILDREN + children
         tl.store(entry_local + listed, local)
         tl.store(entry_row + listed, row)
-        tl.store(inverse + level * padded_len + local, row)
+        tl.store(inverse + level * seq_len + local, row, mask=local < seq_len)
         rank = tl.cumsum(chosen_flag, axis=0) - 1
         tl.store(scratch + (level * 5 + 4) * SCRATCH_ROW + rank, start, mask=chosen_flag > 0)
         tl.debug_barrier()
@@ -398,7 +402,7 @@ def select_kernel(
     listed = tile * CHILDREN + children
     tl.store(entry_local + listed, local)
     tl.store(entry_row + listed, row)
-    tl.store(inverse + local, row)
+    tl.store(inverse + local, row, mask=local < seq_len)
 
 
 @triton.jit
@@ -621,10 +625,10 @@ def entries_kernel(
 def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
-    inverse,  # [B*H, LEVELS, padded_len] int32
+    inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``; inverse_len: the plan's sequence)
     rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
-    group, seq_len, dim, selected_len, padded_len, real_len,
+    group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     SHIFTED: tl.constexpr,
@@ -678,7 +682,7 @@ def positions_kernel(
             sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
         for member in range(group):
             head = bx.to(tl.int64) * group + member
-            row = tl.load(inverse + head * (LEVELS * padded_len) + level * padded_len + slot, mask=covered, other=-1)
+            row = tl.load(inverse + head * (LEVELS * inverse_len) + level * inverse_len + slot, mask=covered, other=-1)
             found = covered & (row >= 0)
             row_start = (head * selected_len + row)[:, None] * dim
             rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)

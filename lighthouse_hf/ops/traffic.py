@@ -1,33 +1,44 @@
-"""The bytes the fused path's kernels move through device memory around SDPA: the floor of its speed.
+"""The bytes the fused path's kernels move through device memory around SDPA: the floor of their time.
 
 ``lighthouse-hf bench`` divides these by the copy bandwidth it measures in the same run, so every
 row says how close Lighthouse could come to SDPA on the compressed sequence with these kernels,
 and a setting that misses a target shows whether bytes or the kernels are why.
 
-Counted from the plan alone, per kernel, each tensor a kernel reads or writes once at its
-element size (a row of the head dimension is ``dim * element_bytes``):
+Counted from the plan alone, per kernel, each tensor a kernel must read or write counted once at
+its element size (a row of the head dimension is ``dim * element_bytes``):
 
 * ``score_pass``: q and k read whole; the float32 score pyramid written (levels 1..L-1, one row
   per level, two with the causal selection); the coarsest means of q and k written where the
   score pass computes them (half precision, spans of at most 16 positions, scores from the
-  norms, RoPE pooled). With given scores the pass reads those instead of q and k.
-* ``selection``: the score pyramid read; ``inverse`` filled (``levels * padded_len`` slots) and
-  one slot per entry written; the listing (local index and row of every entry) written.
+  norms, RoPE pooled). With given scores, the given scores read instead of q and k.
+* ``selection``: the scores of each tile's candidates read (q's and k's, for every query head;
+  twice with the causal selection); ``inverse`` filled (``levels * seq_len`` slots) and one slot
+  per entry written; the listing (local index and row of every entry) written.
 * ``gather``: for each query head, the q, k and v rows of its real entries: one row per level-0
   entry, ``p**l`` rows per entry of a pooled level below the coarsest; the coarsest level
   reads the whole sequence (v only, and the means of q and k, where the score pass wrote
-  them); the compressed q, k and v written. k and v are read once per query head, as the
-  kernel does (a GQA group's heads may share them through L2, which this does not count).
-* ``scatter``: the compressed output read, one ``inverse`` slot per level and span read, the
-  output over all positions written (and ``combine="mean"``'s float32 counts).
+  them); the compressed q, k and v written, padding entries included. k and v are read once per
+  query head, as the kernel does (a GQA group's heads may share them through L2, which this
+  does not count).
+* ``scatter``: the compressed output rows of the real entries read, one ``inverse`` slot per
+  level and span read, the output over all positions written (and ``combine="mean"``'s float32
+  counts).
 * ``scatter_backward``: the output gradient read over the spans the gather reads for q, the
-  compressed gradient written; ``gather_backward``: the compressed gradients of q, k and v read,
-  ``inverse`` read per launch, the gradients of q (query heads) and of k and v (KV heads)
-  written.
+  compressed gradient written; ``gather_backward``: the compressed gradients of q, k and v of
+  the real entries read, ``inverse`` read per launch (two, three with span-end RoPE), the
+  gradients of q (query heads) and of k and v (KV heads) written.
+
+Left out, each small against these at the settings the bench sweeps: the listing that the gather
+and the scatter's backward read, the selection kernel's scratch, span-end RoPE's table, the
+causal selection's re-reads of earlier tiles' scores (from cache), and the ATen intermediates of
+score pyramids the Triton pass does not build (float32 inputs, given scores, and levels wider
+than its block).
 
 A real entry holds real positions; the rest are padding that the kernels skip. The coarsest
-level has ``n_coarse`` real entries of ``n_coarse_padded``; every tile selects ``TILE`` of its
-entries, real ones first, and its candidates one level finer are their ``p`` children each.
+level has ``n_coarse`` real entries of ``n_coarse_padded``; with the published selection every
+tile selects ``TILE`` of its entries, real ones first, and its candidates one level finer are
+their ``p`` children each (the causal rule can take a padding entry over a real one, so there
+the counts are an upper bound by a few entries per tile).
 """
 
 from __future__ import annotations
@@ -36,8 +47,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
+from . import COMBINES, SELECTIONS
 from .fused import score_pass_writes_means
 from .plan import TILE, LighthousePlan
+
+ROPES = ("pooled", "span_end")
+SCORES = ("norms", "given")
+"""``scores``: the norms of q and k, or level-0 scores given to the op (``q_scores``, ``k_scores``)."""
 
 FLOAT32_BYTES = 4
 INT32_BYTES = 4
@@ -64,8 +81,9 @@ class Traffic:
 
 
 def real_entries(plan: LighthousePlan) -> list[int]:
-    """Listed entries holding real positions, per level (level 0 first). A tile's candidates below
-    the coarsest level are the children of what it selected, so each tile keeps its own count."""
+    """Listed entries holding real positions, per level (level 0 first), under the published
+    selection. A tile's candidates below the coarsest level are the children of what it selected,
+    so each tile keeps its own count."""
     per_tile = [min(plan.tile_len, max(0, plan.n_coarse - t * plan.tile_len)) for t in range(plan.tiles)]
     real = [sum(per_tile)]
     for _ in range(plan.levels - 1):
@@ -91,26 +109,35 @@ def fused_traffic(
     settings (``rope`` "pooled" or "span_end", ``scores`` "norms" or "given", ``selection``
     "published" or "causal", ``combine`` "sum" or "mean"). A plan that does not compress runs
     dense attention, no kernels: zero bytes."""
+    check_choice("rope", rope, ROPES)
+    check_choice("scores", scores, SCORES)
+    check_choice("selection", selection, SELECTIONS)
+    check_choice("combine", combine, COMBINES)
     if not plan.compresses:
         return Traffic(0, 0, 0, 0, 0, 0)
-    row = dim * torch.empty(0, dtype=dtype).element_size()
+    row_bytes = dim * dtype.itemsize
     seq, n, p, levels = plan.seq_len, plan.compressed_len, plan.pooling, plan.levels
-    means = score_pass_writes_means(dtype, dim, plan, given_scores=scores == "given", rope=rope == "span_end")
+    coarse_means_from_score_pass = score_pass_writes_means(
+        dtype, dim, plan, given_scores=scores == "given", span_end_rope=rope == "span_end"
+    )
     real = real_entries(plan)
-    score_rows = (2 if selection == "causal" else 1) * sum(plan.padded_len // p**level for level in range(1, levels))
-    spans = sum(real[level] * p**level for level in range(levels - 1))  # positions read below the coarsest
+    real_rows = sum(real)  # the compressed rows that positions inside the sequence read back
+    score_copies = 2 if selection == "causal" else 1
+    score_rows = score_copies * sum(plan.padded_len // p**level for level in range(1, levels))
+    candidates = plan.n_coarse_padded + (levels - 2) * p * plan.topk  # scored per query head
+    span_positions = sum(real[level] * p**level for level in range(levels - 1))  # read below the coarsest
     slots = sum(-(-seq // p**level) for level in range(levels))  # inverse slots the positions read
-    count = FLOAT32_BYTES if combine == "mean" else 0  # per position, where the mean's counts are read or written
+    count_bytes = FLOAT32_BYTES if combine == "mean" else 0  # per position read or written, the mean's counts
+    inverse_reads = 3 if rope == "span_end" else 2  # one per launch of the gather's backward
 
-    if scores == "given":
-        score_reads = (heads + kv_heads) * seq * FLOAT32_BYTES
-    else:
-        score_reads = (heads + kv_heads) * seq * row
-    score_pass = score_reads + (heads + kv_heads) * (score_rows * FLOAT32_BYTES + (plan.n_coarse_padded * row if means else 0))
-    selection_bytes = (heads + kv_heads) * score_rows * FLOAT32_BYTES + heads * INT32_BYTES * (levels * plan.padded_len + 3 * n)
-    coarsest = (2 * plan.n_coarse_padded + seq) * row if means else 3 * seq * row
-    gather = heads * (3 * spans * row + coarsest + 3 * n * row)
-    scatter = heads * (n * row + slots * INT32_BYTES + seq * (row + count))
-    scatter_backward = heads * ((spans + seq) * (row + count) + n * row)
-    gather_backward = heads * (3 * n * row + 2 * slots * INT32_BYTES + seq * row) + 2 * kv_heads * seq * row
+    score_reads = (heads + kv_heads) * seq * (FLOAT32_BYTES if scores == "given" else row_bytes)
+    coarse_means = plan.n_coarse_padded * row_bytes if coarse_means_from_score_pass else 0
+    score_pass = score_reads + (heads + kv_heads) * (score_rows * FLOAT32_BYTES + coarse_means)
+    selection_bytes = heads * (2 * score_copies * candidates * FLOAT32_BYTES + INT32_BYTES * (levels * seq + 3 * n))
+    coarsest_reads = 2 * coarse_means + seq * row_bytes if coarse_means_from_score_pass else 3 * seq * row_bytes
+    gather = heads * (3 * span_positions * row_bytes + coarsest_reads + 3 * n * row_bytes)
+    scatter = heads * (real_rows * row_bytes + slots * INT32_BYTES + seq * (row_bytes + count_bytes))
+    scatter_backward = heads * ((span_positions + seq) * (row_bytes + count_bytes) + n * row_bytes)
+    gather_backward = (heads * (3 * real_rows * row_bytes + inverse_reads * slots * INT32_BYTES + seq * row_bytes)
+                       + 2 * kv_heads * seq * row_bytes)
     return Traffic(*(batch * x for x in (score_pass, selection_bytes, gather, scatter, scatter_backward, gather_backward)))
