@@ -374,6 +374,7 @@ def test_report_says_what_the_lighthouse_phase_did(study_dir, load_script):
     assert phase["dense_attention"] == pytest.approx([4.0, 3.8])
     assert phase["lighthouse_attention"] == pytest.approx([7.0, 4.8])  # the start from the seed that measured it
     assert phase["lighthouse_start_seeds"] == 1
+    assert phase["short_dense_attention"] == pytest.approx([9.0, 9.0]) and phase["short_dense_arm_at_switch"] is None
     assert "7.000 (1 of 2 seeds) -> 4.800" in report.phase_table([phase])
     assert phase["dense_arm_at_switch"] is None  # seed 1 has no dense run
     assert phase["by_offset_at_switch"] == pytest.approx([4.7, 4.9])

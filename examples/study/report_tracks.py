@@ -72,6 +72,13 @@ def long_loss(entry: dict, first: int) -> float:
     return float(np.dot(widths, [b["loss"] for b in buckets]) / widths.sum())
 
 
+def short_loss(entry: dict, first: int) -> float:
+    """Mean loss of the predicted tokens before position ``first`` (what ``long_loss`` leaves out)."""
+    buckets = [b for b in entry["by_position"] if b["last"] < first]
+    widths = np.array([b["last"] - b["first"] + 1 for b in buckets], dtype=float)
+    return float(np.dot(widths, [b["loss"] for b in buckets]) / widths.sum())
+
+
 def long_loss_curve(record: dict) -> list[tuple[float, float]]:
     """(GPU seconds, long-position loss) at each of the run's evaluations."""
     return [(e["gpu_seconds"], long_loss(e, long_from(record))) for e in record["evals"]]
@@ -244,7 +251,8 @@ def plot(runs: dict[str, dict[int, dict]], comparisons: list[dict], folder: Path
 def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
     """What the Lighthouse phase did, mean over the arm's seeds: the long-position loss with dense
     attention and with Lighthouse attention at the start and at the switch (the last Lighthouse
-    step), dense's own loss at the switch's step (same seeds), and the Lighthouse loss at the
+    step), dense's own loss at the switch's step (same seeds), the same with dense attention for
+    the positions before the long ones (``short_...``), and the Lighthouse loss at the
     switch by offset inside a pooling block (the leak check). The start's Lighthouse loss is the
     same model on the same windows whatever the seed, so it is the mean over the seeds that measured
     it (runs before the check did not); any other value some seed did not record is None."""
@@ -258,8 +266,10 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
         dense_at = {e["step"]: e for e in dense[seed]["evals"]} if seed in dense else {}
         rows.append(dict(
             dense_attention=(long_loss(start, first), long_loss(switch, first)),
+            short_dense_attention=(short_loss(start, first), short_loss(switch, first)),
             lighthouse_attention=tuple(long_loss(e["lighthouse"], first) if "lighthouse" in e else None for e in (start, switch)),
             dense_arm_at_switch=long_loss(dense_at[switch["step"]], first) if switch["step"] in dense_at else None,
+            short_dense_arm_at_switch=short_loss(dense_at[switch["step"]], first) if switch["step"] in dense_at else None,
             by_offset_at_switch=switch["lighthouse"]["by_offset"] if "lighthouse" in switch else None,
         ))
 
@@ -276,6 +286,8 @@ def lighthouse_phase(name: str, arm: dict[int, dict], dense: dict[int, dict]) ->
         arm=name,
         seeds=len(rows),
         dense_attention=pair("dense_attention") if rows else None,
+        short_dense_attention=pair("short_dense_attention") if rows else None,
+        short_dense_arm_at_switch=mean([row["short_dense_arm_at_switch"] for row in rows]),
         lighthouse_attention=[mean(measured_start), mean([row["lighthouse_attention"][1] for row in rows])] if rows else None,
         lighthouse_start_seeds=len(measured_start),
         dense_arm_at_switch=mean([row["dense_arm_at_switch"] for row in rows]),
@@ -330,8 +342,8 @@ def phase_table(phases: list[dict]) -> str:
         return f" ({measured} of {p['seeds']} seeds)" if 0 < measured < p["seeds"] else ""
 
     lines = [
-        "| arm | seeds | dense attention: start -> switch | dense arm at the switch | Lighthouse attention: start -> switch | Lighthouse loss at the switch by offset in a block (all positions) |",
-        "|---|---|---|---|---|---|",
+        "| arm | seeds | dense attention: start -> switch | dense arm at the switch | Lighthouse attention: start -> switch | Lighthouse loss at the switch by offset in a block (all positions) | short positions, dense attention: start -> switch (dense arm) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in phases:
         if not p["seeds"]:
@@ -340,7 +352,8 @@ def phase_table(phases: list[dict]) -> str:
         lines.append(
             f"| {p['arm']} | {p['seeds']} | {value(p['dense_attention'][0])} -> {value(p['dense_attention'][1])} | "
             f"{value(p['dense_arm_at_switch'])} | {value(p['lighthouse_attention'][0])}{start_seeds(p)} -> "
-            f"{value(p['lighthouse_attention'][1])} | {offsets} |"
+            f"{value(p['lighthouse_attention'][1])} | {offsets} | {value(p['short_dense_attention'][0])} -> "
+            f"{value(p['short_dense_attention'][1])} ({value(p['short_dense_arm_at_switch'])}) |"
         )
     return "\n".join(lines) + "\n"
 
@@ -390,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
     if options:
         text += "\nWhat each option buys: against published on the seeds both have (outside the rule):\n\n" + table(options, against="published")
-    text += "\nThe Lighthouse phase (long-position loss; the switch is the last Lighthouse step):\n\n" + phase_table(phases)
+    text += "\nThe Lighthouse phase (long-position loss unless said; the switch is the last Lighthouse step):\n\n" + phase_table(phases)
     text += "\nThe switches' cost (training loss minus dense's on the same steps and batches, all positions):\n\n" + switch_table(costs)
     for control, group in controls.items():
         text += f"\nAgainst the dense control {control} (outside the rule):\n\n" + table(group, against=control)
