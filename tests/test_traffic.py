@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lighthouse_hf.ops import plan_for, reference
-from lighthouse_hf.ops.traffic import fused_traffic, real_entries
+from lighthouse_hf.ops.traffic import fused_traffic
 
 ROW = 128 * 2  # one bf16 row of D=128
 MB = 1e6
@@ -20,7 +20,7 @@ def test_real_entries_are_what_the_reference_selection_lists(seq, levels, poolin
     q, k = torch.randn(2, 2, seq, 8, generator=generator), torch.randn(2, 1, seq, 8, generator=generator)
     selection = reference.select(q, k, plan)
     real = selection.local * pooling**selection.level < plan.real_len
-    for level, expected in enumerate(real_entries(plan)):
+    for level, expected in enumerate(plan.real_entries):
         counts = ((selection.level == level) & real).sum(-1)
         assert (counts == expected).all(), (level, counts, expected)
 
@@ -46,7 +46,7 @@ def test_default_setting_at_128k_matches_a_count_by_hand():
 def test_padding_entries_are_written_but_never_read_back():
     # At 128K, L5 p4 K1536 lists 26112 entries per head of which 8704 hold real positions.
     plan = plan_for(131072, 5, 4, 1536)
-    real, n = sum(real_entries(plan)), plan.compressed_len
+    real, n = sum(plan.real_entries), plan.compressed_len
     assert (real, n) == (8704, 26112)
     sizes = dict(batch=1, heads=8, kv_heads=8, dim=128, dtype=torch.bfloat16)
     traffic = fused_traffic(plan, **sizes)
@@ -66,7 +66,7 @@ def test_options_move_the_bytes_they_should():
 
     mean = fused_traffic(plan, combine="mean", **sizes)
     assert mean.scatter - published.scatter == rows * seq * 4  # the counts written
-    spans = sum(real * 4**level for level, real in enumerate(real_entries(plan)[:-1]))
+    spans = sum(real * 4**level for level, real in enumerate(plan.real_entries[:-1]))
     assert mean.scatter_backward - published.scatter_backward == rows * (spans + seq) * 4  # read beside each row
     assert (mean.score_pass, mean.gather, mean.gather_backward) == (published.score_pass, published.gather, published.gather_backward)
 

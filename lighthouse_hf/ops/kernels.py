@@ -504,7 +504,7 @@ def _level_entries(
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
     SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, COARSE_MEANS: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROPE_HALF: tl.constexpr, MEAN: tl.constexpr,
+    ROPE_HALF: tl.constexpr, MEAN: tl.constexpr, PADDED: tl.constexpr,
 ):
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
     ``level_first_block``); returns where the next level's blocks start."""
@@ -537,39 +537,52 @@ def _level_entries(
         d_mask = d < dim
         out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + d[None, :]
         out_mask = r_mask[:, None] & d_mask[None, :]
-        if COARSE_MEANS and LEVEL == LEVELS - 1:
-            # The score pass already wrote these means: [B*H + B*Hkv, coarse_len, D], query heads first.
-            kv_row = tl.num_programs(2) * tl.num_programs(1) + b * (tl.num_programs(1) // group) + h // group
-            q_mean = (bh.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
-            k_mean = (kv_row.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
-            tl.store(dst_q + out, tl.load(means + q_mean, mask=out_mask), mask=out_mask)
-            tl.store(dst_k + out, tl.load(means + k_mean, mask=out_mask), mask=out_mask)
-        elif ROTATE:
-            # q and k at span end (rope="span_end"): each rotate_half half stored on its own
-            table = rotary + TABLE_START * (2 * ROPE_HALF)
-            f = tl.arange(0, ROPE_HALF)
-            half_out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + f[None, :]
-            half_mask = r_mask[:, None]
-            lo, hi = _rotated_entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, table,
-                                         WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
-            tl.store(dst_q + half_out, (lo * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
-            tl.store(dst_q + half_out + ROPE_HALF, (hi * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
-            lo, hi = _rotated_entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len,
-                                         table, WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
-            tl.store(dst_k + half_out, (lo * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
-            tl.store(dst_k + half_out + ROPE_HALF, (hi * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
-        else:
-            total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask,
-                                counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D, DIVIDE)
-            tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
+        padding_only = False
+        if PADDED:
+            # A padded plan lists far more entries than it has (at 128K, L5 p4 K1536: 2048 real of
+            # 6144 per level): programs holding padding entries only write their zero rows and stop,
+            # instead of summing masked loads through reductions across warps.
+            padding_only = tl.max(tl.where(use & (first < seq_len), 1, 0), axis=0) == 0
+        if padding_only:
+            zeros = tl.zeros((BLOCK_R, BLOCK_D), dtype=dst_q.dtype.element_ty)
+            tl.store(dst_q + out, zeros, mask=out_mask)
             if WITH_KV:
-                total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d,
+                tl.store(dst_k + out, zeros, mask=out_mask)
+                tl.store(dst_v + out, zeros, mask=out_mask)
+        else:
+            if COARSE_MEANS and LEVEL == LEVELS - 1:
+                # The score pass already wrote these means: [B*H + B*Hkv, coarse_len, D], query heads first.
+                kv_row = tl.num_programs(2) * tl.num_programs(1) + b * (tl.num_programs(1) // group) + h // group
+                q_mean = (bh.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
+                k_mean = (kv_row.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
+                tl.store(dst_q + out, tl.load(means + q_mean, mask=out_mask), mask=out_mask)
+                tl.store(dst_k + out, tl.load(means + k_mean, mask=out_mask), mask=out_mask)
+            elif ROTATE:
+                # q and k at span end (rope="span_end"): each rotate_half half stored on its own
+                table = rotary + TABLE_START * (2 * ROPE_HALF)
+                f = tl.arange(0, ROPE_HALF)
+                half_out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + f[None, :]
+                half_mask = r_mask[:, None]
+                lo, hi = _rotated_entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, table,
+                                             WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
+                tl.store(dst_q + half_out, (lo * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
+                tl.store(dst_q + half_out + ROPE_HALF, (hi * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
+                lo, hi = _rotated_entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len,
+                                             table, WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
+                tl.store(dst_k + half_out, (lo * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
+                tl.store(dst_k + half_out + ROPE_HALF, (hi * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
+            else:
+                total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask,
+                                    counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D, DIVIDE)
+                tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
+                if WITH_KV:
+                    total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d,
+                                        d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
+                    tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
+            if WITH_KV:
+                total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d,
                                     d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
-                tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
-        if WITH_KV:
-            total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d,
-                                d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
-            tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
+                tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
     return level_first_block + level_blocks
 
 
@@ -594,6 +607,7 @@ def entries_kernel(
     BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr,
     MEAN: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     """Rows of every entry: for an entry of width ``c = POOL**level`` and local index ``j``, the mean
     of the source over positions ``[j*c, (j+1)*c)``, or with ``SHIFTED`` the sum over
@@ -605,7 +619,9 @@ def entries_kernel(
     coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
     q and k rows rotate each position to the span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
-    position's gradient is divided by its ``counts``."""
+    position's gradient is divided by its ``counts``. ``PADDED``: the plan lists many padding
+    entries (``fused._mostly_padding``), so a program may hold padding entries only; it writes
+    their zero rows and skips the sums."""
     block = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -617,7 +633,7 @@ def entries_kernel(
             src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
             block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
             q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
-            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D, ROPE_HALF, MEAN,
+            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D, ROPE_HALF, MEAN, PADDED,
         )
 
 

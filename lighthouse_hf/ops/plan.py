@@ -74,6 +74,11 @@ class LighthousePlan:
     compressed_len: int = field(init=False, repr=False, compare=False)
     """Entries per (batch, head): ``S // p**(L-1) + (L-1) * p * K`` (padding included)."""
     compresses: bool = field(init=False, repr=False, compare=False)
+    real_entries: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """Listed entries holding real positions, per level (level 0 first), under the published
+    selection: every tile selects ``TILE`` of its entries, real ones first (padding scores below
+    every real entry), and its candidates one level finer are their ``pooling`` children each, so
+    each tile keeps its own count. (The causal rule can take a padding entry over a real one.)"""
 
     def __post_init__(self) -> None:
         check_positive_int("seq_len", self.seq_len)
@@ -95,6 +100,7 @@ class LighthousePlan:
             is_padded=n_coarse_padded != n_coarse,
             compressed_len=compressed_len,
             compresses=self.levels > 1 and compressed_len < self.seq_len,
+            real_entries=_real_entries(n_coarse, tiles, tile_len, self.levels, self.pooling),
         )
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -106,6 +112,15 @@ class LighthousePlan:
     def level_offset(self, level: int) -> int:
         """Where ``level`` starts in the concatenated pyramid."""
         return sum(self.level_len(m) for m in range(level))
+
+
+def _real_entries(n_coarse: int, tiles: int, tile_len: int, levels: int, pooling: int) -> tuple[int, ...]:
+    per_tile = [min(tile_len, max(0, n_coarse - t * tile_len)) for t in range(tiles)]
+    real = [sum(per_tile)]
+    for _ in range(levels - 1):
+        per_tile = [pooling * min(TILE, count) for count in per_tile]
+        real.append(sum(per_tile))
+    return tuple(real[::-1])
 
 
 @functools.lru_cache(maxsize=256)

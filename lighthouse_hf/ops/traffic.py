@@ -34,11 +34,9 @@ causal selection's re-reads of earlier tiles' scores (from cache), and the ATen 
 score pyramids the Triton pass does not build (float32 inputs, given scores, and levels wider
 than its block).
 
-A real entry holds real positions; the rest are padding that the kernels skip. The coarsest
-level has ``n_coarse`` real entries of ``n_coarse_padded``; with the published selection every
-tile selects ``TILE`` of its entries, real ones first, and its candidates one level finer are
-their ``p`` children each (the causal rule can take a padding entry over a real one, so there
-the counts are an upper bound by a few entries per tile).
+A real entry holds real positions; the rest are padding that the kernels skip. Real entries per
+level are the plan's ``real_entries`` (the published selection's; the causal rule can take a
+padding entry over a real one, so there the counts are an upper bound by a few entries per tile).
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ import torch
 from ..validation import check_choice
 from . import COMBINES, SELECTIONS
 from .fused import score_pass_writes_means
-from .plan import TILE, LighthousePlan
+from .plan import LighthousePlan
 
 ROPES = ("pooled", "span_end")
 SCORES = ("norms", "given")
@@ -78,18 +76,6 @@ class Traffic:
     @property
     def backward(self) -> int:
         return self.scatter_backward + self.gather_backward
-
-
-def real_entries(plan: LighthousePlan) -> list[int]:
-    """Listed entries holding real positions, per level (level 0 first), under the published
-    selection. A tile's candidates below the coarsest level are the children of what it selected,
-    so each tile keeps its own count."""
-    per_tile = [min(plan.tile_len, max(0, plan.n_coarse - t * plan.tile_len)) for t in range(plan.tiles)]
-    real = [sum(per_tile)]
-    for _ in range(plan.levels - 1):
-        per_tile = [plan.pooling * min(TILE, count) for count in per_tile]
-        real.append(sum(per_tile))
-    return real[::-1]
 
 
 def fused_traffic(
@@ -120,7 +106,7 @@ def fused_traffic(
     coarse_means_from_score_pass = score_pass_writes_means(
         dtype, dim, plan, given_scores=scores == "given", span_end_rope=rope == "span_end"
     )
-    real = real_entries(plan)
+    real = plan.real_entries
     real_rows = sum(real)  # the compressed rows that positions inside the sequence read back
     score_copies = 2 if selection == "causal" else 1
     score_rows = score_copies * sum(plan.padded_len // p**level for level in range(1, levels))
