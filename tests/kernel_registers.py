@@ -24,7 +24,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from lighthouse_hf.ops import kernels
+from lighthouse_hf.ops import fused, kernels
 from lighthouse_hf.ops.plan import LighthousePlan
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -50,7 +50,7 @@ def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: 
                        f"{name}_stride_s": stride_s})
     constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=with_kv,
                       COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
-                      PADDED=4 * (plan.compressed_len - sum(plan.real_entries)) >= plan.compressed_len)
+                      PADDED=fused._mostly_padding(plan))
     pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
                     entry_local="*i32", entry_row="*i32", means="*bf16", rotary="*fp32" if rope else "*bf16",
                     counts="*fp32" if mean else "*bf16")
