@@ -17,8 +17,9 @@ the forward's, or the forward's and the backward's) at the device-to-device copy
 measured at the start of the run (``copy_tb_per_s``), added to SDPA(S_sel)'s cuDNN time
 (``floor_ms``, ``floor_ratio``): how close these kernels could come, so a ratio above its target
 says whether the bytes or the kernels are why. Settings that do not compress are skipped (the op
-runs dense SDPA there). Times are per call with calls queued back to back, as in training, where the host runs ahead of the GPU; ``latency`` is one call from an idle GPU,
-which adds the host's time before the first kernel (the ratios use the former). ``--e2e`` instead
+runs dense SDPA there). Times are per call with calls queued back to back, as in training, where
+the host runs ahead of the GPU; ``latency`` is one call from an idle GPU, which adds the host's
+time before the first kernel (the ratios use the former). ``--e2e`` instead
 times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Llama with hidden
 1024 under ``sdpa`` and ``lighthouse`` attention and reports tokens per second. ``--layer`` times
 one Llama decoder layer (hidden ``--heads`` x ``--dim``, MLP 1.5x hidden, bf16) under ``sdpa`` and
