@@ -1,0 +1,79 @@
+"""Per-kernel device time of the fused path beside the bytes `lighthouse_hf.ops.traffic` counts for
+each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CUDA and Triton.
+
+    python benchmarks/profile_kernels.py                        # the grid's widest settings
+    python benchmarks/profile_kernels.py --case 131072 5 2 1536 # one (S, L, p, K)
+
+B=1, H=8, D=128, bf16, published options; 10 profiled calls after 3 warm-up calls. The forward's
+scatter and the backward's gather share `positions_kernel`; the gather and the scatter's backward
+share `entries_kernel`, so their fwd+bwd bytes are the sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lighthouse_hf import lighthouse_attention
+from lighthouse_hf.ops.plan import plan_for
+from lighthouse_hf.ops.traffic import fused_traffic
+
+WIDEST = [(131072, 3, 4, 2048), (131072, 4, 4, 1536), (262144, 4, 4, 1536), (131072, 5, 2, 1536),
+          (262144, 5, 2, 2048), (131072, 5, 4, 1536), (262144, 5, 4, 1536), (131072, 4, 8, 1536),
+          (131072, 5, 8, 1536)]
+KERNELS = ("scores_kernel", "select_kernel", "entries_kernel", "positions_kernel")
+
+
+def kernel_ms(call) -> dict[str, float]:
+    """Device ms per call of each Lighthouse kernel, of SDPA, and of everything else."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+    ms: dict[str, float] = {}
+    for event in prof.key_averages():
+        key = next((name for name in KERNELS if name in event.key), None)
+        if key is None:
+            key = "sdpa" if "sdpa" in event.key or "flash" in event.key else "other"
+        ms[key] = ms.get(key, 0.0) + event.device_time_total / 10 / 1000
+    return ms
+
+
+def profile_case(seq: int, levels: int, pooling: int, topk: int) -> None:
+    traffic = fused_traffic(plan_for(seq, levels, pooling, topk), batch=1, heads=8, kv_heads=8, dim=128,
+                            dtype=torch.bfloat16)
+    q, k, v = (torch.randn(1, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    for backward in (False, True):
+        def call():
+            out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk)
+            if backward:  # fresh gradients each call, as the bench takes them
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+        ms = kernel_ms(call)
+        moved = {"scores_kernel": traffic.score_pass, "select_kernel": traffic.selection,
+                 "entries_kernel": traffic.gather + (traffic.scatter_backward if backward else 0),
+                 "positions_kernel": traffic.scatter + (traffic.gather_backward if backward else 0)}
+        parts = [f"{name.split('_')[0]} {ms.get(name, 0.0):.3f} ms {gb / 1e9:.2f} GB "
+                 f"{gb / 1e9 / max(ms.get(name, 0.0), 1e-9):.2f} TB/s" for name, gb in moved.items()]
+        print(f"{seq // 1024}K L{levels} p{pooling} K{topk} {'fwd+bwd' if backward else 'fwd'}: "
+              f"sdpa {ms.get('sdpa', 0.0):.3f} other {ms.get('other', 0.0):.3f} | " + " | ".join(parts), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", type=int, nargs=4, action="append", metavar=("S", "L", "P", "K"),
+                        help="one setting to profile (repeatable); default: the grid's widest settings")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_kernels.py needs a CUDA device (the fused kernels run only there)")
+    for case in args.case or WIDEST:
+        profile_case(*case)
+
+
+if __name__ == "__main__":
+    main()
