@@ -3,8 +3,9 @@ each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CU
 
     python benchmarks/profile_kernels.py                        # the grid's widest settings
     python benchmarks/profile_kernels.py --case 131072 5 2 1536 # one (S, L, p, K)
+    python benchmarks/profile_kernels.py --rope span_end         # span-end RoPE (theta 10000)
 
-B=1, H=8, D=128, bf16, published options; 10 profiled calls after 3 warm-up calls. The forward's
+B=1, H=8, D=128, bf16, published options unless ``--rope span_end``; 10 profiled calls after 3 warm-up calls. The forward's
 scatter and the backward's gather share `positions_kernel`; the gather and the scatter's backward
 share `entries_kernel`, so their fwd+bwd bytes are the sums.
 """
@@ -18,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.ops.plan import plan_for
-from lighthouse_hf.ops.traffic import fused_traffic
+from lighthouse_hf.ops.traffic import ROPES, fused_traffic
 
 WIDEST = [(131072, 3, 4, 2048), (131072, 4, 4, 1536), (262144, 4, 4, 1536), (131072, 5, 2, 1536),
           (262144, 5, 2, 2048), (131072, 5, 4, 1536), (262144, 5, 4, 1536), (131072, 4, 8, 1536),
@@ -44,13 +45,15 @@ def kernel_ms(call) -> dict[str, float]:
     return ms
 
 
-def profile_case(seq: int, levels: int, pooling: int, topk: int) -> None:
+def profile_case(seq: int, levels: int, pooling: int, topk: int, rope: str) -> None:
     traffic = fused_traffic(plan_for(seq, levels, pooling, topk), batch=1, heads=8, kv_heads=8, dim=128,
-                            dtype=torch.bfloat16)
+                            dtype=torch.bfloat16, rope=rope)
+    # the bench's span-end frequencies: default RoPE (theta 10000) over the whole head
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128) if rope == "span_end" else None
     q, k, v = (torch.randn(1, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     for backward in (False, True):
         def call():
-            out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk)
+            out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk, rope_inv_freq=inv_freq)
             if backward:  # fresh gradients each call, as the bench takes them
                 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
@@ -60,7 +63,7 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int) -> None:
                  "positions_kernel": traffic.scatter + (traffic.gather_backward if backward else 0)}
         parts = [f"{name.split('_')[0]} {ms.get(name, 0.0):.3f} ms {gb / 1e9:.2f} GB "
                  f"{gb / 1e9 / max(ms.get(name, 0.0), 1e-9):.2f} TB/s" for name, gb in moved.items()]
-        print(f"{seq // 1024}K L{levels} p{pooling} K{topk} {'fwd+bwd' if backward else 'fwd'}: "
+        print(f"{seq // 1024}K L{levels} p{pooling} K{topk} {rope} {'fwd+bwd' if backward else 'fwd'}: "
               f"sdpa {ms.get('sdpa', 0.0):.3f} other {ms.get('other', 0.0):.3f} | " + " | ".join(parts), flush=True)
 
 
@@ -68,11 +71,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=int, nargs=4, action="append", metavar=("S", "L", "P", "K"),
                         help="one setting to profile (repeatable); default: the grid's widest settings")
+    parser.add_argument("--rope", choices=ROPES, default="pooled")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py needs a CUDA device (the fused kernels run only there)")
     for case in args.case or WIDEST:
-        profile_case(*case)
+        profile_case(*case, args.rope)
 
 
 if __name__ == "__main__":
