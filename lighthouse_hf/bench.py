@@ -526,6 +526,7 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .integration import apply_lighthouse
+    from .training import enable_activation_checkpointing
 
     results = []
     for seq in args.e2e_seq:
@@ -541,7 +542,7 @@ def _e2e(args: argparse.Namespace) -> list[dict]:
             if implementation == "lighthouse":
                 apply_lighthouse(model, levels=args.levels[0], pooling=args.pooling[0], topk=args.topk[0],
                                  dense_layers=args.e2e_dense_layers, **options)
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
             batches = [torch.randint(0, 32000, (1, seq), device="cuda") for _ in range(2)]

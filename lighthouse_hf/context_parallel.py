@@ -62,9 +62,13 @@ def _group_shape(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); torch >= 2.4 has the old one
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _eager_all_gather(local: torch.Tensor, group, world: int) -> torch.Tensor:
     gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    _all_gather_single(gathered, local.contiguous(), group=group)
     return gathered
 
 

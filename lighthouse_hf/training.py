@@ -33,6 +33,14 @@ def activation_checkpointing(enabled: bool) -> dict[str, bool]:
     return {name: enabled}
 
 
+def enable_activation_checkpointing(model: PreTrainedModel, checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    """``model.activation_checkpointing_enable`` in the installed Transformers, else its older name
+    ``gradient_checkpointing_enable`` (renamed during 5.x; the old name warns); ``checkpointing_kwargs``
+    go to ``torch.utils.checkpoint`` (e.g. ``{"use_reentrant": False}``)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(checkpointing_kwargs)
+
+
 def lighthouse_models(model: torch.nn.Module) -> Iterator[PreTrainedModel]:
     """The outermost Transformers models inside ``model`` (a model, a PEFT wrapper, a DDP wrapper)
     that currently dispatch attention to Lighthouse."""

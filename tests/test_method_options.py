@@ -15,6 +15,7 @@ from helpers import FAMILIES, decoder_layer_step, rel_err, tiny_config
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.ops import LighthousePlan, reference
 from lighthouse_hf.rotary import rope_inv_freq
+from lighthouse_hf.training import enable_activation_checkpointing
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk): defined lengths, GQA, padded lengths
 CASES = [
@@ -336,7 +337,7 @@ def test_pre_norm_scores_under_activation_checkpointing():
     for reentrant in (False, True):
         model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
         lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0])
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        enable_activation_checkpointing(model, {"use_reentrant": reentrant})
         model.train()
         models.append(model)
     models[1].load_state_dict(models[0].state_dict())

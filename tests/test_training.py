@@ -14,7 +14,7 @@ from transformers import Trainer
 
 import lighthouse_hf
 from lighthouse_hf import RecoveryCallback
-from lighthouse_hf.training import activation_checkpointing
+from lighthouse_hf.training import activation_checkpointing, enable_activation_checkpointing
 from helpers import free_port
 from training_helpers import NUM_LAYERS, PhaseProbe, RandomBlocks, step_losses, tiny_lighthouse_model, training_args
 
@@ -169,3 +169,20 @@ def test_lighthouse_models_sees_through_wrappers():
     assert list(lighthouse_hf.training.lighthouse_models(wrapper)) == [model]
     model.set_attn_implementation(DENSE)
     assert list(lighthouse_hf.training.lighthouse_models(wrapper)) == []
+
+
+def test_activation_checkpointing_is_enabled_under_the_installed_transformers_name():
+    """The model method's newer name where it exists (the older one warns), else the older one."""
+    calls = []
+
+    class OlderTransformers:
+        def gradient_checkpointing_enable(self, kwargs=None):
+            calls.append(("gradient_checkpointing_enable", kwargs))
+
+    class NewerTransformers(OlderTransformers):
+        def activation_checkpointing_enable(self, kwargs=None):
+            calls.append(("activation_checkpointing_enable", kwargs))
+
+    enable_activation_checkpointing(OlderTransformers(), {"use_reentrant": False})
+    enable_activation_checkpointing(NewerTransformers())
+    assert calls == [("gradient_checkpointing_enable", {"use_reentrant": False}), ("activation_checkpointing_enable", None)]

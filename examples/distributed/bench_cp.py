@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lighthouse_hf.distributed import IGNORE_INDEX, shard_batch
 from lighthouse_hf.context_parallel import CONTEXT_PARALLEL_KWARG
+from lighthouse_hf.training import enable_activation_checkpointing
 
 PAPER = dict(levels=3, pooling=4, topk=2048)
 LOSS_CHUNK = 16384
@@ -51,7 +52,7 @@ class Runner:
         self.device, self.world = device, world
         self.model = llama(size, max_len, settings).to(device)
         self.model.config.use_cache = False
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(self.model, {"use_reentrant": False})
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
