@@ -1,5 +1,5 @@
-"""Registers and spills of ``entries_kernel``'s specializations, without a GPU: each is compiled
-for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and
+"""Registers and spills of the gather's and scatter's kernels (``entries_kernel``, ``positions_kernel``)
+as specialized for a setting, without a GPU: each is compiled for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and
 ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
 
     python tests/kernel_registers.py            # D = 64 and 128, L3 p4 K2048 at S = 128K
@@ -79,6 +79,33 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, **options) -> str:
     return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
 
 
+def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, rope: bool = False,
+                  mean: bool = False) -> str:
+    """The PTX of ``positions_kernel`` for sm_90, 4 warps, as ``fused._run_positions`` launches it for
+    bf16 rows of one head group (MHA: ``group`` folded to 1) under ``plan``; ``dim`` a power of two."""
+    values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len, padded_len=plan.padded_len,
+                  real_len=plan.real_len, inverse_len=plan.seq_len)
+    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BLOCK_D=dim,
+                      BLOCK_P=fused._positions_per_program(dim, fused._POSITION_BLOCK_ELEMENTS),
+                      ROPE_HALF=dim // 2 if rope else 0, MEAN=mean, group=1)
+    pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
+                    rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernels.positions_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = _int_type(values[name])
+            if values[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn=kernels.positions_kernel, signature=signature, constexprs=constexprs,
+                                       attrs=attrs)
+    return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
+
+
 def ptxas_usage(ptx: str) -> tuple[int, int]:
     """(registers per thread, spill stores + loads in bytes) that Triton's ptxas reports for ``ptx``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +157,26 @@ def main() -> None:
             regs, spills = ptxas_usage(ptx)
             traffic = cross_thread_traffic(ptx)
             print(f"| {name} | {dim} | {regs} | {spills} | {traffic['bar.sync']} | {traffic['st.shared']} |",
+                  flush=True)
+    launches = [
+        ("scatter", dict(shifted=True, two=False)),
+        ("scatter, combine=mean", dict(shifted=True, two=False, mean=True)),
+        ("gather backward: dq", dict(shifted=False, two=False)),
+        ("gather backward: dk and dv", dict(shifted=False, two=True)),
+        ("gather backward: dq or dk, span_end", dict(shifted=False, two=False, rope=True)),
+    ]
+    print("\npositions_kernel, same setting (ld.global: load instructions in the PTX, each counted once)")
+    print("| launch | D | registers | spill bytes | ld.global | bar.sync | st.shared |")
+    print("|---|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for name, options in launches:
+            ptx = positions_ptx(plan, dim, **options)
+            if args.ptx is not None:
+                (args.ptx / f"positions_{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
+            regs, spills = ptxas_usage(ptx)
+            traffic = cross_thread_traffic(ptx)
+            loads = len(re.findall(r"\bld\.global", ptx))
+            print(f"| {name} | {dim} | {regs} | {spills} | {loads} | {traffic['bar.sync']} | {traffic['st.shared']} |",
                   flush=True)
 
 
