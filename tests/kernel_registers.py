@@ -1,6 +1,7 @@
-"""Registers and spills of the gather's and scatter's kernels (``entries_kernel``, ``positions_kernel``)
-as specialized for a setting, without a GPU: each is compiled for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and
-ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
+"""Registers and spills of the gather's and scatter's kernels (``entries_kernel``,
+``positions_kernel``) as specialized for a setting, without a GPU: each is compiled for sm_90
+(Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and ptxas ``-v``
+reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
 
     python tests/kernel_registers.py            # D = 64 and 128, L3 p4 K2048 at S = 128K
     python tests/kernel_registers.py --ptx DIR  # also keep each specialization's PTX in DIR
@@ -34,28 +35,13 @@ def _int_type(value: int) -> str:
     return "i32" if -(2**31) <= value < 2**31 else "i64"
 
 
-def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool,
-                           coarse_means: bool, mean: bool = False) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) of the ``entries_kernel`` launch that ``fused._run_entries``
-    makes for bf16 q, k, v of shape [1, heads, S, dim] (MHA) under ``plan``; ``dim`` a power of two."""
-    if dim & (dim - 1):
-        raise ValueError(f"dim must be a power of two (the kernel's BLOCK_D), got {dim}")
-    with_kv = not shifted
-    selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
-    stride_s, stride_h = dim, plan.seq_len * dim
-    values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
-                  coarse_len=plan.n_coarse_padded, real_len=plan.real_len)
-    for name in "qkv":
-        values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h,
-                       f"{name}_stride_s": stride_s})
-    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=with_kv,
-                      COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
-                      PADDED=fused._mostly_padding(plan))
-    pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
-                    entry_local="*i32", entry_row="*i32", means="*bf16", rotary="*fp32" if rope else "*bf16",
-                    counts="*fp32" if mean else "*bf16")
+def sm90_ptx(kernel, values: dict, constexprs: dict, pointers: dict) -> str:
+    """The PTX of ``kernel`` for sm_90, 4 warps, specialized as the JIT specializes a launch with
+    these arguments: ``pointers`` (name: type) and integers divisible by 16 marked so, integers
+    equal to 1 folded into constants."""
+    constexprs = dict(constexprs)
     signature, attrs = {}, {}
-    for index, name in enumerate(kernels.entries_kernel.arg_names):
+    for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
@@ -68,42 +54,49 @@ def entries_specialization(plan: LighthousePlan, heads: int, dim: int, *, rope: 
             signature[name] = _int_type(values[name])
             if values[name] % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs
-
-
-def entries_ptx(plan: LighthousePlan, heads: int, dim: int, **options) -> str:
-    """The PTX of ``entries_kernel`` for sm_90, 4 warps, specialized as :func:`entries_specialization`."""
-    signature, constexprs, attrs = entries_specialization(plan, heads, dim, **options)
-    source = triton.compiler.ASTSource(fn=kernels.entries_kernel, signature=signature, constexprs=constexprs,
-                                       attrs=attrs)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
+
+
+def _check_dim(dim: int) -> None:
+    if dim & (dim - 1):
+        raise ValueError(f"dim must be a power of two (the kernel's BLOCK_D), got {dim}")
+
+
+def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool, coarse_means: bool,
+                mean: bool = False) -> str:
+    """The PTX of the ``entries_kernel`` launch that ``fused._run_entries`` makes for bf16 q, k, v of
+    shape [1, heads, S, dim] (MHA) under ``plan``; ``dim`` a power of two."""
+    _check_dim(dim)
+    stride_s, stride_h = dim, plan.seq_len * dim
+    selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
+    values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
+                  coarse_len=plan.n_coarse_padded, real_len=plan.real_len)
+    for name in "qkv":
+        values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h,
+                       f"{name}_stride_s": stride_s})
+    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=not shifted,
+                      COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
+                      PADDED=fused._mostly_padding(plan))
+    pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
+                    entry_local="*i32", entry_row="*i32", means="*bf16", rotary="*fp32" if rope else "*bf16",
+                    counts="*fp32" if mean else "*bf16")
+    return sm90_ptx(kernels.entries_kernel, values, constexprs, pointers)
 
 
 def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, rope: bool = False,
                   mean: bool = False) -> str:
-    """The PTX of ``positions_kernel`` for sm_90, 4 warps, as ``fused._run_positions`` launches it for
-    bf16 rows of one head group (MHA: ``group`` folded to 1) under ``plan``; ``dim`` a power of two."""
-    values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len, padded_len=plan.padded_len,
-                  real_len=plan.real_len, inverse_len=plan.seq_len)
+    """The PTX of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for bf16 rows of
+    one head group (MHA) under ``plan``; ``dim`` a power of two."""
+    _check_dim(dim)
+    values = dict(group=1, seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
+                  padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
     constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BLOCK_D=dim,
                       BLOCK_P=fused._positions_per_program(dim, fused._POSITION_BLOCK_ELEMENTS),
-                      ROPE_HALF=dim // 2 if rope else 0, MEAN=mean, group=1)
+                      ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
-    signature, attrs = {}, {}
-    for index, name in enumerate(kernels.positions_kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = _int_type(values[name])
-            if values[name] % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn=kernels.positions_kernel, signature=signature, constexprs=constexprs,
-                                       attrs=attrs)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
+    return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers)
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
