@@ -5,9 +5,10 @@ each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CU
     python benchmarks/profile_kernels.py --case 131072 5 2 1536 # one (S, L, p, K)
     python benchmarks/profile_kernels.py --rope span_end         # span-end RoPE (theta 10000)
 
-B=1, H=8, D=128, bf16, published options unless ``--rope span_end``; 10 profiled calls after 3 warm-up calls. The forward's
-scatter and the backward's gather share `positions_kernel`; the gather and the scatter's backward
-share `entries_kernel`, so their fwd+bwd bytes are the sums.
+B=1, H=8, D=128, bf16, published options unless ``--rope span_end`` (the bench's frequencies);
+10 profiled calls after 3 warm-up calls. The forward's scatter and the backward's gather share
+`positions_kernel`; the gather and the scatter's backward share `entries_kernel`, so their fwd+bwd
+bytes are the sums.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lighthouse_hf import lighthouse_attention
+from lighthouse_hf.bench import default_rope_inv_freq
 from lighthouse_hf.ops.plan import plan_for
 from lighthouse_hf.ops.traffic import ROPES, fused_traffic
 
@@ -48,8 +50,7 @@ def kernel_ms(call) -> dict[str, float]:
 def profile_case(seq: int, levels: int, pooling: int, topk: int, rope: str) -> None:
     traffic = fused_traffic(plan_for(seq, levels, pooling, topk), batch=1, heads=8, kv_heads=8, dim=128,
                             dtype=torch.bfloat16, rope=rope)
-    # the bench's span-end frequencies: default RoPE (theta 10000) over the whole head
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128) if rope == "span_end" else None
+    inv_freq = default_rope_inv_freq(128, "cuda") if rope == "span_end" else None
     q, k, v = (torch.randn(1, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     for backward in (False, True):
         def call():
