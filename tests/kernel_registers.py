@@ -91,9 +91,9 @@ def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, r
     _check_dim(dim)
     values = dict(group=1, seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
-    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BLOCK_D=dim,
-                      BLOCK_P=fused._positions_per_program(dim, fused._POSITION_BLOCK_ELEMENTS),
-                      ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
+    by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
+    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BY_ENTRY=by_entry,
+                      BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers)

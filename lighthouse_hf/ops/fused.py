@@ -34,9 +34,12 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one program's [positions, head dim] block. Chosen on the H100 at D=128 (S=256K, bf16):
 # the score pass ran at 2.8 TB/s with 128 positions and 4 warps (it keeps the block for the coarsest
-# means; 64 positions: 2.3 TB/s), the position kernel at 2.5 TB/s with 32 positions (64: 1.3-1.9 TB/s).
+# means; 64 positions: 2.3 TB/s). The position kernel, per launch on the H200 (D=128, 128K-256K,
+# NOTES-kernels.md "v11 outcome"): rows loaded once per entry are fastest at 32 positions (16: up to
+# +0.05 ms, 64: up to +0.2 ms a launch), rows loaded per position at 16 (32: +10-40%).
 _SCORE_BLOCK_ELEMENTS = 16384
-_POSITION_BLOCK_ELEMENTS = 4096
+_ENTRY_ROWS_BLOCK_ELEMENTS = 4096
+_POSITION_ROWS_BLOCK_ELEMENTS = 2048
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
 
 
@@ -304,6 +307,14 @@ def _mostly_padding(plan: LighthousePlan) -> bool:
     return 4 * (plan.compressed_len - sum(plan.real_entries)) >= plan.compressed_len
 
 
+def _positions_layout(block_d: int, *, two: bool, rotated: bool) -> tuple[bool, int]:
+    """(``BY_ENTRY``, ``BLOCK_P``) of a ``positions_kernel`` launch: one unrotated source loads each
+    entry's row once; two sources, or rotated rows, load per position, in smaller blocks."""
+    by_entry = not two and not rotated
+    elements = _ENTRY_ROWS_BLOCK_ELEMENTS if by_entry else _POSITION_ROWS_BLOCK_ELEMENTS
+    return by_entry, _positions_per_program(block_d, elements)
+
+
 def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
     source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query heads;
@@ -311,8 +322,8 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
-    block_p = _positions_per_program(block_d, _POSITION_BLOCK_ELEMENTS)
-    _kernels().positions_kernel[(_cdiv(seq_len, block_p), heads_out, batch)](
+    by_entry, block_p = _positions_layout(block_d, two=len(sources) == 2, rotated=rotary is not None)
+    _kernels().positions_kernel[(_cdiv(seq_len + shifted, block_p), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         inverse if rotary is None else rotary, inverse if counts is None else counts,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
@@ -321,6 +332,7 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
         POOL=plan.pooling,
         SHIFTED=shifted,
         TWO=len(sources) == 2,
+        BY_ENTRY=by_entry,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         ROPE_HALF=0 if rotary is None else rotary.shape[-1],

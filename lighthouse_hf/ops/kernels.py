@@ -638,6 +638,85 @@ def entries_kernel(
 
 
 @triton.jit
+def _over_positions(rows, SLOTS: tl.constexpr, WIDTH: tl.constexpr, COLUMNS: tl.constexpr):
+    """[SLOTS * WIDTH, COLUMNS]: each of ``rows`` ([SLOTS, COLUMNS]) repeated over the ``WIDTH``
+    positions its entry covers."""
+    if WIDTH == 1:
+        return rows
+    return tl.reshape(tl.broadcast_to(rows[:, None, :], (SLOTS, WIDTH, COLUMNS)), (SLOTS * WIDTH, COLUMNS))
+
+
+@triton.jit
+def _level_by_entry(
+    src, inverse, total, reached, bx, first, d, d_mask,
+    group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+    LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
+):
+    """One level of ``positions_kernel`` with ``BY_ENTRY``. The level's entries have width
+    ``c = POOL**LEVEL``; the block's positions meet ``SLOTS`` of them, ``WIDTH`` positions each, so
+    each entry's row is loaded once and broadcast over its positions."""
+    C: tl.constexpr = POOL**LEVEL
+    WIDTH: tl.constexpr = C if C < BLOCK_P else BLOCK_P
+    SLOTS: tl.constexpr = BLOCK_P // WIDTH
+    if SHIFTED:  # entry j covers [j*c + c - 1, j*c + 2c - 1); the block starts at first - 1
+        slot = first // C - 1 + tl.arange(0, SLOTS)
+        covered = (slot >= 0) & (slot < real_len // C)
+        weight = 1.0
+    else:
+        slot = first // C + tl.arange(0, SLOTS)
+        covered = (slot * C < seq_len) & (slot < padded_len // C)
+        weight = 1.0 / C
+    for member in range(group):
+        head = bx.to(tl.int64) * group + member
+        row = tl.load(inverse + head * (LEVELS * inverse_len) + LEVEL * inverse_len + slot, mask=covered, other=-1)
+        found = covered & (row >= 0)
+        row_start = (head * selected_len + row)[:, None] * dim
+        rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
+        total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
+        if MEAN:
+            reached += tl.reshape(_over_positions(found.to(tl.float32)[:, None], SLOTS, WIDTH, 1), (BLOCK_P,))
+    return total, reached
+
+
+@triton.jit
+def _level_by_position(
+    src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
+    group, dim, selected_len, padded_len, inverse_len,
+    LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TWO: tl.constexpr,
+    ROPE_HALF: tl.constexpr,
+):
+    """One level of ``positions_kernel`` without ``BY_ENTRY``: every position loads the row of
+    the entry covering it (the gradient of the mean pooling, ``[j*c, (j+1)*c)`` with weight 1/c)."""
+    C: tl.constexpr = POOL**LEVEL
+    slot = position // C
+    covered = p_mask & (slot < padded_len // C)
+    weight = 1.0 / C
+    if ROPE_HALF > 0 and LEVEL > 0:
+        # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
+        table = rotary + ((C - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
+        to_end = (C - 1 - position % C)[:, None] * (2 * ROPE_HALF) + a[None, :]
+        cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
+        sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
+    for member in range(group):
+        head = bx.to(tl.int64) * group + member
+        row = tl.load(inverse + head * (LEVELS * inverse_len) + LEVEL * inverse_len + slot, mask=covered, other=-1)
+        found = covered & (row >= 0)
+        row_start = (head * selected_len + row)[:, None] * dim
+        rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
+        if ROPE_HALF > 0:
+            rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
+            if LEVEL > 0:
+                rows_a, rows_hi = rows_a * cos + rows_hi * sin, rows_hi * cos - rows_a * sin
+            total_a_hi += rows_hi * weight
+        total_a += rows_a * weight
+        if TWO:
+            offsets = row_start + d[None, :]
+            total_b += tl.load(src_b + offsets, mask=found[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * weight
+    return total_a, total_a_hi, total_b
+
+
+@triton.jit
 def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
@@ -649,6 +728,7 @@ def positions_kernel(
     POOL: tl.constexpr,
     SHIFTED: tl.constexpr,
     TWO: tl.constexpr,
+    BY_ENTRY: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr,
@@ -660,17 +740,26 @@ def positions_kernel(
     ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
     covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling).
 
-    ``ROPE_HALF > 0`` (not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the
-    gradient of span-end pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t``
-    positions, ``end`` the last position of the entry's span; ``src_a`` is then read and written as
-    its two rotate_half halves. ``MEAN`` (with ``SHIFTED``, one source; ``combine="mean"``): the
-    sum is divided by how many levels reach the position, which is written to ``counts``."""
+    Two ways to load, the same sums: ``BY_ENTRY`` (one unrotated source) loads each covering
+    entry's row once per program and broadcasts it over the positions it covers; a ``SHIFTED``
+    program then starts one position early (``cdiv(seq_len + 1, BLOCK_P)`` programs), so that every
+    level's spans align with its block. Otherwise (``TWO`` or ``ROPE_HALF``, never ``SHIFTED`` or
+    ``MEAN``) every position loads its own rows, which holds half the registers that two
+    broadcast sources or the rotation would (NOTES-kernels.md, "v11 outcome").
+
+    ``ROPE_HALF > 0`` (needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the gradient of span-end
+    pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t`` positions, ``end`` the
+    last position of the entry's span; ``src_a`` is then read and written as its two rotate_half
+    halves. ``MEAN`` (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels
+    reach the position, which is written to ``counts``."""
+    tl.static_assert(not BY_ENTRY or (not TWO and ROPE_HALF == 0))
+    tl.static_assert(BY_ENTRY or (not SHIFTED and not MEAN))
     HALVES: tl.constexpr = ROPE_HALF > 0
     SPAN_A: tl.constexpr = ROPE_HALF if HALVES else BLOCK_D  # src_a's columns per load
-    block = tl.program_id(0)
+    first = tl.program_id(0) * BLOCK_P
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-    position = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = position < seq_len
+    position = first - (1 if SHIFTED else 0) + tl.arange(0, BLOCK_P)
+    p_mask = (position >= 0) & (position < seq_len)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < dim
     a = tl.arange(0, SPAN_A)
@@ -680,39 +769,18 @@ def positions_kernel(
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for level in tl.static_range(LEVELS):
-        # The level's entry width is POOL**level (a compile-time constant, so divisions are shifts).
-        if SHIFTED:
-            moved = position - (POOL**level - 1)
-            slot = tl.maximum(moved, 0) // POOL**level
-            covered = p_mask & (moved >= 0) & (slot < real_len // POOL**level)
-            weight = 1.0
+        if BY_ENTRY:
+            total_a, reached = _level_by_entry(
+                src_a, inverse, total_a, reached, bx, first, d, d_mask,
+                group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+                level, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+            )
         else:
-            slot = position // POOL**level
-            covered = p_mask & (slot < padded_len // POOL**level)
-            weight = 1.0 / POOL**level
-        if HALVES and level > 0:
-            # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
-            table = rotary + ((POOL**level - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
-            to_end = (POOL**level - 1 - position % POOL**level)[:, None] * (2 * ROPE_HALF) + a[None, :]
-            cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
-            sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
-        for member in range(group):
-            head = bx.to(tl.int64) * group + member
-            row = tl.load(inverse + head * (LEVELS * inverse_len) + level * inverse_len + slot, mask=covered, other=-1)
-            found = covered & (row >= 0)
-            row_start = (head * selected_len + row)[:, None] * dim
-            rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
-            if HALVES:
-                rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
-                if level > 0:
-                    rows_a, rows_hi = rows_a * cos + rows_hi * sin, rows_hi * cos - rows_a * sin
-                total_a_hi += rows_hi * weight
-            total_a += rows_a * weight
-            if TWO:
-                offsets = row_start + d[None, :]
-                total_b += tl.load(src_b + offsets, mask=found[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * weight
-            if MEAN:
-                reached += found.to(tl.float32)
+            total_a, total_a_hi, total_b = _level_by_position(
+                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
+                group, dim, selected_len, padded_len, inverse_len,
+                level, LEVELS, POOL, TWO, ROPE_HALF,
+            )
     if MEAN:
         total_a = total_a / tl.maximum(reached, 1.0)[:, None]
         tl.store(counts + bx.to(tl.int64) * seq_len + position, reached, mask=p_mask)
