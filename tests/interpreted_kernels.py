@@ -6,6 +6,7 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py blocks
 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
@@ -13,7 +14,8 @@ whether the selection kernel equals the reference entry for entry (ties included
 line per shape with the score pass's coarsest means against the reference pyramid, and whether
 rope="span_end" selects as rope="pooled" (with no means from the score pass); ``halo`` one line per
 (shape, combine) with the scatter over more positions than the plan's sequence (the
-context-parallel halo) against the reference's.
+context-parallel halo) against the reference's; ``blocks`` the rows of ``float32`` for a few cases
+with the position kernel's programs as wide (in positions) as on the GPU at D=128.
 """
 
 from __future__ import annotations
@@ -70,38 +72,61 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run(dtype: torch.dtype) -> None:
+def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
+    """The fused path against the reference on one case with one option set: relative errors of
+    the output and of the gradients, and (float32) whether the two select the same entries."""
+    batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(batch, h, seq, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
+    if options.get("rope"):
+        kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    if options.get("scores"):
+        kwargs["q_scores"] = torch.rand(batch, heads, seq, generator=g)
+        kwargs["k_scores"] = torch.rand(batch, kv_heads, seq, generator=g)
     handles = fused.handles
+    results = []
+    for use_kernels in (True, False):
+        fused.handles = (lambda x: x.dtype in fused.FUSED_DTYPES) if use_kernels else (lambda x: False)
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = lighthouse_attention(*inputs, levels=levels, pooling=pooling, topk=topk, **kwargs)
+        grads = torch.autograd.grad(out.float().square().sum(), inputs)
+        results.append((out, grads))
+    fused.handles = handles
+    plan = LighthousePlan(seq, levels, pooling, topk)
+    same_selection = None
+    if dtype == torch.float32:
+        chosen_by = dict(q_scores=kwargs.get("q_scores"), k_scores=kwargs.get("k_scores"),
+                         causal=options.get("selection") == "causal")
+        same_selection = torch.equal(fused.select(q, k, plan, **chosen_by).key,
+                                     reference.select(q, k, plan, **chosen_by).key)
+    (out, grads), (ref_out, ref_grads) = results
+    return dict(case=case, options=options, out=rel(out, ref_out), grads=[rel(a, b) for a, b in zip(grads, ref_grads)],
+                same_selection=same_selection)
+
+
+def run(dtype: torch.dtype) -> None:
     for case in cases_for(dtype):
-        batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
-        g = torch.Generator().manual_seed(seq)
-        q, k, v = (torch.randn(batch, h, seq, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
         for options in options_for(case, dtype):
-            kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
-            if options.get("rope"):
-                kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
-            if options.get("scores"):
-                kwargs["q_scores"] = torch.rand(batch, heads, seq, generator=g)
-                kwargs["k_scores"] = torch.rand(batch, kv_heads, seq, generator=g)
-            results = []
-            for use_kernels in (True, False):
-                fused.handles = (lambda x: x.dtype in fused.FUSED_DTYPES) if use_kernels else (lambda x: False)
-                inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-                out = lighthouse_attention(*inputs, levels=levels, pooling=pooling, topk=topk, **kwargs)
-                grads = torch.autograd.grad(out.float().square().sum(), inputs)
-                results.append((out, grads))
-            fused.handles = handles
-            plan = LighthousePlan(seq, levels, pooling, topk)
-            same_selection = None
-            if dtype == torch.float32:
-                chosen_by = dict(q_scores=kwargs.get("q_scores"), k_scores=kwargs.get("k_scores"),
-                                 causal=options.get("selection") == "causal")
-                same_selection = torch.equal(fused.select(q, k, plan, **chosen_by).key,
-                                             reference.select(q, k, plan, **chosen_by).key)
-            (out, grads), (ref_out, ref_grads) = results
-            print(json.dumps(dict(case=case, options=options, out=rel(out, ref_out),
-                                  grads=[rel(a, b) for a, b in zip(grads, ref_grads)], same_selection=same_selection)),
-                  flush=True)
+            print(json.dumps(compare(case, options, dtype)), flush=True)
+
+
+# The position kernel with as many positions a program as at D=128 on the GPU (fused._positions_layout):
+# at these cases' D of 16-32 it would otherwise take 128-256, wider than every level but L5 p4's coarsest,
+# so a block would never sit inside one entry's span nor start a shifted block mid-span.
+BLOCK_CASES = [CASES[1], *WIDE_CASES]
+
+
+def run_blocks() -> None:
+    entry_block = fused._positions_layout(128, two=False, rotated=False)[1]
+    position_block = fused._positions_layout(128, two=True, rotated=False)[1]
+    for case in BLOCK_CASES:
+        dim = case[4]
+        fused._ENTRY_ROWS_BLOCK_ELEMENTS = entry_block * dim
+        fused._POSITION_ROWS_BLOCK_ELEMENTS = position_block * dim
+        for options in ({}, ALL_OPTIONS):
+            row = compare(case, options, torch.float32)
+            print(json.dumps(dict(row, positions_per_program=[entry_block, position_block])), flush=True)
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
@@ -212,5 +237,7 @@ if __name__ == "__main__":
         run_means()
     elif mode == "halo":
         run_halo()
+    elif mode == "blocks":
+        run_blocks()
     else:
         run(getattr(torch, mode))

@@ -159,18 +159,19 @@ def main() -> None:
         ("gather backward: dq or dk, span_end", dict(shifted=False, two=False, rope=True)),
     ]
     print("\npositions_kernel, same setting (ld.global: load instructions in the PTX, each counted once)")
-    print("| launch | D | registers | spill bytes | ld.global | bar.sync | st.shared |")
-    print("|---|---|---|---|---|---|---|")
+    print("| launch | D | loads | positions a program | registers | spill bytes | ld.global | bar.sync | st.shared |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dim in args.dims:
         for name, options in launches:
+            by_entry, block_p = fused._positions_layout(dim, two=options["two"], rotated=options.get("rope", False))
             ptx = positions_ptx(plan, dim, **options)
             if args.ptx is not None:
                 (args.ptx / f"positions_{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
             regs, spills = ptxas_usage(ptx)
             traffic = cross_thread_traffic(ptx)
             loads = len(re.findall(r"\bld\.global", ptx))
-            print(f"| {name} | {dim} | {regs} | {spills} | {loads} | {traffic['bar.sync']} | {traffic['st.shared']} |",
-                  flush=True)
+            print(f"| {name} | {dim} | {'by entry' if by_entry else 'by position'} | {block_p} | {regs} | {spills} | "
+                  f"{loads} | {traffic['bar.sync']} | {traffic['st.shared']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from lighthouse_hf.ops import fused  # noqa: E402
+
 SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
 
@@ -69,3 +71,17 @@ def test_scatter_past_the_sequence_under_the_interpreter():
     assert len(rows) == 4
     for row in rows:
         assert row["error"] < 1e-6, row
+
+
+@pytest.mark.slow
+def test_position_kernel_at_the_gpu_block_widths_under_the_interpreter():
+    # 32 positions a program by entry and 16 by position, as at D=128: blocks inside one entry's
+    # span (L4 p8 and L5 p4 spans of 64-512 positions), shifted blocks starting mid-span, GQA, B=2.
+    gpu_blocks = (fused._positions_layout(128, two=False, rotated=False)[1],
+                  fused._positions_layout(128, two=True, rotated=False)[1])
+    rows = interpreted_rows("blocks")
+    assert len(rows) == 6
+    assert {tuple(row["positions_per_program"]) for row in rows} == {gpu_blocks}
+    for row in rows:
+        assert row["out"] < 1e-6 and max(row["grads"]) < 1e-6, row
+        assert row["same_selection"], row

@@ -35,8 +35,9 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one program's [positions, head dim] block. Chosen on the H100 at D=128 (S=256K, bf16):
 # the score pass ran at 2.8 TB/s with 128 positions and 4 warps (it keeps the block for the coarsest
 # means; 64 positions: 2.3 TB/s). The position kernel, per launch on the H200 (D=128, 128K-256K,
-# NOTES-kernels.md "v11 outcome"): rows loaded once per entry are fastest at 32 positions (16: up to
-# +0.05 ms, 64: up to +0.2 ms a launch), rows loaded per position at 16 (32: +10-40%).
+# NOTES-kernels.md "v11 and v12 outcomes"): rows loaded once per entry at 32 positions (16: up to
+# +0.05 ms a launch; 64: up to +0.13 ms for the scatter, dq -0.01 to +0.04 ms), rows loaded per
+# position at 16 (32: +14-40%).
 _SCORE_BLOCK_ELEMENTS = 16384
 _ENTRY_ROWS_BLOCK_ELEMENTS = 4096
 _POSITION_ROWS_BLOCK_ELEMENTS = 2048
@@ -322,8 +323,11 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
-    by_entry, block_p = _positions_layout(block_d, two=len(sources) == 2, rotated=rotary is not None)
-    _kernels().positions_kernel[(_cdiv(seq_len + shifted, block_p), heads_out, batch)](
+    two = len(sources) == 2
+    by_entry, block_p = _positions_layout(block_d, two=two, rotated=rotary is not None)
+    # a shifted block starts one position early (see the kernel), so the last one may need one more
+    blocks = _cdiv(seq_len + int(shifted), block_p)
+    _kernels().positions_kernel[(blocks, heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         inverse if rotary is None else rotary, inverse if counts is None else counts,
         sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
@@ -331,7 +335,7 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,
-        TWO=len(sources) == 2,
+        TWO=two,
         BY_ENTRY=by_entry,
         BLOCK_P=block_p,
         BLOCK_D=block_d,

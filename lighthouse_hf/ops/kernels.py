@@ -640,10 +640,21 @@ def entries_kernel(
 @triton.jit
 def _over_positions(rows, SLOTS: tl.constexpr, WIDTH: tl.constexpr, COLUMNS: tl.constexpr):
     """[SLOTS * WIDTH, COLUMNS]: each of ``rows`` ([SLOTS, COLUMNS]) repeated over the ``WIDTH``
-    positions its entry covers."""
+    positions its entry covers (entries of width 1 already hold one row per position)."""
     if WIDTH == 1:
         return rows
     return tl.reshape(tl.broadcast_to(rows[:, None, :], (SLOTS, WIDTH, COLUMNS)), (SLOTS * WIDTH, COLUMNS))
+
+
+@triton.jit
+def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
+                   LEVEL: tl.constexpr, LEVELS: tl.constexpr):
+    """For query head ``member`` of the output head's group: which ``slot``s of the level hold a
+    selected entry, and where each one's row starts (``[slots, 1]``, elements)."""
+    head = bx.to(tl.int64) * group + member
+    row = tl.load(inverse + head * (LEVELS * inverse_len) + LEVEL * inverse_len + slot, mask=covered, other=-1)
+    found = covered & (row >= 0)
+    return found, (head * selected_len + row)[:, None] * dim
 
 
 @triton.jit
@@ -654,8 +665,9 @@ def _level_by_entry(
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
     """One level of ``positions_kernel`` with ``BY_ENTRY``. The level's entries have width
-    ``c = POOL**LEVEL``; the block's positions meet ``SLOTS`` of them, ``WIDTH`` positions each, so
-    each entry's row is loaded once and broadcast over its positions."""
+    ``c = POOL**LEVEL`` (a compile-time constant, so divisions are shifts); the block's positions
+    meet ``SLOTS`` of them, ``WIDTH`` positions each, so each entry's row is loaded once and
+    broadcast over its positions."""
     C: tl.constexpr = POOL**LEVEL
     WIDTH: tl.constexpr = C if C < BLOCK_P else BLOCK_P
     SLOTS: tl.constexpr = BLOCK_P // WIDTH
@@ -668,10 +680,8 @@ def _level_by_entry(
         covered = (slot * C < seq_len) & (slot < padded_len // C)
         weight = 1.0 / C
     for member in range(group):
-        head = bx.to(tl.int64) * group + member
-        row = tl.load(inverse + head * (LEVELS * inverse_len) + LEVEL * inverse_len + slot, mask=covered, other=-1)
-        found = covered & (row >= 0)
-        row_start = (head * selected_len + row)[:, None] * dim
+        found, row_start = _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
+                                          LEVEL, LEVELS)
         rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
         total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
         if MEAN:
@@ -687,7 +697,8 @@ def _level_by_position(
     ROPE_HALF: tl.constexpr,
 ):
     """One level of ``positions_kernel`` without ``BY_ENTRY``: every position loads the row of
-    the entry covering it (the gradient of the mean pooling, ``[j*c, (j+1)*c)`` with weight 1/c)."""
+    the entry covering it (the gradient of the mean pooling, ``[j*c, (j+1)*c)`` with weight 1/c;
+    ``c`` a compile-time constant, so divisions are shifts)."""
     C: tl.constexpr = POOL**LEVEL
     slot = position // C
     covered = p_mask & (slot < padded_len // C)
@@ -699,10 +710,8 @@ def _level_by_position(
         cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
         sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
     for member in range(group):
-        head = bx.to(tl.int64) * group + member
-        row = tl.load(inverse + head * (LEVELS * inverse_len) + LEVEL * inverse_len + slot, mask=covered, other=-1)
-        found = covered & (row >= 0)
-        row_start = (head * selected_len + row)[:, None] * dim
+        found, row_start = _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
+                                          LEVEL, LEVELS)
         rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
         if ROPE_HALF > 0:
             rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
@@ -744,8 +753,9 @@ def positions_kernel(
     entry's row once per program and broadcasts it over the positions it covers; a ``SHIFTED``
     program then starts one position early (``cdiv(seq_len + 1, BLOCK_P)`` programs), so that every
     level's spans align with its block. Otherwise (``TWO`` or ``ROPE_HALF``, never ``SHIFTED`` or
-    ``MEAN``) every position loads its own rows, which holds half the registers that two
-    broadcast sources or the rotation would (NOTES-kernels.md, "v11 outcome").
+    ``MEAN``) every position loads its own rows: broadcasting two sources, or the rotation's tables,
+    would pass through shared memory, and these launches run fastest in blocks of 16 positions
+    (NOTES-kernels.md, "v11 and v12 outcomes").
 
     ``ROPE_HALF > 0`` (needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the gradient of span-end
     pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t`` positions, ``end`` the
