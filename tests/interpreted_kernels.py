@@ -6,7 +6,6 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo
-    TRITON_INTERPRET=1 python tests/interpreted_kernels.py blocks
 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
@@ -14,8 +13,7 @@ whether the selection kernel equals the reference entry for entry (ties included
 line per shape with the score pass's coarsest means against the reference pyramid, and whether
 rope="span_end" selects as rope="pooled" (with no means from the score pass); ``halo`` one line per
 (shape, combine) with the scatter over more positions than the plan's sequence (the
-context-parallel halo) against the reference's; ``blocks`` the rows of ``float32`` for a few cases
-with the position kernel's programs as wide (in positions) as on the GPU at D=128.
+context-parallel halo) against the reference's.
 """
 
 from __future__ import annotations
@@ -46,26 +44,35 @@ interpreter._patch_lang_tensor = _patch_with_scalar_index
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). The last two: spans wider than one step of
 # the entries kernel (512 and 256 positions), at levels listing far more entries than they have
-# blocks (9 and 11 real coarsest entries of 128), so whole programs of padding entries.
+# blocks (6 and 10 real coarsest entries of 128), so whole programs of padding entries.
 CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 2, 1500, 16, 2, 8, 128),
-         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 5000, 16, 4, 8, 128), (2, 2, 2, 3000, 16, 5, 4, 128)]
+         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 3300, 16, 4, 8, 128), (1, 2, 1, 2600, 16, 5, 4, 128)]
 WIDE_CASES = CASES[4:]
+# Each option alone runs on the small narrow cases; the others (B = 2 with two KV heads, and the
+# wide spans) run the published method and all options together, which passes every option's code.
+# The interpreter is slow (CI's time): each option alone on those would add 2.5 minutes.
+SINGLE_OPTION_CASES = [CASES[0], CASES[2], CASES[3]]
 ALL_OPTIONS = {"rope": True, "scores": True, "combine": "mean", "selection": "causal"}
 OPTIONS = [{}, {"combine": "mean"}, {"scores": True}, {"rope": True}, {"selection": "causal"}, ALL_OPTIONS]
 
 
 def cases_for(dtype: torch.dtype) -> list[tuple]:
-    """Every case in float32; the narrow ones in bfloat16, whose kernels differ only in their loads
-    and stores (the wide cases' own code, the loops over a span, is dtype-blind; in bfloat16 they
-    took 83 of the mode's 127 s)."""
-    return CASES if dtype == torch.float32 else [case for case in CASES if case not in WIDE_CASES]
+    """Every case in float32; in bfloat16 the single-option ones, whose kernels differ from float32's
+    only in their loads and stores (the wide cases' own code, the loops over a span, is dtype-blind)."""
+    return CASES if dtype == torch.float32 else SINGLE_OPTION_CASES
 
 
 def options_for(case: tuple, dtype: torch.dtype) -> list[dict]:
-    """Every option alone and all together in float32 on the narrow cases; elsewhere (bfloat16 and
-    the wide cases) the published method and all options together, which passes every option's code.
-    The interpreter is slow (CI's time): each option alone in bfloat16 would add 4 minutes."""
-    return OPTIONS if dtype == torch.float32 and case not in WIDE_CASES else [{}, ALL_OPTIONS]
+    """Every option alone and all together on the single-option cases in float32; elsewhere the
+    published method and all options together."""
+    return OPTIONS if dtype == torch.float32 and case in SINGLE_OPTION_CASES else [{}, ALL_OPTIONS]
+
+
+# The wide cases run the position kernel with as many positions a program as at D=128 on the GPU
+# (fused._positions_layout): at their D of 16 it would otherwise take 128-256, wider than every level
+# but the coarsest, so a block would never sit inside one entry's span nor start a shifted block mid-span.
+GPU_POSITIONS_PER_PROGRAM = (fused._positions_layout(128, two=False, rotated=False)[1],
+                             fused._positions_layout(128, two=True, rotated=False)[1])
 
 
 def rel(a, b):
@@ -106,27 +113,14 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
 
 
 def run(dtype: torch.dtype) -> None:
+    natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
     for case in cases_for(dtype):
+        widths = GPU_POSITIONS_PER_PROGRAM if case in WIDE_CASES else None
+        if widths:
+            fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in widths)
         for options in options_for(case, dtype):
-            print(json.dumps(compare(case, options, dtype)), flush=True)
-
-
-# The position kernel with as many positions a program as at D=128 on the GPU (fused._positions_layout):
-# at these cases' D of 16-32 it would otherwise take 128-256, wider than every level but L5 p4's coarsest,
-# so a block would never sit inside one entry's span nor start a shifted block mid-span.
-BLOCK_CASES = [CASES[1], *WIDE_CASES]
-
-
-def run_blocks() -> None:
-    entry_block = fused._positions_layout(128, two=False, rotated=False)[1]
-    position_block = fused._positions_layout(128, two=True, rotated=False)[1]
-    for case in BLOCK_CASES:
-        dim = case[4]
-        fused._ENTRY_ROWS_BLOCK_ELEMENTS = entry_block * dim
-        fused._POSITION_ROWS_BLOCK_ELEMENTS = position_block * dim
-        for options in ({}, ALL_OPTIONS):
-            row = compare(case, options, torch.float32)
-            print(json.dumps(dict(row, positions_per_program=[entry_block, position_block])), flush=True)
+            print(json.dumps(dict(compare(case, options, dtype), positions_per_program=widths)), flush=True)
+        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
@@ -237,7 +231,5 @@ if __name__ == "__main__":
         run_means()
     elif mode == "halo":
         run_halo()
-    elif mode == "blocks":
-        run_blocks()
     else:
         run(getattr(torch, mode))
