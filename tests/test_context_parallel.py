@@ -1,16 +1,13 @@
 """Context parallelism on the CPU: two gloo processes equal one process, outputs and gradients."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel
 from lighthouse_hf.ops import LighthousePlan, reference
-from helpers import free_port, rel_err
+from helpers import rel_err
+from process_ranks import run_rank_processes
 
 WORLD = 2
 
@@ -20,31 +17,26 @@ def local_chunks(x, rank):
     return torch.cat([chunks[rank], chunks[2 * WORLD - 1 - rank]], dim=2)
 
 
-def worker(rank, port, seq, settings, heads, kv_heads, given_scores=False):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def worker(rank, seq, settings, heads, kv_heads, given_scores=False):
     torch.set_num_threads(1)
-    try:
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(2, heads, seq, 8, generator=g)
-        k = torch.randn(2, kv_heads, seq, 8, generator=g)
-        v = torch.randn(2, kv_heads, seq, 8, generator=g)
-        weight = torch.randn(2, heads, seq, 8, generator=g)
-        scores = [torch.rand(2, h, seq, generator=g) for h in (heads, kv_heads)] if given_scores else None
-        full = [x.clone().requires_grad_() for x in (q, k, v)]
-        given = dict(q_scores=scores[0], k_scores=scores[1]) if scores else {}
-        expected = lighthouse_attention(*full, **settings, **given)
-        (expected * weight).sum().backward()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, seq, 8, generator=g)
+    k = torch.randn(2, kv_heads, seq, 8, generator=g)
+    v = torch.randn(2, kv_heads, seq, 8, generator=g)
+    weight = torch.randn(2, heads, seq, 8, generator=g)
+    scores = [torch.rand(2, h, seq, generator=g) for h in (heads, kv_heads)] if given_scores else None
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    given = dict(q_scores=scores[0], k_scores=scores[1]) if scores else {}
+    expected = lighthouse_attention(*full, **settings, **given)
+    (expected * weight).sum().backward()
 
-        local = [local_chunks(x, rank).requires_grad_() for x in (q, k, v)]
-        given = {name: local_chunks(x[..., None], rank)[..., 0] for name, x in given.items()}
-        out = lighthouse_attention_context_parallel(*local, **settings, **given)
-        (out * local_chunks(weight, rank)).sum().backward()
-        assert rel_err(out, local_chunks(expected, rank)) < 1e-5
-        for mine, theirs in zip(local, full):
-            assert rel_err(mine.grad, local_chunks(theirs.grad, rank)) < 1e-5
-    finally:
-        dist.destroy_process_group()
+    local = [local_chunks(x, rank).requires_grad_() for x in (q, k, v)]
+    given = {name: local_chunks(x[..., None], rank)[..., 0] for name, x in given.items()}
+    out = lighthouse_attention_context_parallel(*local, **settings, **given)
+    (out * local_chunks(weight, rank)).sum().backward()
+    assert rel_err(out, local_chunks(expected, rank)) < 1e-5
+    for mine, theirs in zip(local, full):
+        assert rel_err(mine.grad, local_chunks(theirs.grad, rank)) < 1e-5
 
 
 @pytest.mark.slow
@@ -56,7 +48,7 @@ def worker(rank, port, seq, settings, heads, kv_heads, given_scores=False):
     ],
 )
 def test_two_ranks_equal_one(seq, settings, heads, kv_heads):
-    mp.spawn(worker, args=(free_port(), seq, settings, heads, kv_heads), nprocs=WORLD)
+    run_rank_processes(WORLD, worker, args=(seq, settings, heads, kv_heads))
 
 
 ROTARY = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
@@ -72,7 +64,7 @@ ROTARY = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
     ids=["aligned", "gathered"],
 )
 def test_two_ranks_equal_one_with_method_options(seq, settings, heads, kv_heads):
-    mp.spawn(worker, args=(free_port(), seq, settings, heads, kv_heads, True), nprocs=WORLD)
+    run_rank_processes(WORLD, worker, args=(seq, settings, heads, kv_heads, True))
 
 
 def test_chunk_local_selection_is_the_global_selection():

@@ -5,20 +5,17 @@ against eager. tests/test_gpu_context_parallel.py compiles the op with inductor 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from transformers import AutoModelForCausalLM
 
-from helpers import free_port, tiny_config
+from helpers import tiny_config
 from lighthouse_hf import apply_lighthouse
 from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel, shard_sequence
 from lighthouse_hf.dispatch import LighthouseWarning
 from context_parallel_checks import layer_eager_and_compiled
+from process_ranks import run_rank_processes
 from threaded_ranks import run_ranks, shard, unshard
 
 WORLD = 2
@@ -26,9 +23,7 @@ SEQ = 16384
 SETTINGS = dict(levels=3, pooling=4, topk=512)
 
 
-def _worker(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int) -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, SEQ, 16), torch.randn(1, 2, SEQ, 16), torch.randn(1, 2, SEQ, 16)
 
@@ -45,13 +40,12 @@ def _worker(rank: int, port: int) -> None:
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_context_parallel_op_compiles_as_one_graph():
     assert chunk_plan(SEQ, 2 * WORLD, **SETTINGS) is not None  # the chunk-local path, not the gathered fallback
-    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD)
+    run_rank_processes(WORLD, _worker)
 
 
 @pytest.mark.slow

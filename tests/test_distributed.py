@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lighthouse_hf import ContextParallelTrainer, shard_batch
 from lighthouse_hf.context_parallel import shard_sequence, unshard_sequence
 from helpers import count_lighthouse_calls, free_port
+from process_ranks import run_rank_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "distributed"
@@ -68,9 +68,11 @@ def test_trainer_ddp_recovery_checkpoints_resume_export(tmp_path):
     assert report["ranks"][0]["export"]["verified"]
 
 
-def _trainer_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+def _trainer_worker(rank: int, out: str) -> None:
+    # The group is process_ranks' (a file store: no rank hosts a TCP store that the other still
+    # talks to while it leaves); Accelerate takes an initialized group as it is, and these
+    # variables tell it the run is distributed.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     from accelerate.parallelism_config import ParallelismConfig
     from common import llama
@@ -106,14 +108,13 @@ def _trainer_worker(rank: int, port: int, out: str) -> None:
     assert abs(logged["loss"] - loss.item()) <= 1e-5 * loss.item()
     assert abs(logged["grad_norm"] - grad_norm) <= 1e-4 * grad_norm
     _check_shard_batch(rank)
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_context_parallel_trainer_equals_one_process(tmp_path, distributed_examples):
     """ContextParallelTrainer: the first step's loss and gradient norm over two ranks equal a single
     process's on the whole sequence. The same processes then check shard_batch's layout and errors."""
-    mp.spawn(_trainer_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    run_rank_processes(WORLD, _trainer_worker, args=(str(tmp_path),))
 
 
 def _check_shard_batch(rank: int) -> None:
