@@ -13,7 +13,8 @@ whether the selection kernel equals the reference entry for entry (ties included
 line per shape with the score pass's coarsest means against the reference pyramid, and whether
 rope="span_end" selects as rope="pooled" (with no means from the score pass); ``halo`` one line per
 (shape, combine) with the scatter over more positions than the plan's sequence (the
-context-parallel halo) against the reference's.
+context-parallel halo) against the reference's. The float32 rows say how many positions a program
+of the position kernel took: the wide cases take as many as on the GPU at D=128.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ interpreter._patch_lang_tensor = _patch_with_scalar_index
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). The last two: spans wider than one step of
 # the entries kernel (512 and 256 positions), at levels listing far more entries than they have
-# blocks (6 and 10 real coarsest entries of 128), so whole programs of padding entries; one head each
-# (what they test is within a head's row).
+# blocks (6 and 10 real coarsest entries of 128), so whole programs of padding entries; GQA in the first.
+# Cases with several KV heads are laid out as Transformers hands q, k and v over ([B, S, H, D] seen as
+# [B, H, S, D]), so that a head's stride is not a row's.
 CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 2, 1500, 16, 2, 8, 128),
-         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 1, 1, 3300, 16, 4, 8, 128), (1, 1, 1, 2600, 16, 5, 4, 128)]
+         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 3300, 16, 4, 8, 128), (1, 1, 1, 2600, 16, 5, 4, 128)]
 WIDE_CASES = CASES[4:]
 # Each option alone runs on the small narrow cases; the others (B = 2 with two KV heads, and the
 # wide spans) run the published method and all options together, which passes every option's code.
@@ -58,8 +60,9 @@ OPTIONS = [{}, {"combine": "mean"}, {"scores": True}, {"rope": True}, {"selectio
 
 
 def cases_for(dtype: torch.dtype) -> list[tuple]:
-    """Every case in float32; in bfloat16 the single-option ones, whose kernels differ from float32's
-    only in their loads and stores (the wide cases' own code, the loops over a span, is dtype-blind)."""
+    """Every case in float32; in bfloat16 the single-option ones. Half precision adds the Triton score
+    pass and its means (float32 takes ATen's norms), which the means mode checks on more shapes; the
+    wide cases' own code, the loops over a span, is dtype-blind."""
     return CASES if dtype == torch.float32 else SINGLE_OPTION_CASES
 
 
@@ -85,7 +88,10 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
     the output and of the gradients, and (float32) whether the two select the same entries."""
     batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
     g = torch.Generator().manual_seed(seq)
-    q, k, v = (torch.randn(batch, h, seq, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    shape = (lambda h: (batch, seq, h, dim)) if kv_heads > 1 else (lambda h: (batch, h, seq, dim))
+    q, k, v = (torch.randn(shape(h), generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    if kv_heads > 1:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
     if options.get("rope"):
         kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
@@ -116,9 +122,10 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
 def run(dtype: torch.dtype) -> None:
     natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
     for case in cases_for(dtype):
-        widths = GPU_POSITIONS_PER_PROGRAM if case in WIDE_CASES else None
-        if widths:
-            fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in widths)
+        if case in WIDE_CASES:
+            fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
+        # as the launches compute them, so a row says what ran
+        widths = [fused._positions_layout(fused._next_power_of_2(case[4]), two=two, rotated=False)[1] for two in (False, True)]
         for options in options_for(case, dtype):
             print(json.dumps(dict(compare(case, options, dtype), positions_per_program=widths)), flush=True)
         fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural

@@ -29,7 +29,7 @@ def main() -> None:
     documents = Documents.from_lengths([[700, 5, 1200, 100, 1200], [1905, 1300]])
     g = torch.Generator().manual_seed(0)
     # [B, S, H, D] seen as [B, H, S, D], as the attention function receives q, k and v
-    # GQA with one KV head (the head mapping of several is the unpacked tests'): the interpreter is slow
+    # GQA with one KV head (several, laid out as here, are the unpacked tests'): the interpreter is slow
     q, k, v = (torch.randn(2, 3205, h, 16, generator=g).transpose(1, 2) for h in (2, 1, 1))
     handles = fused.handles
     for name, options in OPTIONS.items():
