@@ -10,11 +10,12 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
 whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
-line per shape with the score pass's coarsest means against the reference pyramid, and whether
-rope="span_end" selects as rope="pooled" (with no means from the score pass); ``halo`` one line per
-(shape, combine) with the scatter over more positions than the plan's sequence (the
-context-parallel halo) against the reference's. The float32 rows say how many positions a program
-of the position kernel took: the wide cases take as many as on the GPU at D=128.
+line per shape with the score pass's coarsest means against the reference pyramid, the gathered
+rows against the reference's, and whether rope="span_end" selects as rope="pooled" (with no means
+from the score pass); ``halo`` one line per (shape, combine) with the scatter over more positions
+than the plan's sequence (the context-parallel halo) against the reference's. The float32 rows say
+how many positions a program of the position kernel took: the wide cases take as many as on the
+GPU at D=128.
 """
 
 from __future__ import annotations
@@ -187,19 +188,26 @@ MEANS_CASES = [(1, 2, 1, 1500, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 2, 8, 128), (
 
 
 def run_means() -> None:
-    """rope="pooled": the score pass's means against the reference pyramid's coarsest level.
-    rope="span_end": the same listing (the scores are the same norms) and no means (the gather pools
-    the coarsest level's rows, rotated to span end, itself)."""
+    """rope="pooled": the score pass's means against the reference pyramid's coarsest level, and the
+    gathered q, k and v rows (the coarsest q and k copied from those means) against the reference's
+    rows of the same listing. rope="span_end": the same listing (the scores are the same norms) and
+    no means (the gather pools the coarsest level's rows, rotated to span end, itself)."""
     for case in MEANS_CASES:
         batch, heads, kv_heads, seq, dim = case[:5]
         plan = LighthousePlan(seq, *case[5:])
         g = torch.Generator().manual_seed(seq)
-        q, k = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads))
+        q, k, v = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
         pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
         offset = plan.level_offset(plan.levels - 1)
         want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1) for x in (q, k)])
+        selection = fused.selection_from_listing(pooled.entry_local, pooled.entry_row, plan)
+        gathered = fused.gather_entries(pooled, q, k, v, plan)
+        wants = (reference.gather_entries(reference.pyramid(x.float(), plan), selection.index) for x in (q, k, v))
+        # relative to each row element (one bf16 step is 2**-8 to 2**-7 of it), so a wrong or missing mean shows
+        gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
         print(json.dumps(dict(case=case, means_written=fused.score_pass_writes_means(q.dtype, q.shape[-1], plan),
                               max_error=(pooled.means.float() - want).abs().max().item(),
+                              gather_error=gather_error,
                               same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
                               span_end_means=span_end.means.numel())),
               flush=True)
