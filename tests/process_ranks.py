@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -84,6 +85,14 @@ def _rank_entry(rank: int, world: int, folder: str, rank_main: Callable[..., Any
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    # Leave without the interpreter's teardown. After a Trainer on gloo, that teardown now and then
+    # aborts a rank whose work is done and saved: "terminate called without an active exception",
+    # with no Python frame. It happened about once in 25 runs of the context-parallel Trainer check,
+    # on CI and here, with a TCP or a file store. That is torch's and gloo's shutdown, which these
+    # tests do not check.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _first_failure(folder: str) -> tuple[int, str] | None:

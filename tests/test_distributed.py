@@ -69,9 +69,8 @@ def test_trainer_ddp_recovery_checkpoints_resume_export(tmp_path):
 
 
 def _trainer_worker(rank: int, out: str) -> None:
-    # The group is process_ranks' (a file store: no rank hosts a TCP store that the other still
-    # talks to while it leaves); Accelerate takes an initialized group as it is, and these
-    # variables tell it the run is distributed.
+    # The group is process_ranks' (which also spares a finished rank the interpreter's teardown);
+    # Accelerate takes an initialized group as it is, and these variables tell it the run is distributed.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     from accelerate.parallelism_config import ParallelismConfig
