@@ -73,11 +73,16 @@ def options_for(case: tuple, dtype: torch.dtype) -> list[dict]:
     return OPTIONS if dtype == torch.float32 and case in SINGLE_OPTION_CASES else [{}, ALL_OPTIONS]
 
 
-# The wide cases run the position kernel with as many positions a program as at D=128 on the GPU
-# (fused._positions_layout): at their D of 16 it would otherwise take 128-256, wider than every level
-# but the coarsest, so a block would never sit inside one entry's span nor start a shifted block mid-span.
-GPU_POSITIONS_PER_PROGRAM = (fused._positions_layout(128, two=False, rotated=False)[1],
-                             fused._positions_layout(128, two=True, rotated=False)[1])
+def positions_per_program(block_d: int) -> list[int]:
+    """The position kernel's positions a program at ``block_d`` (fused._positions_layout), as its
+    launches compute them: by entry (one unrotated source), and by position (two sources)."""
+    return [fused._positions_layout(block_d, two=two, rotated=False)[1] for two in (False, True)]
+
+
+# The wide cases run the position kernel with as many positions a program as at D=128 on the GPU: at
+# their D of 16 it would otherwise take 128-256, wider than every level but the coarsest, so a block
+# would never sit inside one entry's span nor start a shifted block mid-span.
+GPU_POSITIONS_PER_PROGRAM = positions_per_program(128)
 
 
 def rel(a, b):
@@ -89,10 +94,8 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
     the output and of the gradients, and (float32) whether the two select the same entries."""
     batch, heads, kv_heads, seq, dim, levels, pooling, topk = case
     g = torch.Generator().manual_seed(seq)
-    shape = (lambda h: (batch, seq, h, dim)) if kv_heads > 1 else (lambda h: (batch, h, seq, dim))
-    q, k, v = (torch.randn(shape(h), generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
-    if kv_heads > 1:
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k, v = ((torch.randn(batch, seq, h, dim, generator=g).transpose(1, 2) if kv_heads > 1
+                else torch.randn(batch, h, seq, dim, generator=g)).to(dtype) for h in (heads, kv_heads, kv_heads))
     kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
     if options.get("rope"):
         kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
@@ -125,8 +128,7 @@ def run(dtype: torch.dtype) -> None:
     for case in cases_for(dtype):
         if case in WIDE_CASES:
             fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
-        # as the launches compute them, so a row says what ran
-        widths = [fused._positions_layout(fused._next_power_of_2(case[4]), two=two, rotated=False)[1] for two in (False, True)]
+        widths = positions_per_program(fused._next_power_of_2(case[4]))  # what ran, not what was asked
         for options in options_for(case, dtype):
             print(json.dumps(dict(compare(case, options, dtype), positions_per_program=widths)), flush=True)
         fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
