@@ -21,6 +21,7 @@ GPU at D=128.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -183,32 +184,41 @@ def run_selection() -> None:
                       flush=True)
 
 
-# The score pass's coarsest means (half precision only): spans of 2, 4, 8 and 16 positions, padding
-# entries past the sequence (S=1500 at width 16: 93 real coarse entries of 128), B = 2, GQA, D 16-64.
+# The score pass's means (half precision only): spans of 2, 4, 8 and 16 positions, the coarsest or
+# finer (L4 p4 and L3 p8: coarsest spans of 64, means of 16 and 8; L4 p8 at D=16: coarsest spans of
+# 512 positions, wider than the pass's block, so its grid and its means cover the sequence only),
+# padding entries past the sequence (S=1500 at width 16: 93 real coarse entries of 128), B = 2, GQA,
+# D 16-64.
 MEANS_CASES = [(1, 2, 1, 1500, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 2, 8, 128), (1, 2, 2, 3000, 16, 4, 2, 256),
-               (1, 1, 1, 1000, 16, 2, 2, 128), (1, 1, 1, 2048, 64, 2, 4, 128)]
+               (1, 1, 1, 1000, 16, 2, 2, 128), (1, 1, 1, 2048, 64, 2, 4, 128), (2, 2, 1, 3001, 16, 4, 4, 128),
+               (1, 2, 2, 2500, 32, 3, 8, 128), (1, 2, 1, 5000, 16, 4, 8, 128)]
 
 
 def run_means() -> None:
-    """rope="pooled": the score pass's means against the reference pyramid's coarsest level, and the
-    gathered q, k and v rows (the coarsest q and k copied from those means) against the reference's
-    rows of the same listing. rope="span_end": the same listing (the scores are the same norms) and
-    no means (the gather pools the coarsest level's rows, rotated to span end, itself)."""
+    """rope="pooled": the score pass's means against the reference pyramid's level of their width,
+    over the positions the pass covers, and the gathered q and k rows (copies or means of those
+    means) against the reference's rows of the same listing. rope="span_end": the same listing
+    (the scores are the same norms) and no means (the gather pools its rows, rotated to span end,
+    itself)."""
     for case in MEANS_CASES:
         batch, heads, kv_heads, seq, dim = case[:5]
         plan = LighthousePlan(seq, *case[5:])
         g = torch.Generator().manual_seed(seq)
         q, k, v = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
         pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
-        offset = plan.level_offset(plan.levels - 1)
-        want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1) for x in (q, k)])
+        width = fused.score_pass_means_width(q.dtype, dim, plan)
+        level = round(math.log(width, plan.pooling))
+        rows = min(fused.score_pass_positions(q.dtype, dim, plan), plan.padded_len) // width
+        offset = plan.level_offset(level)
+        want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset : offset + rows].flatten(0, 1) for x in (q, k)])
         selection = fused.selection_from_listing(pooled.entry_local, pooled.entry_row, plan)
         gathered = fused.gather_entries(pooled, q, k, v, plan)
         wants = (reference.gather_entries(reference.pyramid(x.float(), plan), selection.index) for x in (q, k, v))
         # relative to each row element (one bf16 step is 2**-8 to 2**-7 of it), so a wrong or missing mean shows
         gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
-        print(json.dumps(dict(case=case, means_written=fused.score_pass_writes_means(q.dtype, q.shape[-1], plan),
-                              max_error=(pooled.means.float() - want).abs().max().item(),
+        print(json.dumps(dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
+                              means_dtype=str(pooled.means.dtype),
+                              max_error=(pooled.means[:, :rows].float() - want).abs().max().item(),
                               gather_error=gather_error,
                               same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
                               span_end_means=span_end.means.numel())),

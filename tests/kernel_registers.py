@@ -22,6 +22,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -63,23 +64,26 @@ def _check_dim(dim: int) -> None:
         raise ValueError(f"dim must be a power of two (the kernel's BLOCK_D), got {dim}")
 
 
-def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool, coarse_means: bool,
+def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shifted: bool, means_width: int,
                 mean: bool = False) -> str:
     """The PTX of the ``entries_kernel`` launch that ``fused._run_entries`` makes for bf16 q, k, v of
-    shape [1, heads, S, dim] (MHA) under ``plan``; ``dim`` a power of two."""
+    shape [1, heads, S, dim] (MHA) under ``plan``, reading the score pass's means of ``means_width``
+    positions (0: none); ``dim`` a power of two."""
     _check_dim(dim)
     stride_s, stride_h = dim, plan.seq_len * dim
     selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
     values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
-                  coarse_len=plan.n_coarse_padded, real_len=plan.real_len)
+                  coarse_len=plan.n_coarse_padded, real_len=plan.real_len,
+                  means_len=plan.padded_len // means_width if means_width else 0)
     for name in "qkv":
         values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h,
                        f"{name}_stride_s": stride_s})
     constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, TOPK=plan.topk, SHIFTED=shifted, WITH_KV=not shifted,
-                      COARSE_MEANS=coarse_means, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
+                      MEANS_WIDTH=means_width, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
                       PADDED=fused._mostly_padding(plan))
     pointers = dict(src_q="*bf16", src_k="*bf16", src_v="*bf16", dst_q="*bf16", dst_k="*bf16", dst_v="*bf16",
-                    entry_local="*i32", entry_row="*i32", means="*bf16", rotary="*fp32" if rope else "*bf16",
+                    entry_local="*i32", entry_row="*i32",
+                    means="*bf16" if means_width in (0, plan.coarse_width) else "*fp32", rotary="*fp32" if rope else "*bf16",
                     counts="*fp32" if mean else "*bf16")
     return sm90_ptx(kernels.entries_kernel, values, constexprs, pointers)
 
@@ -132,10 +136,10 @@ def main() -> None:
         parser.error(f"--dims: each must be a power of two (the kernel's BLOCK_D), got {args.dims}")
     plan = LighthousePlan(args.seq, args.levels, args.pooling, args.topk)
     variants = [
-        ("pooled gather", dict(rope=False, shifted=False, coarse_means=plan.coarse_width <= 16)),
-        ("span_end gather", dict(rope=True, shifted=False, coarse_means=False)),
-        ("scatter backward (SHIFTED)", dict(rope=False, shifted=True, coarse_means=False)),
-        ("scatter backward, combine=mean", dict(rope=False, shifted=True, coarse_means=False, mean=True)),
+        ("pooled gather", dict(rope=False, shifted=False)),  # with the score pass's means, as at this D
+        ("span_end gather", dict(rope=True, shifted=False, means_width=0)),
+        ("scatter backward (SHIFTED)", dict(rope=False, shifted=True, means_width=0)),
+        ("scatter backward, combine=mean", dict(rope=False, shifted=True, means_width=0, mean=True)),
     ]
     print(f"entries_kernel, bf16, sm_90, 4 warps, L{args.levels} p{args.pooling} K{args.topk}, S={args.seq}")
     print("| variant | D | registers | spill bytes | bar.sync | st.shared |")
@@ -144,6 +148,7 @@ def main() -> None:
         args.ptx.mkdir(parents=True, exist_ok=True)
     for dim in args.dims:
         for name, options in variants:
+            options = {"means_width": fused.score_pass_means_width(torch.bfloat16, dim, plan), **options}
             ptx = entries_ptx(plan, args.heads, dim, **options)
             if args.ptx is not None:
                 (args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)

@@ -6,6 +6,8 @@ L = 2..5, p = 2/4/8 and head sizes that are not powers of two.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -124,18 +126,26 @@ def test_half_precision_outputs_and_gradients(shape, dtype):
 PADDED_TAIL = (1, 2, 2, 6007, 64, 3, 4, 256)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5], SHAPES[8], PADDED_TAIL], ids=_ids)
-def test_score_pass_coarse_means_equal_reference_pyramid(shape):
-    # The gather copies the coarsest q and k rows from these means.
+# Means finer than the coarsest level (float32, averaged by the gather): coarsest spans of 64 (means
+# of 16, L4 p4; of 8, L3 p8) and of 512 (L4 p8 at D=128: a pass over the sequence only).
+WIDE_MEANS = [(1, 2, 1, 8192, 128, 4, 4, 256), (2, 4, 2, 6000, 64, 3, 8, 128), (1, 2, 2, 9000, 128, 4, 8, 128)]
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5], SHAPES[8], PADDED_TAIL, *WIDE_MEANS], ids=_ids)
+def test_score_pass_means_equal_reference_pyramid(shape):
+    # The gather copies or averages q and k rows of every level at least as wide from these means.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=8)
     plan = _plan(shape)
-    assert fused.score_pass_writes_means(q.dtype, q.shape[-1], plan)
+    width = fused.score_pass_means_width(q.dtype, q.shape[-1], plan)
+    assert width > 1
     means = fused._score_pyramids(q, k, plan)[2]
+    assert means.dtype == (q.dtype if width == plan.coarse_width else torch.float32)
+    covered = min(fused.score_pass_positions(q.dtype, q.shape[-1], plan), plan.padded_len) // width
+    offset = plan.level_offset(round(math.log(width, plan.pooling)))
     batch, heads = q.shape[:2]
-    offset = plan.level_offset(plan.levels - 1)
     for rows, x in ((means[: batch * heads], q), (means[batch * heads :], k)):
-        want = reference.pyramid(x.float(), plan)[:, :, offset:].flatten(0, 1).to(x.dtype)
-        torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
+        want = reference.pyramid(x.float(), plan)[:, :, offset : offset + covered].flatten(0, 1).to(means.dtype)
+        torch.testing.assert_close(rows[:, :covered], want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[8], PADDED_TAIL], ids=_ids)

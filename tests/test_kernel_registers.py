@@ -25,7 +25,7 @@ SEQ = 128 * 1024
 
 
 def _span_end_gather(dim: int, levels: int, pooling: int, topk: int) -> str:
-    return entries_ptx(LighthousePlan(SEQ, levels, pooling, topk), 8, dim, rope=True, shifted=False, coarse_means=False)
+    return entries_ptx(LighthousePlan(SEQ, levels, pooling, topk), 8, dim, rope=True, shifted=False, means_width=0)
 
 
 @pytest.mark.slow

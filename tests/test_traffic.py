@@ -89,6 +89,21 @@ def test_options_move_the_bytes_they_should():
             fused_traffic(plan, **{name: wrong}, **sizes)
 
 
+def test_wide_levels_read_q_and_k_from_the_score_pass_means():
+    # L4 p4: levels of 16 and 64 positions; the score pass writes float32 means of 16 positions, from
+    # which the gather takes q and k of both (one mean per entry of 16, four per entry of 64).
+    plan = plan_for(65536, 4, 4, 512)
+    sizes = dict(batch=1, heads=4, kv_heads=4, dim=128, dtype=torch.bfloat16)
+    published = fused_traffic(plan, **sizes)
+    span_end = fused_traffic(plan, rope="span_end", **sizes)  # no means: q and k from the sequence
+    seq, means_row = 65536, 128 * 4
+    means_written = (4 + 4) * (plan.padded_len // 16) * means_row
+    assert published.score_pass - span_end.score_pass == means_written
+    wide = plan.real_entries[2] * 16  # positions of the listed 16-wide spans, and the coarsest level's
+    saved = wide * ROW - plan.real_entries[2] * means_row + seq * ROW - seq // 16 * means_row
+    assert span_end.gather - published.gather == 4 * 2 * saved
+
+
 def test_gqa_and_float32_and_no_compression():
     plan = plan_for(32768, 3, 4, 512)
     mha = fused_traffic(plan, batch=1, heads=8, kv_heads=8, dim=64, dtype=torch.bfloat16)

@@ -92,14 +92,39 @@ def _score_pass_levels(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> in
     return 0 if fitting == 1 else fitting
 
 
-def score_pass_writes_means(
+def score_pass_positions(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> int:
+    """Positions that ``scores_kernel`` covers, in whole blocks (0: ATen scores): the padded pyramid
+    where it computes every level, else the sequence (the host pads and max-pools the rest)."""
+    pass_levels = _score_pass_levels(dtype, dim, plan)
+    if pass_levels == 0:
+        return 0
+    block_p = _positions_per_program(_next_power_of_2(dim), _SCORE_BLOCK_ELEMENTS)
+    # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
+    # K1536 pads 131,072 positions to 6,291,456).
+    return _cdiv(plan.padded_len if pass_levels == plan.levels else plan.seq_len, block_p) * block_p
+
+
+def score_pass_means_width(
     dtype: torch.dtype, dim: int, plan: LighthousePlan, given_scores: bool = False, span_end_rope: bool = False
-) -> bool:
-    """Whether the score pass also writes the coarsest means of q and k (of this dtype and head size).
-    Spans of up to 16 positions: the compiler keeps a wider span's block whole (168-206 registers
-    per thread at D=128). Not with given scores (no score pass) nor span-end RoPE (its means rotate
-    each position first)."""
-    return not given_scores and not span_end_rope and _triton_score_pass(dtype, dim, plan) and plan.coarse_width <= 16
+) -> int:
+    """The width of the means of q and k that the score pass writes (0: none), for this dtype and
+    head size: its widest level of at most 16 positions (wider spans made the compiler keep the
+    block whole, 168-206 registers per thread at D=128). The gather takes the q and k rows of every
+    level at least that wide from them. Not with given scores (no score pass) nor span-end RoPE (its
+    means rotate each position first)."""
+    if given_scores or span_end_rope or _score_pass_levels(dtype, dim, plan) == 0:
+        return 0
+    widths = [plan.pooling**level for level in range(1, plan.levels) if plan.pooling**level <= 16]
+    return max(widths, default=0)
+
+
+def _score_means(q: torch.Tensor, rows: int, plan: LighthousePlan, width: int) -> torch.Tensor:
+    """The buffer of the score pass's means: ``[rows, padded_len // width, D]``, in q's dtype where
+    the gather copies them as rows (``width`` the coarsest), else float32, since it averages them."""
+    if width == 0:
+        return q.new_empty(0)
+    dtype = q.dtype if width == plan.coarse_width else torch.float32
+    return q.new_empty(rows, plan.padded_len // width, q.shape[-1], dtype=dtype)
 
 
 def _score_pyramids(
@@ -112,8 +137,8 @@ def _score_pyramids(
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
-    each (levels end-padded), and the coarsest level's means of q and k ``[B*H + B*Hkv,
-    n_coarse_padded, D]`` where ``score_pass_writes_means`` (else an empty tensor). ``causal``: two
+    each (levels end-padded), and the means of q and k that the gather reads (``_score_means``,
+    query heads first, of ``score_pass_means_width`` positions; else an empty tensor). ``causal``: two
     rows per level instead of one, ``[B*h, 2*(L-1), padded_len // p]`` (see ``scores_kernel``).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
@@ -135,16 +160,14 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    with_means = score_pass_writes_means(q.dtype, dim, plan, span_end_rope=rope)
-    means = q.new_empty(rows, plan.n_coarse_padded, dim) if with_means else q.new_empty(0)
+    means_width = score_pass_means_width(q.dtype, dim, plan, span_end_rope=rope)
+    means = _score_means(q, rows, plan, means_width)
     q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
-    # A partial pass covers the sequence only: its padded pyramid can be far longer (at 128K, L5 p8
-    # K1536 pads 131,072 positions to 6,291,456), and the host fills the padding slots.
-    blocks = _cdiv(plan.padded_len if pass_levels == plan.levels else plan.seq_len, block_p)
+    blocks = score_pass_positions(q.dtype, dim, plan) // block_p
     _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
-        q, k, scores, means if with_means else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
+        q, k, scores, means if means_width else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
         stride, *q.stride()[:3], *k.stride()[:3],
-        LEVELS=plan.levels, POOL=plan.pooling, WITH_MEANS=with_means, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
+        LEVELS=plan.levels, POOL=plan.pooling, MEANS_WIDTH=means_width, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
         PASS_LEVELS=pass_levels, num_warps=4,
     )
     if pass_levels < plan.levels:
@@ -267,7 +290,7 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
 
 def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None, rotary=None, counts=None):
     """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``means``:
-    the score pass's coarsest means of q and k, when it wrote them; ``rotary``: span-end RoPE's
+    the score pass's means of q and k, when it wrote them; ``rotary``: span-end RoPE's
     table (:func:`rotary_table`); ``counts``: the scatter's contribution counts (the gradient of
     ``combine="mean"``)."""
     kernels = _kernels()
@@ -285,13 +308,14 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,
         dst_q if rotary is None else rotary, dst_q if counts is None else counts,
         heads, group, seq_len, dim, entry_local.shape[-1], plan.n_coarse_padded, plan.real_len,
+        0 if means is None else means.shape[1],
         *src_q.stride()[:3], *src_k.stride()[:3], *src_v.stride()[:3],
         LEVELS=plan.levels,
         POOL=plan.pooling,
         TOPK=plan.topk,
         SHIFTED=shifted,
         WITH_KV=with_kv,
-        COARSE_MEANS=means is not None,
+        MEANS_WIDTH=0 if means is None else plan.padded_len // means.shape[1],
         BLOCK_D=block_d,
         ROPE_HALF=0 if rotary is None else rotary.shape[-1],
         MEAN=counts is not None,
@@ -445,8 +469,7 @@ def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.seq_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    with_means = score_pass_writes_means(q.dtype, q.shape[-1], plan, q_scores is not None, rope)
-    means = q.new_empty(rows, plan.n_coarse_padded, q.shape[-1]) if with_means else q.new_empty(0)
+    means = _score_means(q, rows, plan, score_pass_means_width(q.dtype, q.shape[-1], plan, q_scores is not None, rope))
     return listing, torch.empty_like(listing), inverse, means
 
 
@@ -543,7 +566,8 @@ class Listing(NamedTuple):
     entry_row: Tensor
     inverse: Tensor
     means: Tensor
-    """The score pass's coarsest means of q and k, or an empty tensor where it did not write them."""
+    """The score pass's means of q and k (``score_pass_means_width``), or an empty tensor where it
+    did not write them."""
 
 
 def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
@@ -556,7 +580,7 @@ def select_entries(
 ) -> Listing:
     """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence; ``q_scores`` and
     ``k_scores``: level-0 scores instead of the norms; ``rope``: span-end RoPE follows (the score
-    pass then writes no coarsest means); ``causal``: the causal selection rule (``ops/causal.py``)."""
+    pass then writes no means); ``causal``: the causal selection rule (``ops/causal.py``)."""
     select = _select_op if torch.compiler.is_compiling() else _select_impl
     return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan), causal))
 

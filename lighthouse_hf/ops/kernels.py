@@ -37,16 +37,38 @@ SCRATCH_KINDS = 5
 
 
 @triton.jit
+def _store_level_scores(norm, scores, block, padded_len, score_stride, LEVEL: tl.constexpr, LEVELS: tl.constexpr,
+                        POOL: tl.constexpr, SPAN: tl.constexpr, BLOCK_P: tl.constexpr, CAUSAL: tl.constexpr):
+    """One level's max-pooled norms (see ``scores_kernel``) from the block's ``norm`` [BLOCK_P // SPAN,
+    SPAN]: the level's spans in GROUPS rows of PER, one row per loaded span, or one row across the
+    block when the level is wider than SPAN."""
+    C: tl.constexpr = POOL**LEVEL
+    GROUPS: tl.constexpr = BLOCK_P // SPAN if C <= SPAN else 1
+    PER: tl.constexpr = BLOCK_P // (GROUPS * C)
+    spans = tl.reshape(norm, (GROUPS, PER, C))
+    slot = (block * GROUPS + tl.arange(0, GROUPS))[:, None] * PER + tl.arange(0, PER)[None, :]
+    in_level = slot < padded_len // C
+    if CAUSAL:
+        first = (tl.arange(0, C) == 0)[None, None, :]
+        rest = tl.max(tl.where(first, float("-inf"), spans), axis=2)
+        first_norm = tl.max(tl.where(first, spans, float("-inf")), axis=2)
+        tl.store(scores + (LEVEL - 1) * score_stride + slot, rest, mask=in_level)
+        tl.store(scores + (LEVELS - 2 + LEVEL) * score_stride + slot, first_norm, mask=in_level)
+    else:
+        tl.store(scores + (LEVEL - 1) * score_stride + slot, tl.max(spans, axis=2), mask=in_level)
+
+
+@triton.jit
 def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
     scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
-    means,  # out with WITH_MEANS: [B*H + B*Hkv, padded_len // POOL**(LEVELS-1), D], the coarsest level's means
+    means,  # out with MEANS_WIDTH > 0: [B*H + B*Hkv, padded_len // MEANS_WIDTH, D], means of MEANS_WIDTH positions
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
-    WITH_MEANS: tl.constexpr,
+    MEANS_WIDTH: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -55,21 +77,23 @@ def scores_kernel(
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
     L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
     positions (below every real score), then per level the maximum over each entry's span. Query
-    heads' rows come first in ``scores`` and ``means``, then the key heads'. ``WITH_MEANS``: the
-    same pass writes the coarsest level's means (every coarsest entry is in the compressed
-    sequence), so the gather does not read q and k a second time. Needs
-    ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block; wider
-    pyramids set ``PASS_LEVELS < LEVELS`` (not with ``WITH_MEANS``): the pass
-    writes levels ``1 .. PASS_LEVELS-1`` (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the
-    whole pyramid, and the host max-pools the rest from the last of them.
+    heads' rows come first in ``scores`` and ``means``, then the key heads'. ``MEANS_WIDTH > 0``
+    (a level's width, at most 16): the same pass writes the means of every ``MEANS_WIDTH``
+    consecutive positions, from which the gather takes the rows of q and k of every level at
+    least that wide (a copy, or the mean of a few means) instead of reading q and k a second time.
+    Needs ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block; wider
+    pyramids set ``PASS_LEVELS < LEVELS``: the pass writes levels ``1 .. PASS_LEVELS-1``
+    (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the whole pyramid, and the host
+    max-pools the rest from the last of them; its grid then covers the sequence only, and so do
+    its means.
 
     ``CAUSAL`` (``selection="causal"``, whose score of entry j is the maximum over the window
     ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
     the maximum over each block without its first token (rows ``0 .. LEVELS-2``) and the norm of
     its first token (rows ``LEVELS-1 ..``); the selection kernel joins entry j's first token with
     entry j-1's rest (``_start_scores``)."""
-    WIDTH: tl.constexpr = POOL ** (PASS_LEVELS - 1)
-    ENTRIES: tl.constexpr = BLOCK_P // WIDTH
+    SPAN: tl.constexpr = MEANS_WIDTH if MEANS_WIDTH > 0 else POOL ** (PASS_LEVELS - 1)
+    ENTRIES: tl.constexpr = BLOCK_P // SPAN
     block = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2)
@@ -83,34 +107,25 @@ def scores_kernel(
         stride_s = k_stride_s
     SCORE_ROWS: tl.constexpr = 2 * (LEVELS - 1) if CAUSAL else LEVELS - 1
     scores += row.to(tl.int64) * (SCORE_ROWS * score_stride)
-    # The block is loaded as [coarsest entries, their positions, D]: norms reduce the last axis and
-    # the means the middle one, both in the layout of the load (a 2-D load reshaped for the means
-    # went through shared memory and ran at a quarter of the bandwidth).
+    # The block is loaded as [spans, their SPAN positions, D]: norms reduce the last axis and the
+    # means the middle one, both in the layout of the load (a 2-D load reshaped for the means went
+    # through shared memory and ran at a quarter of the bandwidth; spans of 64 positions made the
+    # compiler keep the whole block, 168-206 registers per thread at D=128). Levels wider than
+    # SPAN max-pool the norms across spans, a small conversion.
     entry = block * ENTRIES + tl.arange(0, ENTRIES)
-    position = entry[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    position = entry[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
     d = tl.arange(0, BLOCK_D)
     d_mask = d < dim
     rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
                    mask=(position < seq_len)[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
     norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
     for level in tl.static_range(1, PASS_LEVELS):
-        # WIDTH // POOL**level entries of this level per coarsest entry
-        spans = tl.reshape(norm, (ENTRIES, WIDTH // POOL**level, POOL**level))
-        slot = entry[:, None] * (WIDTH // POOL**level) + tl.arange(0, WIDTH // POOL**level)[None, :]
-        in_level = slot < padded_len // POOL**level
-        if CAUSAL:
-            first = (tl.arange(0, POOL**level) == 0)[None, None, :]
-            rest = tl.max(tl.where(first, float("-inf"), spans), axis=2)
-            first_norm = tl.max(tl.where(first, spans, float("-inf")), axis=2)
-            tl.store(scores + (level - 1) * score_stride + slot, rest, mask=in_level)
-            tl.store(scores + (LEVELS - 2 + level) * score_stride + slot, first_norm, mask=in_level)
-        else:
-            tl.store(scores + (level - 1) * score_stride + slot, tl.max(spans, axis=2), mask=in_level)
-    if WITH_MEANS:
-        mean = tl.sum(rows, axis=1) * (1.0 / WIDTH)
-        means += row.to(tl.int64) * ((padded_len // WIDTH) * dim)
+        _store_level_scores(norm, scores, block, padded_len, score_stride, level, LEVELS, POOL, SPAN, BLOCK_P, CAUSAL)
+    if MEANS_WIDTH > 0:
+        mean = tl.sum(rows, axis=1) * (1.0 / SPAN)
+        means += row.to(tl.int64) * ((padded_len // SPAN) * dim)
         tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
-                 mask=(entry < padded_len // WIDTH)[:, None] & d_mask[None, :])
+                 mask=(entry < padded_len // SPAN)[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -500,10 +515,10 @@ def entries_per_program(width: int, block_d: int, rotated: bool = False) -> int:
 @triton.jit
 def _level_entries(
     src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
-    block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
+    block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len, means_len,
     q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TOPK: tl.constexpr,
-    SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, COARSE_MEANS: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHIFTED: tl.constexpr, WITH_KV: tl.constexpr, MEANS_WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr, MEAN: tl.constexpr, PADDED: tl.constexpr,
 ):
     """The entries of one level, when program ``block`` falls in the level's blocks (which start at
@@ -520,6 +535,10 @@ def _level_entries(
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
     DIVIDE: tl.constexpr = MEAN and SHIFTED
     TABLE_START: tl.constexpr = (POOL**LEVEL - POOL) // (POOL - 1)  # this level's rows in the rotary table
+    # q and k from the score pass's means: MEANS per entry (the means with WITH_KV and pooled RoPE only)
+    FROM_MEANS: tl.constexpr = WITH_KV and not SHIFTED and ROPE_HALF == 0 and MEANS_WIDTH > 0 and WIDTH >= MEANS_WIDTH
+    MEANS: tl.constexpr = WIDTH // MEANS_WIDTH if FROM_MEANS else 0
+    MEANS_CHUNK: tl.constexpr = MEANS if MEANS <= 16 else min(MEANS, 64)
     if LEVEL < LEVELS - 1:
         listed_len = POOL * TOPK
     else:
@@ -550,13 +569,26 @@ def _level_entries(
                 tl.store(dst_k + out, zeros, mask=out_mask)
                 tl.store(dst_v + out, zeros, mask=out_mask)
         else:
-            if COARSE_MEANS and LEVEL == LEVELS - 1:
-                # The score pass already wrote these means: [B*H + B*Hkv, coarse_len, D], query heads first.
+            if FROM_MEANS:
+                # [B*H + B*Hkv, means_len, D], query heads first; a partial score pass wrote the
+                # means inside the sequence only (those past it would be zero)
                 kv_row = tl.num_programs(2) * tl.num_programs(1) + b * (tl.num_programs(1) // group) + h // group
-                q_mean = (bh.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
-                k_mean = (kv_row.to(tl.int64) * coarse_len + local)[:, None] * dim + d[None, :]
-                tl.store(dst_q + out, tl.load(means + q_mean, mask=out_mask), mask=out_mask)
-                tl.store(dst_k + out, tl.load(means + k_mean, mask=out_mask), mask=out_mask)
+                if MEANS == 1:
+                    written = out_mask & (local * MEANS_WIDTH < seq_len)[:, None]
+                    q_mean = (bh.to(tl.int64) * means_len + local)[:, None] * dim + d[None, :]
+                    k_mean = (kv_row.to(tl.int64) * means_len + local)[:, None] * dim + d[None, :]
+                    tl.store(dst_q + out, tl.load(means + q_mean, mask=written, other=0.0).to(dst_q.dtype.element_ty),
+                             mask=out_mask)
+                    tl.store(dst_k + out, tl.load(means + k_mean, mask=written, other=0.0).to(dst_k.dtype.element_ty),
+                             mask=out_mask)
+                else:
+                    written_len = (seq_len + MEANS_WIDTH - 1) // MEANS_WIDTH
+                    total = _entry_rows(means, b, bh, 0, means_len * dim, dim, local * MEANS, use, written_len, d, d_mask,
+                                        counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False)
+                    tl.store(dst_q + out, (total * (1.0 / MEANS)).to(dst_q.dtype.element_ty), mask=out_mask)
+                    total = _entry_rows(means, b, kv_row, 0, means_len * dim, dim, local * MEANS, use, written_len, d,
+                                        d_mask, counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False)
+                    tl.store(dst_k + out, (total * (1.0 / MEANS)).to(dst_k.dtype.element_ty), mask=out_mask)
             elif ROTATE:
                 # q and k at span end (rope="span_end"): each rotate_half half stored on its own
                 table = rotary + TABLE_START * (2 * ROPE_HALF)
@@ -591,10 +623,10 @@ def entries_kernel(
     src_q, src_k, src_v,  # [B, h, S, D] (any strides with a contiguous last axis)
     dst_q, dst_k, dst_v,  # [B*H, selected_len, D] contiguous
     entry_local, entry_row,  # [B*H, selected_len] int32, level-major
-    means,  # with COARSE_MEANS: [B*H + B*Hkv, coarse_len, D], the coarsest means of q and k
+    means,  # with MEANS_WIDTH > 0: [B*H + B*Hkv, means_len, D], the score pass's means of q and k
     rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN and SHIFTED: [B*H, S] float32, how many entries reach each position
-    heads, group, seq_len, dim, selected_len, coarse_len, real_len,
+    heads, group, seq_len, dim, selected_len, coarse_len, real_len, means_len,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     v_stride_b, v_stride_h, v_stride_s,
@@ -603,7 +635,7 @@ def entries_kernel(
     TOPK: tl.constexpr,
     SHIFTED: tl.constexpr,
     WITH_KV: tl.constexpr,
-    COARSE_MEANS: tl.constexpr,
+    MEANS_WIDTH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr,
     MEAN: tl.constexpr,
@@ -615,8 +647,9 @@ def entries_kernel(
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
     level in blocks of ``entries_per_program(c, BLOCK_D, ROPE_HALF > 0)`` entries; levels below the coarsest list
-    ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``COARSE_MEANS`` (with ``WITH_KV``): the
-    coarsest q and k rows are copies of the means that ``scores_kernel`` wrote. ``ROPE_HALF > 0``
+    ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``MEANS_WIDTH > 0`` (with ``WITH_KV``): q
+    and k rows of levels at least that wide are the mean of ``c / MEANS_WIDTH`` of the means that
+    ``scores_kernel`` wrote (a copy where ``c == MEANS_WIDTH``). ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
     q and k rows rotate each position to the span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
     position's gradient is divided by its ``counts``. ``PADDED``: the plan lists many padding
@@ -631,9 +664,9 @@ def entries_kernel(
     for level in tl.static_range(LEVELS - 1, -1, -1):
         level_first_block = _level_entries(
             src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, means, rotary, counts,
-            block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len,
+            block, level_first_block, b, h, bh, group, seq_len, dim, selected_len, coarse_len, real_len, means_len,
             q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
-            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, COARSE_MEANS, BLOCK_D, ROPE_HALF, MEAN, PADDED,
+            level, LEVELS, POOL, TOPK, SHIFTED, WITH_KV, MEANS_WIDTH, BLOCK_D, ROPE_HALF, MEAN, PADDED,
         )
 
 

@@ -8,16 +8,18 @@ Counted from the plan alone, per kernel, each tensor a kernel must read or write
 its element size (a row of the head dimension is ``dim * element_bytes``):
 
 * ``score_pass``: q and k read whole; the float32 score pyramid written (levels 1..L-1, one row
-  per level, two with the causal selection); the coarsest means of q and k written where the
-  score pass computes them (half precision, spans of at most 16 positions, scores from the
-  norms, RoPE pooled). With given scores, the given scores read instead of q and k.
+  per level, two with the causal selection); the means of q and k written where the score pass
+  computes them (``fused.score_pass_means_width``: half precision, scores from the norms, RoPE
+  pooled; float32 unless they are the coarsest level's rows), over the positions it covers. With
+  given scores, the given scores read instead of q and k.
 * ``selection``: the scores of each tile's candidates read (q's and k's, for every query head;
   twice with the causal selection); ``inverse`` filled (``levels * seq_len`` slots) and one slot
   per entry written; the listing (local index and row of every entry) written.
 * ``gather``: for each query head, the q, k and v rows of its real entries: one row per level-0
   entry, ``p**l`` rows per entry of a pooled level below the coarsest; the coarsest level
-  reads the whole sequence (v only, and the means of q and k, where the score pass wrote
-  them); the compressed q, k and v written, padding entries included. k and v are read once per
+  reads the whole sequence; q and k of a level at least as wide as the score pass's means read
+  ``p**l / width`` means per entry instead (the coarsest: the sequence's means); the compressed
+  q, k and v written, padding entries included. k and v are read once per
   query head, as the kernel does (a GQA group's heads may share them through L2, which this
   does not count).
 * ``scatter``: the compressed output rows of the real entries read, one ``inverse`` slot per
@@ -47,7 +49,7 @@ import torch
 
 from ..validation import check_choice
 from . import COMBINES, SELECTIONS
-from .fused import score_pass_writes_means
+from .fused import score_pass_means_width, score_pass_positions
 from .plan import LighthousePlan
 
 ROPES = ("pooled", "span_end")
@@ -103,25 +105,32 @@ def fused_traffic(
         return Traffic(0, 0, 0, 0, 0, 0)
     row_bytes = dim * dtype.itemsize
     seq, n, p, levels = plan.seq_len, plan.compressed_len, plan.pooling, plan.levels
-    coarse_means_from_score_pass = score_pass_writes_means(
+    means_width = score_pass_means_width(
         dtype, dim, plan, given_scores=scores == "given", span_end_rope=rope == "span_end"
     )
+    means_bytes = 0 if means_width == 0 else dim * (dtype.itemsize if means_width == plan.coarse_width else FLOAT32_BYTES)
     real = plan.real_entries
     real_rows = sum(real)  # the compressed rows that positions inside the sequence read back
     score_copies = 2 if selection == "causal" else 1
     score_rows = score_copies * sum(plan.padded_len // p**level for level in range(1, levels))
     candidates = plan.n_coarse_padded + (levels - 2) * p * plan.topk  # scored per query head
     span_positions = sum(real[level] * p**level for level in range(levels - 1))  # read below the coarsest
+
+    def qk_entry_bytes(width: int) -> int:  # one entry's q (or k) row: its span's positions or means
+        return width // means_width * means_bytes if means_width and width >= means_width else width * row_bytes
+
+    qk_reads = sum(real[level] * qk_entry_bytes(p**level) for level in range(levels - 1))
+    qk_reads += -(-seq // means_width) * means_bytes if means_width else seq * row_bytes  # the coarsest level
     slots = sum(-(-seq // p**level) for level in range(levels))  # inverse slots the positions read
     count_bytes = FLOAT32_BYTES if combine == "mean" else 0  # per position read or written, the mean's counts
     inverse_reads = 3 if rope == "span_end" else 2  # one per launch of the gather's backward
 
     score_reads = (heads + kv_heads) * seq * (FLOAT32_BYTES if scores == "given" else row_bytes)
-    coarse_means = plan.n_coarse_padded * row_bytes if coarse_means_from_score_pass else 0
-    score_pass = score_reads + (heads + kv_heads) * (score_rows * FLOAT32_BYTES + coarse_means)
+    means_rows = min(score_pass_positions(dtype, dim, plan), plan.padded_len) // means_width if means_width else 0
+    means_written = means_rows * means_bytes
+    score_pass = score_reads + (heads + kv_heads) * (score_rows * FLOAT32_BYTES + means_written)
     selection_bytes = heads * (2 * score_copies * candidates * FLOAT32_BYTES + INT32_BYTES * (levels * seq + 3 * n))
-    coarsest_reads = 2 * coarse_means + seq * row_bytes if coarse_means_from_score_pass else 3 * seq * row_bytes
-    gather = heads * (3 * span_positions * row_bytes + coarsest_reads + 3 * n * row_bytes)
+    gather = heads * (2 * qk_reads + (span_positions + seq) * row_bytes + 3 * n * row_bytes)
     scatter = heads * (real_rows * row_bytes + slots * INT32_BYTES + seq * (row_bytes + count_bytes))
     scatter_backward = heads * ((span_positions + seq) * (row_bytes + count_bytes) + n * row_bytes)
     gather_backward = (heads * (3 * real_rows * row_bytes + inverse_reads * slots * INT32_BYTES + seq * row_bytes)
