@@ -10,12 +10,12 @@ its own process (TRITON_INTERPRET must be set before the kernels are compiled), 
 Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
 whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
 whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
-line per shape with the score pass's coarsest means against the reference pyramid, the gathered
-rows against the reference's, and whether rope="span_end" selects as rope="pooled" (with no means
-from the score pass); ``halo`` one line per (shape, combine) with the scatter over more positions
-than the plan's sequence (the context-parallel halo) against the reference's. The float32 rows say
-how many positions a program of the position kernel took: the wide cases take as many as on the
-GPU at D=128.
+line per shape with the score pass's means against the reference pyramid's level of their width,
+the gathered rows against the reference's, and whether rope="span_end" selects as rope="pooled"
+(with no means from the score pass); ``halo`` one line per (shape, combine) with the scatter over
+more positions than the plan's sequence (the context-parallel halo) against the reference's. The
+float32 rows say how many positions a program of the position kernel took: the wide cases take as
+many as on the GPU at D=128.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ def run_means() -> None:
         pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
         width = fused.score_pass_means_width(q.dtype, dim, plan)
         level = round(math.log(width, plan.pooling))
-        rows = min(fused.score_pass_positions(q.dtype, dim, plan), plan.padded_len) // width
+        rows = fused.score_means_rows(plan, width)
+        assert pooled.means.shape[1] == rows and fused.score_pass_positions(q.dtype, dim, plan) >= rows * width
         offset = plan.level_offset(level)
         want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset : offset + rows].flatten(0, 1) for x in (q, k)])
         selection = fused.selection_from_listing(pooled.entry_local, pooled.entry_row, plan)
@@ -218,7 +219,7 @@ def run_means() -> None:
         gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
         print(json.dumps(dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
                               means_dtype=str(pooled.means.dtype),
-                              max_error=(pooled.means[:, :rows].float() - want).abs().max().item(),
+                              max_error=(pooled.means.float() - want).abs().max().item(),
                               gather_error=gather_error,
                               same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
                               span_end_means=span_end.means.numel())),

@@ -74,7 +74,7 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shift
     selected_len = (plan.levels - 1) * plan.pooling * plan.topk + plan.n_coarse_padded
     values = dict(heads=heads, group=1, seq_len=plan.seq_len, dim=dim, selected_len=selected_len,
                   coarse_len=plan.n_coarse_padded, real_len=plan.real_len,
-                  means_len=plan.padded_len // means_width if means_width else 0)
+                  means_len=fused.score_means_rows(plan, means_width) if means_width else 0)
     for name in "qkv":
         values.update({f"{name}_stride_b": heads * stride_h, f"{name}_stride_h": stride_h,
                        f"{name}_stride_s": stride_s})

@@ -97,10 +97,10 @@ def test_wide_levels_read_q_and_k_from_the_score_pass_means():
     published = fused_traffic(plan, **sizes)
     span_end = fused_traffic(plan, rope="span_end", **sizes)  # no means: q and k from the sequence
     seq, means_row = 65536, 128 * 4
-    means_written = (4 + 4) * (plan.padded_len // 16) * means_row
+    means_written = (4 + 4) * -(-min(seq, plan.padded_len) // 16) * means_row  # those holding a position
     assert published.score_pass - span_end.score_pass == means_written
     wide = plan.real_entries[2] * 16  # positions of the listed 16-wide spans, and the coarsest level's
-    saved = wide * ROW - plan.real_entries[2] * means_row + seq * ROW - seq // 16 * means_row
+    saved = wide * ROW - plan.real_entries[2] * means_row + seq * ROW - -(-min(seq, plan.padded_len) // 16) * means_row
     assert span_end.gather - published.gather == 4 * 2 * saved
 
 

@@ -33,8 +33,7 @@ from .reference import Selection, position_keys
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one program's [positions, head dim] block. Chosen on the H100 at D=128 (S=256K, bf16):
-# the score pass ran at 2.8 TB/s with 128 positions and 4 warps (it keeps the block for the coarsest
-# means; 64 positions: 2.3 TB/s). The position kernel, per launch on the H200 (D=128, 128K-256K,
+# the score pass ran at 2.8 TB/s with 128 positions and 4 warps (64 positions: 2.3 TB/s). The position kernel, per launch on the H200 (D=128, 128K-256K,
 # NOTES-kernels.md "v11 and v12 outcomes"): rows loaded once per entry at 32 positions (16: up to
 # +0.05 ms a launch; 64: up to +0.13 ms for the scatter, dq -0.01 to +0.04 ms), rows loaded per
 # position at 16 (32: +14-40%).
@@ -118,13 +117,19 @@ def score_pass_means_width(
     return max(widths, default=0)
 
 
+def score_means_rows(plan: LighthousePlan, width: int) -> int:
+    """Rows of the score pass's means of ``width`` positions per head: those holding a position of
+    the sequence inside the padded pyramid (the gather reads zeros past them)."""
+    return _cdiv(min(plan.seq_len, plan.padded_len), width)
+
+
 def _score_means(q: torch.Tensor, rows: int, plan: LighthousePlan, width: int) -> torch.Tensor:
-    """The buffer of the score pass's means: ``[rows, padded_len // width, D]``, in q's dtype where
-    the gather copies them as rows (``width`` the coarsest), else float32, since it averages them."""
+    """The buffer of the score pass's means: ``[rows, score_means_rows, D]``, in q's dtype where the
+    gather copies them as rows (``width`` the coarsest), else float32, since it averages them."""
     if width == 0:
         return q.new_empty(0)
     dtype = q.dtype if width == plan.coarse_width else torch.float32
-    return q.new_empty(rows, plan.padded_len // width, q.shape[-1], dtype=dtype)
+    return q.new_empty(rows, score_means_rows(plan, width), q.shape[-1], dtype=dtype)
 
 
 def _score_pyramids(
@@ -166,7 +171,7 @@ def _score_pyramids(
     blocks = score_pass_positions(q.dtype, dim, plan) // block_p
     _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
         q, k, scores, means if means_width else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
-        stride, *q.stride()[:3], *k.stride()[:3],
+        stride, means.shape[1] if means_width else 0, *q.stride()[:3], *k.stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, MEANS_WIDTH=means_width, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
         PASS_LEVELS=pass_levels, num_warps=4,
     )
@@ -288,9 +293,10 @@ def _listing(plan: LighthousePlan) -> list[tuple[int, int, int]]:
     return parts + [(plan.levels - 1, (plan.levels - 1) * per_level, plan.n_coarse_padded)]
 
 
-def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None, rotary=None, counts=None):
+def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted: bool, means=None, means_width=0,
+                 rotary=None, counts=None):
     """Fill every compressed row from the spans of its entry (see ``entries_kernel``); ``means``:
-    the score pass's means of q and k, when it wrote them; ``rotary``: span-end RoPE's
+    the score pass's means of q and k of ``means_width`` positions, when it wrote them; ``rotary``: span-end RoPE's
     table (:func:`rotary_table`); ``counts``: the scatter's contribution counts (the gradient of
     ``combine="mean"``)."""
     kernels = _kernels()
@@ -315,7 +321,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
         TOPK=plan.topk,
         SHIFTED=shifted,
         WITH_KV=with_kv,
-        MEANS_WIDTH=0 if means is None else plan.padded_len // means.shape[1],
+        MEANS_WIDTH=0 if means is None else means_width,
         BLOCK_D=block_d,
         ROPE_HALF=0 if rotary is None else rotary.shape[-1],
         MEAN=counts is not None,
@@ -399,8 +405,10 @@ def _gather_impl(
     n = entry_local.shape[-1]
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
-    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means.numel() else None,
-                 rotary=rotary)
+    # means are written by the score pass of this plan, dtype and head size (see select_entries)
+    means_width = score_pass_means_width(q.dtype, dim, plan) if means.numel() else 0
+    _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means_width else None,
+                 means_width=means_width, rotary=rotary)
     return tuple(out)
 
 

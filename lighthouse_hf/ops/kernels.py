@@ -62,8 +62,8 @@ def _store_level_scores(norm, scores, block, padded_len, score_stride, LEVEL: tl
 def scores_kernel(
     src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
     scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
-    means,  # out with MEANS_WIDTH > 0: [B*H + B*Hkv, padded_len // MEANS_WIDTH, D], means of MEANS_WIDTH positions
-    heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride,
+    means,  # out with MEANS_WIDTH > 0: [B*H + B*Hkv, means_len, D], means of MEANS_WIDTH positions
+    heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride, means_len,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     LEVELS: tl.constexpr,
@@ -79,13 +79,13 @@ def scores_kernel(
     positions (below every real score), then per level the maximum over each entry's span. Query
     heads' rows come first in ``scores`` and ``means``, then the key heads'. ``MEANS_WIDTH > 0``
     (a level's width, at most 16): the same pass writes the means of every ``MEANS_WIDTH``
-    consecutive positions, from which the gather takes the rows of q and k of every level at
-    least that wide (a copy, or the mean of a few means) instead of reading q and k a second time.
+    consecutive positions (the first ``means_len``: those that hold a position of the sequence),
+    from which the gather takes the rows of q and k of every level at least that wide (a copy, or
+    the mean of a few means) instead of reading q and k a second time.
     Needs ``POOL**(LEVELS-1) <= BLOCK_P`` so that every span lies inside one program's block; wider
     pyramids set ``PASS_LEVELS < LEVELS``: the pass writes levels ``1 .. PASS_LEVELS-1``
     (``POOL**(PASS_LEVELS-1) <= BLOCK_P``) into the rows of the whole pyramid, and the host
-    max-pools the rest from the last of them; its grid then covers the sequence only, and so do
-    its means.
+    max-pools the rest from the last of them; its grid then covers the sequence only.
 
     ``CAUSAL`` (``selection="causal"``, whose score of entry j is the maximum over the window
     ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
@@ -123,9 +123,9 @@ def scores_kernel(
         _store_level_scores(norm, scores, block, padded_len, score_stride, level, LEVELS, POOL, SPAN, BLOCK_P, CAUSAL)
     if MEANS_WIDTH > 0:
         mean = tl.sum(rows, axis=1) * (1.0 / SPAN)
-        means += row.to(tl.int64) * ((padded_len // SPAN) * dim)
+        means += row.to(tl.int64) * means_len * dim
         tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
-                 mask=(entry < padded_len // SPAN)[:, None] & d_mask[None, :])
+                 mask=(entry < means_len)[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -570,11 +570,11 @@ def _level_entries(
                 tl.store(dst_v + out, zeros, mask=out_mask)
         else:
             if FROM_MEANS:
-                # [B*H + B*Hkv, means_len, D], query heads first; a partial score pass wrote the
-                # means inside the sequence only (those past it would be zero)
+                # [B*H + B*Hkv, means_len, D], query heads first: the means that hold a position of
+                # the sequence (those past it would be zero)
                 kv_row = tl.num_programs(2) * tl.num_programs(1) + b * (tl.num_programs(1) // group) + h // group
                 if MEANS == 1:
-                    written = out_mask & (local * MEANS_WIDTH < seq_len)[:, None]
+                    written = out_mask & (local < means_len)[:, None]
                     q_mean = (bh.to(tl.int64) * means_len + local)[:, None] * dim + d[None, :]
                     k_mean = (kv_row.to(tl.int64) * means_len + local)[:, None] * dim + d[None, :]
                     tl.store(dst_q + out, tl.load(means + q_mean, mask=written, other=0.0).to(dst_q.dtype.element_ty),
@@ -582,11 +582,10 @@ def _level_entries(
                     tl.store(dst_k + out, tl.load(means + k_mean, mask=written, other=0.0).to(dst_k.dtype.element_ty),
                              mask=out_mask)
                 else:
-                    written_len = (seq_len + MEANS_WIDTH - 1) // MEANS_WIDTH
-                    total = _entry_rows(means, b, bh, 0, means_len * dim, dim, local * MEANS, use, written_len, d, d_mask,
+                    total = _entry_rows(means, b, bh, 0, means_len * dim, dim, local * MEANS, use, means_len, d, d_mask,
                                         counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False)
                     tl.store(dst_q + out, (total * (1.0 / MEANS)).to(dst_q.dtype.element_ty), mask=out_mask)
-                    total = _entry_rows(means, b, kv_row, 0, means_len * dim, dim, local * MEANS, use, written_len, d,
+                    total = _entry_rows(means, b, kv_row, 0, means_len * dim, dim, local * MEANS, use, means_len, d,
                                         d_mask, counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False)
                     tl.store(dst_k + out, (total * (1.0 / MEANS)).to(dst_k.dtype.element_ty), mask=out_mask)
             elif ROTATE:

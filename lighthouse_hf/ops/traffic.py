@@ -49,7 +49,7 @@ import torch
 
 from ..validation import check_choice
 from . import COMBINES, SELECTIONS
-from .fused import score_pass_means_width, score_pass_positions
+from .fused import score_means_rows, score_pass_means_width, score_pass_positions
 from .plan import LighthousePlan
 
 ROPES = ("pooled", "span_end")
@@ -120,14 +120,14 @@ def fused_traffic(
         return width // means_width * means_bytes if means_width and width >= means_width else width * row_bytes
 
     qk_reads = sum(real[level] * qk_entry_bytes(p**level) for level in range(levels - 1))
-    qk_reads += -(-seq // means_width) * means_bytes if means_width else seq * row_bytes  # the coarsest level
+    means_rows = score_means_rows(plan, means_width) if means_width else 0
+    qk_reads += means_rows * means_bytes if means_width else seq * row_bytes  # the coarsest level
     slots = sum(-(-seq // p**level) for level in range(levels))  # inverse slots the positions read
     count_bytes = FLOAT32_BYTES if combine == "mean" else 0  # per position read or written, the mean's counts
     inverse_reads = 3 if rope == "span_end" else 2  # one per launch of the gather's backward
 
     score_reads = (heads + kv_heads) * seq * (FLOAT32_BYTES if scores == "given" else row_bytes)
-    means_rows = min(score_pass_positions(dtype, dim, plan), plan.padded_len) // means_width if means_width else 0
-    means_written = means_rows * means_bytes
+    means_written = min(score_pass_positions(dtype, dim, plan) // means_width, means_rows) * means_bytes if means_width else 0
     score_pass = score_reads + (heads + kv_heads) * (score_rows * FLOAT32_BYTES + means_written)
     selection_bytes = heads * (2 * score_copies * candidates * FLOAT32_BYTES + INT32_BYTES * (levels * seq + 3 * n))
     gather = heads * (2 * qk_reads + (span_positions + seq) * row_bytes + 3 * n * row_bytes)
