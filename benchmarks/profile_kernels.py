@@ -4,9 +4,10 @@ each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CU
     python benchmarks/profile_kernels.py                        # the grid's widest settings
     python benchmarks/profile_kernels.py --case 131072 5 2 1536 # one (S, L, p, K)
     python benchmarks/profile_kernels.py --rope span_end         # span-end RoPE (theta 10000)
+    python benchmarks/profile_kernels.py --scores given --selection causal --combine mean
 
-B=1, H=8, D=128, bf16, published options unless ``--rope span_end`` (the bench's frequencies);
-10 profiled calls after 3 warm-up calls. The forward's scatter and the backward's gather share
+B=1, H=8, D=128, bf16, published options unless said (``span_end``: the bench's frequencies;
+``given``: the bench's random positive scores); 10 profiled calls after 3 warm-up calls. The forward's scatter and the backward's gather share
 `positions_kernel`; the gather and the scatter's backward share `entries_kernel`, so their fwd+bwd
 bytes are the sums.
 """
@@ -21,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.bench import default_rope_inv_freq
 from lighthouse_hf.ops.plan import plan_for
-from lighthouse_hf.ops.traffic import ROPES, fused_traffic
+from lighthouse_hf.ops import COMBINES, SELECTIONS
+from lighthouse_hf.ops.traffic import ROPES, SCORES, fused_traffic
 
 WIDEST = [(131072, 3, 4, 2048), (131072, 4, 4, 1536), (262144, 4, 4, 1536), (131072, 5, 2, 1536),
           (262144, 5, 2, 2048), (131072, 5, 4, 1536), (262144, 5, 4, 1536), (131072, 4, 8, 1536),
@@ -47,14 +49,19 @@ def kernel_ms(call) -> dict[str, float]:
     return ms
 
 
-def profile_case(seq: int, levels: int, pooling: int, topk: int, rope: str) -> None:
+def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[str, str]) -> None:
     traffic = fused_traffic(plan_for(seq, levels, pooling, topk), batch=1, heads=8, kv_heads=8, dim=128,
-                            dtype=torch.bfloat16, rope=rope)
-    inv_freq = default_rope_inv_freq(128, "cuda") if rope == "span_end" else None
+                            dtype=torch.bfloat16, **options)
+    inv_freq = default_rope_inv_freq(128, "cuda") if options["rope"] == "span_end" else None
     q, k, v = (torch.randn(1, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    given = {}
+    if options["scores"] == "given":
+        given = {name: torch.rand(1, 8, seq, device="cuda") + 1.0 for name in ("q_scores", "k_scores")}
+    label = " ".join(options.values())
     for backward in (False, True):
         def call():
-            out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk, rope_inv_freq=inv_freq)
+            out = lighthouse_attention(q, k, v, levels=levels, pooling=pooling, topk=topk, rope_inv_freq=inv_freq,
+                                       selection=options["selection"], combine=options["combine"], **given)
             if backward:  # fresh gradients each call, as the bench takes them
                 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
@@ -64,7 +71,7 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int, rope: str) -> N
                  "positions_kernel": traffic.scatter + (traffic.gather_backward if backward else 0)}
         parts = [f"{name.split('_')[0]} {ms.get(name, 0.0):.3f} ms {gb / 1e9:.2f} GB "
                  f"{gb / 1e9 / max(ms.get(name, 0.0), 1e-9):.2f} TB/s" for name, gb in moved.items()]
-        print(f"{seq // 1024}K L{levels} p{pooling} K{topk} {rope} {'fwd+bwd' if backward else 'fwd'}: "
+        print(f"{seq // 1024}K L{levels} p{pooling} K{topk} {label} {'fwd+bwd' if backward else 'fwd'}: "
               f"sdpa {ms.get('sdpa', 0.0):.3f} other {ms.get('other', 0.0):.3f} | " + " | ".join(parts), flush=True)
 
 
@@ -73,11 +80,15 @@ def main() -> None:
     parser.add_argument("--case", type=int, nargs=4, action="append", metavar=("S", "L", "P", "K"),
                         help="one setting to profile (repeatable); default: the grid's widest settings")
     parser.add_argument("--rope", choices=ROPES, default="pooled")
+    parser.add_argument("--scores", choices=SCORES, default="norms")
+    parser.add_argument("--selection", choices=SELECTIONS, default="published")
+    parser.add_argument("--combine", choices=COMBINES, default="sum")
     args = parser.parse_args()
+    options = dict(rope=args.rope, scores=args.scores, selection=args.selection, combine=args.combine)
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py needs a CUDA device (the fused kernels run only there)")
     for case in args.case or WIDEST:
-        profile_case(*case, args.rope)
+        profile_case(*case, options)
 
 
 if __name__ == "__main__":
