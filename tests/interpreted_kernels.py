@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import sys
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -44,6 +47,22 @@ def _patch_with_scalar_index(tensor, scope):
 
 
 interpreter._patch_lang_tensor = _patch_with_scalar_index
+
+
+def side_by_side(compute: Callable, items: Collection) -> Iterator:
+    """``compute(item)`` for every item, in order, each computed in one of a pool of forked
+    processes, one per core (no more than items): the interpreter runs a program at a time on one
+    core, and CI has two. ``compute`` must be a module-level function; a process computes one item
+    at a time, with one thread (the pool's processes share the cores already). A process that dies
+    fails the run (BrokenProcessPool) rather than leaving it waiting; a failed item cancels the
+    items not started."""
+    pool = ProcessPoolExecutor(min(os.cpu_count(), len(items)), mp_context=multiprocessing.get_context("fork"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        yield from pool.map(compute, items)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). The last two: spans wider than one step of
 # the entries kernel (512 and 256 positions), at levels listing far more entries than they have
@@ -124,15 +143,24 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
                 same_selection=same_selection)
 
 
-def run(dtype: torch.dtype) -> None:
+def compare_row(item: tuple) -> dict:
+    """:func:`compare` on one (case, options, dtype), a wide case at the GPU's positions per program,
+    with the positions a program of the position kernel took."""
+    case, options, dtype = item
     natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
-    for case in cases_for(dtype):
-        if case in WIDE_CASES:
-            fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
+    if case in WIDE_CASES:
+        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
+    try:
         widths = positions_per_program(fused._next_power_of_2(case[4]))  # what ran, not what was asked
-        for options in options_for(case, dtype):
-            print(json.dumps(dict(compare(case, options, dtype), positions_per_program=widths)), flush=True)
+        return dict(compare(case, options, dtype), positions_per_program=widths)
+    finally:
         fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
+
+
+def run(dtype: torch.dtype) -> None:
+    items = [(case, options, dtype) for case in cases_for(dtype) for options in options_for(case, dtype)]
+    for row in side_by_side(compare_row, items):
+        print(json.dumps(row), flush=True)
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
@@ -169,19 +197,23 @@ def _selection_inputs(case, scores):
     return q, k, given
 
 
+def selection_row(item: tuple) -> dict:
+    """The selection kernel against the reference on one (case, scores, causal)."""
+    case, scores, causal = item
+    plan = LighthousePlan(case[3], *case[5:])
+    q, k, given = _selection_inputs(case, scores)
+    got = fused.select(q, k, plan, causal=causal, **given)
+    want = reference.select(q, k, plan, causal=causal, **given)
+    fields = ("level", "local", "index", "key", "refined")
+    return dict(case=case, scores=scores, causal=causal,
+                score_pass_levels=0 if given else fused._score_pass_levels(q.dtype, q.shape[-1], plan),
+                equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})
+
+
 def run_selection() -> None:
-    for case in SELECTION_CASES:
-        plan = LighthousePlan(case[3], *case[5:])
-        for scores in SELECTION_SCORES:
-            q, k, given = _selection_inputs(case, scores)
-            for causal in (False, True):
-                got = fused.select(q, k, plan, causal=causal, **given)
-                want = reference.select(q, k, plan, causal=causal, **given)
-                fields = ("level", "local", "index", "key", "refined")
-                print(json.dumps(dict(case=case, scores=scores, causal=causal,
-                                      score_pass_levels=0 if given else fused._score_pass_levels(q.dtype, q.shape[-1], plan),
-                                      equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})),
-                      flush=True)
+    items = [(case, scores, causal) for case in SELECTION_CASES for scores in SELECTION_SCORES for causal in (False, True)]
+    for row in side_by_side(selection_row, items):
+        print(json.dumps(row), flush=True)
 
 
 # The score pass's means (half precision only): spans of 2, 4, 8 and 16 positions, the coarsest or
@@ -194,36 +226,39 @@ MEANS_CASES = [(1, 2, 1, 1500, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 2, 8, 128), (
                (1, 2, 2, 2500, 32, 3, 8, 128), (1, 2, 1, 5000, 16, 4, 8, 128)]
 
 
-def run_means() -> None:
+def means_row(case: tuple) -> dict:
     """rope="pooled": the score pass's means against the reference pyramid's level of their width,
     over the positions the pass covers, and the gathered q and k rows (copies or means of those
     means) against the reference's rows of the same listing. rope="span_end": the same listing
     (the scores are the same norms) and no means (the gather pools its rows, rotated to span end,
     itself)."""
-    for case in MEANS_CASES:
-        batch, heads, kv_heads, seq, dim = case[:5]
-        plan = LighthousePlan(seq, *case[5:])
-        g = torch.Generator().manual_seed(seq)
-        q, k, v = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
-        pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
-        width = fused.score_pass_means_width(q.dtype, dim, plan)
-        level = round(math.log(width, plan.pooling))
-        rows = fused.score_means_rows(plan, width)
-        assert pooled.means.shape[1] == rows and fused.score_pass_positions(q.dtype, dim, plan) >= rows * width
-        offset = plan.level_offset(level)
-        want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset : offset + rows].flatten(0, 1) for x in (q, k)])
-        selection = fused.selection_from_listing(pooled.entry_local, pooled.entry_row, plan)
-        gathered = fused.gather_entries(pooled, q, k, v, plan)
-        wants = (reference.gather_entries(reference.pyramid(x.float(), plan), selection.index) for x in (q, k, v))
-        # relative to each row element (one bf16 step is 2**-8 to 2**-7 of it), so a wrong or missing mean shows
-        gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
-        print(json.dumps(dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
-                              means_dtype=str(pooled.means.dtype),
-                              max_error=(pooled.means.float() - want).abs().max().item(),
-                              gather_error=gather_error,
-                              same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
-                              span_end_means=span_end.means.numel())),
-              flush=True)
+    batch, heads, kv_heads, seq, dim = case[:5]
+    plan = LighthousePlan(seq, *case[5:])
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
+    pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
+    width = fused.score_pass_means_width(q.dtype, dim, plan)
+    level = round(math.log(width, plan.pooling))
+    rows = fused.score_means_rows(plan, width)
+    assert pooled.means.shape[1] == rows and fused.score_pass_positions(q.dtype, dim, plan) >= rows * width
+    offset = plan.level_offset(level)
+    want = torch.cat([reference.pyramid(x.float(), plan)[:, :, offset : offset + rows].flatten(0, 1) for x in (q, k)])
+    selection = fused.selection_from_listing(pooled.entry_local, pooled.entry_row, plan)
+    gathered = fused.gather_entries(pooled, q, k, v, plan)
+    wants = (reference.gather_entries(reference.pyramid(x.float(), plan), selection.index) for x in (q, k, v))
+    # relative to each row element (one bf16 step is 2**-8 to 2**-7 of it), so a wrong or missing mean shows
+    gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
+    return dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
+                means_dtype=str(pooled.means.dtype),
+                max_error=(pooled.means.float() - want).abs().max().item(),
+                gather_error=gather_error,
+                same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
+                span_end_means=span_end.means.numel())
+
+
+def run_means() -> None:
+    for row in side_by_side(means_row, MEANS_CASES):
+        print(json.dumps(row), flush=True)
 
 
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never
@@ -233,23 +268,30 @@ def run_means() -> None:
 HALO_CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (1, 2, 2, 8192, 16, 4, 4, 128)]
 
 
-def run_halo() -> None:
+def halo_rows(case: tuple) -> list[dict]:
     """The scatter of the kernels' listing over ``S + c - 1`` positions (``c`` the coarsest width;
     the context-parallel op scatters each chunk into the next chunk's first ``c - 1`` positions)
     against the reference's scatter of the same selection, both combines, float32."""
-    for case in HALO_CASES:
-        batch, heads, kv_heads, seq, dim = case[:5]
-        plan = LighthousePlan(seq, *case[5:])
-        g = torch.Generator().manual_seed(seq)
-        q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
-        listing = fused.select_entries(q, k, plan)
-        selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
-        out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g)
-        length = seq + plan.coarse_width - 1
-        for mean in (False, True):
-            got = fused.scatter_entries(listing, out_sel, length, plan, mean)
-            want = reference.scatter_back(out_sel, selection, length, mean)
-            print(json.dumps(dict(case=case, mean=mean, length=length, error=rel(got, want))), flush=True)
+    batch, heads, kv_heads, seq, dim = case[:5]
+    plan = LighthousePlan(seq, *case[5:])
+    g = torch.Generator().manual_seed(seq)
+    q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
+    listing = fused.select_entries(q, k, plan)
+    selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
+    out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g)
+    length = seq + plan.coarse_width - 1
+    rows = []
+    for mean in (False, True):
+        got = fused.scatter_entries(listing, out_sel, length, plan, mean)
+        want = reference.scatter_back(out_sel, selection, length, mean)
+        rows.append(dict(case=case, mean=mean, length=length, error=rel(got, want)))
+    return rows
+
+
+def run_halo() -> None:
+    for rows in side_by_side(halo_rows, HALO_CASES):
+        for row in rows:
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
