@@ -1,7 +1,9 @@
 """Context parallelism captures as one graph (``torch.compile(fullgraph=True)``), like the
-single-device path: the op on two gloo processes, a decoder layer on two threaded ranks
-(tests/threaded_ranks.py); the aot_eager backend (no C++ compiler needed), outputs and gradients
-against eager. tests/test_gpu_context_parallel.py compiles the op with inductor on a GPU."""
+single-device path, on two threaded ranks (tests/threaded_ranks.py), whose collectives dynamo
+traces: the gathered fallback and a decoder layer; the aot_eager backend (no C++ compiler needed),
+outputs and gradients against eager. The op and a decoder layer on gloo processes (opaque
+collectives) are tests/test_context_parallel_processes.py's; tests/test_gpu_context_parallel.py
+compiles the op with inductor on a GPU."""
 
 from __future__ import annotations
 
@@ -12,40 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from helpers import tiny_config
 from lighthouse_hf import apply_lighthouse
-from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel, shard_sequence
+from lighthouse_hf.context_parallel import chunk_plan, lighthouse_attention_context_parallel
 from lighthouse_hf.dispatch import LighthouseWarning
 from context_parallel_checks import layer_eager_and_compiled
-from process_ranks import run_rank_processes
 from threaded_ranks import run_ranks, shard, unshard
-
-WORLD = 2
-SEQ = 16384
-SETTINGS = dict(levels=3, pooling=4, topk=512)
-
-
-def _worker(rank: int) -> None:
-    torch.manual_seed(0)
-    q, k, v = torch.randn(1, 4, SEQ, 16), torch.randn(1, 2, SEQ, 16), torch.randn(1, 2, SEQ, 16)
-
-    def run(fn):
-        parts = [shard_sequence(x, None, dim=2).requires_grad_() for x in (q, k, v)]
-        out = fn(*parts)
-        return out, torch.autograd.grad(out.square().sum(), parts)
-
-    def attention(q, k, v):
-        return lighthouse_attention_context_parallel(q, k, v, **SETTINGS)
-
-    eager_out, eager_grads = run(attention)
-    out, grads = run(torch.compile(attention, fullgraph=True, backend="aot_eager"))
-    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
-    for grad, eager_grad in zip(grads, eager_grads):
-        torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_context_parallel_op_compiles_as_one_graph():
-    assert chunk_plan(SEQ, 2 * WORLD, **SETTINGS) is not None  # the chunk-local path, not the gathered fallback
-    run_rank_processes(WORLD, _worker)
 
 
 @pytest.mark.slow

@@ -102,7 +102,8 @@ def _assert_one_graph_on_the_reference_branch(graphs):
 @pytest.mark.slow
 def test_context_parallel_op_compiles_as_one_graph_on_processes():
     assert chunk_plan(SEQ, 4, **SETTINGS) is not None
-    report = op_eager_and_compiled(2, (2, 1, SEQ, 8), SETTINGS, torch.float32, "cpu", "aot_eager")
+    # GQA over two KV heads: the compiled op's collectives gather every KV head's chunks
+    report = op_eager_and_compiled(2, (4, 2, SEQ, 8), SETTINGS, torch.float32, "cpu", "aot_eager")
     assert max(report["compiled_vs_eager"].values()) <= FP32_TOL, report["compiled_vs_eager"]
     _assert_one_graph_on_the_reference_branch(report["graphs"])
 
