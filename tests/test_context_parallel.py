@@ -17,8 +17,14 @@ def local_chunks(x, rank):
     return torch.cat([chunks[rank], chunks[2 * WORLD - 1 - rank]], dim=2)
 
 
-def worker(rank, seq, settings, heads, kv_heads, given_scores=False):
-    torch.set_num_threads(1)
+ROTARY = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+# The published method, then span-end RoPE, mean combine and given scores (split with the sequence).
+METHODS = [(dict(), False), (dict(rope_inv_freq=ROTARY, combine="mean"), True)]
+
+
+def check_rank(rank, seq, settings, heads, kv_heads, options, given_scores):
+    """This rank's part of the context-parallel op's output and gradients equals the same part of
+    the op on the whole sequence in this process (B = 2)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, heads, seq, 8, generator=g)
     k = torch.randn(2, kv_heads, seq, 8, generator=g)
@@ -27,16 +33,22 @@ def worker(rank, seq, settings, heads, kv_heads, given_scores=False):
     scores = [torch.rand(2, h, seq, generator=g) for h in (heads, kv_heads)] if given_scores else None
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     given = dict(q_scores=scores[0], k_scores=scores[1]) if scores else {}
-    expected = lighthouse_attention(*full, **settings, **given)
+    expected = lighthouse_attention(*full, **settings, **options, **given)
     (expected * weight).sum().backward()
 
     local = [local_chunks(x, rank).requires_grad_() for x in (q, k, v)]
     given = {name: local_chunks(x[..., None], rank)[..., 0] for name, x in given.items()}
-    out = lighthouse_attention_context_parallel(*local, **settings, **given)
+    out = lighthouse_attention_context_parallel(*local, **settings, **options, **given)
     (out * local_chunks(weight, rank)).sum().backward()
-    assert rel_err(out, local_chunks(expected, rank)) < 1e-5
+    assert rel_err(out, local_chunks(expected, rank)) < 1e-5, options
     for mine, theirs in zip(local, full):
-        assert rel_err(mine.grad, local_chunks(theirs.grad, rank)) < 1e-5
+        assert rel_err(mine.grad, local_chunks(theirs.grad, rank)) < 1e-5, options
+
+
+def worker(rank, seq, settings, heads, kv_heads):
+    torch.set_num_threads(1)
+    for options, given_scores in METHODS:  # one pair of processes for both: starting one costs seconds
+        check_rank(rank, seq, settings, heads, kv_heads, options, given_scores)
 
 
 @pytest.mark.slow
@@ -46,25 +58,10 @@ def worker(rank, seq, settings, heads, kv_heads, given_scores=False):
         (8192, dict(levels=3, pooling=4, topk=512), 2, 1),  # chunk boundaries on tile boundaries
         (6000, dict(levels=3, pooling=4, topk=256), 2, 2),  # not aligned: gathered fallback
     ],
+    ids=["aligned", "gathered"],
 )
 def test_two_ranks_equal_one(seq, settings, heads, kv_heads):
     run_rank_processes(WORLD, worker, args=(seq, settings, heads, kv_heads))
-
-
-ROTARY = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "seq, settings, heads, kv_heads",
-    [
-        (8192, dict(levels=3, pooling=4, topk=512, rope_inv_freq=ROTARY, combine="mean"), 2, 1),
-        (6000, dict(levels=3, pooling=4, topk=256, rope_inv_freq=ROTARY, combine="mean"), 2, 2),
-    ],
-    ids=["aligned", "gathered"],
-)
-def test_two_ranks_equal_one_with_method_options(seq, settings, heads, kv_heads):
-    run_rank_processes(WORLD, worker, args=(seq, settings, heads, kv_heads, True))
 
 
 def test_chunk_local_selection_is_the_global_selection():
