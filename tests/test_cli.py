@@ -8,19 +8,18 @@ import pytest
 import torch
 
 import lighthouse_hf
-from lighthouse_hf.cli import build_parser
+from lighthouse_hf.cli import build_parser, main
 
 
 def run(*args):
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
-def test_version_and_help():
-    # each entry point once (a process that imports torch takes ~6 s of CI's time)
+def test_version():
+    # each entry point once (a process that imports torch takes ~6 s of CI's time): the console
+    # script here, ``python -m lighthouse_hf`` in test_export.py::test_module_entry_point_exit_code
     version = run("lighthouse-hf", "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"lighthouse-hf {lighthouse_hf.__version__}"
-    help_text = run(sys.executable, "-m", "lighthouse_hf", "--help")
-    assert help_text.returncode == 0 and "usage: lighthouse-hf" in help_text.stdout
 
 
 HEAVY_MODULES = (
@@ -98,11 +97,11 @@ def test_patches_live_inside_the_package():
     assert run(sys.executable, "-I", "-c", "import patches").returncode != 0
 
 
-def test_bench_without_cuda_says_so():
+def test_bench_without_cuda_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA (tests/test_gpu_kernels.py runs the bench)")
-    result = run("lighthouse-hf", "bench", "--seq", "4096")
-    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+    assert main(["bench", "--seq", "4096"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def _bench_args(*flags: str):
@@ -221,9 +220,11 @@ def test_bench_skips_settings_that_do_not_compress(bench_on_cpu, capsys):
     assert "S=2048 L3 p4 K1024: does not compress (9216 entries for 2048 positions), skipped" in capsys.readouterr().err
 
 
-def test_bench_e2e_rejects_given_scores():
-    result = run(sys.executable, "-m", "lighthouse_hf", "bench", "--e2e", "--scores", "given")
-    assert result.returncode == 2 and "--scores given is for operator mode" in result.stderr
+def test_bench_e2e_rejects_given_scores(capsys):
+    from lighthouse_hf import bench
+
+    assert bench.run(_bench_args("--e2e", "--scores", "given")) == 2  # before any CUDA check
+    assert "--scores given is for operator mode" in capsys.readouterr().err
 
 
 def test_bench_layer_mode_times_an_sdpa_and_a_lighthouse_layer(lighthouse_calls):
