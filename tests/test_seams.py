@@ -20,19 +20,22 @@ from lighthouse_hf import hf_internals
 PACKAGE = pathlib.Path(lighthouse_hf.__file__).parent
 
 
-def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-                         capture_output=True, text=True, check=True)
-    return set(json.loads(out.stdout.splitlines()[-1]))
-
-
 @pytest.mark.slow
 def test_import_loads_neither_trainer_nor_export_nor_more_than_the_registry_needs():
-    loaded = _modules_after("import lighthouse_hf")
+    # One fresh interpreter: the modules Transformers' registry needs, then those of lighthouse_hf
+    # on top (it imports the registry itself, so the second set is what ``import lighthouse_hf`` loads).
+    script = """
+import json, sys
+import transformers.modeling_utils, transformers.masking_utils
+registry_only = sorted(sys.modules)
+import lighthouse_hf
+print(json.dumps([registry_only, sorted(sys.modules)]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    registry_only, loaded = map(set, json.loads(out.stdout.splitlines()[-1]))
     for module in ("transformers.trainer", "lighthouse_hf.export", "lighthouse_hf.distributed", "lighthouse_hf.training", "datasets"):
         assert module not in loaded, module
     # accelerate only as far as Transformers' own modeling_utils (where the attention registry lives) loads it
-    registry_only = _modules_after("import transformers.modeling_utils, transformers.masking_utils")
     assert ("accelerate" in loaded) == ("accelerate" in registry_only)
 
 
