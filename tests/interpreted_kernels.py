@@ -1,21 +1,22 @@
 """Runs the fused Triton path on CPU tensors under Triton's interpreter against the PyTorch
 reference: every method option, forward and backward. Run by tests/test_kernels_interpreted.py in
-its own process (TRITON_INTERPRET must be set before the kernels are compiled), or by hand:
+its own process (TRITON_INTERPRET must be set before the kernels are compiled) with every mode, or
+by hand with one or more:
 
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
-    TRITON_INTERPRET=1 python tests/interpreted_kernels.py selection
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py bfloat16 selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo
 
-Prints one JSON line per (shape, options) with the relative errors of the output and gradients and
-whether the selections are identical; ``selection`` prints one line per (shape, scores, rule) with
-whether the selection kernel equals the reference entry for entry (ties included); ``means`` one
-line per shape with the score pass's means against the reference pyramid's level of their width,
-the gathered rows against the reference's, and whether rope="span_end" selects as rope="pooled"
-(with no means from the score pass); ``halo`` one line per (shape, combine) with the scatter over
-more positions than the plan's sequence (the context-parallel halo) against the reference's. The
-float32 rows say how many positions a program of the position kernel took: the wide cases take as
-many as on the GPU at D=128.
+Prints one JSON line per row, its mode under "mode". A dtype's rows, one per (shape, options): the
+relative errors of the output and gradients and whether the selections are identical; ``selection``
+one per (shape, scores, rule): whether the selection kernel equals the reference entry for entry
+(ties included); ``means`` one per shape: the score pass's means against the reference pyramid's
+level of their width, the gathered rows against the reference's, and whether rope="span_end"
+selects as rope="pooled" (with no means from the score pass); ``halo`` one per (shape, combine):
+the scatter over more positions than the plan's sequence (the context-parallel halo) against the
+reference's. The float32 rows say how many positions a program of the position kernel took: the
+wide cases take as many as on the GPU at D=128.
 """
 
 from __future__ import annotations
@@ -157,12 +158,6 @@ def compare_row(item: tuple) -> dict:
         fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
 
 
-def run(dtype: torch.dtype) -> None:
-    items = [(case, options, dtype) for case in cases_for(dtype) for options in options_for(case, dtype)]
-    for row in side_by_side(compare_row, items):
-        print(json.dumps(row), flush=True)
-
-
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
 # (else the coarsest choice is forced whole) and more tiles than levels - 1 (else every program's
 # run of earlier tiles starts at tile 0): 4 tiles of 256; padded, GQA, B = 2, L = 4; p = 8 with
@@ -210,12 +205,6 @@ def selection_row(item: tuple) -> dict:
                 equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})
 
 
-def run_selection() -> None:
-    items = [(case, scores, causal) for case in SELECTION_CASES for scores in SELECTION_SCORES for causal in (False, True)]
-    for row in side_by_side(selection_row, items):
-        print(json.dumps(row), flush=True)
-
-
 # The score pass's means (half precision only): spans of 2, 4, 8 and 16 positions, the coarsest or
 # finer (L4 p4 and L3 p8: coarsest spans of 64, means of 16 and 8; L4 p8 at D=16: coarsest spans of
 # 512 positions, wider than the pass's block, so its grid and its means cover the sequence only),
@@ -256,11 +245,6 @@ def means_row(case: tuple) -> dict:
                 span_end_means=span_end.means.numel())
 
 
-def run_means() -> None:
-    for row in side_by_side(means_row, MEANS_CASES):
-        print(json.dumps(row), flush=True)
-
-
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never
 # padded); L = 3 and L = 4, GQA. A padded plan's scatter builds its plan from the output length,
 # whose real entries then differ from the selection's, so the fused and reference scatters part
@@ -268,10 +252,11 @@ def run_means() -> None:
 HALO_CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (1, 2, 2, 8192, 16, 4, 4, 128)]
 
 
-def halo_rows(case: tuple) -> list[dict]:
+def halo_row(item: tuple) -> dict:
     """The scatter of the kernels' listing over ``S + c - 1`` positions (``c`` the coarsest width;
     the context-parallel op scatters each chunk into the next chunk's first ``c - 1`` positions)
-    against the reference's scatter of the same selection, both combines, float32."""
+    against the reference's scatter of the same selection, on one case and combine (``mean``), float32."""
+    case, mean = item
     batch, heads, kv_heads, seq, dim = case[:5]
     plan = LighthousePlan(seq, *case[5:])
     g = torch.Generator().manual_seed(seq)
@@ -280,27 +265,33 @@ def halo_rows(case: tuple) -> list[dict]:
     selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
     out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g)
     length = seq + plan.coarse_width - 1
-    rows = []
-    for mean in (False, True):
-        got = fused.scatter_entries(listing, out_sel, length, plan, mean)
-        want = reference.scatter_back(out_sel, selection, length, mean)
-        rows.append(dict(case=case, mean=mean, length=length, error=rel(got, want)))
-    return rows
+    got = fused.scatter_entries(listing, out_sel, length, plan, mean)
+    want = reference.scatter_back(out_sel, selection, length, mean)
+    return dict(case=case, mean=mean, length=length, error=rel(got, want))
 
 
-def run_halo() -> None:
-    for rows in side_by_side(halo_rows, HALO_CASES):
-        for row in rows:
-            print(json.dumps(row), flush=True)
+def mode_items(mode: str) -> list[tuple]:
+    """``mode``'s work, one (mode, function, argument) per row: a dtype's cases and options, or
+    selection, means or halo."""
+    if mode == "selection":
+        return [(mode, selection_row, (case, scores, causal))
+                for case in SELECTION_CASES for scores in SELECTION_SCORES for causal in (False, True)]
+    if mode == "means":
+        return [(mode, means_row, case) for case in MEANS_CASES]
+    if mode == "halo":
+        return [(mode, halo_row, (case, mean)) for case in HALO_CASES for mean in (False, True)]
+    dtype = getattr(torch, mode)
+    return [(mode, compare_row, (case, options, dtype)) for case in cases_for(dtype) for options in options_for(case, dtype)]
+
+
+def mode_row(item: tuple) -> dict:
+    """One item of :func:`mode_items`: its row, tagged with its mode."""
+    mode, row, argument = item
+    return dict(row(argument), mode=mode)
 
 
 if __name__ == "__main__":
-    mode = sys.argv[1] if len(sys.argv) > 1 else "float32"
-    if mode == "selection":
-        run_selection()
-    elif mode == "means":
-        run_means()
-    elif mode == "halo":
-        run_halo()
-    else:
-        run(getattr(torch, mode))
+    # Every mode asked for in one pool, so that one mode's last rows run beside the next mode's first.
+    items = [item for mode in sys.argv[1:] or ["float32"] for item in mode_items(mode)]
+    for row in side_by_side(mode_row, items):
+        print(json.dumps(row), flush=True)

@@ -17,18 +17,29 @@ from lighthouse_hf.ops import fused  # noqa: E402
 SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
 
-def interpreted_rows(mode: str) -> list[dict]:
-    """The JSON rows that ``interpreted_kernels.py MODE`` prints, run in a process of its own (the
-    interpreter must be on before the kernels are compiled)."""
-    run = subprocess.run([sys.executable, str(SCRIPT), mode], capture_output=True, text=True, timeout=1800)
+# In the order run: float32's heaviest rows come last and the other modes' run beside them.
+MODES = ("float32", "bfloat16", "selection", "means", "halo")
+
+
+@pytest.fixture(scope="module")
+def interpreted_rows() -> dict[str, list[dict]]:
+    """The JSON rows that ``interpreted_kernels.py`` prints, by mode: every mode in one process of
+    its own (the interpreter must be on before the kernels are compiled), one start and one pool
+    that keeps every core busy to the last row. One mode by hand: ``interpreted_kernels.py MODE``."""
+    run = subprocess.run([sys.executable, str(SCRIPT), *MODES], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
-    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = {mode: [] for mode in MODES}
+    for line in run.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            rows[row.pop("mode")].append(row)
+    return rows
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 3e-2)])
-def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, tolerance):
-    rows = interpreted_rows(dtype)
+def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, tolerance, interpreted_rows):
+    rows = interpreted_rows[dtype]
     # float32: 3 single-option cases x 6 option sets + 3 cases x 2; bfloat16: 3 cases x 2
     # (interpreted_kernels.cases_for and options_for)
     assert len(rows) == {"float32": 24, "bfloat16": 6}[dtype]
@@ -49,10 +60,10 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
 
 
 @pytest.mark.slow
-def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter():
+def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter(interpreted_rows):
     # Both rules (the causal one above all), on scores with ties, signed zeros, padded plans, and
     # tiles whose causal thresholds come from a run of earlier tiles that does not start at tile 0.
-    rows = interpreted_rows("selection")
+    rows = interpreted_rows["selection"]
     assert len(rows) == 56
     for row in rows:
         assert all(row["equal"].values()), row
@@ -62,13 +73,13 @@ def test_selection_kernel_equals_the_reference_with_ties_under_the_interpreter()
 
 
 @pytest.mark.slow
-def test_score_pass_means_and_the_span_end_selection_under_the_interpreter():
+def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(interpreted_rows):
     # The gather takes q and k rows of every level at least as wide as these means from them (a copy
     # of the coarsest level's in q's dtype, else the mean of float32 means), for every batch row
     # (bfloat16's fused comparison has no B = 2 case). rope="span_end" pools
     # rotated rows in the gather, so its score pass writes no means, and selects as the pooled one
     # (its scores are the same norms).
-    rows = interpreted_rows("means")
+    rows = interpreted_rows["means"]
     assert len(rows) == 8
     # finer than the coarsest level, and from a pass that covers the sequence only
     assert any(row["means_width"] < row["coarse_width"] for row in rows)
@@ -81,10 +92,10 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter():
 
 
 @pytest.mark.slow
-def test_scatter_past_the_sequence_under_the_interpreter():
+def test_scatter_past_the_sequence_under_the_interpreter(interpreted_rows):
     # The context-parallel halo: the scatter writes S + c - 1 positions, while `inverse` holds the
     # plan's S slots per level (once it held the padded pyramid's: its rows must keep that stride).
-    rows = interpreted_rows("halo")
+    rows = interpreted_rows["halo"]
     assert len(rows) == 4
     for row in rows:
         assert row["error"] < 1e-6, row
