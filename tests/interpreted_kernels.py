@@ -57,7 +57,9 @@ def side_by_side(compute: Callable, items: Collection) -> Iterator:
     at a time, with one thread (the pool's processes share the cores already). A process that dies
     fails the run (BrokenProcessPool) rather than leaving it waiting; a failed item cancels the
     items not started."""
-    pool = ProcessPoolExecutor(min(os.cpu_count(), len(items)), mp_context=multiprocessing.get_context("fork"),
+    # At most 4: a container can list a host's cores it has no quota for, and each process holds ~0.5 GB.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = ProcessPoolExecutor(min(cores, 4, len(items)), mp_context=multiprocessing.get_context("fork"),
                                initializer=torch.set_num_threads, initargs=(1,))
     try:
         yield from pool.map(compute, items)
