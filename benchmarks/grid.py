@@ -1,0 +1,174 @@
+"""Issue 18's settings grid (L 3/4/5, p 2/4/8, K 1536-6144 at 64K/128K/256K) in one command, and the
+README's table made from it.
+
+    python benchmarks/grid.py run --out benchmarks/h200-grid-DATE.json   # needs CUDA; ~9 min on an H200
+    python benchmarks/grid.py table benchmarks/h200-grid-DATE.json [--fill OLDER.json]
+
+``run`` times each (S, L) in its own ``lighthouse-hf bench --no-dense --json`` process, the three pool
+factors and five budgets in it (64K-128K: ``--warmup 2 --iters 8``; 256K: ``--warmup 1 --iters 4
+--input-sets 2``, as the first grid). It first compiles every specialization in parallel processes
+(Triton's cache is shared on disk), so the timed runs one after the other hold no compile. It
+rewrites ``--out`` after each (S, L), so a run cut short keeps what it measured, and names what is
+missing in the file. ``table`` prints the markdown table and the counts against the targets;
+``--fill`` takes the (S, L) runs missing from the file from an older one, marked with a dagger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from lighthouse_hf.ops.plan import plan_for
+
+SEQS = (65536, 131072, 262144)
+LEVELS = (3, 4, 5)
+POOLINGS = (2, 4, 8)
+TOPKS = (1536, 2048, 3072, 4096, 6144)
+MODES = ("fwd+bwd", "fwd")
+TARGETS = {"fwd+bwd": 1.10, "fwd": 1.15}
+BENCH = [sys.executable, "-m", "lighthouse_hf", "bench", "--no-dense", "--json",
+         "--pooling", *map(str, POOLINGS), "--topk", *map(str, TOPKS)]
+
+
+def timing(seq: int) -> list[str]:
+    if seq >= 262144:
+        return ["--warmup", "1", "--iters", "4", "--input-sets", "2"]
+    return ["--warmup", "2", "--iters", "8"]
+
+
+def grid_row(result: dict) -> dict:
+    """The fields of a bench result that the table and the notes use, rounded as the first grid's."""
+    return dict(
+        seq=result["seq"], levels=result["levels"], pooling=result["pooling"], topk=result["topk"],
+        mode=result["mode"], ratio_to_sdpa_sel_cudnn=round(result["ratio_to_sdpa_sel_cudnn"], 4),
+        floor_ratio=round(result["floor_ratio"], 4), kernel_gb=round(result["kernel_gb"], 3),
+        lighthouse_ms=round(result["lighthouse"]["ms"], 3), lighthouse_peak_gb=round(result["lighthouse"]["peak_gb"], 3),
+    )
+
+
+def write_atomically(path: Path, document: dict) -> None:
+    staging = path.with_name(path.name + ".partial")
+    staging.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(staging, path)
+
+
+def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_first: bool) -> int:
+    runs = [(seq, level) for seq in seqs for level in levels]
+    if compile_first:
+        compiling = [subprocess.Popen(BENCH + ["--seq", str(seq), "--levels", str(level), "--warmup", "1", "--iters", "1",
+                                               "--input-sets", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for seq, level in runs]
+        for process in compiling:
+            process.wait()
+    document = dict(
+        what="issue 18's settings grid: lighthouse-hf bench --no-dense, B=1, H=8, D=128, bf16, rope pooled, "
+             "published selection, sum",
+        date=datetime.date.today().isoformat(), device=None,
+        timing="64K and 128K: --warmup 2 --iters 8 (3 input sets); 256K: --warmup 1 --iters 4 --input-sets 2; "
+               "one bench run per (S, L), the three pool factors and five K in it",
+        fields="ratio_to_sdpa_sel_cudnn and floor_ratio as in the bench's JSON (floor: SDPA(S_sel) cuDNN time plus "
+               "kernel_gb at the measured copy bandwidth); lighthouse_ms and lighthouse_peak_gb: the lighthouse "
+               "variant's median per call and peak",
+        copy_tb_per_s={}, missing=[f"{seq // 1024}K L{level}" for seq, level in runs], rows=[],
+    )
+    write_atomically(out, document)
+    for seq, level in runs:
+        name = f"{seq // 1024}K L{level}"
+        try:
+            done = subprocess.run(BENCH + ["--seq", str(seq), "--levels", str(level)] + timing(seq),
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{name}: over --timeout {timeout:g} s, left missing", flush=True)
+            continue
+        if done.returncode != 0:
+            print(f"{name}: bench failed ({done.returncode}): {done.stderr[-2000:]}", flush=True)
+            continue
+        report = json.loads(done.stdout)
+        document["device"] = f"{report['device']}, torch {report['torch']}"
+        document["rows"] += [grid_row(result) for result in report["results"]]
+        document["copy_tb_per_s"][name] = round(report["results"][0]["copy_tb_per_s"], 2)
+        document["missing"].remove(name)
+        write_atomically(out, document)
+        print(f"{name}: {len(report['results'])} rows", flush=True)
+    return 0 if not document["missing"] else 1
+
+
+def shown(row: dict) -> tuple[float, float]:
+    """The ratio and its floor as the table prints them: the targets are judged on these."""
+    return round(row["ratio_to_sdpa_sel_cudnn"], 2), round(row["floor_ratio"], 2)
+
+
+def cell(row: dict | None, mode: str, compresses: bool, dagger: bool) -> str:
+    if row is None:
+        return "dense" if not compresses else "n/a"
+    ratio, floor = shown(row)
+    text = f"{ratio:.2f} ({floor:.2f})" + ("&dagger;" if dagger else "")
+    # Bold: over the target where the bytes alone would allow it, i.e. the kernels are what is missing.
+    return f"**{text}**" if ratio > TARGETS[mode] and floor <= TARGETS[mode] else text
+
+
+def table(rows: list[dict], filled: set[tuple[int, int]]) -> str:
+    by_key = {(r["seq"], r["levels"], r["pooling"], r["topk"], r["mode"]): r for r in rows}
+    labels = [(f"{'fwd+bwd' if mode == 'fwd+bwd' else 'forward'} " if index == 0 else "") + f"{seq // 1024}K"
+              for mode in MODES for index, seq in enumerate(SEQS)]
+    lines = ["| L, p, K | " + " | ".join(labels) + " |",
+             "|---" * (1 + len(MODES) * len(SEQS)) + "|"]
+    for level in LEVELS:
+        for pooling in POOLINGS:
+            for topk in TOPKS:
+                cells = [cell(by_key.get((seq, level, pooling, topk, mode)), mode,
+                              plan_for(seq, level, pooling, topk).compresses, (seq, level) in filled)
+                         for mode in MODES for seq in SEQS]
+                lines.append(f"| {level}, {pooling}, {topk} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def counts(rows: list[dict]) -> str:
+    lines = []
+    for mode in MODES:
+        mine = [r for r in rows if r["mode"] == mode]
+        target = TARGETS[mode]
+        within = sum(shown(r)[0] <= target for r in mine)
+        bytes_bound = sum(shown(r)[0] > target and shown(r)[1] > target for r in mine)
+        excess = statistics.median(r["ratio_to_sdpa_sel_cudnn"] - r["floor_ratio"] for r in mine)
+        lines.append(f"{mode}: {len(mine)} rows, {within} within {target:.2f}x; of the {len(mine) - within} others "
+                     f"{bytes_bound} have a floor above it, {len(mine) - within - bytes_bound} do not; "
+                     f"median measured minus floor {excess:+.3f}x")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="time the grid on the GPU")
+    run_parser.add_argument("--out", type=Path, required=True, help="the grid's JSON (rewritten after each (S, L))")
+    run_parser.add_argument("--seq", type=int, nargs="+", default=list(SEQS), choices=SEQS)
+    run_parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), choices=LEVELS)
+    run_parser.add_argument("--timeout", type=float, default=240.0, help="seconds per timed (S, L) run")
+    run_parser.add_argument("--no-compile-first", dest="compile_first", action="store_false",
+                            help="skip the parallel compile pass (Triton's cache already holds the kernels)")
+    table_parser = commands.add_parser("table", help="the README's table from a grid JSON")
+    table_parser.add_argument("grid", type=Path)
+    table_parser.add_argument("--fill", type=Path, help="an older grid JSON for the (S, L) runs missing from GRID")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first)
+    document = json.loads(args.grid.read_text())
+    rows, filled = document["rows"], set()
+    if args.fill is not None:
+        have = {(r["seq"], r["levels"]) for r in rows}
+        older = [r for r in json.loads(args.fill.read_text())["rows"] if (r["seq"], r["levels"]) not in have]
+        filled = {(r["seq"], r["levels"]) for r in older}
+        rows = rows + older
+    print(table(rows, filled) + "\n" + counts(document["rows"]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""benchmarks/grid.py: the README's grid table and counts from a grid JSON, and a run that keeps what it
+measured when an (S, L) fails (the bench itself is replaced by a script that prints a report)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("grid", ROOT / "benchmarks" / "grid.py")
+grid = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(grid)
+
+
+def row(seq, levels, pooling, topk, mode, ratio, floor):
+    return dict(seq=seq, levels=levels, pooling=pooling, topk=topk, mode=mode, ratio_to_sdpa_sel_cudnn=ratio,
+                floor_ratio=floor, kernel_gb=1.0, lighthouse_ms=1.0, lighthouse_peak_gb=1.0)
+
+
+def line(text: str, settings: str) -> list[str]:
+    found = next(line for line in text.splitlines() if line.startswith(f"| {settings} |"))
+    return [cell.strip() for cell in found.strip("|").split("|")][1:]
+
+
+def test_cells_judge_the_targets_on_the_printed_values():
+    rows = [
+        row(65536, 3, 4, 2048, "fwd+bwd", 1.1049, 1.09),  # prints 1.10: within
+        row(131072, 3, 4, 2048, "fwd+bwd", 1.1051, 1.09),  # prints 1.11, floor within: the kernels' miss
+        row(262144, 3, 4, 2048, "fwd+bwd", 1.20, 1.16),  # floor over the target: the bytes' miss
+        row(65536, 3, 4, 2048, "fwd", 1.16, 1.15),
+    ]
+    cells = line(grid.table(rows, filled=set()), "3, 4, 2048")
+    assert cells[:4] == ["1.10 (1.09)", "**1.11 (1.09)**", "1.20 (1.16)", "**1.16 (1.15)**"]
+    # 128K and 256K forward were not measured although the setting compresses there
+    assert cells[4:] == ["n/a", "n/a"]
+    counts = grid.counts(rows)
+    assert "fwd+bwd: 3 rows, 1 within 1.10x; of the 2 others 1 have a floor above it, 1 do not" in counts
+    assert "fwd: 1 rows, 0 within 1.15x; of the 1 others 0 have a floor above it, 1 do not" in counts
+
+
+def test_settings_that_do_not_compress_read_dense_and_filled_runs_carry_a_dagger():
+    # L3 p8 K6144 at 64K lists 104448 entries for 65536 positions: the op runs dense SDPA there.
+    text = grid.table([row(131072, 3, 8, 6144, "fwd", 0.86, 1.02)], filled={(131072, 3)})
+    assert line(text, "3, 8, 6144")[3:5] == ["dense", "0.86 (1.02)&dagger;"]
+
+
+def test_the_recorded_first_grid_gives_the_counts_its_notes_state():
+    rows = json.loads((ROOT / "benchmarks" / "h200-grid-2026-12-01.json").read_text())["rows"]
+    counts = grid.counts(rows)
+    assert "fwd+bwd: 120 rows, 95 within 1.10x; of the 25 others 15 have a floor above it, 10 do not" in counts
+    assert "fwd: 120 rows, 77 within 1.15x; of the 43 others 32 have a floor above it, 11 do not" in counts
+
+
+FAKE_BENCH = """
+import json, sys
+args = sys.argv[1:]
+seq, levels = int(args[args.index("--seq") + 1]), int(args[args.index("--levels") + 1])
+if levels == 5:
+    sys.exit("no GPU here")
+result = dict(seq=seq, levels=levels, pooling=4, topk=2048, mode="fwd", ratio_to_sdpa_sel_cudnn=1.2,
+              floor_ratio=1.1, kernel_gb=1.0, copy_tb_per_s=4.2, lighthouse=dict(ms=2.0, peak_gb=1.5))
+print(json.dumps(dict(device="fake", torch="0", results=[result])))
+"""
+
+
+def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path, monkeypatch):
+    bench = tmp_path / "bench.py"
+    bench.write_text(FAKE_BENCH)
+    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench)])
+    out = tmp_path / "grid.json"
+    assert grid.run(out, [65536], [3, 5, 4], timeout=60, compile_first=False) == 1
+    document = json.loads(out.read_text())
+    assert document["missing"] == ["64K L5"]
+    assert [(r["seq"], r["levels"], r["ratio_to_sdpa_sel_cudnn"]) for r in document["rows"]] == [(65536, 3, 1.2), (65536, 4, 1.2)]
+    assert not list(tmp_path.glob("*.partial"))
