@@ -1,7 +1,8 @@
 """Issue 18's settings grid (L 3/4/5, p 2/4/8, K 1536-6144 at 64K/128K/256K) in one command, and the
 README's table made from it.
 
-    python benchmarks/grid.py run --out benchmarks/h200-grid-DATE.json   # needs CUDA; ~9 min on an H200
+    python benchmarks/grid.py run --out benchmarks/h200-grid-DATE.json        # needs CUDA
+    python benchmarks/grid.py run --out GRID.json --update --seq 262144 --levels 4 5
     python benchmarks/grid.py table benchmarks/h200-grid-DATE.json [--fill OLDER.json]
 
 ``run`` times each (S, L) in its own ``lighthouse-hf bench --no-dense --json`` process, the three pool
@@ -9,8 +10,10 @@ factors and five budgets in it (64K-128K: ``--warmup 2 --iters 8``; 256K: ``--wa
 --input-sets 2``, as the first grid). It first compiles every specialization in parallel processes
 (Triton's cache is shared on disk), so the timed runs one after the other hold no compile. It
 rewrites ``--out`` after each (S, L), so a run cut short keeps what it measured, and names what is
-missing in the file. ``table`` prints the markdown table and the counts against the targets;
-``--fill`` takes the (S, L) runs missing from the file from an older one, marked with a dagger.
+missing in the file. An existing ``--out`` is refused unless ``--update``, which replaces only the
+(S, L) runs measured again. ``table`` prints the markdown table and the counts against the
+targets; ``--fill`` takes the (S, L) runs missing from the file from an older one, marked with a
+dagger.
 """
 
 from __future__ import annotations
@@ -58,45 +61,82 @@ def write_atomically(path: Path, document: dict) -> None:
     os.replace(staging, path)
 
 
-def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_first: bool) -> int:
-    runs = [(seq, level) for seq in seqs for level in levels]
-    if compile_first:
-        compiling = [subprocess.Popen(BENCH + ["--seq", str(seq), "--levels", str(level), "--warmup", "1", "--iters", "1",
-                                               "--input-sets", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for seq, level in runs]
-        for process in compiling:
-            process.wait()
-    document = dict(
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def new_document() -> dict:
+    return dict(
         what="issue 18's settings grid: lighthouse-hf bench --no-dense, B=1, H=8, D=128, bf16, rope pooled, "
              "published selection, sum",
-        date=datetime.date.today().isoformat(), device=None,
+        date=datetime.date.today().isoformat(), device=None, commit=commit(),
         timing="64K and 128K: --warmup 2 --iters 8 (3 input sets); 256K: --warmup 1 --iters 4 --input-sets 2; "
                "one bench run per (S, L), the three pool factors and five K in it",
         fields="ratio_to_sdpa_sel_cudnn and floor_ratio as in the bench's JSON (floor: SDPA(S_sel) cuDNN time plus "
                "kernel_gb at the measured copy bandwidth); lighthouse_ms and lighthouse_peak_gb: the lighthouse "
                "variant's median per call and peak",
-        copy_tb_per_s={}, missing=[f"{seq // 1024}K L{level}" for seq, level in runs], rows=[],
+        copy_tb_per_s={}, missing=[], rows=[],
     )
+
+
+def compile_all(runs: list[tuple[int, int]], timeout: float) -> None:
+    """One untimed bench per (S, L), all at once: Triton compiles each specialization once, on disk."""
+    compiling = {(seq, level): subprocess.Popen(
+        BENCH + ["--seq", str(seq), "--levels", str(level), "--warmup", "1", "--iters", "1", "--input-sets", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seq, level in runs}
+    for (seq, level), process in compiling.items():
+        try:
+            _, errors = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            print(f"{seq // 1024}K L{level}: compile pass over {timeout:g} s, killed", flush=True)
+            continue
+        if process.returncode != 0:
+            print(f"{seq // 1024}K L{level}: compile pass failed ({process.returncode}): {errors[-2000:]}", flush=True)
+
+
+def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_first: bool, update: bool = False) -> int:
+    """Times the grid's (S, L) runs into ``out``; 0 when every one of them was measured."""
+    if out.exists() and not update:
+        raise SystemExit(f"--out {out} exists: pass --update to re-measure some of its runs, or choose another file")
+    runs = [(seq, level) for seq in seqs for level in levels]
+    document = json.loads(out.read_text()) if out.exists() else new_document()
+    names = [f"{seq // 1024}K L{level}" for seq, level in runs]
+    have = {(r["seq"], r["levels"]) for r in document["rows"]}  # with --update, kept unless measured again
+    document["missing"] += [name for run_, name in zip(runs, names) if run_ not in have and name not in document["missing"]]
     write_atomically(out, document)
-    for seq, level in runs:
-        name = f"{seq // 1024}K L{level}"
+    measured = 0
+    if compile_first:
+        compile_all(runs, timeout)
+    for (seq, level), name in zip(runs, names):
         try:
             done = subprocess.run(BENCH + ["--seq", str(seq), "--levels", str(level)] + timing(seq),
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             print(f"{name}: over --timeout {timeout:g} s, left missing", flush=True)
             continue
-        if done.returncode != 0:
-            print(f"{name}: bench failed ({done.returncode}): {done.stderr[-2000:]}", flush=True)
+        try:
+            if done.returncode != 0:
+                raise ValueError(f"exit code {done.returncode}: {done.stderr[-2000:]}")
+            report = json.loads(done.stdout)
+            rows = [grid_row(result) for result in report["results"]]
+            copy = round(report["results"][0]["copy_tb_per_s"], 2)
+        except (ValueError, KeyError, IndexError) as error:  # a failed or unreadable bench: this run stays missing
+            print(f"{name}: no rows ({error})", flush=True)
             continue
-        report = json.loads(done.stdout)
         document["device"] = f"{report['device']}, torch {report['torch']}"
-        document["rows"] += [grid_row(result) for result in report["results"]]
-        document["copy_tb_per_s"][name] = round(report["results"][0]["copy_tb_per_s"], 2)
-        document["missing"].remove(name)
+        document["rows"] = [r for r in document["rows"] if (r["seq"], r["levels"]) != (seq, level)] + rows
+        document["copy_tb_per_s"][name] = copy
+        if name in document["missing"]:
+            document["missing"].remove(name)
         write_atomically(out, document)
-        print(f"{name}: {len(report['results'])} rows", flush=True)
-    return 0 if not document["missing"] else 1
+        measured += 1
+        print(f"{name}: {len(rows)} rows", flush=True)
+    return 0 if measured == len(runs) else 1
 
 
 def shown(row: dict) -> tuple[float, float]:
@@ -130,15 +170,17 @@ def table(rows: list[dict], filled: set[tuple[int, int]]) -> str:
 
 
 def counts(rows: list[dict]) -> str:
+    """Per mode, the rows within the target and, of the others, those whose floor is over it too. The
+    table's caller passes the file's own rows only (not those ``--fill`` adds)."""
     lines = []
     for mode in MODES:
-        mine = [r for r in rows if r["mode"] == mode]
+        of_mode = [r for r in rows if r["mode"] == mode]
         target = TARGETS[mode]
-        within = sum(shown(r)[0] <= target for r in mine)
-        bytes_bound = sum(shown(r)[0] > target and shown(r)[1] > target for r in mine)
-        excess = statistics.median(r["ratio_to_sdpa_sel_cudnn"] - r["floor_ratio"] for r in mine)
-        lines.append(f"{mode}: {len(mine)} rows, {within} within {target:.2f}x; of the {len(mine) - within} others "
-                     f"{bytes_bound} have a floor above it, {len(mine) - within - bytes_bound} do not; "
+        within = sum(shown(r)[0] <= target for r in of_mode)
+        bytes_bound = sum(shown(r)[0] > target and shown(r)[1] > target for r in of_mode)
+        excess = statistics.median(r["ratio_to_sdpa_sel_cudnn"] - r["floor_ratio"] for r in of_mode)
+        lines.append(f"{mode}: {len(of_mode)} rows, {within} within {target:.2f}x; of the {len(of_mode) - within} others "
+                     f"{bytes_bound} have a floor above it, {len(of_mode) - within - bytes_bound} do not; "
                      f"median measured minus floor {excess:+.3f}x")
     return "\n".join(lines) + "\n"
 
@@ -150,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--out", type=Path, required=True, help="the grid's JSON (rewritten after each (S, L))")
     run_parser.add_argument("--seq", type=int, nargs="+", default=list(SEQS), choices=SEQS)
     run_parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), choices=LEVELS)
-    run_parser.add_argument("--timeout", type=float, default=240.0, help="seconds per timed (S, L) run")
+    run_parser.add_argument("--update", action="store_true", help="re-measure these (S, L) runs in an existing --out")
+    run_parser.add_argument("--timeout", type=float, default=240.0, help="seconds per (S, L) run, compiling or timed")
     run_parser.add_argument("--no-compile-first", dest="compile_first", action="store_false",
                             help="skip the parallel compile pass (Triton's cache already holds the kernels)")
     table_parser = commands.add_parser("table", help="the README's table from a grid JSON")
@@ -158,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     table_parser.add_argument("--fill", type=Path, help="an older grid JSON for the (S, L) runs missing from GRID")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first)
+        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update)
     document = json.loads(args.grid.read_text())
     rows, filled = document["rows"], set()
     if args.fill is not None:

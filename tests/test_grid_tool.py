@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("grid", ROOT / "benchmarks" / "grid.py")
 grid = importlib.util.module_from_spec(SPEC)
@@ -19,9 +21,10 @@ def row(seq, levels, pooling, topk, mode, ratio, floor):
                 floor_ratio=floor, kernel_gb=1.0, lighthouse_ms=1.0, lighthouse_peak_gb=1.0)
 
 
-def line(text: str, settings: str) -> list[str]:
-    found = next(line for line in text.splitlines() if line.startswith(f"| {settings} |"))
-    return [cell.strip() for cell in found.strip("|").split("|")][1:]
+def cells_of(table: str, settings: str) -> list[str]:
+    """The cells of the table's row for ``settings`` ("L, p, K"), without the settings cell."""
+    row_text = next(text for text in table.splitlines() if text.startswith(f"| {settings} |"))
+    return [cell.strip() for cell in row_text.strip("|").split("|")][1:]
 
 
 def test_cells_judge_the_targets_on_the_printed_values():
@@ -31,7 +34,7 @@ def test_cells_judge_the_targets_on_the_printed_values():
         row(262144, 3, 4, 2048, "fwd+bwd", 1.20, 1.16),  # floor over the target: the bytes' miss
         row(65536, 3, 4, 2048, "fwd", 1.16, 1.15),
     ]
-    cells = line(grid.table(rows, filled=set()), "3, 4, 2048")
+    cells = cells_of(grid.table(rows, filled=set()), "3, 4, 2048")
     assert cells[:4] == ["1.10 (1.09)", "**1.11 (1.09)**", "1.20 (1.16)", "**1.16 (1.15)**"]
     # 128K and 256K forward were not measured although the setting compresses there
     assert cells[4:] == ["n/a", "n/a"]
@@ -43,7 +46,7 @@ def test_cells_judge_the_targets_on_the_printed_values():
 def test_settings_that_do_not_compress_read_dense_and_filled_runs_carry_a_dagger():
     # L3 p8 K6144 at 64K lists 104448 entries for 65536 positions: the op runs dense SDPA there.
     text = grid.table([row(131072, 3, 8, 6144, "fwd", 0.86, 1.02)], filled={(131072, 3)})
-    assert line(text, "3, 8, 6144")[3:5] == ["dense", "0.86 (1.02)&dagger;"]
+    assert cells_of(text, "3, 8, 6144")[3:5] == ["dense", "0.86 (1.02)&dagger;"]
 
 
 def test_the_recorded_first_grid_gives_the_counts_its_notes_state():
@@ -70,8 +73,16 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     bench.write_text(FAKE_BENCH)
     monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench)])
     out = tmp_path / "grid.json"
-    assert grid.run(out, [65536], [3, 5, 4], timeout=60, compile_first=False) == 1
+    assert grid.run(out, [65536], [3, 5, 4], timeout=60, compile_first=True) == 1
     document = json.loads(out.read_text())
     assert document["missing"] == ["64K L5"]
     assert [(r["seq"], r["levels"], r["ratio_to_sdpa_sel_cudnn"]) for r in document["rows"]] == [(65536, 3, 1.2), (65536, 4, 1.2)]
     assert not list(tmp_path.glob("*.partial"))
+
+    # An existing file is never overwritten by accident; --update measures again only what it is asked to.
+    with pytest.raises(SystemExit, match="--update"):
+        grid.run(out, [131072], [3], timeout=60, compile_first=False)
+    assert grid.run(out, [131072, 65536], [3], timeout=60, compile_first=False, update=True) == 0
+    document = json.loads(out.read_text())
+    assert document["missing"] == ["64K L5"]
+    assert sorted((r["seq"], r["levels"]) for r in document["rows"]) == [(65536, 3), (65536, 4), (131072, 3)]
