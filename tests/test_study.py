@@ -320,7 +320,7 @@ def test_report_compares_each_schedule_with_its_own_dense_run(study_dir, load_sc
     assert report.is_dense("dense-constant") and not report.is_dense("published")
 
 
-def test_report_compares_the_default_arms_with_dense_controls(tmp_path, study_dir, load_script):
+def test_report_compares_every_lighthouse_arm_with_dense_controls(tmp_path, study_dir, load_script):
     report = load_script("report_tracks")
 
     def run(name, loss, seconds):
@@ -337,15 +337,18 @@ def test_report_compares_the_default_arms_with_dense_controls(tmp_path, study_di
     run("published", 3.2, 200.0)
     run("causal", 3.15, 210.0)
     run("dense-steps134", 3.1, 200.0)  # dense on its own schedule for the Lighthouse arm's GPU time
+    run("causal-recovery0.375", 3.12, 240.0)  # another schedule's arm, its dense partner not run yet
     summary = report.main(["--results", str(tmp_path)])
     (causal,) = summary["against_published"]  # what the option buys over the published method
     assert causal["arm"] == "causal" and causal["difference"] == pytest.approx(-0.05)
     assert causal["gpu_time_ratio"] == pytest.approx(1.05)
     assert "What each option buys: against published" in (tmp_path / "results.md").read_text()
-    assert set(summary["verdict"]) == {"default"}  # a control has no verdict of its own
+    assert set(summary["verdict"]) == {"default", "recovery0.375"}  # a control has no verdict of its own
+    assert summary["verdict"]["recovery0.375"]["outcome"] == "inconclusive"
     assert [c["arm"] for c in summary["comparisons"]] == ["dense", "causal", "published"]
     against_control = {c["arm"]: c for c in summary["controls"]["dense-steps134"]}
-    assert set(against_control) == {"causal", "published"}
+    assert set(against_control) == {"causal", "causal-recovery0.375", "published"}  # every schedule's arms
+    assert against_control["causal-recovery0.375"]["gpu_time_ratio"] == pytest.approx(1.2)
     assert against_control["published"]["difference"] == pytest.approx(0.1)
     assert against_control["published"]["gpu_time_ratio"] == pytest.approx(1.0)
     assert "Against the dense control dense-steps134" in (tmp_path / "results.md").read_text()

@@ -14,8 +14,9 @@ seeds than the plan's ``PLANNED_SEEDS`` is marked provisional.
 
 A dense run of a variant no Lighthouse arm has (``dense-steps134``: dense on its own schedule for
 the Lighthouse arms' GPU time; ``dense-recovery0.9-steps61``: dense for the recovery's steps only)
-is a control outside the rule: each Lighthouse arm of the default schedule is compared with it the
-same way (``controls`` in the summary, a table of its own), and it has no verdict.
+is a control outside the rule: every Lighthouse arm, of any schedule, is compared with it the same
+way (``controls`` in the summary, a table of its own; a control's GPU time picks which arm it
+matches), and it has no verdict.
 
 ``against_published`` compares each option arm of the default schedule with published the same
 way (what the option buys: the evidence for the settings' defaults). ``lighthouse_phase`` says
@@ -382,11 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs = load_runs(args.results)
     comparisons, verdicts, controls = [], {}, {}
     default_arms = sorted(n for n in runs if variant(n) == "" and not is_dense(n))
+    lighthouse_arms = sorted(n for n in runs if not is_dense(n))
     for schedule in sorted({variant(name) for name in runs}):
         names = sorted((n for n in runs if variant(n) == schedule), key=lambda n: (not is_dense(n), n))
         dense = baseline(names[0]) if names else "dense"
-        if schedule and names == [dense]:  # a dense control: the default schedule's arms against it
-            controls[dense] = [compare(name, runs[name], runs[dense]) for name in default_arms]
+        if schedule and names == [dense]:  # a dense control: every Lighthouse arm against it
+            controls[dense] = [compare(name, runs[name], runs[dense]) for name in lighthouse_arms]
             continue
         if dense not in runs:
             verdicts[schedule or "default"] = dict(outcome="inconclusive", reason=f"no {dense} run to compare with")
