@@ -25,7 +25,9 @@ times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Ll
 one Llama decoder layer (hidden ``--heads`` x ``--dim``, MLP 1.5x hidden, bf16) under ``sdpa`` and
 ``lighthouse`` attention, forward+backward and forward only: per call queued back to back (``ms``)
 and from an idle GPU (``latency_ms``). Their difference is the host time the GPU waited for; a
-Lighthouse layer whose difference is no larger than the SDPA layer's is device-bound.
+Lighthouse layer whose difference is no larger than the SDPA layer's is device-bound. Every variant
+also reports ``host_ms``, the host's own time per queued call (Python, ATen and launches), which
+bounds the host time before a call's first kernel from above.
 
 Method options (``--rope``, ``--scores``, ``--selection``, ``--combine``; README, "Method options")
 are swept like the settings, every combination a row. ``span_end`` passes default RoPE
@@ -155,7 +157,10 @@ def time_interleaved(
     them alike. A round starts from an idle GPU: the first call's time (``latency_ms``) includes
     the host's work before its first kernel; while it runs, the host queues ``input_sets`` more
     calls back to back, as a training loop does, and their times (``ms``) are device time per
-    call. ``iters`` such calls per variant are taken.
+    call. ``iters`` such calls per variant are taken. ``host_ms``: the host's own time per queued
+    call (the host clock around it; on a GPU the launches return at once, so this is the Python,
+    ATen and launch work, and a call that synchronizes would show it). A variant whose ``host_ms``
+    is below its ``ms`` keeps the GPU busy when calls are queued.
     """
     cuda = device == "cuda"
     event = torch.cuda.Event if cuda else _HostTimer
@@ -165,6 +170,7 @@ def time_interleaved(
             step(i % input_sets)
     times = {name: [] for name in steps}
     latencies = {name: [] for name in steps}
+    host_times = {name: [] for name in steps}
     for _ in range(-(-iters // input_sets)):
         for name, step in steps.items():
             synchronize()
@@ -172,13 +178,17 @@ def time_interleaved(
             for i in range(input_sets + 1):
                 start, stop = event(enable_timing=True), event(enable_timing=True)
                 start.record()
+                begun = time.perf_counter()
                 step(i % input_sets)
+                if i > 0:
+                    host_times[name].append((time.perf_counter() - begun) * 1e3)
                 stop.record()
                 events.append((start, stop))
             synchronize()
             latencies[name].append(events[0][0].elapsed_time(events[0][1]))
             times[name].extend(start.elapsed_time(stop) for start, stop in events[1:])
-    return {name: {"ms": statistics.median(times[name]), "latency_ms": statistics.median(latencies[name])} for name in steps}
+    return {name: {"ms": statistics.median(times[name]), "latency_ms": statistics.median(latencies[name]),
+                   "host_ms": statistics.median(host_times[name])} for name in steps}
 
 
 def peak_memory(fn: Callable[[int], object], make_inputs: Callable[[], object]) -> float:
@@ -638,21 +648,22 @@ def _layer_line(row: dict) -> str:
     sdpa, lighthouse = row["sdpa"], row["lighthouse"]
     return (
         f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} {row['mode']:>7}: "
-        f"sdpa layer {sdpa['ms']:8.2f} ms (idle GPU {sdpa['latency_ms']:.2f}, waited {sdpa['waited_ms']:.2f}) | "
-        f"lighthouse layer {lighthouse['ms']:8.2f} ms (idle GPU {lighthouse['latency_ms']:.2f}, "
-        f"waited {lighthouse['waited_ms']:.2f})"
+        f"sdpa layer {sdpa['ms']:8.2f} ms (idle GPU {sdpa['latency_ms']:.2f}, waited {sdpa['waited_ms']:.2f}, "
+        f"host {sdpa['host_ms']:.2f}) | lighthouse layer {lighthouse['ms']:8.2f} ms (idle GPU "
+        f"{lighthouse['latency_ms']:.2f}, waited {lighthouse['waited_ms']:.2f}, host {lighthouse['host_ms']:.2f})"
     )
 
 
 def _print_layers(results: list[dict]) -> None:
     print()
-    print("| S | mode | L/p/K | sdpa layer ms | from idle | waited | lighthouse layer ms | from idle | waited |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| S | mode | L/p/K | sdpa layer ms | from idle | waited | host | lighthouse layer ms | from idle | waited | host |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         sdpa, lighthouse = row["sdpa"], row["lighthouse"]
         print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
-              f"{sdpa['ms']:.2f} | {sdpa['latency_ms']:.2f} | {sdpa['waited_ms']:.2f} | "
-              f"{lighthouse['ms']:.2f} | {lighthouse['latency_ms']:.2f} | {lighthouse['waited_ms']:.2f} |")
+              f"{sdpa['ms']:.2f} | {sdpa['latency_ms']:.2f} | {sdpa['waited_ms']:.2f} | {sdpa['host_ms']:.2f} | "
+              f"{lighthouse['ms']:.2f} | {lighthouse['latency_ms']:.2f} | {lighthouse['waited_ms']:.2f} | "
+              f"{lighthouse['host_ms']:.2f} |")
 
 
 def _print_e2e(results: list[dict]) -> None:

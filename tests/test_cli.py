@@ -151,7 +151,7 @@ def bench_on_cpu(monkeypatch):
 
     def fake_timing(steps, **_):
         steps["lighthouse"](0)
-        return {name: {"ms": 2.0, "latency_ms": 3.0} for name in steps}
+        return {name: {"ms": 2.0, "latency_ms": 3.0, "host_ms": 0.5} for name in steps}
 
     monkeypatch.setattr(bench, "lighthouse_attention", recording)
     monkeypatch.setattr(bench, "time_interleaved", fake_timing)
@@ -227,6 +227,19 @@ def test_bench_e2e_rejects_given_scores(capsys):
     assert "--scores given is for operator mode" in capsys.readouterr().err
 
 
+def test_timing_reports_the_hosts_own_time_per_queued_call():
+    # On the CPU every call is synchronous, so the host's time is the call's: a 3 ms sleep.
+    import time
+
+    from lighthouse_hf import bench
+
+    calls = []
+    timed = bench.time_interleaved({"sleep": lambda i: (calls.append(i), time.sleep(0.003))}, warmup=1, iters=4,
+                                   input_sets=2, device="cpu")["sleep"]
+    assert calls == [0] + [0, 1, 0] * 2  # a warm-up call, then per round one call from idle and two queued
+    assert 3.0 <= timed["host_ms"] < 50 and 3.0 <= timed["ms"] < 50 and 3.0 <= timed["latency_ms"] < 50
+
+
 def test_bench_layer_mode_times_an_sdpa_and_a_lighthouse_layer(lighthouse_calls):
     # On CPU with the host clock: both layers really run, every mode, and only one of them is Lighthouse.
     from lighthouse_hf import bench
@@ -239,6 +252,7 @@ def test_bench_layer_mode_times_an_sdpa_and_a_lighthouse_layer(lighthouse_calls)
         assert (row["levels"], row["pooling"], row["topk"], row["combine"]) == (3, 4, 128, "mean")
         for name in ("sdpa", "lighthouse"):
             assert row[name]["ms"] > 0 and row[name]["waited_ms"] == row[name]["latency_ms"] - row[name]["ms"]
+            assert row[name]["host_ms"] > 0
     # Per mode: 1 warm-up call, then one round (2 iters over 2 input sets) of 1 call from idle + 2
     # queued; the SDPA layer's calls do not count (its model must not share the Lighthouse config).
     assert lighthouse_calls.single_device == 2 * (1 + 3)
