@@ -172,7 +172,9 @@ SELECTION_CASES = [(1, 1, 1, 4096, 4, 3, 2, 512), (2, 2, 1, 3001, 8, 4, 2, 384),
 # "norms": float32 q and k (their norms by ATen, as the reference); "integer": bfloat16 q and k of
 # small integers (norms through the Triton score pass, exact, so equal to the reference's, and
 # tied by the hundred); "given": given level-0 scores of 0..3 (ties everywhere, running means
-# that scores equal exactly); "signed zeros": given scores mostly 0.0 and -0.0, which tie.
+# that scores equal exactly); "signed zeros": given scores mostly 0.0 and -0.0, which tie. Given
+# scores come with bfloat16 q and k, so the Triton score pass reads them (float32 q and k take
+# ATen's pyramid, which the float32 comparisons check).
 SELECTION_SCORES = ["norms", "integer", "given", "signed zeros"]
 
 
@@ -183,6 +185,8 @@ def _selection_inputs(case, scores):
         q, k = (torch.randint(-2, 3, (batch, h, seq, dim), generator=g).bfloat16() for h in (heads, kv_heads))
     else:
         q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
+        if scores != "norms":
+            q, k = q.bfloat16(), k.bfloat16()
     given = {}
     for name, h in (("q_scores", heads), ("k_scores", kv_heads)):
         if scores == "given":
@@ -203,7 +207,7 @@ def selection_row(item: tuple) -> dict:
     want = reference.select(q, k, plan, causal=causal, **given)
     fields = ("level", "local", "index", "key", "refined")
     return dict(case=case, scores=scores, causal=causal,
-                score_pass_levels=0 if given else fused._score_pass_levels(q.dtype, q.shape[-1], plan),
+                score_pass_levels=fused._score_pass_levels(q.dtype, q.shape[-1], plan),
                 equal={name: torch.equal(getattr(got, name), getattr(want, name)) for name in fields})
 
 

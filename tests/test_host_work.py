@@ -90,6 +90,18 @@ def test_the_fused_forward_is_four_launches_and_few_aten_ops(monkeypatch, settin
         assert ops["aten.full"] == 1 and not {"aten.fill_", "aten.copy_", "aten.amax"} & set(ops), ops
 
 
+def test_given_scores_are_pooled_by_the_score_pass_not_by_aten(monkeypatch):
+    # Qwen3's default (scores="pre_norm") gives every call its scores: the pass reads them instead of
+    # q and k, so the pyramid costs no ATen pads, maxima and copies (about 20 small kernels).
+    launches = _counted_fused_path(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 65536, 64, dtype=torch.bfloat16) for _ in range(3))
+    given = dict(q_scores=torch.rand(1, 2, 65536) + 1, k_scores=torch.rand(1, 2, 65536) + 1)
+    with _AtenOps() as aten:
+        lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128, selection="causal", **given)
+    assert launches.counts == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "positions_kernel": 1}
+    assert not {"aten.amax", "aten.constant_pad_nd", "aten.copy_"} & set(aten.ops), aten.ops
+
+
 def test_the_inverse_table_spans_the_sequence_not_the_padded_pyramid(monkeypatch):
     # L5 p8 K128 at 8K pads the pyramid to 128 coarsest entries of 4096 positions (524,288); the
     # scatter reads only slots of positions inside the sequence (at 128K, L5 p8 K1536 filled 1.0 GB).

@@ -1,5 +1,6 @@
-"""The entries kernel as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what its
-span-end gather must not do, whatever the timing says."""
+"""The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
+kernel's span-end gather must not do, whatever the timing says, and what the score pass over given
+scores costs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _ptxas() -> str | None:
 
 pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
-from kernel_registers import cross_thread_traffic, entries_ptx, ptxas_usage  # noqa: E402
+from kernel_registers import cross_thread_traffic, entries_ptx, ptxas_usage, scores_ptx  # noqa: E402
 
 from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
 
@@ -48,3 +49,13 @@ def test_span_end_gather_with_wide_spans_keeps_registers_low(levels, pooling, to
     # `python tests/kernel_registers.py --levels 5 --pooling 8`.
     registers, spills = ptxas_usage(_span_end_gather(128, levels, pooling, topk))
     assert registers <= 96 and spills == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_score_pass_over_given_scores_loads_only_them(causal):
+    # One float32 load per position instead of a row of q or k: no D axis, half the registers of the
+    # norms' pass (48-68 at D=128), and nothing kept across warps.
+    plan = LighthousePlan(SEQ, 5, 4, 1536)  # a partial pass: the host max-pools the coarsest level
+    ptx = scores_ptx(plan, 8, 128, given=True, causal=causal)
+    registers, spills = ptxas_usage(ptx)
+    assert ptx.count("ld.global") == 1 and registers <= 40 and spills == 0

@@ -109,8 +109,8 @@ def score_pass_means_width(
     """The width of the means of q and k that the score pass writes (0: none), for this dtype and
     head size: its widest level of at most 16 positions (wider spans made the compiler keep the
     block whole, 168-206 registers per thread at D=128). The gather takes the q and k rows of every
-    level at least that wide from them. Not with given scores (no score pass) nor span-end RoPE (its
-    means rotate each position first)."""
+    level at least that wide from them. Not with given scores (the pass reads the scores, not q and
+    k) nor span-end RoPE (its means rotate each position first)."""
     if given_scores or span_end_rope or _score_pass_levels(dtype, dim, plan) == 0:
         return 0
     widths = [plan.pooling**level for level in range(1, plan.levels) if plan.pooling**level <= 16]
@@ -150,14 +150,16 @@ def _score_pyramids(
     selections) are identical to it. Half-precision inputs take one Triton pass over q and k that
     also max-pools (the ATen reduction with an upcast ran at a third of the memory bandwidth, and
     the pyramid cost a dozen small launches); its float32 sums may differ from ATen's in the last bit.
-    Given level-0 scores (``q_scores``, ``k_scores``) are max-pooled by ATen like the float32 norms.
+    Given level-0 scores (``q_scores``, ``k_scores``) take the same pass beside half-precision q and k
+    (exactly the reference's pyramid: maxima of the scores as float32), and ATen's beside float32 ones.
     """
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stride = plan.padded_len // plan.pooling
     pass_levels = _score_pass_levels(q.dtype, dim, plan)
-    if q_scores is not None or pass_levels == 0:
-        q_source, k_source = (q, k) if q_scores is None else (q_scores, k_scores)
+    given = q_scores is not None
+    if pass_levels == 0:
+        q_source, k_source = (q_scores, k_scores) if given else (q, k)
         pyramids = (_aten_score_pyramid(x, plan, stride, causal) for x in (q_source, k_source))
         return *pyramids, q.new_empty(0)
     block_d = _next_power_of_2(dim)
@@ -165,15 +167,15 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    means_width = score_pass_means_width(q.dtype, dim, plan, span_end_rope=rope)
+    means_width = score_pass_means_width(q.dtype, dim, plan, given_scores=given, span_end_rope=rope)
     means = _score_means(q, rows, plan, means_width)
-    q, k = _last_axis_contiguous(q), _last_axis_contiguous(k)
+    sources = (q_scores, k_scores) if given else (_last_axis_contiguous(q), _last_axis_contiguous(k))
     blocks = score_pass_positions(q.dtype, dim, plan) // block_p
     _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
-        q, k, scores, means if means_width else q, heads, kv_heads, dim, plan.seq_len, plan.real_len, plan.padded_len,
-        stride, means.shape[1] if means_width else 0, *q.stride()[:3], *k.stride()[:3],
+        *sources, scores, means if means_width else q, heads, kv_heads, dim, plan.seq_len, plan.real_len,
+        plan.padded_len, stride, means.shape[1] if means_width else 0, *sources[0].stride()[:3], *sources[1].stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, MEANS_WIDTH=means_width, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
-        PASS_LEVELS=pass_levels, num_warps=4,
+        PASS_LEVELS=pass_levels, GIVEN=given, num_warps=4,
     )
     if pass_levels < plan.levels:
         _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p, causal)

@@ -60,7 +60,8 @@ def _store_level_scores(norm, scores, block, padded_len, score_stride, LEVEL: tl
 
 @triton.jit
 def scores_kernel(
-    src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision
+    src_q, src_k,  # [B, H, S, D] and [B, Hkv, S, D] (any strides with a contiguous last axis), half precision;
+                   # GIVEN: the level-0 scores [B, H, S] and [B, Hkv, S] (any strides), floating point
     scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
     means,  # out with MEANS_WIDTH > 0: [B*H + B*Hkv, means_len, D], means of MEANS_WIDTH positions
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride, means_len,
@@ -73,6 +74,7 @@ def scores_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PASS_LEVELS: tl.constexpr,
+    GIVEN: tl.constexpr,
 ):
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
     L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
@@ -91,7 +93,12 @@ def scores_kernel(
     ``j*c - c + 1 .. j*c``, which straddles two blocks): per level two rows instead of the maximum,
     the maximum over each block without its first token (rows ``0 .. LEVELS-2``) and the norm of
     its first token (rows ``LEVELS-1 ..``); the selection kernel joins entry j's first token with
-    entry j-1's rest (``_start_scores``)."""
+    entry j-1's rest (``_start_scores``).
+
+    ``GIVEN`` (level-0 scores given to the op): the sources are those scores, taken as the norms
+    (exactly, in float32), and no means are written; the same positions per program, so the host
+    finishes a partial pass as for norms."""
+    tl.static_assert(not GIVEN or MEANS_WIDTH == 0)
     SPAN: tl.constexpr = MEANS_WIDTH if MEANS_WIDTH > 0 else POOL ** (PASS_LEVELS - 1)
     ENTRIES: tl.constexpr = BLOCK_P // SPAN
     block = tl.program_id(0)
@@ -114,11 +121,15 @@ def scores_kernel(
     # SPAN max-pool the norms across spans, a small conversion.
     entry = block * ENTRIES + tl.arange(0, ENTRIES)
     position = entry[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < dim
-    rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
-                   mask=(position < seq_len)[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
-    norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
+    if GIVEN:
+        given = tl.load(src + position.to(tl.int64) * stride_s, mask=position < seq_len, other=0.0).to(tl.float32)
+        norm = tl.where(position < real_len, given, -1.0)
+    else:
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < dim
+        rows = tl.load(src + position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :],
+                       mask=(position < seq_len)[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+        norm = tl.where(position < real_len, tl.sqrt_rn(tl.sum(rows * rows, axis=2)), -1.0)
     for level in tl.static_range(1, PASS_LEVELS):
         _store_level_scores(norm, scores, block, padded_len, score_stride, level, LEVELS, POOL, SPAN, BLOCK_P, CAUSAL)
     if MEANS_WIDTH > 0:

@@ -33,8 +33,8 @@ its element size (a row of the head dimension is ``dim * element_bytes``):
 Left out, each small against these at the settings the bench sweeps: the listing that the gather
 and the scatter's backward read, the selection kernel's scratch, span-end RoPE's table, the
 causal selection's re-reads of earlier tiles' scores (from cache), and the ATen intermediates of
-score pyramids the Triton pass does not build (float32 inputs, given scores, and levels wider
-than its block).
+score pyramids the Triton pass does not build (float32 inputs, with or without given scores, and
+levels wider than its block).
 
 A real entry holds real positions; the rest are padding that the kernels skip. Real entries per
 level are the plan's ``real_entries`` (the published selection's; the causal rule can take a
