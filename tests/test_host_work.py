@@ -31,6 +31,16 @@ class _CountedKernel:
         return lambda *args, **kwargs: self.counts.update([self.name])
 
 
+class _Recorder:
+    """``kernel[grid](...)`` that hands the launch's positional arguments to ``record`` instead of running."""
+
+    def __init__(self, record) -> None:
+        self.record = record
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.record(args)
+
+
 class _Launches:
     """Stands in for ``lighthouse_hf.ops.kernels``: its host-side helpers, and kernels that count."""
 
@@ -100,6 +110,18 @@ def test_given_scores_are_pooled_by_the_score_pass_not_by_aten(monkeypatch):
         lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128, selection="causal", **given)
     assert launches.counts == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "positions_kernel": 1}
     assert not {"aten.amax", "aten.constant_pad_nd", "aten.copy_"} & set(aten.ops), aten.ops
+
+
+def test_given_scores_of_two_dtypes_reach_the_score_pass_as_one(monkeypatch):
+    # A program of the pass reads q's or k's scores through one pointer: the compiled kernel needs
+    # one element type (the interpreter would not notice two).
+    launches = _counted_fused_path(monkeypatch)
+    read = []
+    launches.scores_kernel = _Recorder(lambda args: read.append((args[0].dtype, args[1].dtype)))
+    q, k, v = (torch.randn(1, 2, 4096, 64, dtype=torch.bfloat16) for _ in range(3))
+    given = dict(q_scores=torch.rand(1, 4096, 2).transpose(1, 2).bfloat16(), k_scores=torch.rand(1, 2, 4096))
+    lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128, **given)
+    assert read == [(torch.float32, torch.float32)]
 
 
 def test_the_inverse_table_spans_the_sequence_not_the_padded_pyramid(monkeypatch):

@@ -151,7 +151,8 @@ def _score_pyramids(
     also max-pools (the ATen reduction with an upcast ran at a third of the memory bandwidth, and
     the pyramid cost a dozen small launches); its float32 sums may differ from ATen's in the last bit.
     Given level-0 scores (``q_scores``, ``k_scores``) take the same pass beside half-precision q and k
-    (exactly the reference's pyramid: maxima of the scores as float32), and ATen's beside float32 ones.
+    (the reference's pyramid, maxima of the scores as float32; equal as floats, the sign of tied zeros
+    aside), and ATen's beside float32 ones.
     """
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
@@ -169,6 +170,8 @@ def _score_pyramids(
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
     means_width = score_pass_means_width(q.dtype, dim, plan, given_scores=given, span_end_rope=rope)
     means = _score_means(q, rows, plan, means_width)
+    if given and q_scores.dtype != k_scores.dtype:  # one program reads either: one element type
+        q_scores, k_scores = q_scores.float(), k_scores.float()
     sources = (q_scores, k_scores) if given else (_last_axis_contiguous(q), _last_axis_contiguous(k))
     blocks = score_pass_positions(q.dtype, dim, plan) // block_p
     _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](

@@ -11,7 +11,8 @@ its element size (a row of the head dimension is ``dim * element_bytes``):
   per level, two with the causal selection); the means of q and k written where the score pass
   computes them (``fused.score_pass_means_width``: half precision, scores from the norms, RoPE
   pooled; float32 unless they are the coarsest level's rows), over the positions it covers. With
-  given scores, the given scores read instead of q and k.
+  given scores, the given scores read instead of q and k, as float32 (``scores="pre_norm"``'s and
+  the bench's).
 * ``selection``: the scores of each tile's candidates read (q's and k's, for every query head;
   twice with the causal selection); ``inverse`` filled (``levels * seq_len`` slots) and one slot
   per entry written; the listing (local index and row of every entry) written.
