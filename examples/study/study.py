@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -451,8 +452,12 @@ class StudyLog(TrainerCallback):
         return out
 
     def save(self) -> None:
+        """Rewrites the arm's JSON whole: a run cut short (a call's time limit) keeps its last
+        evaluation, never half a file."""
         self.record["gpu_seconds"] = self.gpu_seconds
-        self.path.write_text(json.dumps(self.record, indent=1))
+        staging = self.path.with_name(self.path.name + ".partial")
+        staging.write_text(json.dumps(self.record, indent=1))
+        os.replace(staging, self.path)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.evaluate(model, 0)
