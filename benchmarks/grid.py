@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from lighthouse_hf.ops.plan import plan_for
 
 SEQS = (65536, 131072, 262144)
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     table_parser.add_argument("--fill", type=Path, help="an older grid JSON for the (S, L) runs missing from GRID")
     args = parser.parse_args(argv)
     if args.command == "run":
+        if not torch.cuda.is_available():
+            parser.error("run needs a CUDA GPU (the bench times the Triton kernels)")
         return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update)
     document = json.loads(args.grid.read_text())
     rows, filled = document["rows"], set()
