@@ -79,11 +79,13 @@ def test_selection_equals_the_reference_on_tied_half_precision_norms(shape, dtyp
     _assert_same_selection(fused.select(q, k, plan, causal=True), reference.select(q, k, plan, causal=True))
 
 
-@pytest.mark.parametrize("scores", ["integers", "signed zeros"])
+@pytest.mark.parametrize("scores", ["integers", "signed zeros", "pre-norm layout"])
 @pytest.mark.parametrize("causal", [False, True], ids=["published", "causal"])
 @pytest.mark.parametrize("shape", SHAPES[:6], ids=_ids)
 def test_selection_equals_the_reference_on_tied_given_scores(shape, causal, scores):
-    # Signed zeros: -0.0 and 0.0 compare equal, so they tie, as in the reference's stable sort.
+    # Signed zeros: -0.0 and 0.0 compare equal, so they tie, as in the reference's stable sort. The
+    # pre-norm layout: as Qwen3's hook hands them over, [B, S, h] seen as [B, h, S], q's in bfloat16
+    # beside k's in float32 (the score pass then reads both as float32).
     batch, heads, kv_heads, seq_len = shape[:4]
     generator = torch.Generator(device="cuda").manual_seed(shape[3] + 2)
     q, k = _qk(shape, torch.bfloat16, generator)
@@ -91,6 +93,10 @@ def test_selection_equals_the_reference_on_tied_given_scores(shape, causal, scor
     for name, h in (("q_scores", heads), ("k_scores", kv_heads)):
         if scores == "integers":
             given[name] = torch.randint(0, 4, (batch, h, seq_len), device="cuda", generator=generator).float()
+        elif scores == "pre-norm layout":
+            given[name] = torch.rand(batch, seq_len, h, device="cuda", generator=generator).transpose(1, 2)
+            if name == "q_scores":
+                given[name] = given[name].bfloat16()
         else:
             ones = (torch.rand(batch, h, seq_len, device="cuda", generator=generator) < 0.02).float()
             negative = torch.rand(batch, h, seq_len, device="cuda", generator=generator) < 0.9
