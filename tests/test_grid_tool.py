@@ -86,3 +86,14 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     document = json.loads(out.read_text())
     assert document["missing"] == ["64K L5"]
     assert sorted((r["seq"], r["levels"]) for r in document["rows"]) == [(65536, 3), (65536, 4), (131072, 3)]
+
+
+def test_the_readme_grid_table_is_the_recorded_grid():
+    # The README's table is printed by the tool from the recorded runs, not typed: no cell can drift.
+    recorded = json.loads((ROOT / "benchmarks" / "h200-grid-2026-12-02.json").read_text())["rows"]
+    first = json.loads((ROOT / "benchmarks" / "h200-grid-2026-12-01.json").read_text())["rows"]
+    have = {(r["seq"], r["levels"]) for r in recorded}
+    filled = [r for r in first if (r["seq"], r["levels"]) not in have]
+    table = grid.table(recorded + filled, {(r["seq"], r["levels"]) for r in filled})
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme
