@@ -171,6 +171,13 @@ def table(rows: list[dict], filled: set[tuple[int, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def filled_table(rows: list[dict], older: list[dict]) -> str:
+    """``table`` of ``rows``, with the (S, L) runs they lack taken from ``older`` and marked."""
+    have = {(r["seq"], r["levels"]) for r in rows}
+    filling = [r for r in older if (r["seq"], r["levels"]) not in have]
+    return table(rows + filling, {(r["seq"], r["levels"]) for r in filling})
+
+
 def counts(rows: list[dict]) -> str:
     """Per mode, the rows within the target and, of the others, those whose floor is over it too. The
     table's caller passes the file's own rows only (not those ``--fill`` adds)."""
@@ -207,13 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("run needs a CUDA GPU (the bench times the Triton kernels)")
         return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update)
     document = json.loads(args.grid.read_text())
-    rows, filled = document["rows"], set()
-    if args.fill is not None:
-        have = {(r["seq"], r["levels"]) for r in rows}
-        older = [r for r in json.loads(args.fill.read_text())["rows"] if (r["seq"], r["levels"]) not in have]
-        filled = {(r["seq"], r["levels"]) for r in older}
-        rows = rows + older
-    print(table(rows, filled) + "\n" + counts(document["rows"]), end="")
+    older = [] if args.fill is None else json.loads(args.fill.read_text())["rows"]
+    print(filled_table(document["rows"], older) + "\n" + counts(document["rows"]), end="")
     return 0
 
 
