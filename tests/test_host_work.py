@@ -21,16 +21,6 @@ from lighthouse_hf.ops import fused
 pytest.importorskip("triton")
 
 
-class _CountedKernel:
-    """``kernel[grid](...)`` that counts the launch under the kernel's name instead of running it."""
-
-    def __init__(self, name: str, counts: collections.Counter) -> None:
-        self.name, self.counts = name, counts
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.counts.update([self.name])
-
-
 class _Recorder:
     """``kernel[grid](...)`` that hands the launch's positional arguments to ``record`` instead of running."""
 
@@ -52,7 +42,7 @@ class _Launches:
     def __getattr__(self, name: str):
         if not name.endswith("_kernel"):
             raise AttributeError(name)
-        return _CountedKernel(name, self.counts)
+        return _Recorder(lambda args: self.counts.update([name]))
 
 
 class _AtenOps(TorchDispatchMode):
