@@ -728,7 +728,7 @@ def _level_by_entry(
         rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
         total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
         if MEAN:
-            reached += tl.reshape(_over_positions(found.to(tl.float32)[:, None], SLOTS, WIDTH, 1), (BLOCK_P,))
+            reached += _over_positions(found.to(tl.float32)[:, None], SLOTS, WIDTH, 1)
     return total, reached
 
 
@@ -820,7 +820,7 @@ def positions_kernel(
     total_a = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)
     total_a_hi = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)  # with HALVES: the second half
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    reached = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
     for level in tl.static_range(LEVELS):
         if BY_ENTRY:
             total_a, reached = _level_by_entry(
@@ -835,8 +835,8 @@ def positions_kernel(
                 level, LEVELS, POOL, TWO, ROPE_HALF,
             )
     if MEAN:
-        total_a = total_a / tl.maximum(reached, 1.0)[:, None]
-        tl.store(counts + bx.to(tl.int64) * seq_len + position, reached, mask=p_mask)
+        total_a = total_a / tl.maximum(reached, 1.0)
+        tl.store(counts + bx.to(tl.int64) * seq_len + position[:, None], reached, mask=p_mask[:, None])
     out_start = (bx.to(tl.int64) * seq_len + position)[:, None] * dim
     tl.store(dst_a + out_start + a[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & a_mask[None, :])
     if HALVES:
