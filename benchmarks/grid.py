@@ -3,6 +3,7 @@ README's table made from it.
 
     python benchmarks/grid.py run --out benchmarks/h200-grid-DATE.json        # needs CUDA
     python benchmarks/grid.py run --out GRID.json --update --seq 262144 --levels 4 5
+    python benchmarks/grid.py run --out GRID.json --update --seq 262144 --levels 5 --pooling 8
     python benchmarks/grid.py table benchmarks/h200-grid-DATE.json [--fill OLDER.json]
 
 ``run`` times each (S, L) in its own ``lighthouse-hf bench --no-dense --json`` process, the three pool
@@ -11,9 +12,11 @@ factors and five budgets in it (64K-128K: ``--warmup 2 --iters 8``; 256K: ``--wa
 (Triton's cache is shared on disk), so the timed runs one after the other hold no compile. It
 rewrites ``--out`` after each (S, L), so a run cut short keeps what it measured, and names what is
 missing in the file. An existing ``--out`` is refused unless ``--update``, which replaces only the
-(S, L) runs measured again. ``table`` prints the markdown table and the counts against the
-targets; ``--fill`` takes the (S, L) runs missing from the file from an older one, marked with a
-dagger.
+(S, L) runs measured again; ``--pooling`` narrows a run to some pool factors (a 256K run whose
+budgets approach S takes minutes per factor), and an (S, L) stays missing until each factor has
+its rows. ``table`` prints the markdown table and the counts against the
+targets; ``--fill`` takes the (S, L, p) rows missing from the file from an older one, marked with
+a dagger.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,8 +41,7 @@ POOLINGS = (2, 4, 8)
 TOPKS = (1536, 2048, 3072, 4096, 6144)
 MODES = ("fwd+bwd", "fwd")
 TARGETS = {"fwd+bwd": 1.10, "fwd": 1.15}
-BENCH = [sys.executable, "-m", "lighthouse_hf", "bench", "--no-dense", "--json",
-         "--pooling", *map(str, POOLINGS), "--topk", *map(str, TOPKS)]
+BENCH = [sys.executable, "-m", "lighthouse_hf", "bench", "--no-dense", "--json", "--topk", *map(str, TOPKS)]
 
 
 def timing(seq: int) -> list[str]:
@@ -85,10 +88,14 @@ def new_document() -> dict:
     )
 
 
-def compile_all(runs: list[tuple[int, int]], timeout: float) -> None:
+def setting_args(seq: int, level: int, poolings: Sequence[int]) -> list[str]:
+    return ["--seq", str(seq), "--levels", str(level), "--pooling", *map(str, poolings)]
+
+
+def compile_all(runs: list[tuple[int, int]], poolings: Sequence[int], timeout: float) -> None:
     """One untimed bench per (S, L), all at once: Triton compiles each specialization once, on disk."""
     compiling = {(seq, level): subprocess.Popen(
-        BENCH + ["--seq", str(seq), "--levels", str(level), "--warmup", "1", "--iters", "1", "--input-sets", "1"],
+        BENCH + setting_args(seq, level, poolings) + ["--warmup", "1", "--iters", "1", "--input-sets", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seq, level in runs}
     for (seq, level), process in compiling.items():
         try:
@@ -101,22 +108,22 @@ def compile_all(runs: list[tuple[int, int]], timeout: float) -> None:
             print(f"{seq // 1024}K L{level}: compile pass failed ({process.returncode}): {errors[-2000:]}", flush=True)
 
 
-def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_first: bool, update: bool = False) -> int:
-    """Times the grid's (S, L) runs into ``out``; 0 when every one of them was measured."""
+def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_first: bool, update: bool = False,
+        poolings: Sequence[int] = POOLINGS) -> int:
+    """Times the grid's (S, L) runs, at ``poolings``, into ``out``; 0 when every one of them was measured."""
     if out.exists() and not update:
         raise SystemExit(f"--out {out} exists: pass --update to re-measure some of its runs, or choose another file")
     runs = [(seq, level) for seq in seqs for level in levels]
     document = json.loads(out.read_text()) if out.exists() else new_document()
     names = [f"{seq // 1024}K L{level}" for seq, level in runs]
-    have = {(r["seq"], r["levels"]) for r in document["rows"]}  # with --update, kept unless measured again
-    document["missing"] += [name for run_, name in zip(runs, names) if run_ not in have and name not in document["missing"]]
+    mark_missing(document, runs, names)  # with --update, rows are kept unless measured again
     write_atomically(out, document)
     measured = 0
     if compile_first:
-        compile_all(runs, timeout)
+        compile_all(runs, poolings, timeout)
     for (seq, level), name in zip(runs, names):
         try:
-            done = subprocess.run(BENCH + ["--seq", str(seq), "--levels", str(level)] + timing(seq),
+            done = subprocess.run(BENCH + setting_args(seq, level, poolings) + timing(seq),
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             print(f"{name}: over --timeout {timeout:g} s, left missing", flush=True)
@@ -131,14 +138,25 @@ def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_f
             print(f"{name}: no rows ({error})", flush=True)
             continue
         document["device"] = f"{report['device']}, torch {report['torch']}"
-        document["rows"] = [r for r in document["rows"] if (r["seq"], r["levels"]) != (seq, level)] + rows
+        document["rows"] = [r for r in document["rows"]
+                            if (r["seq"], r["levels"]) != (seq, level) or r["pooling"] not in poolings] + rows
         document["copy_tb_per_s"][name] = copy
-        if name in document["missing"]:
-            document["missing"].remove(name)
+        mark_missing(document, [(seq, level)], [name])
         write_atomically(out, document)
         measured += 1
         print(f"{name}: {len(rows)} rows", flush=True)
     return 0 if measured == len(runs) else 1
+
+
+def mark_missing(document: dict, runs: list[tuple[int, int]], names: list[str]) -> None:
+    """Names each of ``runs`` in ``document["missing"]`` while some pool factor has no rows for it."""
+    have = {(r["seq"], r["levels"], r["pooling"]) for r in document["rows"]}
+    for (seq, level), name in zip(runs, names):
+        complete = all((seq, level, pooling) in have for pooling in POOLINGS)
+        if complete and name in document["missing"]:
+            document["missing"].remove(name)
+        elif not complete and name not in document["missing"]:
+            document["missing"].append(name)
 
 
 def shown(row: dict) -> tuple[float, float]:
@@ -155,7 +173,7 @@ def cell(row: dict | None, mode: str, compresses: bool, dagger: bool) -> str:
     return f"**{text}**" if ratio > TARGETS[mode] and floor <= TARGETS[mode] else text
 
 
-def table(rows: list[dict], filled: set[tuple[int, int]]) -> str:
+def table(rows: list[dict], filled: set[tuple[int, int, int]]) -> str:
     by_key = {(r["seq"], r["levels"], r["pooling"], r["topk"], r["mode"]): r for r in rows}
     labels = [(f"{'fwd+bwd' if mode == 'fwd+bwd' else 'forward'} " if index == 0 else "") + f"{seq // 1024}K"
               for mode in MODES for index, seq in enumerate(SEQS)]
@@ -165,17 +183,17 @@ def table(rows: list[dict], filled: set[tuple[int, int]]) -> str:
         for pooling in POOLINGS:
             for topk in TOPKS:
                 cells = [cell(by_key.get((seq, level, pooling, topk, mode)), mode,
-                              plan_for(seq, level, pooling, topk).compresses, (seq, level) in filled)
+                              plan_for(seq, level, pooling, topk).compresses, (seq, level, pooling) in filled)
                          for mode in MODES for seq in SEQS]
                 lines.append(f"| {level}, {pooling}, {topk} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def filled_table(rows: list[dict], older: list[dict]) -> str:
-    """``table`` of ``rows``, with the (S, L) runs they lack taken from ``older`` and marked."""
-    have = {(r["seq"], r["levels"]) for r in rows}
-    filling = [r for r in older if (r["seq"], r["levels"]) not in have]
-    return table(rows + filling, {(r["seq"], r["levels"]) for r in filling})
+    """``table`` of ``rows``, with the (S, L, p) settings they lack taken from ``older`` and marked."""
+    have = {(r["seq"], r["levels"], r["pooling"]) for r in rows}
+    filling = [r for r in older if (r["seq"], r["levels"], r["pooling"]) not in have]
+    return table(rows + filling, {(r["seq"], r["levels"], r["pooling"]) for r in filling})
 
 
 def counts(rows: list[dict]) -> str:
@@ -201,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--out", type=Path, required=True, help="the grid's JSON (rewritten after each (S, L))")
     run_parser.add_argument("--seq", type=int, nargs="+", default=list(SEQS), choices=SEQS)
     run_parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), choices=LEVELS)
+    run_parser.add_argument("--pooling", type=int, nargs="+", default=list(POOLINGS), choices=POOLINGS,
+                            help="measure only these pool factors (an (S, L) stays missing until each has rows)")
     run_parser.add_argument("--update", action="store_true", help="re-measure these (S, L) runs in an existing --out")
     run_parser.add_argument("--timeout", type=float, default=240.0, help="seconds per (S, L) run, compiling or timed")
     run_parser.add_argument("--no-compile-first", dest="compile_first", action="store_false",
@@ -212,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if not torch.cuda.is_available():
             parser.error("run needs a CUDA GPU (the bench times the Triton kernels)")
-        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update)
+        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update, args.pooling)
     document = json.loads(args.grid.read_text())
     older = [] if args.fill is None else json.loads(args.fill.read_text())["rows"]
     print(filled_table(document["rows"], older) + "\n" + counts(document["rows"]), end="")

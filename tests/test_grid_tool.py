@@ -45,7 +45,7 @@ def test_cells_judge_the_targets_on_the_printed_values():
 
 def test_settings_that_do_not_compress_read_dense_and_filled_runs_carry_a_dagger():
     # L3 p8 K6144 at 64K lists 104448 entries for 65536 positions: the op runs dense SDPA there.
-    text = grid.table([row(131072, 3, 8, 6144, "fwd", 0.86, 1.02)], filled={(131072, 3)})
+    text = grid.table([row(131072, 3, 8, 6144, "fwd", 0.86, 1.02)], filled={(131072, 3, 8)})
     assert cells_of(text, "3, 8, 6144")[3:5] == ["dense", "0.86 (1.02)&dagger;"]
 
 
@@ -60,11 +60,14 @@ FAKE_BENCH = """
 import json, sys
 args = sys.argv[1:]
 seq, levels = int(args[args.index("--seq") + 1]), int(args[args.index("--levels") + 1])
-if levels == 5:
+if levels == 5 and "--fake-levels-5-works" not in args:
     sys.exit("no GPU here")
-result = dict(seq=seq, levels=levels, pooling=4, topk=2048, mode="fwd", ratio_to_sdpa_sel_cudnn=1.2,
-              floor_ratio=1.1, kernel_gb=1.0, copy_tb_per_s=4.2, lighthouse=dict(ms=2.0, peak_gb=1.5))
-print(json.dumps(dict(device="fake", torch="0", results=[result])))
+after = args[args.index("--pooling") + 1:]
+poolings = [int(value) for value in after[:next((i for i, value in enumerate(after) if value.startswith("--")), len(after))]]
+results = [dict(seq=seq, levels=levels, pooling=pooling, topk=2048, mode="fwd", ratio_to_sdpa_sel_cudnn=1.2,
+                floor_ratio=1.1, kernel_gb=1.0, copy_tb_per_s=4.2, lighthouse=dict(ms=2.0, peak_gb=1.5))
+           for pooling in poolings]
+print(json.dumps(dict(device="fake", torch="0", results=results)))
 """
 
 
@@ -76,7 +79,8 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     assert grid.run(out, [65536], [3, 5, 4], timeout=60, compile_first=True) == 1
     document = json.loads(out.read_text())
     assert document["missing"] == ["64K L5"]
-    assert [(r["seq"], r["levels"], r["ratio_to_sdpa_sel_cudnn"]) for r in document["rows"]] == [(65536, 3, 1.2), (65536, 4, 1.2)]
+    assert [(r["seq"], r["levels"], r["pooling"]) for r in document["rows"]] == [
+        (65536, level, pooling) for level in (3, 4) for pooling in (2, 4, 8)]
     assert not list(tmp_path.glob("*.partial"))
 
     # An existing file is never overwritten by accident; --update measures again only what it is asked to.
@@ -85,7 +89,19 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     assert grid.run(out, [131072, 65536], [3], timeout=60, compile_first=False, update=True) == 0
     document = json.loads(out.read_text())
     assert document["missing"] == ["64K L5"]
-    assert sorted((r["seq"], r["levels"]) for r in document["rows"]) == [(65536, 3), (65536, 4), (131072, 3)]
+    assert sorted({(r["seq"], r["levels"]) for r in document["rows"]}) == [(65536, 3), (65536, 4), (131072, 3)]
+
+    # A run narrowed to some pool factors replaces only their rows; its (S, L) stays missing until
+    # every factor has rows.
+    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench), "--fake-levels-5-works"])
+    assert grid.run(out, [65536], [5], timeout=60, compile_first=False, update=True, poolings=[8]) == 0
+    document = json.loads(out.read_text())
+    assert document["missing"] == ["64K L5"]
+    assert [r["pooling"] for r in document["rows"] if r["levels"] == 5] == [8]
+    assert grid.run(out, [65536], [5, 3], timeout=60, compile_first=False, update=True, poolings=[2, 4]) == 0
+    document = json.loads(out.read_text())
+    assert document["missing"] == []
+    assert sorted(r["pooling"] for r in document["rows"] if r["seq"] == 65536 and r["levels"] in (3, 5)) == [2, 2, 4, 4, 8, 8]
 
 
 def test_the_readme_grid_table_is_the_recorded_grid():
