@@ -14,9 +14,9 @@ rewrites ``--out`` after each (S, L), so a run cut short keeps what it measured,
 missing in the file. An existing ``--out`` is refused unless ``--update``, which replaces only the
 (S, L) runs measured again; ``--pooling`` narrows a run to some pool factors (a 256K run whose
 budgets approach S takes minutes per factor), and an (S, L) stays missing until each factor has
-its rows. ``table`` prints the markdown table and the counts against the
-targets; ``--fill`` takes the (S, L, p) rows missing from the file from an older one, marked with
-a dagger.
+its rows; ``measured`` records the commit and date of each run, since an update may come later
+than the file. ``table`` prints the markdown table and the counts against the targets; ``--fill``
+takes the (S, L, p) rows missing from the file from an older one, marked with a dagger.
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_f
         document["rows"] = [r for r in document["rows"]
                             if (r["seq"], r["levels"]) != (seq, level) or r["pooling"] not in poolings] + rows
         document["copy_tb_per_s"][name] = copy
+        # --update may come at a later commit than the file's: each run says where it was measured
+        part = name if tuple(poolings) == POOLINGS else f"{name} p{','.join(map(str, poolings))}"
+        document.setdefault("measured", {})[part] = f"{commit()} {datetime.date.today().isoformat()}"
         mark_missing(document, [(seq, level)], [name])
         write_atomically(out, document)
         measured += 1

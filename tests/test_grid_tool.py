@@ -101,6 +101,7 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     assert grid.run(out, [65536], [5, 3], timeout=60, compile_first=False, update=True, poolings=[2, 4]) == 0
     document = json.loads(out.read_text())
     assert document["missing"] == []
+    assert set(document["measured"]) == {"64K L3", "64K L4", "128K L3", "64K L5 p8", "64K L3 p2,4", "64K L5 p2,4"}
     assert sorted(r["pooling"] for r in document["rows"] if r["seq"] == 65536 and r["levels"] in (3, 5)) == [2, 2, 4, 4, 8, 8]
 
 
