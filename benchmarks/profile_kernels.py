@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 from lighthouse_hf import lighthouse_attention
 from lighthouse_hf.bench import default_rope_inv_freq
 from lighthouse_hf.ops.plan import plan_for
-from lighthouse_hf.ops import COMBINES, SELECTIONS
-from lighthouse_hf.ops.traffic import ROPES, SCORES, fused_traffic
+from lighthouse_hf.ops import COMBINES, ROPES, SELECTIONS
+from lighthouse_hf.ops.traffic import SCORE_SOURCES, fused_traffic
 
 WIDEST = [(131072, 3, 4, 2048), (131072, 4, 4, 1536), (262144, 4, 4, 1536), (131072, 5, 2, 1536),
           (262144, 5, 2, 2048), (131072, 5, 4, 1536), (262144, 5, 4, 1536), (131072, 4, 8, 1536),
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--case", type=int, nargs=4, action="append", metavar=("S", "L", "P", "K"),
                         help="one setting to profile (repeatable); default: the grid's widest settings")
     parser.add_argument("--rope", choices=ROPES, default="pooled")
-    parser.add_argument("--scores", choices=SCORES, default="norms")
+    parser.add_argument("--scores", choices=SCORE_SOURCES, default="norms")
     parser.add_argument("--selection", choices=SELECTIONS, default="published")
     parser.add_argument("--combine", choices=COMBINES, default="sum")
     args = parser.parse_args()

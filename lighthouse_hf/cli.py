@@ -87,10 +87,11 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--levels", type=int, nargs="+", default=[3], help="Lighthouse pyramid levels")
     _option(parser, "--pooling", type=int, nargs="+", default=[4], help="Lighthouse pooling factors")
     _option(parser, "--topk", type=int, nargs="+", default=[2048], help="Lighthouse selection budgets")
-    _option(parser, "--rope", type=_package_choice("lighthouse_hf.config", "ROPES"), nargs="+", default=["pooled"],
+    _option(parser, "--rope", type=_package_choice("lighthouse_hf.ops", "ROPES"), nargs="+", default=["pooled"],
             metavar="ROPE", help="RoPE handling of pooled q and k, as config.lighthouse['rope']: pooled (published) "
             "or span_end (q and k taken as rotated at span end, with RoPE theta 10000 over all of --dim)")
-    _option(parser, "--scores", choices=["norms", "given"], nargs="+", default=["norms"],
+    _option(parser, "--scores", type=_package_choice("lighthouse_hf.ops.traffic", "SCORE_SOURCES"), nargs="+",
+            default=["norms"], metavar="SCORES",
             help="level-0 scores: the norms of q and k (published), or given ones (random, positive, drawn with "
             "the inputs) as scores='pre_norm' passes them")
     _option(parser, "--selection", type=_package_choice("lighthouse_hf.ops", "SELECTIONS"), nargs="+",

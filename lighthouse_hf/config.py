@@ -6,7 +6,7 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .ops import COMBINES, SELECTIONS
+from .ops import COMBINES, ROPES, SELECTIONS
 from .ops.plan import check_levels, check_pooling, check_topk
 from .validation import check_choice, is_int
 
@@ -41,7 +41,6 @@ def _check_recovery_step(value: object) -> int | None:
     return value
 
 
-ROPES = ("pooled", "span_end")
 SCORES = ("pre_norm", "qk")
 
 

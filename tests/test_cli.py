@@ -122,15 +122,16 @@ def test_bad_method_option_is_a_usage_error_naming_the_flag(capsys, flag, value,
 def test_bad_scores_is_a_usage_error_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _bench_args("--scores", "pre_norm")
-    assert exit_info.value.code == 2 and "argument --scores: invalid choice: 'pre_norm'" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --scores: must be one of norms, given, got 'pre_norm'" in capsys.readouterr().err
 
 
 def test_bench_method_options_take_the_packages_allowed_values():
-    from lighthouse_hf.config import ROPES
-    from lighthouse_hf.ops import COMBINES, SELECTIONS
+    from lighthouse_hf.ops import COMBINES, ROPES, SELECTIONS
+    from lighthouse_hf.ops.traffic import SCORE_SOURCES
 
-    args = _bench_args("--rope", *ROPES, "--selection", *SELECTIONS, "--combine", *COMBINES, "--scores", "given", "norms")
-    assert (args.rope, args.selection, args.combine, args.scores) == (list(ROPES), list(SELECTIONS), list(COMBINES), ["given", "norms"])
+    args = _bench_args("--rope", *ROPES, "--selection", *SELECTIONS, "--combine", *COMBINES, "--scores", *SCORE_SOURCES)
+    assert (args.rope, args.selection, args.combine, args.scores) == (list(ROPES), list(SELECTIONS), list(COMBINES),
+                                                                      list(SCORE_SOURCES))
     defaults = _bench_args()
     assert (defaults.rope, defaults.scores, defaults.selection, defaults.combine) == (["pooled"], ["norms"], ["published"], ["sum"])
 

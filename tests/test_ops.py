@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lighthouse_hf import compressed_length, lighthouse_attention
-from lighthouse_hf.ops import LighthousePlan
+from lighthouse_hf.ops import LighthousePlan, dense_causal_attention
 from lighthouse_hf.ops import reference
 from helpers import rel_err
 from naive_lighthouse import naive_lighthouse
@@ -314,3 +314,11 @@ def test_bad_inputs():
         lighthouse_attention(q, k, v[:, :1])
     with pytest.raises(ValueError, match="k must be"):
         lighthouse_attention(q, k[:, :, :32], v[:, :, :32])
+
+
+def test_dense_causal_attention_checks_as_lighthouse_attention_does():
+    q, k, v = rand_qkv(1, 6, 4, 64, 8)
+    with pytest.raises(ValueError, match=r"q's heads \(6\) must be a multiple of k's kv_heads \(4\)"):
+        dense_causal_attention(q, k, v, None)
+    with pytest.raises(ValueError, match="scale must be None or a finite number > 0"):
+        dense_causal_attention(q[:, :4], k, v, 0.0)

@@ -1,5 +1,7 @@
 """The byte count of the fused kernels (``lighthouse_hf.ops.traffic``) that ``bench`` turns into floors."""
 
+import re
+
 import pytest
 import torch
 
@@ -124,3 +126,17 @@ def test_a_padded_pyramid_costs_the_selection_nothing_past_the_sequence():
     traffic = fused_traffic(plan, batch=1, heads=8, kv_heads=8, dim=128, dtype=torch.bfloat16)
     candidates = plan.n_coarse_padded + 3 * 8 * 1536
     assert traffic.selection == 8 * (2 * candidates * 4 + 4 * (5 * 131072 + 3 * plan.compressed_len))
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("batch", 0, "batch must be an integer >= 1, got 0"),
+    ("kv_heads", 3, "heads must be a multiple of kv_heads, got heads=8, kv_heads=3"),
+    ("dim", 64.0, "dim must be an integer >= 1, got 64.0"),
+    ("dtype", torch.float64, "dtype must be one of torch.float16, torch.bfloat16, torch.float32"),
+    ("dtype", "bfloat16", "dtype must be one of"),
+    ("scores", "pre_norm", "scores must be one of 'norms', 'given', got 'pre_norm'"),
+])
+def test_bad_arguments_are_named(argument, value, message):
+    settings = dict(batch=1, heads=8, kv_heads=8, dim=128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fused_traffic(plan_for(131072, 3, 4, 2048), **{**settings, argument: value})

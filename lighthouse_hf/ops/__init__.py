@@ -8,16 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import check_choice, check_positive_int, is_int
-from .plan import TILE, LighthousePlan, check_settings, plan_for, shortest_compressed_length
-from .steps import PUBLISHED, MethodOptions, SelectedEntries, compressed_attention, gather, scatter, select
+from .plan import LighthousePlan, check_settings, plan_for, shortest_compressed_length
+from .steps import (
+    COMBINES,
+    ROPES,
+    SELECTIONS,
+    MethodOptions,
+    SelectedEntries,
+    compressed_attention,
+    gather,
+    scatter,
+    select,
+)
 from .varlen import Documents, attend_documents, dense_documents, runs_lighthouse
 
 __all__ = [
     "COMBINES",
     "Documents",
-    "PUBLISHED",
+    "ROPES",
     "SELECTIONS",
-    "TILE",
     "LighthousePlan",
     "MethodOptions",
     "SelectedEntries",
@@ -38,11 +47,6 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-SELECTIONS = ("published", "causal")
-"""Allowed values of ``selection``: ``"published"`` is the specification's top-k cascade,
-``"causal"`` the rule of :mod:`.causal` (the output at t depends on no input after t)."""
-COMBINES = ("sum", "mean")
-"""Allowed values of ``combine``: how a position joins the outputs of the levels that reach it."""
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
@@ -124,6 +128,13 @@ def _describe(t: object) -> str:
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal SDPA over the whole sequence, with :func:`lighthouse_attention`'s arguments and checks
+    (q ``[B, H, S, D]``, k and v ``[B, Hkv, S, D]``): what Lighthouse runs where it does not compress."""
+    _check_inputs(q, k, v, scale)
+    return _dense_causal(q, k, v, scale)
+
+
+def _dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -174,7 +185,7 @@ def lighthouse_attention(
     )
     plan = plan_for(q.shape[2], levels, pooling, topk)
     if not plan.compresses or q.shape[0] == 0:
-        return dense_causal_attention(q, k, v, scale)
+        return _dense_causal(q, k, v, scale)
     entries = select(q, k, plan, options)
     out_sel = compressed_attention(*gather(entries, q, k, v), scale)
     return scatter(entries, out_sel, plan.seq_len)
@@ -230,7 +241,7 @@ def lighthouse_attention_varlen(
         q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
     )
     if q.shape[0] == 0:
-        return dense_causal_attention(q, k, v, scale)
+        return _dense_causal(q, k, v, scale)
     return attend_documents(
         q, k, v, documents, levels=levels, pooling=pooling, topk=topk, options=options, scale=scale, min_seq_len=min_seq_len
     )
@@ -255,5 +266,5 @@ def dense_causal_attention_varlen(
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if q.shape[0] == 0:
-        return dense_causal_attention(q, k, v, scale)
+        return _dense_causal(q, k, v, scale)
     return dense_documents(q, k, v, documents, scale=scale, window=window, dropout=dropout)

@@ -72,12 +72,6 @@ def _kernels():
     return kernels
 
 
-def _triton_score_pass(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> bool:
-    """Whether ``scores_kernel`` computes the whole score pyramid: half precision, with every coarsest
-    span inside one program's block of positions."""
-    return _score_pass_levels(dtype, dim, plan) == plan.levels
-
-
 def _score_pass_levels(dtype: torch.dtype, dim: int, plan: LighthousePlan) -> int:
     """How many pyramid levels (level 0 included) ``scores_kernel`` computes: those whose spans fit
     one program's block of positions (half precision; 0 for float32, whose norms are ATen's). Wider
@@ -405,6 +399,7 @@ def _gather_impl(
     q: Tensor, k: Tensor, v: Tensor, entry_local: Tensor, entry_row: Tensor, inverse: Tensor, means: Tensor,
     rotary: Optional[Tensor], levels: int, pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # inverse is not read here: it is an input so that the backward's setup can save it
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads, _, dim = q.shape
     n = entry_local.shape[-1]
@@ -442,7 +437,8 @@ def _scatter_impl(
     pooling: int, topk: int,
 ) -> tuple[Tensor, Tensor]:
     """The output over positions and, with ``mean``, how many entries reach each position
-    (``[B*H, S]`` float32, saved for the backward; else an empty tensor)."""
+    (``[B*H, S]`` float32, saved for the backward; else an empty tensor). ``entry_local`` and
+    ``entry_row`` are not read here: they are inputs so that the backward's setup can save them."""
     plan = plan_for(seq_len, levels, pooling, topk)
     batch, heads, _, dim = out_sel.shape
     out = out_sel.new_empty(batch, heads, seq_len, dim)
@@ -514,10 +510,15 @@ def _(grad_out, counts, entry_local, entry_row, levels, pooling, topk):
     return grad_out.new_empty(*grad_out.shape[:2], entry_local.shape[-1], grad_out.shape[-1])
 
 
+def _gather_backward_settings(q: Tensor, k: Tensor, levels: int, pooling: int, topk: int) -> tuple:
+    """``_gather_backward_impl``'s arguments after the tensors (one place for the op and its eager twin)."""
+    return k.shape[1], q.shape[2], levels, pooling, topk
+
+
 def _gather_setup(ctx, inputs, output):
     q, k, _, _, _, inverse, _, rotary, levels, pooling, topk = inputs
     ctx.save_for_backward(inverse, rotary)
-    ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
+    ctx.settings = _gather_backward_settings(q, k, levels, pooling, topk)
 
 
 def _gather_backward(ctx, dq_sel, dk_sel, dv_sel):
@@ -547,7 +548,7 @@ class _GatherEntries(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, entry_local, entry_row, inverse, means, rotary, levels, pooling, topk):
         ctx.save_for_backward(inverse, rotary)
-        ctx.settings = (k.shape[1], q.shape[2], levels, pooling, topk)
+        ctx.settings = _gather_backward_settings(q, k, levels, pooling, topk)
         return _gather_impl(q, k, v, entry_local, entry_row, inverse, means, rotary, levels, pooling, topk)
 
     @staticmethod

@@ -20,6 +20,16 @@ from . import fused, reference
 from .plan import LighthousePlan
 
 
+ROPES = ("pooled", "span_end")
+"""Allowed values of ``rope``: pooled q and k rows keep their children's mean rotation (the
+published method), or are taken as rotated at their span's last token (``rope_inv_freq``)."""
+SELECTIONS = ("published", "causal")
+"""Allowed values of ``selection``: ``"published"`` is the specification's top-k cascade,
+``"causal"`` the rule of :mod:`.causal` (the output at t depends on no input after t)."""
+COMBINES = ("sum", "mean")
+"""Allowed values of ``combine``: how a position joins the outputs of the levels that reach it."""
+
+
 class MethodOptions(NamedTuple):
     """What a call changes beyond the published method; the defaults are the published method.
 
@@ -56,8 +66,8 @@ class SelectedEntries(NamedTuple):
 def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan, options: MethodOptions = PUBLISHED) -> SelectedEntries:
     """Steps 2-4 for ``q`` ``[B, H, S, D]`` and ``k`` ``[B, Hkv, S, D]`` with ``S == plan.seq_len``."""
     rope = options.rope_inv_freq is not None
-    kernels = fused.handles(q) and (not rope or fused.handles_rope(q, options.rope_inv_freq))
-    if kernels:
+    use_kernels = fused.handles(q) and (not rope or fused.handles_rope(q, options.rope_inv_freq))
+    if use_kernels:
         listing = fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope, options.causal)
         return SelectedEntries(plan, options, listing, None)
     selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores, causal=options.causal)

@@ -48,14 +48,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import check_choice
-from . import COMBINES, SELECTIONS
-from .fused import score_means_rows, score_pass_means_width, score_pass_positions
+from ..validation import check_choice, check_positive_int
+from .fused import FUSED_DTYPES, score_means_rows, score_pass_means_width, score_pass_positions
 from .plan import LighthousePlan
+from .steps import COMBINES, ROPES, SELECTIONS
 
-ROPES = ("pooled", "span_end")
-SCORES = ("norms", "given")
-"""``scores``: the norms of q and k, or level-0 scores given to the op (``q_scores``, ``k_scores``)."""
+SCORE_SOURCES = ("norms", "given")
+"""``scores`` here: the norms of q and k, or level-0 scores given to the op (``q_scores``,
+``k_scores``, as ``config.lighthouse["scores"] = "pre_norm"`` passes them)."""
 
 FLOAT32_BYTES = 4
 INT32_BYTES = 4
@@ -98,8 +98,14 @@ def fused_traffic(
     settings (``rope`` "pooled" or "span_end", ``scores`` "norms" or "given", ``selection``
     "published" or "causal", ``combine`` "sum" or "mean"). A plan that does not compress runs
     dense attention, no kernels: zero bytes."""
+    for name, value in (("batch", batch), ("heads", heads), ("kv_heads", kv_heads), ("dim", dim)):
+        check_positive_int(name, value)
+    if heads % kv_heads:
+        raise ValueError(f"heads must be a multiple of kv_heads, got heads={heads}, kv_heads={kv_heads}")
+    if dtype not in FUSED_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, FUSED_DTYPES))} (the fused path's), got {dtype!r}")
     check_choice("rope", rope, ROPES)
-    check_choice("scores", scores, SCORES)
+    check_choice("scores", scores, SCORE_SOURCES)
     check_choice("selection", selection, SELECTIONS)
     check_choice("combine", combine, COMBINES)
     if not plan.compresses:
