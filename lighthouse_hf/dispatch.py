@@ -180,7 +180,8 @@ _WARNED_SHORT = _PerConfig()
 def check_model_settings(config: Any) -> LighthouseConfig:
     """Check ``config.lighthouse`` against the model, write it back with every key filled in (so a
     saved checkpoint records what it ran with) and warn about layers that will not run Lighthouse
-    as configured. A ValueError names ``config.lighthouse`` and the bad key."""
+    as configured. A ValueError names ``config.lighthouse`` and the bad key. Once passed, the
+    model's calls do not check (or warn) again."""
     adapter = patches.adapter_for(config)
     settings = LighthouseConfig.from_model_config(config)
     num_layers = adapter.num_layers(config)
@@ -215,23 +216,21 @@ def check_model_settings(config: Any) -> LighthouseConfig:
             LighthouseWarning,
             stacklevel=3,
         )
+    _CHECKED.add(config)  # only once the check passed: bad settings fail every call until fixed
     return settings
 
 
 def settings_of(module: torch.nn.Module) -> LighthouseConfig:
     """The settings an attention call runs with. The first call of a model also checks them against
-    the model (:func:`check_model_settings`); every eager call readies its layer's pre-norm scores
-    (``scores="pre_norm"``), which from then on are recorded before each call."""
+    the model (:func:`check_model_settings`); every eager call of a layer that runs Lighthouse (not
+    a dense layer) readies its pre-norm scores (``scores="pre_norm"``), which from then on are
+    recorded before each call."""
     config = module.config
     if torch.compiler.is_compiling():
         return LighthouseConfig.from_model_config(config)
-    if _CHECKED.seen(config):
-        settings = LighthouseConfig.from_model_config(config)
-    else:
-        settings = check_model_settings(config)
-        _CHECKED.add(config)  # only once the check passed: bad settings fail every call until fixed
+    settings = LighthouseConfig.from_model_config(config) if _CHECKED.seen(config) else check_model_settings(config)
     norm_names = patches.adapter_for(config).per_head_qk_norm
-    if settings.scores == "pre_norm" and norm_names is not None:
+    if settings.scores == "pre_norm" and norm_names is not None and layer_reason(module, settings, True) is None:
         prenorm.install(module, norm_names)
     return settings
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import dispatch
@@ -111,18 +111,50 @@ def apply_lighthouse(target: Any, settings: LighthouseConfig | dict | None = Non
     """Write Lighthouse settings into a model or config and switch it to ``"lighthouse"`` attention.
 
     ``apply_lighthouse(model, topk=1024)`` or ``apply_lighthouse(config, LighthouseConfig(levels=4))``;
-    returns ``target``. A config switched here builds Lighthouse models with ``from_config``. The
-    settings are checked against the model now (a ValueError names ``config.lighthouse`` and the
-    bad key), and a model in which no layer would run Lighthouse gets a ``LighthouseWarning``.
+    returns ``target``. ``target`` may also wrap one Transformers model (a PEFT model, DDP), which
+    is then the one switched. A config switched here builds Lighthouse models with ``from_config``.
+    The settings are checked against the model now (a ValueError names ``config.lighthouse`` and
+    the bad key, and leaves the config as it was), and a model in which no layer would run
+    Lighthouse gets a ``LighthouseWarning``.
     """
+    model = _transformers_model(target)
+    config = target if model is None else model.config
     merged = LighthouseConfig.from_dict(settings).to_dict()
     merged.update(overrides)
-    config = target.config if isinstance(target, PreTrainedModel) else target
+    had_settings, before = hasattr(config, CONFIG_KEY), getattr(config, CONFIG_KEY, None)
     setattr(config, CONFIG_KEY, LighthouseConfig.from_dict(merged).to_dict())
-    checked = dispatch.check_model_settings(config)
-    if isinstance(target, PreTrainedModel):
-        dispatch.record_pre_norm_scores(target, checked)
-        target.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        checked = dispatch.check_model_settings(config)
+    except ValueError:
+        if had_settings:
+            setattr(config, CONFIG_KEY, before)
+        else:
+            delattr(config, CONFIG_KEY)
+        raise
+    if model is not None:
+        dispatch.record_pre_norm_scores(model, checked)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
         set_config_attn_implementation(config, ATTN_IMPLEMENTATION)
     return target
+
+
+def _transformers_model(target: Any) -> PreTrainedModel | None:
+    """The model ``apply_lighthouse`` switches: ``target`` itself, or the one Transformers model a
+    wrapper holds; None for a config. Anything else is a TypeError naming ``target``."""
+    if isinstance(target, PreTrainedModel):
+        return target
+    if isinstance(target, PreTrainedConfig):
+        return None
+    if isinstance(target, torch.nn.Module):
+        outermost: dict[int, PreTrainedModel] = {}
+        for module in target.modules():  # outer modules first; a model and its base share a config
+            if isinstance(module, PreTrainedModel):
+                outermost.setdefault(id(module.config), module)
+        if len(outermost) == 1:
+            return next(iter(outermost.values()))
+        raise TypeError(
+            f"target must be a Transformers model or config, or wrap exactly one model; got a "
+            f"{type(target).__name__} holding {len(outermost)}"
+        )
+    raise TypeError(f"target must be a Transformers PreTrainedModel or PreTrainedConfig, got {type(target).__name__}")

@@ -265,6 +265,43 @@ def test_apply_lighthouse_to_model_and_config():
         apply_lighthouse(model, pooling=3)
 
 
+def test_apply_lighthouse_switches_the_model_a_wrapper_holds():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(tiny_config("llama")),
+                                LoraConfig(r=2, target_modules=["q_proj"]))
+    assert apply_lighthouse(peft_model, topk=128, dense_layers=[0]) is peft_model
+    inner = peft_model.get_base_model()
+    assert inner.config._attn_implementation == "lighthouse" and inner.config.lighthouse["topk"] == 128
+    two = torch.nn.ModuleList([AutoModelForCausalLM.from_config(tiny_config("llama")) for _ in range(2)])
+    with pytest.raises(TypeError, match="target must be a Transformers model or config, or wrap exactly one model; "
+                                        "got a ModuleList holding 2"):
+        apply_lighthouse(two)
+    with pytest.raises(TypeError, match="target must be a Transformers PreTrainedModel or PreTrainedConfig, got str"):
+        apply_lighthouse("llama")
+
+
+def test_a_rejected_apply_lighthouse_leaves_the_settings_as_they_were():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with pytest.raises(ValueError, match="dense_layers"):
+        apply_lighthouse(model, topk=128, dense_layers=[10])
+    assert not hasattr(model.config, "lighthouse") and model.config._attn_implementation == "sdpa"
+    apply_lighthouse(model, topk=128, dense_layers=[0])
+    with pytest.raises(ValueError, match="dense_layers"):
+        apply_lighthouse(model, topk=256, dense_layers=[10])
+    assert model.config.lighthouse["topk"] == 128 and model.config.lighthouse["dense_layers"] == [0]
+    model(tokens(seq=16))  # still runs
+
+
+def test_apply_lighthouse_warns_once_not_again_at_the_first_call():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lighthouse(model)  # the defaults keep all 4 layers dense
+        model(tokens(seq=16))
+    assert sum("so no layer runs Lighthouse" in str(w.message) for w in caught) == 1
+
+
 def test_settings_dataclass_validates_when_set():
     settings = LighthouseConfig()
     settings.topk = 1024

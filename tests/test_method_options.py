@@ -331,6 +331,16 @@ def test_dense_recovery_stops_recording_pre_norm_scores():
     assert not norm._forward_pre_hooks and getattr(norm, "lighthouse_input_norms") is None
 
 
+def test_dense_layers_record_no_pre_norm_scores():
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", num_hidden_layers=4))
+    model.set_attn_implementation("lighthouse")  # hooks installed by the calls, not by apply_lighthouse
+    model.config.lighthouse = dict(topk=128, dense_layers=[0, 3])
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 64)))
+    hooked = [bool(layer.self_attn.q_norm._forward_pre_hooks) for layer in model.model.layers]
+    assert hooked == [False, True, True, False]
+
+
 def test_pre_norm_scores_under_activation_checkpointing():
     torch.manual_seed(0)
     models = []
