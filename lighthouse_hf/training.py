@@ -113,6 +113,12 @@ class RecoveryCallback(TrainerCallback):
                 f"at={self.at!r} puts recovery at step {step}, after the last step ({max_steps}); "
                 "choose a step <= max_steps or a fraction in (0, 1)"
             )
+        if isinstance(self.at, float) and step == max_steps:
+            # a fraction asks for a recovery phase; rounding to the last step would silently drop it
+            raise ValueError(
+                f"at={self.at!r} of max_steps={max_steps} puts recovery at step {step}, the last, so no step "
+                "would run dense; choose a smaller fraction or more steps"
+            )
         return step
 
     def on_train_begin(
