@@ -105,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"lighthouse-hf bench: --packed and --packed-longtail time the operator; leave out --{mode}",
                   file=sys.stderr)
             return 2
+        swept = [f"--{name}" for name in ("rope", "scores", "selection", "combine") if len(getattr(args, name)) > 1]
+        if swept:
+            print(f"lighthouse-hf bench: packed mode times one value of each method option; give one to {', '.join(swept)}",
+                  file=sys.stderr)
+            return 2
         return _run_packed(args)
     if args.e2e and args.layer:
         print("lighthouse-hf bench: --e2e and --layer are two modes; give one", file=sys.stderr)
@@ -438,7 +443,7 @@ def packed_rows(args: argparse.Namespace) -> list[list[int]]:
 
 
 def packed_operators(args: argparse.Namespace, device: str) -> list[dict]:
-    """Every packed-mode row: each setting, each mode (the first value of each method option)."""
+    """Every packed-mode row: each setting, each mode (``run`` allows one value of each method option)."""
     rows = packed_rows(args)
     documents = Documents.from_lengths(rows)
     kv_heads = args.kv_heads or args.heads

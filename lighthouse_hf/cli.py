@@ -1,8 +1,10 @@
 """The ``lighthouse-hf`` command: every subcommand's parser.
 
-A subcommand's module (and with it torch and Transformers) is imported only when that
-subcommand runs, so ``lighthouse-hf --help`` and ``lighthouse-hf COMMAND --help`` answer at once.
-Each module has ``run(args) -> exit code``.
+A subcommand's module is imported only when that subcommand runs, and this module imports no
+torch itself: ``lighthouse-hf --help`` and ``lighthouse-hf COMMAND --help`` load only what
+``import lighthouse_hf`` needs to register the attention function (torch and Transformers' modeling
+code, a few seconds), never a subcommand's module or the Trainer. Each module has
+``run(args) -> exit code``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ def _positive_length(text: str) -> int:
     return length
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum``."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return check
+
+
 def _shard_size(value: str) -> int:
     try:
         return parse_size(value)
@@ -78,12 +95,12 @@ def _add_bench(subparsers: Any) -> None:
         description=_docstring("bench.py"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _option(parser, "--seq", type=_sequence_length, nargs="+", default=[32768, 65536, 131072, 262144],
+    _option(parser, "--seq", type=_positive_length, nargs="+", default=[32768, 65536, 131072, 262144],
             help="sequence lengths (32K, 64k and 131072 all work)")
-    _option(parser, "--batch", type=int, default=1, help="batch size")
-    _option(parser, "--heads", type=int, default=8, help="query heads")
-    _option(parser, "--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
-    _option(parser, "--dim", type=int, default=128, help="head dimension")
+    _option(parser, "--batch", type=_count(1), default=1, help="batch size")
+    _option(parser, "--heads", type=_count(1), default=8, help="query heads")
+    _option(parser, "--kv-heads", type=_count(1), default=None, help="KV heads (default: --heads)")
+    _option(parser, "--dim", type=_count(1), default=128, help="head dimension")
     _option(parser, "--levels", type=int, nargs="+", default=[3], help="Lighthouse pyramid levels")
     _option(parser, "--pooling", type=int, nargs="+", default=[4], help="Lighthouse pooling factors")
     _option(parser, "--topk", type=int, nargs="+", default=[2048], help="Lighthouse selection budgets")
@@ -106,24 +123,24 @@ def _add_bench(subparsers: Any) -> None:
     _option(parser, "--deterministic", action="store_true",
             help="run Lighthouse and its own SDPA under torch.use_deterministic_algorithms(True), where "
             "PyTorch's attention backward is bitwise reproducible (the cuDNN baselines run as usual)")
-    _option(parser, "--warmup", type=int, default=3, help="untimed calls per variant")
-    _option(parser, "--iters", type=int, default=10, help="timed calls per variant")
-    _option(parser, "--input-sets", type=int, default=3, help="input sets rotated through")
+    _option(parser, "--warmup", type=_count(0), default=3, help="untimed calls per variant")
+    _option(parser, "--iters", type=_count(1), default=10, help="timed calls per variant")
+    _option(parser, "--input-sets", type=_count(1), default=3, help="input sets rotated through")
     _option(parser, "--e2e", action="store_true",
             help="end-to-end training-step mode instead (the first value of each Lighthouse setting and option)")
     _option(parser, "--layer", action="store_true",
             help="decoder-layer mode instead: one Llama layer (hidden --heads x --dim) under sdpa and lighthouse "
             "attention, queued and from an idle GPU (the first value of each Lighthouse setting and option)")
-    _option(parser, "--e2e-seq", type=_sequence_length, nargs="+", default=[32768, 65536, 131072],
+    _option(parser, "--e2e-seq", type=_positive_length, nargs="+", default=[32768, 65536, 131072],
             help="sequence lengths of --e2e")
-    _option(parser, "--e2e-layers", type=int, default=30, help="layers of the --e2e model")
-    _option(parser, "--e2e-steps", type=int, default=3, help="timed training steps per setting")
+    _option(parser, "--e2e-layers", type=_count(1), default=30, help="layers of the --e2e model")
+    _option(parser, "--e2e-steps", type=_count(1), default=3, help="timed training steps per setting")
     _option(parser, "--e2e-dense-layers", type=int, nargs="*", default=[0, 1, -2, -1],
             help="layers kept dense in the Lighthouse model (the paper's first and last two)")
     packed = parser.add_mutually_exclusive_group()
     _option(packed, "--packed", type=_positive_length, nargs="+", metavar="LENGTH",
-            help="packed mode: each row (--batch) packs documents of these lengths (e.g. 64K 32K 16K 4096 4096 8192); "
-            "also runs on the CPU")
+            help="packed mode: each row (--batch) packs documents of these lengths (e.g. 64K 32K 16K 4096 4096 8192), "
+            "for each Lighthouse setting and one value of each method option (--seq is not used); also runs on the CPU")
     _option(packed, "--packed-longtail", type=_positive_length, metavar="TOTAL",
             help="packed mode with rows of TOTAL tokens (e.g. 128K) of documents drawn from the long-tailed mixture "
             "described above")

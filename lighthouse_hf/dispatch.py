@@ -32,6 +32,7 @@ from . import patches, prenorm
 from .config import CONFIG_KEY, LighthouseConfig
 from .ops import Documents, runs_lighthouse, shortest_compressed_length
 from .rotary import rope_inv_freq
+from .validation import is_int
 
 
 class LighthouseWarning(UserWarning):
@@ -335,7 +336,7 @@ def _flash_max_length(kwargs: dict[str, Any], name: str, documents: Documents) -
         return
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value.item())
-    if not isinstance(value, int) or isinstance(value, bool) or value < documents.max_length:
+    if not is_int(value) or value < documents.max_length:
         raise ValueError(
             f"{name} must be an integer at least the longest document's length, {documents.max_length} "
             f"(from cu_seq_lens_q), got {value!r}"
@@ -400,15 +401,15 @@ def documents_of(attention_mask: Any, query: torch.Tensor, key: torch.Tensor, kw
     if not isinstance(attention_mask, DeferredMask):
         return _read_documents(attention_mask, query, key, kwargs, by_positions)
     inputs = (kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
-    key_ = (*map(id, inputs), query.shape[0], query.shape[2])
-    known = attention_mask.documents.get(key_)
+    cache_key = (*map(id, inputs), query.shape[0], query.shape[2])
+    known = attention_mask.documents.get(cache_key)
     if known is not None and all(a is b for a, b in zip(known[0], inputs)):
         documents = known[1]
         for name in ("max_length_q", "max_length_k"):
             _flash_max_length(kwargs, name, documents)
         return documents
     documents = _read_documents(attention_mask, query, key, kwargs, by_positions)
-    attention_mask.documents[key_] = (inputs, documents)
+    attention_mask.documents[cache_key] = (inputs, documents)
     return documents
 
 

@@ -30,6 +30,12 @@ def _rope_parameters(config: Any) -> dict[str, Any]:
             'config.lighthouse["rope"] = "span_end" supports one rotary setting for all layers; this model has '
             f"one per layer type ({sorted(parameters)})"
         )
+    theta = parameters.get("rope_theta")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
+        raise ValueError(
+            f'config.lighthouse["rope"] = "span_end" needs config.rope_parameters["rope_theta"], a number > 1; '
+            f"got {theta!r}"
+        )
     return parameters
 
 

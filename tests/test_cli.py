@@ -109,6 +109,20 @@ def _bench_args(*flags: str):
 
 
 @pytest.mark.parametrize(
+    "flag, value, message",
+    [("--iters", "0", "must be a whole number >= 1, got '0'"), ("--input-sets", "0", "must be a whole number >= 1"),
+     ("--batch", "-1", "must be a whole number >= 1"), ("--warmup", "-1", "must be a whole number >= 0"),
+     ("--heads", "2.5", "must be a whole number >= 1, got '2.5'"), ("--seq", "0", "a length must be at least 1 token"),
+     ("--e2e-layers", "0", "must be a whole number >= 1")],
+)
+def test_bench_counts_are_checked_when_parsed(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_args(flag, value)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}: {message}" in error
+
+
+@pytest.mark.parametrize(
     "flag, value, allowed",
     [("--rope", "at_end", "pooled, span_end"), ("--selection", "greedy", "published"), ("--combine", "max", "sum, mean")],
 )

@@ -204,6 +204,14 @@ def test_rope_frequencies_are_the_models_own(rope_type):
     torch.testing.assert_close(sin[0, :, :half].double(), angle.sin() * scaling, rtol=0, atol=2e-6 * SEQ)
 
 
+@pytest.mark.parametrize("theta", [None, "10000", 1.0])
+def test_a_missing_or_bad_rope_theta_is_named(theta):
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "default"} | ({} if theta is None else {"rope_theta": theta})
+    with pytest.raises(ValueError, match=r'needs config.rope_parameters\["rope_theta"\], a number > 1; got'):
+        rope_inv_freq(config, SEQ, torch.device("cpu"))
+
+
 def _calls_of_the_op(monkeypatch):
     """The keyword arguments of every single-device Lighthouse op call, with its q and k."""
     calls = []

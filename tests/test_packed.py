@@ -548,6 +548,13 @@ def test_bench_packed_refuses_e2e(capsys):
     assert "leave out --e2e" in capsys.readouterr().err
 
 
+def test_bench_packed_refuses_a_sweep_of_a_method_option(capsys):
+    from lighthouse_hf.cli import main
+
+    assert main(["bench", "--packed", "100", "--combine", "sum", "mean", "--rope", "span_end"]) == 2
+    assert "one value of each method option; give one to --combine" in capsys.readouterr().err
+
+
 # ---- on a GPU ----
 
 GPU = dict(seq=24000, settings=dict(levels=3, pooling=4, topk=256), specials=[1, 100, 128, 2304, 4096, 9000])
