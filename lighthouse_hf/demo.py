@@ -145,10 +145,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0.0 < args.recovery < 1.0:
         raise ValueError(f"--recovery must be a fraction in (0, 1), got {args.recovery}")
-    try:
-        RecoveryCallback(at=args.recovery).resolve(args.steps)
-    except ValueError as error:
-        raise ValueError(f"--recovery {args.recovery} of --steps {args.steps}: {error}") from None
+    if round(args.recovery * args.steps) >= args.steps:
+        raise ValueError(f"--recovery {args.recovery} of {args.steps} steps leaves no dense recovery step; lower it")
     kept = compressed_length(args.seq_len, levels=args.levels, pooling=args.pooling, topk=args.topk)
     if kept >= args.seq_len:
         raise ValueError(

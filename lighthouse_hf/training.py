@@ -8,6 +8,7 @@ says, and the losses that follow equal those of an uninterrupted run.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -15,6 +16,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 from transformers.utils import logging
 
 from .config import ATTN_IMPLEMENTATION, CONFIG_KEY, LighthouseConfig
+from .dispatch import LighthouseWarning
 from .hf_internals import attn_implementation
 from .prenorm import uninstall as stop_recording_pre_norm_scores
 from .validation import is_int
@@ -114,10 +116,12 @@ class RecoveryCallback(TrainerCallback):
                 "choose a step <= max_steps or a fraction in (0, 1)"
             )
         if isinstance(self.at, float) and step == max_steps:
-            # a fraction asks for a recovery phase; rounding to the last step would silently drop it
-            raise ValueError(
+            # a fraction asks for a recovery phase; a run this short has none (a smoke run may mean it)
+            warnings.warn(
                 f"at={self.at!r} of max_steps={max_steps} puts recovery at step {step}, the last, so no step "
-                "would run dense; choose a smaller fraction or more steps"
+                "runs dense; choose a smaller fraction or more steps for a recovery phase",
+                LighthouseWarning,
+                stacklevel=2,
             )
         return step
 

@@ -37,8 +37,20 @@ def test_switch_line_shows_at_default_verbosity():
     assert "implementation: sdpa" in run.stdout
 
 
-def test_switch_is_logged_at_warning_level():
+def test_switch_is_logged_at_warning_level(caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+    import lighthouse_hf
     from lighthouse_hf import training
 
-    assert logging.getLogger(training.__name__) is training.logger
-    assert training.logger.isEnabledFor(logging.WARNING)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2)
+    model = lighthouse_hf.apply_lighthouse(LlamaForCausalLM(config), topk=128, dense_layers=[0])
+    callback = lighthouse_hf.RecoveryCallback(at=2)
+    state = TrainerState(max_steps=4, global_step=0)
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    with caplog.at_level(logging.DEBUG, logger=training.__name__):
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+        state.global_step = 2
+        callback.on_step_end(args, state, TrainerControl(), model=model)
+    switches = [record for record in caplog.records if "dense recovery begins" in record.getMessage()]
+    assert [(record.name, record.levelno) for record in switches] == [(training.__name__, logging.WARNING)]
