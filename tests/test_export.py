@@ -311,6 +311,21 @@ def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
     assert not torch.equal(merged[q_proj], base[q_proj])
 
 
+def test_lora_merge_keeps_the_config_the_adapter_was_trained_with(sources, adapter, tmp_path, capsys):
+    # examples/pretrain.py --lora --rope-factor 2 saves the config it trained with beside the adapter
+    trained = tmp_path / "adapter-with-config"
+    shutil.copytree(adapter, trained)
+    config = json.loads((sources["llama"] / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config["max_position_embeddings"] *= 2
+    (trained / "config.json").write_text(json.dumps(config))
+    code, out, err = _export(capsys, trained, tmp_path / "merged")
+    assert code == 0, err
+    exported = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert exported["rope_parameters"]["rope_type"] == "linear" and exported["rope_parameters"]["factor"] == 2.0
+    assert exported["max_position_embeddings"] == config["max_position_embeddings"]
+
+
 # ---------------------------------------------------------------------------------------------
 # A LoRA adapter trained on a GGUF base (examples/pretrain.py --gguf-file ... --lora)
 

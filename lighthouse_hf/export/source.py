@@ -104,7 +104,8 @@ class Source:
     model_dir: Path
     adapter_dir: Path | None
     config_dir: Path | None
-    """Where the model's config.json is: the base's, or for a GGUF base the adapter's own (None: in the GGUF)."""
+    """Where the model's config.json is: an adapter's own when it has one (the config it was trained
+    with), else the base's (None: in the base GGUF)."""
     gguf_file: Path | None
     model_type: str
     lighthouse_settings: dict | None
@@ -190,12 +191,12 @@ def inspect_source(src: str | os.PathLike, adapter: str | os.PathLike | None = N
     gguf_file = _gguf_file(model_dir)
     adapter_config = adapter_dir / "config.json" if adapter_dir is not None else None
     has_adapter_config = adapter_config is not None and adapter_config.is_file()
-    # A GGUF carries a config of its own, but the one the adapter was trained with (RoPE scaling,
-    # positions, the recovery marker) is the model that was trained: it outranks the GGUF's.
-    if gguf_file is None:
-        config_dir = model_dir
+    # The config the adapter was trained with (RoPE scaling, positions, the recovery marker) is the
+    # model that was trained: it outranks the base's, and a GGUF's own.
+    if has_adapter_config:
+        config_dir = adapter_dir
     else:
-        config_dir = adapter_dir if has_adapter_config else None
+        config_dir = model_dir if gguf_file is None else None
     model_type = _check_model_type(config_dir or model_dir, gguf_file if config_dir is None else None)
     # An adapter directory that carries its own config.json (recovery marker included) outranks the base's.
     settings = None
@@ -248,7 +249,8 @@ def load_model(source: Source) -> Any:
     try:
         if source.gguf_file is None:
             model, info = AutoModelForCausalLM.from_pretrained(
-                source.model_dir, attn_implementation="sdpa", dtype="auto", output_loading_info=True
+                source.model_dir, config=AutoConfig.from_pretrained(source.config_dir), attn_implementation="sdpa",
+                dtype="auto", output_loading_info=True,
             )
         else:
             gguf = source.gguf_file.name
