@@ -660,7 +660,7 @@ def test_replacement_rolls_back_when_the_second_rename_raises(tmp_path, monkeypa
 
     monkeypatch.setattr(export_write.os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_write.replace(staged, dst)
+        export_write.replace(staged, dst, overwrite=True)
     assert os.listdir(dst) == ["old.txt"] and not _leftovers(dst)
 
 
@@ -674,12 +674,39 @@ def test_dst_that_cannot_be_created_is_bad_input(sources, tmp_path, capsys):
     ]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_dst_in_a_read_only_directory_is_bad_input(sources, tmp_path, capsys):
+def test_dst_in_a_read_only_directory_is_bad_input(sources, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root may write anywhere: the permission check is asked as an ordinary user would be
+        access = os.access
+        monkeypatch.setattr(export_write.os, "access", lambda path, mode: access(path, mode) and Path(path) != locked)
     code, _, err = _export(capsys, sources["llama"], locked / "exported")
     assert code == 2 and "cannot be created: no permission to write in" in err
+
+
+def test_dst_written_to_during_the_export_is_kept_without_overwrite(sources, tmp_path, capsys, monkeypatch):
+    dst = tmp_path / "exported"
+    load_model = export_source.load_model
+
+    def meanwhile(source):  # someone writes into DST while the model loads
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+        return load_model(source)
+
+    monkeypatch.setattr(export_source, "load_model", meanwhile)
+    code, _, err = _export(capsys, sources["llama"], dst)
+    assert code == 2 and f"DST {dst} was written to during the export" in err and "pass --overwrite" in err
+    assert os.listdir(dst) == ["notes.txt"] and not _leftovers(dst)
+
+
+def test_dst_that_is_a_symbolic_link_is_refused(sources, tmp_path, capsys):
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    code, _, err = _export(capsys, sources["llama"], link, "--overwrite")
+    assert code == 2 and f"DST {link} is a symbolic link; give the directory it points to, {target}" in err
+    assert link.is_symlink() and not any(target.iterdir())
 
 
 def test_failed_verification_writes_nothing(sources, tmp_path, capsys, monkeypatch):

@@ -122,7 +122,7 @@ def export_checkpoint(
             checks.check_tensors(staged, checks.expected_tensors(weights, model, changed_modules))
             logits, checked_with = checks.plain_load_check(staged, probe, reference_logits)
             max_logit_diff = (logits.double() - source_logits.double()).abs().max().item()
-        write.replace(staged, dst)
+        write.replace(staged, dst, overwrite)
     except BaseException:
         write.discard(staged)
         raise

@@ -38,6 +38,8 @@ STAGING, VERIFIED, REPLACED = "export", "verified", "replaced"
 
 def check_destination(dst: Path, source_dirs: list[Path], overwrite: bool) -> None:
     """Raise ExportError unless DST can be created (or, with ``overwrite``, replaced) by this export."""
+    if dst.is_symlink():  # replacing DST would replace the link, not the folder it names
+        raise ExportError(f"DST {dst} is a symbolic link; give the directory it points to, {dst.resolve()}")
     if dst.exists() and not dst.is_dir():
         raise ExportError(f"DST {dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -70,16 +72,27 @@ def create_staging(dst: Path) -> Path:
     return staged
 
 
-def replace(staged: Path, dst: Path) -> None:
-    """Move the verified ``staged`` folder to DST, replacing what is there.
+def replace(staged: Path, dst: Path, overwrite: bool) -> None:
+    """Move the verified ``staged`` folder to DST, replacing what is there only with ``overwrite``.
 
     If the process is killed, DST is the old or the new checkpoint, except between the two renames
     of a replacement, where DST is absent and :func:`recover` (run by the next export to DST) renames
-    the verified new checkpoint in. An exception rolls back to the old DST.
+    the verified new checkpoint in. An exception rolls back to the old DST. Without ``overwrite``,
+    DST must still be absent or empty (it was when the export began; something may have written
+    there since), or this raises ExportError and DST is left as it is.
     """
     tag = staged.name.rpartition(f"{STAGING}-")[2]
     verified, displaced = _sibling(dst, VERIFIED, tag), _sibling(dst, REPLACED, tag)
     os.rename(staged, verified)
+    if not overwrite:
+        try:
+            os.rename(verified, dst)  # onto an empty directory or none; a directory with files refuses
+        except OSError as error:
+            shutil.rmtree(verified, ignore_errors=True)
+            raise ExportError(
+                f"DST {dst} was written to during the export ({error.strerror}); pass --overwrite to replace it"
+            ) from None
+        return
     try:
         if dst.exists():
             os.rename(dst, displaced)
