@@ -104,7 +104,7 @@ def _resolve_eos(tokenizer: Tokenizer, eos_token_id: int | None) -> int:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     if eos_token_id is None:
         raise ValueError("eos_token_id must be given: the tokenizer has no eos_token_id")
-    return eos_token_id
+    return _check_eos(eos_token_id)
 
 
 def _texts(dataset: Iterable[dict[str, Any]], text_column: str, batch_size: int, progress: Any) -> Iterator[list[str]]:

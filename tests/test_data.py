@@ -126,6 +126,9 @@ def test_pack_dataset_bad_input():
         pack_dataset([{"text": "a"}], byte_tokenize, 4, eos_token_id=EOS)
     with pytest.raises(ValueError, match="document_positions must be True or False"):
         pack_dataset(dataset, byte_tokenize, 4, eos_token_id=EOS, document_positions="yes")
+    for eos in (-1, "0", 2.5):
+        with pytest.raises(ValueError, match=f"eos_token_id must be an integer >= 0, got {eos!r}"):
+            pack_dataset(dataset, byte_tokenize, 4, eos_token_id=eos)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -339,6 +339,18 @@ def test_dense_recovery_stops_recording_pre_norm_scores():
     assert not norm._forward_pre_hooks and getattr(norm, "lighthouse_input_norms") is None
 
 
+def test_qwen3_moe_scores_pre_norm_like_qwen3():
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2)
+    model = lighthouse_hf.apply_lighthouse(AutoModelForCausalLM.from_config(config), topk=128, dense_layers=[0])
+    assert [bool(layer.self_attn.q_norm._forward_pre_hooks) for layer in model.model.layers] == [False, True]
+    with pytest.warns(lighthouse_hf.LighthouseWarning, match="qwen3_moe: each head's q and k pass an RMSNorm"):
+        lighthouse_hf.apply_lighthouse(AutoModelForCausalLM.from_config(config), topk=128, dense_layers=[0], scores="qk")
+
+
 def test_dense_layers_record_no_pre_norm_scores():
     model = AutoModelForCausalLM.from_config(tiny_config("qwen3", num_hidden_layers=4))
     model.set_attn_implementation("lighthouse")  # hooks installed by the calls, not by apply_lighthouse
