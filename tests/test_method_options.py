@@ -272,18 +272,23 @@ def test_qwen3_pre_norm_scores_select_by_content_at_initialization(monkeypatch):
     assert not torch.equal(out, again)
 
 
-def test_first_call_without_recorded_norms_warns_and_scores_q_and_k(tmp_path):
+def test_first_call_without_recorded_norms_warns_and_scores_q_and_k(tmp_path, monkeypatch):
     config = tiny_config("qwen3")
     config.lighthouse = {"topk": 128, "dense_layers": [0]}
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lighthouse")
+    calls = _calls_of_the_op(monkeypatch)
     ids = torch.randint(0, 128, (1, SEQ))
     with pytest.warns(lighthouse_hf.LighthouseWarning, match="found no recorded norms for this call"), torch.no_grad():
         model(ids)
+    assert calls and all(call.get("q_scores") is None and call.get("k_scores") is None for call in calls)  # q's, k's norms
+    first_calls = len(calls)
     with warnings.catch_warnings():
         warnings.simplefilter("error", lighthouse_hf.LighthouseWarning)
         with torch.no_grad():
             model(ids)  # recorded from now on
+    assert len(calls) > first_calls
+    assert all(call.get("q_scores") is not None and call.get("k_scores") is not None for call in calls[first_calls:])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -362,23 +367,32 @@ def test_dense_layers_record_no_pre_norm_scores():
 
 
 def test_pre_norm_scores_under_activation_checkpointing():
+    # The recomputed forward must record its pre-norm scores again and select what the first forward
+    # selected: the gradients then equal those of the same model without checkpointing.
     torch.manual_seed(0)
     models = []
-    for reentrant in (False, True):
+    for reentrant in (None, False, True):
         model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
         lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[0])
-        enable_activation_checkpointing(model, {"use_reentrant": reentrant})
+        if reentrant is not None:
+            enable_activation_checkpointing(model, {"use_reentrant": reentrant})
         model.train()
         models.append(model)
-    models[1].load_state_dict(models[0].state_dict())
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
     ids = torch.randint(0, 128, (1, SEQ))
-    losses = []
-    for model in models:
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
-    assert losses[0] == losses[1]
+    losses, grads = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lighthouse_hf.LighthouseWarning)  # no fallback to q's and k's norms
+        for model in models:
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == losses[1] == losses[2]
+    for checkpointed in grads[1:]:
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
