@@ -74,7 +74,15 @@ def shard_batch(model: torch.nn.Module, batch: Mapping[str, Any], group: dist.Pr
     tokens = batch.get("input_ids", batch.get("inputs_embeds"))
     if tokens is None:
         raise ValueError("batch must hold input_ids or inputs_embeds")
+    if tokens.dim() < 2:
+        raise ValueError(f"input_ids (or inputs_embeds) must be [batch, seq, ...], got shape {tuple(tokens.shape)}")
     batch_size, seq_len = tokens.shape[:2]
+    for key in _SEQUENCE_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) != (batch_size, seq_len) and key != "position_ids":
+            raise ValueError(
+                f"{key} must start with input_ids' [batch, seq] = [{batch_size}, {seq_len}], got shape {tuple(value.shape)}"
+            )
     mask = batch.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
         raise ValueError(

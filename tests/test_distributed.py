@@ -141,6 +141,8 @@ def _check_shard_batch(rank: int) -> None:
         ({"input_ids": ids[:, :6]}, r"multiple of 2 \* group size"),
         ({"input_ids": ids, "token_type_ids": ids}, "cannot split batch keys"),
         ({"labels": ids}, "input_ids or inputs_embeds"),
+        ({"input_ids": ids[0]}, r"must be \[batch, seq, ...\], got shape \(8,\)"),
+        ({"input_ids": ids, "labels": ids[:, :4]}, r"labels must start with input_ids' \[batch, seq\] = \[2, 8\], got shape \(2, 4\)"),
     ]
     for batch, message in bad:
         with pytest.raises(ValueError, match=message):
