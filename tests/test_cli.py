@@ -93,7 +93,7 @@ def test_bad_sequence_length_is_a_usage_error(capsys):
 def test_patches_live_inside_the_package():
     import lighthouse_hf.patches
 
-    assert set(lighthouse_hf.patches.ADAPTERS) == {"llama", "qwen2", "qwen3", "mistral"}
+    assert set(lighthouse_hf.patches.ADAPTERS) == {"llama", "qwen2", "qwen3", "qwen3_moe", "mistral"}
     assert run(sys.executable, "-I", "-c", "import patches").returncode != 0
 
 
