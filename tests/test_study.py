@@ -300,6 +300,18 @@ def test_report_verdict_follows_the_plan(study_dir, load_script):
     assert report.verdict([dense, three]) == dict(outcome="refuted", arms=["a"], provisional=False, seeds=3)
 
 
+def test_report_interval_over_seeds_is_a_t_interval(study_dir, load_script):
+    report = load_script("report_tracks")
+    low, high = report.interval_over_seeds([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, t(2) = 4.303
+    assert (low, high) == pytest.approx((0.2 - 4.303 * 0.1 / 3**0.5, 0.2 + 4.303 * 0.1 / 3**0.5))
+    assert report.interval_over_seeds([0.1]) is None
+    row = dict(arm="a", seeds=[0], final_long_loss=3.0, difference=0.01, interval=[0.005, 0.015], interval_over_seeds=None,
+               gpu_seconds=1.0, gpu_time_ratio=0.5, dense_long_loss_at_same_gpu_time=3.1, probes_ok=True)
+    text = report.table([row])
+    assert "[+0.005, +0.015]¹ | n/a |" in text and "One seed: the interval holds the spread between held-out windows" in text
+    assert "¹" not in report.table([dict(row, seeds=[0, 1], interval_over_seeds=[0.0, 0.02])])
+
+
 def test_report_reads_dense_at_the_arms_gpu_time_off_its_curve(study_dir, load_script):
     report = load_script("report_tracks")
 
