@@ -321,6 +321,26 @@ def dense_attention_context_parallel(
     return torch.cat(outputs, dim=2)
 
 
+def _check_head_tail_positions(attention_mask: Any, positions: torch.Tensor | None, chunk: int, world: int,
+                               rank: int) -> None:
+    """Position ids that are not this rank's head and tail chunks of ``0..S-1`` mean packed documents
+    (or a wrong split), which the mask here cannot tell from the split's own jump: a ValueError,
+    checked once per forward (one host synchronization), not under torch.compile."""
+    if positions is None or torch.compiler.is_compiling():
+        return
+    if isinstance(attention_mask, dispatch.DeferredMask) and attention_mask.checked.get("head/tail positions") is positions:
+        return
+    expected = torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=positions.device) for c in _global_chunks(world, rank)])
+    if positions.shape[-1] != expected.shape[0] or not bool((positions == expected).all()):
+        raise ValueError(
+            "position_ids under context parallelism must be each rank's head and tail chunks of 0..S-1 in every row "
+            "(lighthouse_hf.distributed.shard_batch makes them); packed documents (positions that restart) are not "
+            "supported"
+        )
+    if isinstance(attention_mask, dispatch.DeferredMask):
+        attention_mask.checked["head/tail positions"] = positions
+
+
 def context_parallel_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -351,8 +371,9 @@ def context_parallel_attention_forward(
             f"context parallelism needs plain causal attention over whole sequences, but the inputs have {problem}; "
             "pass unpadded sequences without an attention_mask (lighthouse_hf.distributed.shard_batch does)"
         )
-    world, _ = _group_shape(group)
+    world, rank = _group_shape(group)
     seq_len = query.shape[2] * world
+    _check_head_tail_positions(attention_mask, kwargs.get("position_ids"), query.shape[2] // 2, world, rank)
     settings = dispatch.settings_of(module)
     query, key, value = dispatch.autocast_inputs(query, key, value)
     dense = dispatch.sequence_reason(module, settings, seq_len, dispatch.is_causal_call(module, kwargs))

@@ -61,6 +61,8 @@ class DeferredMask:
     documents: dict[tuple, tuple[tuple, Documents]] = field(default_factory=dict, repr=False, compare=False)
     """The documents found for this forward's inputs (:func:`documents_of`): every layer shares
     the mask, so only the first pays the host synchronization that reading them takes."""
+    checked: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Inputs a path has checked for this forward, by what it checked (for the same reason)."""
 
     def materialize(self) -> torch.Tensor:
         return sdpa_mask(**{**self.mask_kwargs, "allow_is_causal_skip": False})

@@ -9,6 +9,7 @@ not, and take the gathered fallback.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -130,3 +131,25 @@ def test_qwen3_with_method_options_equals_one_device():
     lighthouse = dict(SETTINGS, dense_layers=[0], rope="span_end", combine="mean", scores="pre_norm")
     report = model_errors(2, config, lighthouse, SEQ, torch.float32, "cpu")
     assert max(report["loss"], report["logits"], report["grads"]) <= FP32_TOL, report
+
+
+def test_packed_position_ids_under_context_parallelism_are_refused():
+    # Positions that restart mark packed documents, which the split's own head/tail jump would hide:
+    # given past shard_batch's check, the model must refuse them rather than attend across documents.
+    from transformers import AutoModelForCausalLM
+
+    from lighthouse_hf import apply_lighthouse, shard_batch
+
+    model = apply_lighthouse(AutoModelForCausalLM.from_config(tiny_config("llama")), **SETTINGS, dense_layers=[0])
+    replicas = [model, copy.deepcopy(model)]
+    ids = torch.randint(0, 128, (1, SEQ))
+    two_documents = torch.arange(SEQ // 2).repeat(2)[None]
+
+    def rank_main(rank: int) -> str:
+        batch = shard_batch(replicas[rank], {"input_ids": ids})
+        batch["position_ids"] = shard(two_documents, 2, rank, dim=1)
+        with pytest.raises(ValueError, match="position_ids under context parallelism must be each rank's head and tail"):
+            replicas[rank](**batch)
+        return "refused"
+
+    assert run_ranks(2, rank_main) == ["refused", "refused"]
