@@ -39,7 +39,17 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import dispatch
 from .dispatch import LighthouseWarning
-from .ops import LighthousePlan, MethodOptions, check_settings, gather, lighthouse_attention, method_options, scatter, select
+from .ops import (
+    LighthousePlan,
+    MethodOptions,
+    check_inputs,
+    check_settings,
+    gather,
+    lighthouse_attention,
+    method_options,
+    scatter,
+    select,
+)
 
 CONTEXT_PARALLEL_KWARG = "lighthouse_cp_group"
 """Forward keyword naming the process group a sharded sequence is split across (context parallelism)."""
@@ -225,6 +235,7 @@ def lighthouse_attention_context_parallel(
     ``q`` is ``[B, H, 2 * chunk, D]``, ``k`` and ``v`` ``[B, Hkv, 2 * chunk, D]``; differentiable.
     """
     check_settings(levels, pooling, topk)
+    check_inputs(q, k, v, scale)
     options = method_options(
         q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
     )
@@ -306,6 +317,9 @@ def dense_attention_context_parallel(
 ) -> torch.Tensor:
     """This rank's part of dense causal attention over the whole sequence (same layout and shapes
     as :func:`lighthouse_attention_context_parallel`); differentiable."""
+    check_inputs(q, k, v, scale)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     world, rank = _group_shape(group)
     if q.shape[2] % 2:
         raise ValueError(f"q must hold two equal chunks along the sequence, got length {q.shape[2]}")

@@ -4,6 +4,9 @@ A model's attention implementation lives in ``config._attn_implementation``: Tra
 there, ``from_pretrained(..., attn_implementation=...)`` and ``model.set_attn_implementation``
 write it, and no public accessor exists for a config (a model has ``set_attn_implementation``, which
 lighthouse-hf uses wherever it has a model). ``tests/test_seams.py`` fails when Transformers renames it.
+One reader sits outside this module on purpose: ``export/plain_load_check.py`` runs in a process
+that must not import lighthouse-hf, so it reads the attribute itself; the same seam test covers it,
+as the name is Transformers'.
 """
 
 from __future__ import annotations

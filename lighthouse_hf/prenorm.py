@@ -7,9 +7,11 @@ A forward pre-hook on each norm records them, ``[B, H, S]`` float32, on the norm
 attention call that follows in the same layer takes them (and clears them). The hook runs again
 wherever the layer's forward does (activation checkpointing's recomputation included), so a call
 always reads the norms of its own inputs. The hooks are installed by ``apply_lighthouse`` or by a
-layer's first attention call (dense or not), and removed when training switches to dense
+layer's first Lighthouse call (not a dense layer's), and removed when training switches to dense
 recovery; a Lighthouse call that finds no recorded norms (the very first call of a layer loaded
 with ``attn_implementation="lighthouse"``) scores the norms of q and k as given, and warns.
+Because the norms wait on the module between the hook and the call, one model must not run
+forwards in two threads at once (DataParallel's replicas are separate modules, and are fine).
 """
 
 from __future__ import annotations

@@ -153,3 +153,22 @@ def test_packed_position_ids_under_context_parallelism_are_refused():
         return "refused"
 
     assert run_ranks(2, rank_main) == ["refused", "refused"]
+
+
+def test_context_parallel_ops_check_their_inputs():
+    from lighthouse_hf.context_parallel import dense_attention_context_parallel, lighthouse_attention_context_parallel
+
+    q = torch.randn(1, 4, 64, 8)
+    kv = torch.randn(1, 2, 64, 8)
+
+    def rank_main(rank: int) -> str:
+        for op in (dense_attention_context_parallel, lighthouse_attention_context_parallel):
+            with pytest.raises(ValueError, match=r"q's heads \(4\) must be a multiple of k's kv_heads \(3\)"):
+                op(q, kv.repeat(1, 2, 1, 1)[:, :3], kv.repeat(1, 2, 1, 1)[:, :3])
+            with pytest.raises(ValueError, match="k must be"):
+                op(q, kv[:, :, :32], kv[:, :, :32])
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got -1"):
+            dense_attention_context_parallel(q, kv, kv, dropout=-1)
+        return "checked"
+
+    assert run_ranks(2, rank_main) == ["checked", "checked"]

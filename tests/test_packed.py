@@ -228,6 +228,15 @@ def test_documents_reject_a_document_across_rows_and_bad_lengths():
         Documents.from_lengths([[4, 0]])
     with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
         Documents.from_position_ids(torch.zeros(2, 3), 2)
+    with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
+        Documents.from_position_ids(torch.ones(1, 3, dtype=torch.bool), 1)  # not a document per token
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 1.0"):
+        Documents.from_cu_seqlens([0, 4], 1.0, 4)
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1, got -4"):
+        Documents.from_cu_seqlens([0, 4], 1, -4)
+    with pytest.raises(ValueError, match="lengths must hold at least one row of document lengths"):
+        Documents.from_lengths([], seq_len=5)
+    assert Documents.from_lengths(torch.tensor([[3, 4]])).lengths == ((3, 4),)  # a tensor of lengths reads as integers
 
 
 # ---- Transformers models ----

@@ -30,6 +30,7 @@ __all__ = [
     "LighthousePlan",
     "MethodOptions",
     "SelectedEntries",
+    "check_inputs",
     "check_settings",
     "compressed_attention",
     "compressed_length",
@@ -49,7 +50,9 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
+    """The op's input checks (q ``[B, H, S, D]``, k and v ``[B, Hkv, S, D]``, one dtype and device,
+    ``H`` a multiple of ``Hkv``, ``scale`` None or > 0): a ValueError naming what is wrong."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got {_describe(t)}")
@@ -130,7 +133,7 @@ def _describe(t: object) -> str:
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Causal SDPA over the whole sequence, with :func:`lighthouse_attention`'s arguments and checks
     (q ``[B, H, S, D]``, k and v ``[B, Hkv, S, D]``): what Lighthouse runs where it does not compress."""
-    _check_inputs(q, k, v, scale)
+    check_inputs(q, k, v, scale)
     return _dense_causal(q, k, v, scale)
 
 
@@ -179,7 +182,7 @@ def lighthouse_attention(
     levels that reach a position instead of summing them. See the README's "Method options".
     """
     check_settings(levels, pooling, topk)
-    _check_inputs(q, k, v, scale)
+    check_inputs(q, k, v, scale)
     options = method_options(
         q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
     )
@@ -233,7 +236,7 @@ def lighthouse_attention_varlen(
     length run as one batched call; see :mod:`lighthouse_hf.ops.varlen`.
     """
     check_settings(levels, pooling, topk)
-    _check_inputs(q, k, v, scale)
+    check_inputs(q, k, v, scale)
     _check_documents(documents, q)
     if min_seq_len is not None:
         check_positive_int("min_seq_len", min_seq_len)
@@ -260,7 +263,7 @@ def dense_causal_attention_varlen(
     """Dense causal SDPA inside every document of ``documents``, without an S x S mask (shapes as
     :func:`lighthouse_attention`). ``window``: each query sees only the ``window`` positions ending
     at it (Transformers' ``sliding_window``); ``dropout``: attention dropout probability."""
-    _check_inputs(q, k, v, scale)
+    check_inputs(q, k, v, scale)
     _check_documents(documents, q)
     _check_window(window)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

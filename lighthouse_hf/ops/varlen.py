@@ -82,9 +82,11 @@ class Documents:
     def from_lengths(cls, lengths: Sequence[Sequence[int]], seq_len: int | None = None) -> "Documents":
         """From one sequence of document lengths per row (``seq_len``: every row's length, by
         default the first row's sum)."""
+        if hasattr(lengths, "tolist"):  # a tensor's or an array's rows would hold 0-d values, not integers
+            lengths = lengths.tolist()
         rows = tuple(tuple(row) for row in lengths)
         if not rows:
-            raise ValueError("lengths must hold at least one row (use seq_len with an empty batch)")
+            raise ValueError("lengths must hold at least one row of document lengths")
         return cls(sum(rows[0]) if seq_len is None else seq_len, rows)
 
     @classmethod
@@ -97,6 +99,8 @@ class Documents:
                 raise ValueError(f"{name} must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
             cu_seqlens = cu_seqlens.tolist()
         cu = list(cu_seqlens)
+        check_positive_int("batch", batch)
+        check_positive_int("seq_len", seq_len)
         total = batch * seq_len
         if len(cu) < 2 or not all(is_int(x) for x in cu) or cu[0] != 0:
             raise ValueError(f"{name} must start at 0 and hold each document's end, got {_clip(cu)}")
@@ -125,6 +129,7 @@ class Documents:
             not isinstance(position_ids, torch.Tensor)
             or position_ids.dim() != 2
             or position_ids.is_floating_point()
+            or position_ids.dtype == torch.bool
             or position_ids.shape[0] not in (1, batch)
             or position_ids.shape[1] < 1
         ):
@@ -286,6 +291,9 @@ def _run(
     backward of the split writes each row's gradient once.
     """
     batch, heads, seq_len, dim = q.shape
+    if (batch, seq_len) != (documents.batch, documents.seq_len):  # checked by the public ops; guards the internal callers
+        raise ValueError(f"documents describe [batch, seq] = [{documents.batch}, {documents.seq_len}], q has "
+                         f"[{batch}, {seq_len}]")
 
     def split(x: torch.Tensor) -> list[torch.Tensor]:
         return [doc for row, lengths in zip(x.unbind(0), documents.lengths) for doc in row.split(lengths, dim=1)]
