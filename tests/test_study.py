@@ -229,6 +229,35 @@ def test_arguments_are_checked(study_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         scratch.parse_args(["--data", str(tmp_path), "--arm", "dense", "--eval-text", str(tmp_path / "missing.txt")])
     assert "missing.txt: no such file" in capsys.readouterr().err
+    base = ["--data", str(tmp_path), "--arm", "all", "--out", str(tmp_path)]
+    for flags, message in [
+        (["--steps", "6", "--warmup", "0", "--recovery", "0.95"], "puts the switch to dense at step 0"),
+        (["--steps", "10", "--warmup", "0", "--recovery", "0.04"], "puts the switch to dense at step 10"),
+        (["--probes-per-bin", "0"], "--probes-per-bin must be an integer >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["--passkey-rate", "2"], "--passkey-rate must be a share in [0, 1], got 2.0"),
+        (["--copy-length", "0"], "--copy-length must be from 1 to a quarter of --seq-len"),
+    ]:
+        with pytest.raises(SystemExit):
+            scratch.parse_args(base + flags)
+        assert message in capsys.readouterr().err, flags
+    (tmp_path / "all-seed0.json").write_text("{}")  # an earlier run's results are never replaced by accident
+    with pytest.raises(SystemExit):
+        scratch.parse_args(base)
+    assert "already holds all-seed0.json; pass --overwrite to replace it" in capsys.readouterr().err
+    assert scratch.parse_args(base + ["--overwrite"]).overwrite
+
+
+def test_copy_probes_never_use_a_passage_the_text_already_holds(study_dir, load_script):
+    study = load_script("study")
+    text = np.random.default_rng(0).integers(0, 50_000, 3000)
+    windows = np.stack([text[i * 500 : i * 500 + 1000] for i in range(4)])  # each overlaps the next by half
+    probes = study.copy_probes(windows, seed=0, per_bin=2, length=16)
+    assert len(probes) == 2 * study.PROBE_DEPTH_BINS
+    for probe in probes:
+        passage = windows[probe["source"], probe["offset"] : probe["offset"] + 16]
+        assert probe["source"] != probe["window"] and not study._holds(windows[probe["window"]], passage)
+    assert study._holds(windows[0], windows[1, :16])  # the overlap the draw must avoid is there
 
 
 @pytest.mark.slow

@@ -174,9 +174,18 @@ def retrieval_probes(windows: np.ndarray, passkey: PassKey, seed: int, per_bin: 
     return probes
 
 
+COPY_SOURCE_DRAWS = 100
+
+
+def _holds(text: np.ndarray, passage: np.ndarray) -> bool:
+    return bool((np.lib.stride_tricks.sliding_window_view(text, len(passage)) == passage).all(axis=1).any())
+
+
 def copy_probes(windows: np.ndarray, seed: int, per_bin: int, length: int) -> list[dict]:
     """A ``length``-token passage of another held-out window written at a depth of the text and
-    again as its last tokens; reading the repeat back needs the first copy, however far."""
+    again as its last tokens; reading the repeat back needs the first copy, however far. Windows of
+    one book overlap, so a passage that the text already holds is drawn again (from another
+    source window and offset): the only earlier copy is the one written in."""
     rng = np.random.default_rng(seed + 2)
     count, seq_len = windows.shape
     room = seq_len - 2 * length
@@ -185,15 +194,13 @@ def copy_probes(windows: np.ndarray, seed: int, per_bin: int, length: int) -> li
         for j in range(per_bin):
             window = (depth_bin * per_bin + j) % count
             position = int(rng.integers(depth_bin * room // PROBE_DEPTH_BINS, (depth_bin + 1) * room // PROBE_DEPTH_BINS))
-            probes.append(
-                dict(
-                    window=window,
-                    source=(window + 1 + j) % count,
-                    offset=int(rng.integers(0, seq_len - length)),
-                    position=position,
-                    depth=position / room,
-                )
-            )
+            for _ in range(COPY_SOURCE_DRAWS):
+                source, offset = int(rng.integers(0, count)), int(rng.integers(0, seq_len - length))
+                if source != window and not _holds(windows[window], windows[source, offset : offset + length]):
+                    break
+            else:
+                raise ValueError(f"no passage of {length} tokens found that held-out window {window} does not already hold")
+            probes.append(dict(window=window, source=source, offset=offset, position=position, depth=position / room))
     return probes
 
 

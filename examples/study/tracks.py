@@ -274,6 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--evals", type=int, default=8, help="held-out evaluations during training (plus step 0 and the switch)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--calibrate", type=int, default=0, metavar="STEPS", help="time STEPS optimizer steps of every arm instead of training; writes calibration.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace this run's results file if --out holds one")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -283,9 +284,27 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--recovery must be a share of the steps in (0, 1), got {args.recovery}")
     if args.steps < 2 or args.warmup < 0 or args.warmup >= args.steps * (1 - args.recovery):
         parser.error(f"--warmup ({args.warmup}) must end before the recovery phase of --steps {args.steps} x (1 - --recovery {args.recovery})")
+    switch = round(args.steps * (1 - args.recovery))
+    if not args.warmup < switch < args.steps:
+        parser.error(f"--recovery {args.recovery} of --steps {args.steps} puts the switch to dense at step {switch}: "
+                     "a Lighthouse arm needs Lighthouse steps after the warm-up and dense steps after them")
+    for flag, value, low in (("--seed", args.seed, 0), ("--probes-per-bin", args.probes_per_bin, 1),
+                             ("--evals", args.evals, 1), ("--calibrate", args.calibrate, 0)):
+        if value < low:
+            parser.error(f"{flag} must be an integer >= {low}, got {value}")
+    if not 0 <= args.passkey_rate <= 1:
+        parser.error(f"--passkey-rate must be a share in [0, 1], got {args.passkey_rate}")
+    if not 1 <= args.copy_length <= args.seq_len // 4:
+        parser.error(f"--copy-length must be from 1 to a quarter of --seq-len ({args.seq_len // 4}), got {args.copy_length}")
     for path in args.eval_text:
         if not path.is_file():
             parser.error(f"--eval-text {path}: no such file")
+    names = [path.name for path in args.eval_text]
+    if len(set(names)) < len(names):
+        parser.error(f"--eval-text: results are kept by file name, and {sorted(n for n in names if names.count(n) > 1)[0]} "
+                     "is given twice")
+    if args.arm is not None and not args.calibrate and not args.overwrite and (args.out / result_name(args)).exists():
+        parser.error(f"--out {args.out} already holds {result_name(args)}; pass --overwrite to replace it")
 
 
 def result_name(args: argparse.Namespace) -> str:
