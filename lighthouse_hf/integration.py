@@ -113,9 +113,9 @@ def apply_lighthouse(target: Any, settings: LighthouseConfig | dict | None = Non
     ``apply_lighthouse(model, topk=1024)`` or ``apply_lighthouse(config, LighthouseConfig(levels=4))``;
     returns ``target``. ``target`` may also wrap one Transformers model (a PEFT model, DDP), which
     is then the one switched. A config switched here builds Lighthouse models with ``from_config``.
-    The settings are checked against the model now (a ValueError names ``config.lighthouse`` and
-    the bad key, and leaves the config as it was), and a model in which no layer would run
-    Lighthouse gets a ``LighthouseWarning``.
+    The settings are checked now (a ValueError names the bad key, prefixed ``config.lighthouse:``
+    where the check is against the model, and leaves the config as it was), and a model in which
+    no layer would run Lighthouse gets a ``LighthouseWarning``.
     """
     model = _transformers_model(target)
     config = target if model is None else model.config
