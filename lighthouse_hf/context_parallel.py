@@ -39,6 +39,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import dispatch
 from .dispatch import LighthouseWarning
+from .validation import check_dropout
 from .ops import (
     LighthousePlan,
     MethodOptions,
@@ -318,8 +319,7 @@ def dense_attention_context_parallel(
     """This rank's part of dense causal attention over the whole sequence (same layout and shapes
     as :func:`lighthouse_attention_context_parallel`); differentiable."""
     check_inputs(q, k, v, scale)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    check_dropout(dropout)
     world, rank = _group_shape(group)
     if q.shape[2] % 2:
         raise ValueError(f"q must hold two equal chunks along the sequence, got length {q.shape[2]}")
@@ -335,8 +335,8 @@ def dense_attention_context_parallel(
     return torch.cat(outputs, dim=2)
 
 
-def _check_head_tail_positions(attention_mask: Any, positions: torch.Tensor | None, chunk: int, world: int,
-                               rank: int) -> None:
+def _check_head_tail_positions(attention_mask: Any, positions: torch.Tensor | None, seq_len: int,
+                               group: dist.ProcessGroup) -> None:
     """Position ids that are not this rank's head and tail chunks of ``0..S-1`` mean packed documents
     (or a wrong split), which the mask here cannot tell from the split's own jump: a ValueError,
     checked once per forward (one host synchronization), not under torch.compile."""
@@ -344,7 +344,7 @@ def _check_head_tail_positions(attention_mask: Any, positions: torch.Tensor | No
         return
     if isinstance(attention_mask, dispatch.DeferredMask) and attention_mask.checked.get("head/tail positions") is positions:
         return
-    expected = torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=positions.device) for c in _global_chunks(world, rank)])
+    expected = shard_sequence(torch.arange(seq_len, device=positions.device), group, dim=0)
     if positions.shape[-1] != expected.shape[0] or not bool((positions == expected).all()):
         raise ValueError(
             "position_ids under context parallelism must be each rank's head and tail chunks of 0..S-1 in every row "
@@ -385,9 +385,9 @@ def context_parallel_attention_forward(
             f"context parallelism needs plain causal attention over whole sequences, but the inputs have {problem}; "
             "pass unpadded sequences without an attention_mask (lighthouse_hf.distributed.shard_batch does)"
         )
-    world, rank = _group_shape(group)
+    world, _ = _group_shape(group)
     seq_len = query.shape[2] * world
-    _check_head_tail_positions(attention_mask, kwargs.get("position_ids"), query.shape[2] // 2, world, rank)
+    _check_head_tail_positions(attention_mask, kwargs.get("position_ids"), seq_len, group)
     settings = dispatch.settings_of(module)
     query, key, value = dispatch.autocast_inputs(query, key, value)
     dense = dispatch.sequence_reason(module, settings, seq_len, dispatch.is_causal_call(module, kwargs))

@@ -14,6 +14,12 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_dropout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

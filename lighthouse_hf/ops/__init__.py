@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..validation import check_choice, check_positive_int, is_int
+from ..validation import check_choice, check_dropout, check_positive_int, is_int
 from .plan import LighthousePlan, check_settings, plan_for, shortest_compressed_length
 from .steps import (
     COMBINES,
@@ -266,8 +266,7 @@ def dense_causal_attention_varlen(
     check_inputs(q, k, v, scale)
     _check_documents(documents, q)
     _check_window(window)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    check_dropout(dropout)
     if q.shape[0] == 0:
         return _dense_causal(q, k, v, scale)
     return dense_documents(q, k, v, documents, scale=scale, window=window, dropout=dropout)

@@ -291,9 +291,6 @@ def _run(
     backward of the split writes each row's gradient once.
     """
     batch, heads, seq_len, dim = q.shape
-    if (batch, seq_len) != (documents.batch, documents.seq_len):  # checked by the public ops; guards the internal callers
-        raise ValueError(f"documents describe [batch, seq] = [{documents.batch}, {documents.seq_len}], q has "
-                         f"[{batch}, {seq_len}]")
 
     def split(x: torch.Tensor) -> list[torch.Tensor]:
         return [doc for row, lengths in zip(x.unbind(0), documents.lengths) for doc in row.split(lengths, dim=1)]
