@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as transformers_logging
 
 from .data import pack_documents
+from .dispatch import LighthouseWarning
 from .integration import apply_lighthouse
 from .ops import compressed_length
 from .training import RecoveryCallback
@@ -145,7 +147,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0.0 < args.recovery < 1.0:
         raise ValueError(f"--recovery must be a fraction in (0, 1), got {args.recovery}")
-    if round(args.recovery * args.steps) >= args.steps:
+    with warnings.catch_warnings():  # the error below says it in the demo's own flags
+        warnings.simplefilter("ignore", LighthouseWarning)
+        recovery_step = RecoveryCallback(at=args.recovery).resolve(args.steps)
+    if recovery_step >= args.steps:
         raise ValueError(f"--recovery {args.recovery} of {args.steps} steps leaves no dense recovery step; lower it")
     kept = compressed_length(args.seq_len, levels=args.levels, pooling=args.pooling, topk=args.topk)
     if kept >= args.seq_len:
