@@ -307,6 +307,10 @@ def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thr
     assert low <= by_arm["all-steps8"]["difference"] <= high
     assert summary["verdict"]["steps8"]["outcome"] in ("confirmed", "refuted", "inconclusive")
     assert summary["verdict"]["constant-steps8"] == dict(outcome="inconclusive", reason="no dense-constant-steps8 run to compare with")
+    signal = {p["arm"]: p for p in summary["probe_signal"]}
+    assert set(signal) == {"dense-steps8", "all-steps8", "published-constant-steps8"}
+    copy = records["all"]["final"]["copy"]
+    assert (signal["all-steps8"]["copy"], signal["all-steps8"]["copy_control"]) == (copy["accuracy"], copy["control_accuracy"])
     for name in ("summary.json", "results.md", "long_loss_vs_gpu_time.png", "loss_by_position.png", "probes_by_depth.png"):
         assert (results / name).stat().st_size > 0
 
@@ -314,19 +318,24 @@ def test_scratch_arms_write_results_and_the_report_judges_them(tmp_path, one_thr
 def test_report_verdict_follows_the_plan(study_dir, load_script):
     report = load_script("report_tracks")
 
-    def arm(name, ratio, interval, probes_ok=True):
-        return dict(arm=name, seeds=[0], gpu_time_ratio=ratio, interval=interval, probes_ok=probes_ok)
+    def arm(name, ratio, interval, probes_below=()):
+        return dict(arm=name, seeds=[0], gpu_time_ratio=ratio, interval=interval, probes_ok=not probes_below,
+                    probes_below=list(probes_below))
 
-    dense = dict(arm="dense", seeds=[0], gpu_time_ratio=1.0, interval=[0.0, 0.0], probes_ok=True)
+    dense = arm("dense", 1.0, [0.0, 0.0])
     assert report.verdict([dense, arm("a", 0.7, [-0.02, 0.01])])["outcome"] == "confirmed"  # equal quality, cheaper
     assert report.verdict([dense, arm("a", 0.7, [-0.05, -0.01])])["outcome"] == "confirmed"  # better, cheaper
     assert report.verdict([dense, arm("a", 0.8, [-0.02, 0.01])])["outcome"] == "inconclusive"  # not cheap enough
-    assert report.verdict([dense, arm("a", 0.7, [-0.02, 0.01], probes_ok=False)])["outcome"] == "refuted"
-    assert report.verdict([dense, arm("a", 0.7, [0.01, 0.05]), arm("b", 0.6, [0.02, 0.03])])["outcome"] == "refuted"
+    below = ["copy at depth bin 1: 0.135 < 0.143"]
+    refuted = report.verdict([dense, arm("a", 0.7, [-0.02, 0.01], probes_below=below)])
+    assert (refuted["outcome"], refuted["why"]) == ("refuted", {"a": below})  # the verdict names the clause
+    refuted = report.verdict([dense, arm("a", 0.7, [0.01, 0.05]), arm("b", 0.6, [0.02, 0.03])])
+    assert refuted["why"] == {"a": ["worse: interval +0.010 to +0.050"], "b": ["worse: interval +0.020 to +0.030"]}
     assert report.verdict([dense, arm("a", 0.7, None)])["outcome"] == "inconclusive"
     assert report.verdict([dense, arm("a", 0.7, [0.01, 0.05])])["provisional"]  # one seed of the plan's three
     three = dict(arm("a", 0.7, [0.01, 0.05]), seeds=[0, 1, 2])
-    assert report.verdict([dense, three]) == dict(outcome="refuted", arms=["a"], provisional=False, seeds=3)
+    assert report.verdict([dense, three]) == dict(outcome="refuted", arms=["a"], provisional=False, seeds=3,
+                                                  why={"a": ["worse: interval +0.010 to +0.050"]})
 
 
 def test_report_interval_over_seeds_is_a_t_interval(study_dir, load_script):
@@ -367,7 +376,8 @@ def test_report_compares_every_lighthouse_arm_with_dense_controls(tmp_path, stud
     def run(name, loss, seconds):
         window_losses = [loss - 0.01, loss + 0.01]
         buckets = [dict(first=1, last=9, loss=9.0), dict(first=10, last=19, loss=loss)]
-        probes = {probe: dict(by_depth=[dict(score=0.5)] * 2) for probe in ("passkey", "copy")}
+        probes = dict(passkey=dict(exact_match=0.5, by_depth=[dict(score=0.5)] * 2),
+                      copy=dict(accuracy=0.5, control_accuracy=0.1, by_depth=[dict(score=0.5)] * 2))
         record = dict(track="extend", long_from=10, gpu_seconds=seconds,
                       evals=[dict(step=0, gpu_seconds=0.0, by_position=[dict(b, loss=5.0) for b in buckets]),
                              dict(step=1, gpu_seconds=seconds, by_position=buckets)],

@@ -147,6 +147,26 @@ def variant(arm: str) -> str:
     return arm[len(base) + 1 :]
 
 
+def probe_signal(name: str, seeds: dict[int, dict]) -> dict:
+    """Whether the probes measure long-range use at all: pass key above zero, or copy accuracy
+    above its control (the same passage scored without its earlier occurrence)."""
+    finals = [seeds[s]["final"] for s in sorted(seeds)]
+    return dict(
+        arm=name,
+        seeds=sorted(seeds),
+        passkey=float(np.mean([f["passkey"]["exact_match"] for f in finals])),
+        copy=float(np.mean([f["copy"]["accuracy"] for f in finals])),
+        copy_control=float(np.mean([f["copy"]["control_accuracy"] for f in finals])),
+    )
+
+
+def probe_table(signals: list[dict]) -> str:
+    lines = ["| arm | seeds | pass key | copy | copy without its source |", "|---|---|---|---|---|"]
+    lines += [f"| {p['arm']} | {len(p['seeds'])} | {p['passkey']:.2f} | {p['copy']:.3f} | {p['copy_control']:.3f} |"
+              for p in signals]
+    return "\n".join(lines) + "\n"
+
+
 def is_dense(arm: str) -> bool:
     return arm == "dense" or arm.startswith("dense-")
 
@@ -168,11 +188,13 @@ def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
     # Probes: the arm's accuracy at each depth against dense's minus the spread of dense's seeds.
     dense_probes = [probe_scores(dense[s]) for s in sorted(dense)]
     arm_probes = [probe_scores(arm[s]) for s in seeds]
-    probes_ok = True
+    probes_below = []
     for probe in ("passkey", "copy"):
         dense_by_depth = np.array([p[probe] for p in dense_probes])
         floor = dense_by_depth.mean(0) - (dense_by_depth.max(0) - dense_by_depth.min(0))
-        probes_ok &= bool(np.all(np.mean([p[probe] for p in arm_probes], axis=0) >= floor - 1e-12))
+        scores = np.mean([p[probe] for p in arm_probes], axis=0)
+        probes_below += [f"{probe} at depth bin {b}: {scores[b]:.3f} < {floor[b]:.3f}"
+                         for b in np.flatnonzero(scores < floor - 1e-12)]
     return dict(
         arm=name,
         seeds=seeds,
@@ -187,7 +209,8 @@ def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
         gpu_time_ratio=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])) / dense_seconds,
         dense_long_loss_at_same_gpu_time=float(np.mean([loss_at(dense[s], arm[s]["gpu_seconds"]) for s in seeds])),
         seconds_to_dense_final_by_seed=reached,
-        probes_ok=probes_ok,
+        probes_ok=not probes_below,
+        probes_below=probes_below,
     )
 
 
@@ -211,7 +234,9 @@ def verdict(comparisons: list[dict]) -> dict:
     if confirming:
         return dict(outcome="confirmed", arms=confirming, **planned)
     if all(c["interval"][0] > 0 or not c["probes_ok"] for c in judged):
-        return dict(outcome="refuted", arms=[c["arm"] for c in judged], **planned)
+        why = {c["arm"]: ([f"worse: interval {c['interval'][0]:+.3f} to {c['interval'][1]:+.3f}"] if c["interval"][0] > 0 else [])
+               + c["probes_below"] for c in judged}
+        return dict(outcome="refuted", arms=[c["arm"] for c in judged], why=why, **planned)
     return dict(outcome="inconclusive", reason="no arm meets the rule and not every arm is worse", **planned)
 
 
@@ -425,9 +450,11 @@ def main(argv: list[str] | None = None) -> dict:
     options = [compare(name, runs[name], runs["published"]) for name in default_arms if name != "published"] if "published" in runs else []
     phases = [lighthouse_phase(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
     costs = [switch_cost(name, runs[name], runs.get(baseline(name), {})) for name in sorted(runs) if not is_dense(name)]
+    signals = [probe_signal(name, runs[name]) for name in sorted(runs)]
     summary = dict(comparisons=comparisons, verdict=verdicts, controls=controls, against_published=options,
-                   lighthouse_phase=phases, switch_cost=costs)
+                   lighthouse_phase=phases, switch_cost=costs, probe_signal=signals)
     text = table(comparisons) + "".join(f"\nVerdict ({schedule} schedule): {v}\n" for schedule, v in verdicts.items())
+    text += "\nThe probes (final, mean over seeds): they measure long-range use only where the pass key is above zero or copy beats its control:\n\n" + probe_table(signals)
     if options:
         text += "\nWhat each option buys: against published on the seeds both have (outside the rule):\n\n" + table(options, against="published")
     text += "\nThe Lighthouse phase (long-position loss unless said; the switch is the last Lighthouse step):\n\n" + phase_table(phases)
