@@ -11,7 +11,11 @@ last one's cache, the variants taking turns) of
   and once with the backend Lighthouse uses inside (``compressed_attention``);
 
 forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
-call (inputs, outputs and gradients included). Each row also gives the floor of the fused
+call (inputs, outputs and gradients included). A row's ratio also comes with its range over the
+rounds in which the variants took turns (``ratio_rounds``: each round's median against the other
+variant's in the same round; with n rounds it holds the median round's ratio with probability
+``1 - 2**(1 - n)``, e.g. ``--iters 18 --input-sets 3``: 6 rounds, 97%). It holds the spread within a
+row only; rows of one run have differed by more. Each row also gives the floor of the fused
 path's kernels: the bytes they move around SDPA (``kernel_gb``, from ``lighthouse_hf.ops.traffic``:
 the forward's, or the forward's and the backward's) at the device-to-device copy bandwidth
 measured at the start of the run (``copy_tb_per_s``), added to SDPA(S_sel)'s cuDNN time
@@ -163,7 +167,8 @@ def time_interleaved(
     them alike. A round starts from an idle GPU: the first call's time (``latency_ms``) includes
     the host's work before its first kernel; while it runs, the host queues ``input_sets`` more
     calls back to back, as a training loop does, and their times (``ms``) are device time per
-    call. ``iters`` such calls per variant are taken. ``host_ms``: the host clock around the first
+    call. ``iters`` such calls per variant are taken; ``round_ms`` holds each round's median of them.
+    ``host_ms``: the host clock around the first
     queued call of each round, while the GPU runs the call from idle and CUDA's launch queue is
     short, so launches return at once: the call's Python, ATen and launch work (a call that
     synchronizes would show its device time). A variant whose ``host_ms`` is below its ``ms``
@@ -176,6 +181,7 @@ def time_interleaved(
         for i in range(warmup):
             step(i % input_sets)
     times = {name: [] for name in steps}
+    rounds = {name: [] for name in steps}
     latencies = {name: [] for name in steps}
     host_times = {name: [] for name in steps}
     for _ in range(-(-iters // input_sets)):
@@ -193,9 +199,24 @@ def time_interleaved(
                 events.append((start, stop))
             synchronize()
             latencies[name].append(events[0][0].elapsed_time(events[0][1]))
-            times[name].extend(start.elapsed_time(stop) for start, stop in events[1:])
+            queued = [start.elapsed_time(stop) for start, stop in events[1:]]
+            times[name].extend(queued)
+            rounds[name].append(statistics.median(queued))
     return {name: {"ms": statistics.median(times[name]), "latency_ms": statistics.median(latencies[name]),
-                   "host_ms": statistics.median(host_times[name])} for name in steps}
+                   "host_ms": statistics.median(host_times[name]), "round_ms": rounds[name]} for name in steps}
+
+
+def ratio_over_rounds(numerator: list[float], denominator: list[float]) -> dict | None:
+    """The range of the per-round ratios of two variants timed in the same rounds (``round_ms``):
+    a distribution-free interval for the median round ratio, which misses it only when every round
+    falls on one side, so its coverage is ``1 - 2**(1 - rounds)`` (75% at 3 rounds, 94% at 5, 97%
+    at 6). None below two rounds."""
+    if len(numerator) != len(denominator):
+        raise ValueError(f"round counts differ: {len(numerator)} and {len(denominator)}")
+    if len(numerator) < 2:
+        return None
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    return {"low": min(ratios), "high": max(ratios), "rounds": len(ratios), "coverage": 1 - 2.0 ** (1 - len(ratios))}
 
 
 def peak_memory(fn: Callable[[int], object], make_inputs: Callable[[], object]) -> float:
@@ -385,6 +406,7 @@ def operators(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
             row.update(measure(variants, backward))
             base = row["sdpa_sel_cudnn"]["ms"]
             row["ratio_to_sdpa_sel_cudnn"] = row["lighthouse"]["ms"] / base
+            row["ratio_rounds"] = ratio_over_rounds(row["lighthouse"]["round_ms"], row["sdpa_sel_cudnn"]["round_ms"])
             row["kernel_gb"] = (traffic.forward + traffic.backward if backward else traffic.forward) / GB
             row["copy_tb_per_s"] = bandwidth / 1e12
             row["floor_ms"] = base + row["kernel_gb"] * GB / bandwidth * 1e3
@@ -405,6 +427,7 @@ def _options(row: dict) -> str:
 
 
 def _operator_line(row: dict) -> str:
+    spread = _ratio_range(row)
     dense = row.get("dense_cudnn")
     return (
         f"S={row['seq']:>7} L{row['levels']} p{row['pooling']} K{row['topk']} {_options(row)} "
@@ -412,24 +435,34 @@ def _operator_line(row: dict) -> str:
         f"{row['mode']:>7}{' det' if row['deterministic'] else ''}: lighthouse {row['lighthouse']['ms']:8.2f} ms ({row['lighthouse']['peak_gb']:.2f} GB) | "
         f"sdpa S_sel={row['seq_sel']} {row['sdpa_sel']['ms']:7.2f} ms, cuDNN {row['sdpa_sel_cudnn']['ms']:7.2f} ms | "
         + (f"dense cuDNN {dense['ms']:8.2f} ms ({dense['peak_gb']:.2f} GB) | " if dense else "")
-        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x (to own backend {row['ratio_to_sdpa_sel']:.2f}x; "
+        + f"ratio {row['ratio_to_sdpa_sel_cudnn']:.2f}x ({spread}{'; ' * bool(spread)}to own backend {row['ratio_to_sdpa_sel']:.2f}x; "
         f"floor {row['floor_ratio']:.2f}x: {row['kernel_gb']:.2f} GB at {row['copy_tb_per_s']:.2f} TB/s) | "
         f"latency {row['lighthouse']['latency_ms']:.2f} ms vs {row['sdpa_sel_cudnn']['latency_ms']:.2f}"
     )
+
+
+def _ratio_range(row: dict) -> str:
+    """The ratio's range over rounds for a printed line ("" with fewer than two rounds)."""
+    spread = row["ratio_rounds"]
+    if spread is None:
+        return ""
+    return f"rounds {spread['low']:.2f}-{spread['high']:.2f}x, {spread['coverage']:.0%} for their median"
 
 
 def _print_operators(results: list[dict]) -> None:
     print()
     print("| S | mode | L/p/K | rope/scores/selection/combine | H/Hkv | S_sel | dense cuDNN ms | Lighthouse ms | "
           "SDPA(S_sel) cuDNN ms | "
-          "SDPA(S_sel) own ms | ratio | kernels' bytes GB | floor ratio | Lighthouse GB | dense GB | "
+          "SDPA(S_sel) own ms | ratio | ratio's range over rounds | kernels' bytes GB | floor ratio | Lighthouse GB | dense GB | "
           "latency: Lighthouse, SDPA(S_sel) cuDNN ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         dense = row.get("dense_cudnn", {"ms": float("nan"), "peak_gb": float("nan")})
+        spread = row["ratio_rounds"]
+        spread = "" if spread is None else f"{spread['low']:.2f}-{spread['high']:.2f} ({spread['rounds']} rounds)"
         print(f"| {row['seq']} | {row['mode']} | {row['levels']}/{row['pooling']}/{row['topk']} | "
               f"{_options(row)} | {row['heads']}/{row['kv_heads']} | {row['seq_sel']} | {dense['ms']:.2f} | {row['lighthouse']['ms']:.2f} | "
-              f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | "
+              f"{row['sdpa_sel_cudnn']['ms']:.2f} | {row['sdpa_sel']['ms']:.2f} | {row['ratio_to_sdpa_sel_cudnn']:.2f} | {spread} | "
               f"{row['kernel_gb']:.2f} | {row['floor_ratio']:.2f} | {row['lighthouse']['peak_gb']:.2f} | {dense['peak_gb']:.2f} | "
               f"{row['lighthouse']['latency_ms']:.2f}, {row['sdpa_sel_cudnn']['latency_ms']:.2f} |")
 
@@ -491,6 +524,7 @@ def packed_operators(args: argparse.Namespace, device: str) -> list[dict]:
                 )
             row.update(_measure(args, device, variants, backward, memory=device == "cuda"))
             row["ratio_to_sdpa_sel"] = row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
+            row["ratio_rounds"] = ratio_over_rounds(row["lighthouse"]["round_ms"], row["sdpa_sel"]["round_ms"])
             row["ratio_to_unpacked"] = row["lighthouse"]["ms"] / row["lighthouse_unpacked"]["ms"]
             if "dense_documents" in row:
                 row["speedup_over_dense_documents"] = row["dense_documents"]["ms"] / row["lighthouse"]["ms"]
@@ -501,12 +535,13 @@ def packed_operators(args: argparse.Namespace, device: str) -> list[dict]:
 
 
 def _packed_line(row: dict) -> str:
+    spread = _ratio_range(row)
     dense = row.get("dense_documents")
     return (
         f"packed S={row['seq']} B={row['batch']} ({row['documents']} documents, longest {row['longest']}, "
         f"{row['compressed_documents']} compressed = {row['compressed_token_share']:.0%} of the tokens) "
         f"L{row['levels']} p{row['pooling']} K{row['topk']} {row['mode']}: lighthouse {row['lighthouse']['ms']:.2f} ms | "
-        f"sdpa per document at S_sel {row['sdpa_sel']['ms']:.2f} ms (ratio {row['ratio_to_sdpa_sel']:.2f}x) | "
+        f"sdpa per document at S_sel {row['sdpa_sel']['ms']:.2f} ms (ratio {row['ratio_to_sdpa_sel']:.2f}x{'; ' * bool(spread)}{spread}) | "
         + (f"dense per document {dense['ms']:.2f} ms ({row['speedup_over_dense_documents']:.2f}x) | " if dense else "")
         + f"unpacked lighthouse {row['lighthouse_unpacked']['ms']:.2f} ms ({row['ratio_to_unpacked']:.2f}x)"
     )

@@ -166,7 +166,7 @@ def bench_on_cpu(monkeypatch):
 
     def fake_timing(steps, **_):
         steps["lighthouse"](0)
-        return {name: {"ms": 2.0, "latency_ms": 3.0, "host_ms": 0.5} for name in steps}
+        return {name: {"ms": 2.0, "latency_ms": 3.0, "host_ms": 0.5, "round_ms": [2.0, 1.9, 2.1]} for name in steps}
 
     monkeypatch.setattr(bench, "lighthouse_attention", recording)
     monkeypatch.setattr(bench, "time_interleaved", fake_timing)
@@ -204,6 +204,7 @@ def test_bench_sweeps_method_options_into_the_op(bench_on_cpu):
         else:
             assert "q_scores" not in kwargs and "k_scores" not in kwargs
         assert row["ratio_to_sdpa_sel_cudnn"] == 1.0 and row["lighthouse"]["peak_gb"] == 1.0
+        assert row["ratio_rounds"] == dict(low=1.0, high=1.0, rounds=3, coverage=0.75)
         # the floor: the forward's bytes for this row's options at the measured bandwidth, over SDPA(S_sel)'s 2 ms
         traffic = fused_traffic(plan_for(2048, 3, 4, 128), batch=1, heads=4, kv_heads=2, dim=16, dtype=torch.float32,
                                 rope=row["rope"], scores=row["scores"], selection="published", combine=row["combine"])
@@ -212,7 +213,7 @@ def test_bench_sweeps_method_options_into_the_op(bench_on_cpu):
     assert len({row["kernel_gb"] for row in rows}) > 1  # the options move bytes
 
 
-def test_bench_floor_of_forward_and_backward_counts_both(bench_on_cpu):
+def test_bench_floor_of_forward_and_backward_counts_both(bench_on_cpu, capsys):
     from lighthouse_hf.ops import plan_for
     from lighthouse_hf.ops.traffic import fused_traffic
 
@@ -224,6 +225,7 @@ def test_bench_floor_of_forward_and_backward_counts_both(bench_on_cpu):
     assert both["kernel_gb"] * 1e9 == pytest.approx(traffic.forward + traffic.backward)
     assert forward["kernel_gb"] * 1e9 == pytest.approx(traffic.forward)
     assert both["copy_tb_per_s"] == 4.0 and both["floor_ms"] == pytest.approx(2.0 + both["kernel_gb"] / 4.0)
+    assert "ratio 1.00x (rounds 1.00-1.00x, 75% for their median; to own backend 1.00x;" in capsys.readouterr().out
 
 
 def test_bench_skips_settings_that_do_not_compress(bench_on_cpu, capsys):
@@ -253,6 +255,17 @@ def test_timing_reports_the_hosts_own_time_per_queued_call():
                                    input_sets=2, device="cpu")["sleep"]
     assert calls == [0] + [0, 1, 0] * 2  # a warm-up call, then per round one call from idle and two queued
     assert timed["host_ms"] >= 3.0 and timed["ms"] >= 3.0 and timed["latency_ms"] >= 3.0
+    assert len(timed["round_ms"]) == 2 and min(timed["round_ms"]) >= 3.0
+
+
+def test_ratio_range_over_rounds_pairs_the_rounds():
+    from lighthouse_hf import bench
+
+    spread = bench.ratio_over_rounds([2.2, 1.8, 2.0, 3.0], [2.0, 2.0, 1.6, 3.0])
+    assert spread == dict(low=0.9, high=1.25, rounds=4, coverage=0.875)  # round by round, not min over max
+    assert bench.ratio_over_rounds([2.0], [1.0]) is None  # one round: no range
+    with pytest.raises(ValueError, match="round counts differ: 2 and 3"):
+        bench.ratio_over_rounds([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
 def test_bench_layer_mode_times_an_sdpa_and_a_lighthouse_layer(lighthouse_calls):

@@ -514,6 +514,7 @@ def test_bench_packed_runs_on_the_cpu_at_tiny_sizes(capsys):
         for name in ("lighthouse", "sdpa_sel", "dense_documents", "lighthouse_unpacked"):
             assert row[name]["ms"] > 0
         assert row["ratio_to_sdpa_sel"] == row["lighthouse"]["ms"] / row["sdpa_sel"]["ms"]
+        assert row["ratio_rounds"] is None and len(row["lighthouse"]["round_ms"]) == 1  # one round: no range
     for seed in ("0", "1", "2"):  # rows whose compressed totals differ: the floor puts them in one row
         assert main(["bench", "--packed-longtail", "4K", "--modes", "fwd", "--batch", "2", "--packed-seed", seed, *flags]) == 0
         report = json.loads(capsys.readouterr().out)
