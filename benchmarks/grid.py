@@ -51,13 +51,18 @@ def timing(seq: int) -> list[str]:
 
 
 def grid_row(result: dict) -> dict:
-    """The fields of a bench result that the table and the notes use, rounded as the first grid's."""
-    return dict(
+    """The fields of a bench result that the table and the notes use, rounded as the first grid's;
+    the ratio's range over rounds where the bench gives one (rows from 2026-12-02 on)."""
+    row = dict(
         seq=result["seq"], levels=result["levels"], pooling=result["pooling"], topk=result["topk"],
         mode=result["mode"], ratio_to_sdpa_sel_cudnn=round(result["ratio_to_sdpa_sel_cudnn"], 4),
         floor_ratio=round(result["floor_ratio"], 4), kernel_gb=round(result["kernel_gb"], 3),
         lighthouse_ms=round(result["lighthouse"]["ms"], 3), lighthouse_peak_gb=round(result["lighthouse"]["peak_gb"], 3),
     )
+    spread = result.get("ratio_rounds")
+    if spread is not None:
+        row["ratio_rounds"] = dict(low=round(spread["low"], 4), high=round(spread["high"], 4), rounds=spread["rounds"])
+    return row
 
 
 def write_atomically(path: Path, document: dict) -> None:

@@ -65,7 +65,8 @@ if levels == 5 and "--fake-levels-5-works" not in args:
 after = args[args.index("--pooling") + 1:]
 poolings = [int(value) for value in after[:next((i for i, value in enumerate(after) if value.startswith("--")), len(after))]]
 results = [dict(seq=seq, levels=levels, pooling=pooling, topk=2048, mode="fwd", ratio_to_sdpa_sel_cudnn=1.2,
-                floor_ratio=1.1, kernel_gb=1.0, copy_tb_per_s=4.2, lighthouse=dict(ms=2.0, peak_gb=1.5))
+                floor_ratio=1.1, kernel_gb=1.0, copy_tb_per_s=4.2, lighthouse=dict(ms=2.0, peak_gb=1.5),
+                ratio_rounds=dict(low=1.18123, high=1.23456, rounds=3, coverage=0.75) if pooling == 2 else None)
            for pooling in poolings]
 print(json.dumps(dict(device="fake", torch="0", results=results)))
 """
@@ -82,6 +83,8 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     assert [(r["seq"], r["levels"], r["pooling"]) for r in document["rows"]] == [
         (65536, level, pooling) for level in (3, 4) for pooling in (2, 4, 8)]
     assert not list(tmp_path.glob("*.partial"))
+    ranges = {r["pooling"]: r.get("ratio_rounds") for r in document["rows"] if r["levels"] == 3}
+    assert ranges == {2: dict(low=1.1812, high=1.2346, rounds=3), 4: None, 8: None}  # kept where the bench gave one
 
     # An existing file is never overwritten by accident; --update measures again only what it is asked to.
     with pytest.raises(SystemExit, match="--update"):
