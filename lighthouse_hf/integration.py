@@ -96,7 +96,8 @@ def _packed_attention(
         # positions that restart at 0, as the rotary embedding saw them.
         arguments = dispatch.op_arguments(module, settings, query, key, documents.max_length)
         out = lighthouse_attention_varlen(
-            query, key, value, documents, scale=scaling, min_seq_len=settings.min_seq_len, **arguments
+            query, key, value, documents, scale=scaling, min_seq_len=settings.min_seq_len,
+            dense_window=kwargs.get("sliding_window"), **arguments
         )
     return out.transpose(1, 2).contiguous(), None
 

@@ -187,6 +187,8 @@ def test_varlen_ops_check_their_arguments():
         lighthouse_attention_varlen(q, k, v, Documents.from_lengths([[5], [5]]))
     with pytest.raises(ValueError, match="min_seq_len must be an integer >= 1"):
         lighthouse_attention_varlen(q, k, v, Documents.from_lengths([[10]]), min_seq_len=0)
+    with pytest.raises(ValueError, match="dense_window must be an integer >= 1, got 0"):
+        lighthouse_attention_varlen(q, k, v, Documents.from_lengths([[10]]), dense_window=0)
     with pytest.raises(ValueError, match="window must be None or an integer >= 1"):
         dense_causal_attention_varlen(q, k, v, Documents.from_lengths([[10]]), window=0)
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
@@ -354,6 +356,30 @@ def test_sliding_window_dense_layers_keep_their_window_inside_each_document():
         # both the window and the documents matter here
         assert (logits - mistral("sdpa", None)(ids, **kwargs).logits).abs().max() > 1e-3
         assert (logits - sdpa(ids, use_cache=False).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("route", ["position_ids", "flash"])
+def test_sliding_window_lighthouse_layers_keep_it_for_documents_that_run_dense(route, monkeypatch):
+    # Run alone, a document too short to compress falls back to dense SDPA with the layer's window;
+    # packed, it must too (Lighthouse documents have no window either way).
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mistral", sliding_window=64), dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LighthouseWarning)  # the sliding-window note
+        apply_lighthouse(model, **MODEL_SETTINGS)
+    rows = [[700, 300, 1024, 100]]
+    ids, kwargs = packed_inputs(rows, route)
+    ran = spy_lighthouse_documents(monkeypatch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", LighthouseWarning)  # a training-free call; short documents are expected
+        logits = model(ids, **kwargs).logits
+        assert sorted(ran) == [700, 700, 1024, 1024]  # both Lighthouse layers, the two documents that compress
+        for row, start, length in Documents.from_lengths(rows).spans():
+            alone = model(ids[row : row + 1, start : start + length], use_cache=False).logits
+            assert (logits[row : row + 1, start : start + length] - alone).abs().max() <= 1e-5, (start, length)
+        # the window matters for the dense documents: without it the 300-token one differs
+        monkeypatch.setattr(model.config, "sliding_window", None)
+        assert (model(ids, **kwargs).logits[:, 700:1000] - logits[:, 700:1000]).abs().max() > 1e-3
 
 
 def test_flash_keywords_alone_keep_documents_apart_in_every_layer(monkeypatch):

@@ -225,6 +225,7 @@ def lighthouse_attention_varlen(
     selection: str = "published",
     combine: str = "sum",
     min_seq_len: int | None = None,
+    dense_window: int | None = None,
 ) -> torch.Tensor:
     """Causal Lighthouse attention over packed rows: every document of ``documents`` is a sequence
     of its own (no position attends to another document).
@@ -232,21 +233,26 @@ def lighthouse_attention_varlen(
     Shapes, dtypes and options as :func:`lighthouse_attention` (``q_scores`` and ``k_scores`` cover
     the whole rows); the result at each document equals :func:`lighthouse_attention` on that
     document alone, so a document the settings do not compress runs dense causal SDPA, and so does
-    one shorter than ``min_seq_len`` (``config.lighthouse["min_seq_len"]``). Documents of one
-    length run as one batched call; see :mod:`lighthouse_hf.ops.varlen`.
+    one shorter than ``min_seq_len`` (``config.lighthouse["min_seq_len"]``). ``dense_window``: those
+    dense documents let each query see only the ``dense_window`` positions ending at it, as a
+    layer's sliding window does where a single sequence falls back to dense (Lighthouse itself has
+    no window). Documents of one length run as one batched call; see :mod:`lighthouse_hf.ops.varlen`.
     """
     check_settings(levels, pooling, topk)
     check_inputs(q, k, v, scale)
     _check_documents(documents, q)
     if min_seq_len is not None:
         check_positive_int("min_seq_len", min_seq_len)
+    if dense_window is not None:
+        check_positive_int("dense_window", dense_window)
     options = method_options(
         q, k, rope_inv_freq=rope_inv_freq, q_scores=q_scores, k_scores=k_scores, selection=selection, combine=combine
     )
     if q.shape[0] == 0:
         return _dense_causal(q, k, v, scale)
     return attend_documents(
-        q, k, v, documents, levels=levels, pooling=pooling, topk=topk, options=options, scale=scale, min_seq_len=min_seq_len
+        q, k, v, documents, levels=levels, pooling=pooling, topk=topk, options=options, scale=scale,
+        min_seq_len=min_seq_len, dense_window=dense_window,
     )
 
 

@@ -346,19 +346,21 @@ def attend_documents(
     options: MethodOptions,
     scale: float | None,
     min_seq_len: int | None = None,
+    dense_window: int | None = None,
 ) -> torch.Tensor:
     """Lighthouse on every document of ``documents`` that it compresses (and that is not shorter
-    than ``min_seq_len``), dense causal SDPA on the others: ``[B, H, S, D]``. ``options`` hold
-    whole-batch scores ``[B, h, S]``; each document's part goes with it."""
+    than ``min_seq_len``), dense causal SDPA on the others (within ``dense_window`` positions of
+    each query, where given): ``[B, H, S, D]``. ``options`` hold whole-batch scores ``[B, h, S]``;
+    each document's part goes with it."""
     lighthouse_lengths = frozenset(
         length for length in documents.distinct_lengths() if runs_lighthouse(length, levels, pooling, topk, min_seq_len)
     )
-    layout = _layout(documents, lighthouse_lengths, _bundles_dense(q, None, 0.0), q.device)
+    layout = _layout(documents, lighthouse_lengths, _bundles_dense(q, dense_window, 0.0), q.device)
     scores = None if options.q_scores is None else (options.q_scores, options.k_scores)
 
     def attend_group(group: _Group, q_g, k_g, v_g, group_scores) -> torch.Tensor:
         if not group.lighthouse:
-            return _dense_group(q_g, k_g, v_g, scale, None, 0.0)
+            return _dense_group(q_g, k_g, v_g, scale, dense_window, 0.0)
         plan = plan_for(group.length, levels, pooling, topk)
         group_options = options if group_scores is None else options._replace(q_scores=group_scores[0], k_scores=group_scores[1])
         entries = select(q_g, k_g, plan, group_options)
