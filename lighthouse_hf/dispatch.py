@@ -467,6 +467,9 @@ def op_arguments(module: torch.nn.Module, settings: LighthouseConfig, query: tor
                 "forward) before torch.compile"
             )
         else:
+            # Installed here too: a call run eagerly by a compiled model that broke its graph here
+            # skipped settings_of's install (traced); the next call then records, or says why not.
+            prenorm.install(module, norm_names)
             warnings.warn(
                 f"layer {getattr(module, 'layer_idx', None)}: scores='pre_norm' found no recorded norms for this call, "
                 "so it scores the normalized q and k; the recording starts with the next call (apply_lighthouse(model) "

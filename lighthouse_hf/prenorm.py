@@ -9,7 +9,9 @@ wherever the layer's forward does (activation checkpointing's recomputation incl
 always reads the norms of its own inputs. The hooks are installed by ``apply_lighthouse`` or by a
 layer's first Lighthouse call (not a dense layer's), and removed when training switches to dense
 recovery; a Lighthouse call that finds no recorded norms (the very first call of a layer loaded
-with ``attn_implementation="lighthouse"``) scores the norms of q and k as given, and warns.
+with ``attn_implementation="lighthouse"``, or compiled before any hook existed) scores the norms of q
+and k as given, warns and installs them; hooks that were installed and then did not run in a
+forward are an error, not that silent fallback.
 Because the norms wait on the module between the hook and the call, one model must not run
 forwards in two threads at once (DataParallel's replicas are separate modules, and are fine).
 """
@@ -20,6 +22,8 @@ import torch
 
 RECORDED = "lighthouse_input_norms"
 """Attribute of a q/k norm module holding the norms of its last input, until an attention call takes them."""
+_FRESH = "awaiting its first forward"
+"""``RECORDED`` of a norm whose hook was installed after its last forward: nothing recorded yet, as expected."""
 _HOOK = "lighthouse_input_norms_hook"
 """Attribute of a q/k norm module holding the handle of its recording hook."""
 
@@ -42,6 +46,7 @@ def install(attention: torch.nn.Module, norm_names: tuple[str, str]) -> None:
             )
         if getattr(norm, _HOOK, None) is None:
             setattr(norm, _HOOK, norm.register_forward_pre_hook(_record_input_norms))
+            setattr(norm, RECORDED, _FRESH)
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -56,11 +61,21 @@ def uninstall(model: torch.nn.Module) -> None:
 
 
 def take(attention: torch.nn.Module, norm_names: tuple[str, str], query: torch.Tensor, key: torch.Tensor):
-    """The recorded norms of this call's q and k (``[B, H, S]``, ``[B, Hkv, S]``), or None."""
+    """The recorded norms of this call's q and k (``[B, H, S]``, ``[B, Hkv, S]``), or None where
+    the hooks are not installed or were installed after this forward's norms ran. A RuntimeError
+    where they were installed before and still recorded nothing: they did not run, as in a model
+    compiled before they existed, whose compiled code leaves them out."""
     recorded = []
     for name, x in zip(norm_names, (query, key)):
         norm = getattr(attention, name)
         scores = getattr(norm, RECORDED, None)
         setattr(norm, RECORDED, None)
-        recorded.append(scores if scores is not None and scores.shape == x.shape[:3] else None)
+        if scores is None and getattr(norm, _HOOK, None) is not None:
+            raise RuntimeError(
+                f"layer {getattr(attention, 'layer_idx', None)}: the hook that records the input norms of {name} "
+                "(scores='pre_norm') did not run in this forward; a model compiled with torch.compile before "
+                "lighthouse_hf.apply_lighthouse(model) leaves it out of the compiled code. Call apply_lighthouse "
+                "before torch.compile, or set config.lighthouse['scores'] = 'qk'"
+            )
+        recorded.append(scores if isinstance(scores, torch.Tensor) and scores.shape == x.shape[:3] else None)
     return None if any(scores is None for scores in recorded) else tuple(recorded)

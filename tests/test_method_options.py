@@ -396,6 +396,43 @@ def test_pre_norm_scores_under_activation_checkpointing():
 
 
 @pytest.mark.slow
+def test_a_model_compiled_before_its_hooks_records_from_its_second_call():
+    # Loaded with attn_implementation="lighthouse" and compiled at once (graph breaks allowed, as
+    # Trainer's torch_compile does): the first call warns and installs the hooks, the next ones
+    # score the pre-norm norms exactly as an eager model with apply_lighthouse does.
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3")).train()
+    reference = AutoModelForCausalLM.from_config(tiny_config("qwen3")).train()
+    reference.load_state_dict(model.state_dict())
+    model.config.lighthouse = {"topk": 128, "dense_layers": []}
+    model.set_attn_implementation("lighthouse")
+    lighthouse_hf.apply_lighthouse(reference, topk=128, dense_layers=[])
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 128, (1, SEQ))
+    try:
+        with pytest.warns(lighthouse_hf.LighthouseWarning, match="found no recorded norms"):
+            compiled(ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lighthouse_hf.LighthouseWarning)
+            assert compiled(ids).logits.equal(reference(ids).logits)
+    finally:
+        torch._dynamo.reset()  # the next test compiles the same layer class afresh
+
+
+def test_pre_norm_hooks_that_do_not_run_are_an_error():
+    # Hooks installed and used, then left out of a forward (as compiled code that predates them
+    # would): an error, not a silent fallback to the normalized q and k.
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3")).train()
+    lighthouse_hf.apply_lighthouse(model, topk=128, dense_layers=[])
+    ids = torch.randint(0, 128, (1, SEQ))
+    model(ids)
+    norm = model.model.layers[1].self_attn.k_norm
+    norm._forward_pre_hooks.clear()
+    with pytest.raises(RuntimeError, match="layer 1: the hook that records the input norms of k_norm .* did not run"):
+        model(ids)
+
+
+@pytest.mark.slow
 def test_pre_norm_scores_compile_as_one_graph_and_need_their_hooks_first():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
