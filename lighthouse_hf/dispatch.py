@@ -306,12 +306,13 @@ def report_dense(module: torch.nn.Module, settings: LighthouseConfig, reason: st
         warnings.warn(f"Lighthouse attention falls back to dense SDPA for inputs with {reason}.", LighthouseWarning)
     elif reason == TOO_SHORT and module.training and not torch.compiler.is_compiling() and _WARNED_SHORT.first_time(module.config):
         shortest = shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
-        warnings.warn(
-            f"a training forward of {seq_len} tokens runs dense SDPA: with levels={settings.levels}, "
-            f"pooling={settings.pooling}, topk={settings.topk} Lighthouse compresses sequences of "
-            f"{shortest} tokens or more (lower topk to compress shorter ones).",
-            LighthouseWarning,
+        needs = (
+            "levels=1 has no coarser level to select from, so no sequence compresses (use levels >= 2)"
+            if shortest is None
+            else f"with levels={settings.levels}, pooling={settings.pooling}, topk={settings.topk} Lighthouse "
+            f"compresses sequences of {shortest} tokens or more (lower topk to compress shorter ones)"
         )
+        warnings.warn(f"a training forward of {seq_len} tokens runs dense SDPA: {needs}.", LighthouseWarning)
 
 
 def dense_attention(

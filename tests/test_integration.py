@@ -243,6 +243,14 @@ def test_too_short_training_forward_warns_once_per_model():
     assert compressed_length(shortest - 1, topk=128) == shortest - 1 < SEQ
 
 
+def test_too_short_warning_with_one_level_says_nothing_compresses():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).train()
+    apply_lighthouse(model, levels=1, pooling=2, topk=128, dense_layers=[])
+    with pytest.warns(LighthouseWarning, match=r"levels=1 has no coarser level to select from, so no sequence compresses") as caught:
+        model(tokens(seq=300))
+    assert not any("None" in str(w.message) for w in caught)
+
+
 def test_non_causal_module_runs_sdpa_as_transformers_would(saved_model):
     model, dense = load(saved_model), load(saved_model, "sdpa")
     for m in (model, dense):
