@@ -301,6 +301,18 @@ def test_lora_merge(sources, adapter, tmp_path, capsys):
     assert "lora" not in (dst / "config.json").read_text().lower()
 
 
+def test_report_without_settings_says_where_an_adapter_keeps_them():
+    from lighthouse_hf.export import ExportReport
+
+    fields = dict(src=Path("src"), dst=Path("dst"), model_type="llama", model_class="LlamaForCausalLM",
+                  source_dtype="float32", dtype="float32", tensors=1, bytes=4, shards=1, tied=[], copied_files=[],
+                  recovery_step=None, lighthouse_settings_found=False, verified=False)
+    plain, merged = str(ExportReport(adapter=None, **fields)), str(ExportReport(adapter=Path("adapter"), **fields))
+    assert "  recovery   no Lighthouse settings in SRC's config\n" in plain
+    # Trainer saves a PEFT model without config.json: the export cannot see the recovery marker
+    assert "no Lighthouse settings in SRC's config (Trainer saves a PEFT adapter without the model's config.json" in merged
+
+
 def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):
     copy = tmp_path / "base-copy"  # the adapter's recorded base path is not needed with --adapter
     shutil.copytree(sources["llama"], copy)

@@ -50,7 +50,15 @@ class ExportReport:
             f"  files      {', '.join(self.copied_files) or 'none copied (SRC has no tokenizer or generation config)'}",
         ]
         if not self.lighthouse_settings_found:
-            lines.append("  recovery   no Lighthouse settings in SRC's config")
+            lines.append(
+                "  recovery   no Lighthouse settings in SRC's config"
+                + (
+                    " (Trainer saves a PEFT adapter without the model's config.json: save model.config beside "
+                    "the adapter, as examples/pretrain.py does, and the export checks that recovery ran)"
+                    if self.adapter
+                    else ""
+                )
+            )
         elif self.recovery_step is None:
             lines.append("  recovery   NEVER RAN (config.lighthouse.recovery_step is None)")
         else:
