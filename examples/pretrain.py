@@ -10,16 +10,16 @@ llama-cpp-python from source), and the gguf package:
     SMOLLM2="${SMOLLM2%/*}"
 
     # continued pre-training of SmolLM2-135M at 16K, twice its 8K context, with linear RoPE
-    # scaling and LoRA adapters (a GPU run; with --rope-factor 1.25 --seq-len 10240 --steps 1
-    # it takes about 5 minutes and 13 GB on a 2-core CPU)
+    # scaling and LoRA adapters (a GPU run; with --rope-factor 1.25 --seq-len 10240 --steps 1 it
+    # fits a 2-core CPU: about 5 minutes and 13 GB when measured with every layer dense, at most that now)
     python examples/pretrain.py --model "$SMOLLM2" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
         --rope-factor 2 --seq-len 16384 --data lighthouse_hf/books/*.txt --steps 4 \
         --recovery 0.5 --lora --gradient-checkpointing --output-dir runs/smollm2
 
-    # from scratch: SmolLM2-135M's architecture and tokenizer with fresh weights (about a minute
-    # per step on a 2-core CPU; on a GPU raise --seq-len and --steps)
+    # from scratch: SmolLM2-135M's architecture and tokenizer with fresh weights (about 1.5
+    # minutes per step on a 2-core CPU; on a GPU raise --seq-len and --steps)
     python examples/pretrain.py --config "$SMOLLM2" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data lighthouse_hf/books/*.txt --seq-len 2048 --topk 256 --steps 10 --recovery 0.8 \
+        --data lighthouse_hf/books/*.txt --seq-len 2048 --topk 128 --steps 10 --recovery 0.8 \
         --output-dir runs/scratch
 
 --config also takes a config.json (or a directory holding one) with a --tokenizer directory.
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"training files or glob patterns: {', '.join(DATA_SUFFIXES)} (see above)",
     )
     parser.add_argument("--streaming", action="store_true", help="read and pack the data lazily while training")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence" + DEFAULT)
+    parser.add_argument("--seq-len", type=int, default=16384, help="tokens per training sequence" + DEFAULT)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all" + DEFAULT)
     parser.add_argument("--recovery", type=float, default=0.9, help="Lighthouse steps' fraction, in (0, 1)" + DEFAULT)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the attention projections only")
@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate (cosine)" + DEFAULT)
     parser.add_argument("--levels", type=int, default=3, help="Lighthouse pyramid depth" + DEFAULT)
     parser.add_argument("--pooling", type=int, default=4, help="Lighthouse pooling factor, a power of two" + DEFAULT)
-    parser.add_argument("--topk", type=int, default=2048, help="Lighthouse budget, a multiple of 128" + DEFAULT)
+    parser.add_argument(
+        "--topk", type=int, default=512, help="Lighthouse budget, a multiple of 128 (16K tokens keep 31%%)" + DEFAULT
+    )
     parser.add_argument(
         "--dense-layers",
         type=int,
@@ -113,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("seq_len", "steps", "lora_rank", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.save_steps < 0:
+        parser.error(f"--save-steps must be >= 0 (0: only the final model), got {args.save_steps}")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     if not 0.0 < args.recovery < 1.0:
         parser.error(f"--recovery must be a fraction in (0, 1), got {args.recovery}")
     try:
@@ -121,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     except ValueError as error:
         parser.error(str(error))
+    shortest = lighthouse_hf.ops.shortest_compressed_length(args.levels, args.pooling, args.topk)
+    if shortest is None or args.seq_len < shortest:
+        needs = "no length" if shortest is None else f"sequences of {shortest} tokens or more"
+        parser.error(
+            f"--seq-len {args.seq_len} does not compress with --levels {args.levels} --pooling {args.pooling} "
+            f"--topk {args.topk} ({needs} do): every Lighthouse step would run dense; raise --seq-len or lower --topk"
+        )
     if args.rope_factor < 1.0:
         parser.error(f"--rope-factor must be >= 1, got {args.rope_factor}")
     if args.gguf_file:
@@ -199,9 +212,6 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         )
     settings = dict(levels=args.levels, pooling=args.pooling, topk=args.topk, dense_layers=args.dense_layers)
     lighthouse_hf.apply_lighthouse(model, **settings)
-    kept = lighthouse_hf.compressed_length(args.seq_len, levels=args.levels, pooling=args.pooling, topk=args.topk)
-    if kept >= args.seq_len:
-        logger.warning("Lighthouse does not compress %d tokens with these settings: every layer runs dense", args.seq_len)
     return model, tokenizer
 
 

