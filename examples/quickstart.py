@@ -1,4 +1,4 @@
-"""Lighthouse attention in a Transformers model, end to end on a CPU in seconds.
+"""Lighthouse attention in a Transformers model, end to end on a CPU in about a minute.
 
 Builds a tiny 2-layer Llama, saves it, loads it back with attn_implementation="lighthouse" and
 times one training step (forward + backward) at 16K tokens against dense SDPA.
@@ -29,11 +29,17 @@ def median_step_seconds(model, tokens, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=16384, help="tokens of the training step (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps of each model (default: %(default)s)")
     args = parser.parse_args()
 
     settings = lighthouse_hf.LighthouseConfig(levels=3, pooling=4, topk=256, dense_layers=[])
+    shortest = lighthouse_hf.ops.shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
+    if args.seq_len < shortest:
+        parser.error(f"--seq-len must be at least {shortest}, the shortest sequence that L=3 p=4 K=256 compresses, "
+                     f"got {args.seq_len}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=128,

@@ -371,6 +371,21 @@ def test_two_layer_model_at_16k_forward_backward():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--seq-len", "1000"], "--seq-len must be at least 2305, the shortest sequence that L=3 p=4 K=256 compresses"),
+     (["--repeats", "0"], "--repeats must be >= 1, got 0")],
+)
+def test_quickstart_refuses_what_it_cannot_time(flags, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    done = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
+
+
 @pytest.mark.slow
 def test_decoder_layer_captures_as_one_graph():
     """torch.compile(fullgraph=True) of a Lighthouse decoder layer (graph capture is what can break;
