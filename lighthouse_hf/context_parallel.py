@@ -39,7 +39,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import dispatch
 from .dispatch import LighthouseWarning
-from .validation import check_dropout
+from .validation import check_dropout, check_positive_int
 from .ops import (
     LighthousePlan,
     MethodOptions,
@@ -58,6 +58,7 @@ CONTEXT_PARALLEL_KWARG = "lighthouse_cp_group"
 
 def chunk_plan(seq_len: int, chunks: int, levels: int, pooling: int, topk: int) -> LighthousePlan | None:
     """The per-chunk plan when chunk-local selection equals the global one, else None."""
+    check_positive_int("chunks", chunks)
     plan = LighthousePlan(seq_len, levels, pooling, topk)
     if not plan.compresses or plan.is_padded or plan.real_len != seq_len or plan.tiles % chunks:
         return None

@@ -79,3 +79,5 @@ def test_chunk_local_selection_is_the_global_selection():
         per_chunk.append(part.key + i * (seq // chunks) * unit)
     assert torch.equal(torch.cat(per_chunk, dim=-1), whole.key)
     assert chunk_plan(6000, chunks, 3, 4, 256) is None
+    with pytest.raises(ValueError, match="chunks must be an integer >= 1, got 0"):
+        chunk_plan(seq, 0, 3, 4, 512)
