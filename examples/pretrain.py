@@ -128,11 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         parser.error(str(error))
     shortest = lighthouse_hf.ops.shortest_compressed_length(args.levels, args.pooling, args.topk)
-    if shortest is None or args.seq_len < shortest:
-        needs = "no length" if shortest is None else f"sequences of {shortest} tokens or more"
+    if shortest is None:
+        parser.error("--levels 1 compresses no sequence (there is no coarser level to select from); use --levels >= 2")
+    if args.seq_len < shortest:
         parser.error(
             f"--seq-len {args.seq_len} does not compress with --levels {args.levels} --pooling {args.pooling} "
-            f"--topk {args.topk} ({needs} do): every Lighthouse step would run dense; raise --seq-len or lower --topk"
+            f"--topk {args.topk} (sequences of {shortest} tokens or more do): every Lighthouse step would run dense; "
+            "raise --seq-len or lower --topk"
         )
     if args.rope_factor < 1.0:
         parser.error(f"--rope-factor must be >= 1, got {args.rope_factor}")

@@ -13,9 +13,10 @@ last one's cache, the variants taking turns) of
 forward+backward and forward only, the ratios, and each variant's peak allocated memory over one
 call (inputs, outputs and gradients included). A row's ratio also comes with its range over the
 rounds in which the variants took turns (``ratio_rounds``: each round's median against the other
-variant's in the same round; with n rounds it holds the median round's ratio with probability
-``1 - 2**(1 - n)``, e.g. ``--iters 18 --input-sets 3``: 6 rounds, 97%). It holds the spread within a
-row only; rows of one run have differed by more. Each row also gives the floor of the fused
+variant's in the same round; with n rounds it holds the median of the round ratios with probability
+``1 - 2**(1 - n)``, e.g. ``--iters 18 --input-sets 3``: 6 rounds, 97%; the row's ratio itself is of
+the pooled medians, close to it but not the same statistic). It holds the spread within a row only;
+rows of one run have differed by more. Each row also gives the floor of the fused
 path's kernels: the bytes they move around SDPA (``kernel_gb``, from ``lighthouse_hf.ops.traffic``:
 the forward's, or the forward's and the backward's) at the device-to-device copy bandwidth
 measured at the start of the run (``copy_tb_per_s``), added to SDPA(S_sel)'s cuDNN time
@@ -446,7 +447,7 @@ def _ratio_range(row: dict) -> str:
     spread = row["ratio_rounds"]
     if spread is None:
         return ""
-    return f"rounds {spread['low']:.2f}-{spread['high']:.2f}x, {spread['coverage']:.0%} for their median"
+    return f"rounds {spread['low']:.2f}-{spread['high']:.2f}x, {spread['coverage']:.0%} for the median round"
 
 
 def _print_operators(results: list[dict]) -> None:

@@ -305,14 +305,17 @@ def report_dense(module: torch.nn.Module, settings: LighthouseConfig, reason: st
     if from_inputs:
         warnings.warn(f"Lighthouse attention falls back to dense SDPA for inputs with {reason}.", LighthouseWarning)
     elif reason == TOO_SHORT and module.training and not torch.compiler.is_compiling() and _WARNED_SHORT.first_time(module.config):
-        shortest = shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
-        needs = (
-            "levels=1 has no coarser level to select from, so no sequence compresses (use levels >= 2)"
-            if shortest is None
-            else f"with levels={settings.levels}, pooling={settings.pooling}, topk={settings.topk} Lighthouse "
-            f"compresses sequences of {shortest} tokens or more (lower topk to compress shorter ones)"
-        )
-        warnings.warn(f"a training forward of {seq_len} tokens runs dense SDPA: {needs}.", LighthouseWarning)
+        warnings.warn(f"a training forward of {seq_len} tokens runs dense SDPA: {_what_compresses(settings)}.", LighthouseWarning)
+
+
+def _what_compresses(settings: LighthouseConfig) -> str:
+    shortest = shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
+    if shortest is None:
+        return "levels=1 has no coarser level to select from, so no sequence compresses (use levels >= 2)"
+    return (
+        f"with levels={settings.levels}, pooling={settings.pooling}, topk={settings.topk} Lighthouse compresses "
+        f"sequences of {shortest} tokens or more (lower topk to compress shorter ones)"
+    )
 
 
 def dense_attention(
@@ -425,11 +428,9 @@ def report_short_documents(module: torch.nn.Module, settings: LighthouseConfig, 
         and not runs_lighthouse(longest, settings.levels, settings.pooling, settings.topk, None)
         and _WARNED_SHORT.first_time(module.config)
     ):
-        shortest = shortest_compressed_length(settings.levels, settings.pooling, settings.topk)
         warnings.warn(
-            f"a training forward of packed documents runs dense SDPA: its longest document has {longest} tokens, and "
-            f"with levels={settings.levels}, pooling={settings.pooling}, topk={settings.topk} Lighthouse compresses "
-            f"sequences of {shortest} tokens or more (lower topk to compress shorter ones).",
+            f"a training forward of packed documents runs dense SDPA: its longest document has {longest} tokens; "
+            f"{_what_compresses(settings)}.",
             LighthouseWarning,
         )
 

@@ -24,8 +24,8 @@ RECORDED = "lighthouse_input_norms"
 """Attribute of a q/k norm module holding the norms of its last input, until an attention call takes them."""
 _FRESH = "awaiting its first forward"
 """``RECORDED`` of a norm whose hook was installed after its last forward: nothing recorded yet, as expected."""
-_HOOK = "lighthouse_input_norms_hook"
-"""Attribute of a q/k norm module holding the handle of its recording hook."""
+_HOOK = "lighthouse_input_norms_hooked"
+"""Attribute of a q/k norm module: True once its recording hook is installed."""
 
 
 def _record_input_norms(norm: torch.nn.Module, args: tuple) -> None:
@@ -44,8 +44,14 @@ def install(attention: torch.nn.Module, norm_names: tuple[str, str]) -> None:
                 f"{type(attention).__name__} has no module {name!r}, which its family adapter names as a per-head "
                 'q/k norm; set config.lighthouse["scores"] = "qk"'
             )
-        if getattr(norm, _HOOK, None) is None:
-            setattr(norm, _HOOK, norm.register_forward_pre_hook(_record_input_norms))
+        if getattr(norm, _HOOK, False):
+            continue
+        # A DataParallel replica shares its original's hook dict (a shallow copy), so an earlier
+        # step's replica may have installed the hook already, and it may have recorded this call.
+        if _record_input_norms not in norm._forward_pre_hooks.values():
+            norm.register_forward_pre_hook(_record_input_norms)
+        setattr(norm, _HOOK, True)
+        if not isinstance(getattr(norm, RECORDED, None), torch.Tensor):
             setattr(norm, RECORDED, _FRESH)
 
 
@@ -53,10 +59,12 @@ def uninstall(model: torch.nn.Module) -> None:
     """Stop recording in every q/k norm of ``model`` (a model switched to dense attention would
     only pay for the norms; a later Lighthouse call installs the hooks again)."""
     for module in model.modules():
-        handle = getattr(module, _HOOK, None)
-        if handle is not None:
-            handle.remove()
-            setattr(module, _HOOK, None)
+        # by value, not by handle: a DataParallel replica may have added the hook to this module's dict
+        hooks = module._forward_pre_hooks
+        for key in [key for key, hook in hooks.items() if hook is _record_input_norms]:
+            del hooks[key]
+        if getattr(module, _HOOK, False):
+            setattr(module, _HOOK, False)
             setattr(module, RECORDED, None)
 
 
@@ -70,12 +78,13 @@ def take(attention: torch.nn.Module, norm_names: tuple[str, str], query: torch.T
         norm = getattr(attention, name)
         scores = getattr(norm, RECORDED, None)
         setattr(norm, RECORDED, None)
-        if scores is None and getattr(norm, _HOOK, None) is not None:
+        if scores is None and getattr(norm, _HOOK, False):
             raise RuntimeError(
-                f"layer {getattr(attention, 'layer_idx', None)}: the hook that records the input norms of {name} "
-                "(scores='pre_norm') did not run in this forward; a model compiled with torch.compile before "
-                "lighthouse_hf.apply_lighthouse(model) leaves it out of the compiled code. Call apply_lighthouse "
-                "before torch.compile, or set config.lighthouse['scores'] = 'qk'"
+                f"layer {getattr(attention, 'layer_idx', None)}: the forward pre-hook that records the input norms of "
+                f"{name} (scores='pre_norm') did not run in this forward: something called the norm without its "
+                "module's hooks (a patched attention forward, a cleared hook dict, or compiled code built without "
+                "them). Call lighthouse_hf.apply_lighthouse(model) after such patches and before torch.compile, or "
+                "set config.lighthouse['scores'] = 'qk'"
             )
         recorded.append(scores if isinstance(scores, torch.Tensor) and scores.shape == x.shape[:3] else None)
     return None if any(scores is None for scores in recorded) else tuple(recorded)

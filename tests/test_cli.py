@@ -225,7 +225,7 @@ def test_bench_floor_of_forward_and_backward_counts_both(bench_on_cpu, capsys):
     assert both["kernel_gb"] * 1e9 == pytest.approx(traffic.forward + traffic.backward)
     assert forward["kernel_gb"] * 1e9 == pytest.approx(traffic.forward)
     assert both["copy_tb_per_s"] == 4.0 and both["floor_ms"] == pytest.approx(2.0 + both["kernel_gb"] / 4.0)
-    assert "ratio 1.00x (rounds 1.00-1.00x, 75% for their median; to own backend 1.00x;" in capsys.readouterr().out
+    assert "ratio 1.00x (rounds 1.00-1.00x, 75% for the median round; to own backend 1.00x;" in capsys.readouterr().out
 
 
 def test_bench_skips_settings_that_do_not_compress(bench_on_cpu, capsys):

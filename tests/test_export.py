@@ -307,10 +307,12 @@ def test_report_without_settings_says_where_an_adapter_keeps_them():
     fields = dict(src=Path("src"), dst=Path("dst"), model_type="llama", model_class="LlamaForCausalLM",
                   source_dtype="float32", dtype="float32", tensors=1, bytes=4, shards=1, tied=[], copied_files=[],
                   recovery_step=None, lighthouse_settings_found=False, verified=False)
-    plain, merged = str(ExportReport(adapter=None, **fields)), str(ExportReport(adapter=Path("adapter"), **fields))
-    assert "  recovery   no Lighthouse settings in SRC's config\n" in plain
+    plain = str(ExportReport(adapter=None, **fields))
+    with_config = str(ExportReport(adapter=Path("adapter"), **fields))
+    without_config = str(ExportReport(adapter=Path("adapter"), adapter_without_config=True, **fields))
+    assert "  recovery   no Lighthouse settings in SRC's config\n" in plain and "  recovery   no Lighthouse settings in SRC's config\n" in with_config
     # Trainer saves a PEFT model without config.json: the export cannot see the recovery marker
-    assert "no Lighthouse settings in SRC's config (Trainer saves a PEFT adapter without the model's config.json" in merged
+    assert "no Lighthouse settings in SRC's config (Trainer saves a PEFT adapter without the model's config.json" in without_config
 
 
 def test_lora_merge_with_adapter_option(sources, adapter, tmp_path, capsys):

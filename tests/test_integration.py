@@ -243,12 +243,15 @@ def test_too_short_training_forward_warns_once_per_model():
     assert compressed_length(shortest - 1, topk=128) == shortest - 1 < SEQ
 
 
-def test_too_short_warning_with_one_level_says_nothing_compresses():
+@pytest.mark.parametrize("packed", [False, True])
+def test_too_short_warning_with_one_level_says_nothing_compresses(packed):
     model = AutoModelForCausalLM.from_config(tiny_config("llama")).train()
     apply_lighthouse(model, levels=1, pooling=2, topk=128, dense_layers=[])
+    kwargs = dict(position_ids=torch.cat([torch.arange(200), torch.arange(100)])[None], use_cache=False) if packed else {}
     with pytest.warns(LighthouseWarning, match=r"levels=1 has no coarser level to select from, so no sequence compresses") as caught:
-        model(tokens(seq=300))
+        model(tokens(seq=300), **kwargs)
     assert not any("None" in str(w.message) for w in caught)
+    assert any(("packed documents" in str(w.message)) == packed for w in caught)
 
 
 def test_non_causal_module_runs_sdpa_as_transformers_would(saved_model):

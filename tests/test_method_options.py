@@ -428,8 +428,42 @@ def test_pre_norm_hooks_that_do_not_run_are_an_error():
     model(ids)
     norm = model.model.layers[1].self_attn.k_norm
     norm._forward_pre_hooks.clear()
-    with pytest.raises(RuntimeError, match="layer 1: the hook that records the input norms of k_norm .* did not run"):
+    with pytest.raises(RuntimeError, match="layer 1: the forward pre-hook that records the input norms of k_norm .* did not run"):
         model(ids)
+
+
+def test_pre_norm_hooks_under_data_parallel_replicas():
+    # DataParallel replicates a module by a shallow copy each step: the replicas share the original's
+    # hook dict but not its attributes. A hook one replica installed serves the next step's replicas
+    # (no second hook, their recorded norms kept), and the original's recovery removes it.
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3")).train()
+    model.config.lighthouse = {"topk": 128, "dense_layers": []}
+    model.set_attn_implementation("lighthouse")
+    attention = model.model.layers[1].self_attn
+
+    def replica():
+        copy = attention._replicate_for_data_parallel()
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(attention, name)
+            norm_copy = norm._replicate_for_data_parallel()
+            norm_copy.weight = norm.weight  # replicate() hands each replica its parameters
+            setattr(copy, name, norm_copy)
+        return copy
+
+    names = ("q_norm", "k_norm")
+    first = replica()
+    lighthouse_hf.prenorm.install(first, names)
+    assert len(attention.q_norm._forward_pre_hooks) == 1  # the shared dict
+    second = replica()
+    x = torch.randn(1, SEQ, 4, 16)
+    second.q_norm(x), second.k_norm(x[:, :, :2])
+    lighthouse_hf.prenorm.install(second, names)
+    assert len(attention.q_norm._forward_pre_hooks) == 1
+    q, k = torch.randn(1, 4, SEQ, 16), torch.randn(1, 2, SEQ, 16)
+    recorded = lighthouse_hf.prenorm.take(second, names, q, k)
+    assert recorded is not None and torch.equal(recorded[0], x.norm(dim=-1).transpose(1, 2))
+    lighthouse_hf.prenorm.uninstall(model)
+    assert not attention.q_norm._forward_pre_hooks and not attention.k_norm._forward_pre_hooks
 
 
 @pytest.mark.slow

@@ -154,6 +154,7 @@ def export_checkpoint(
         copied_files=copied,
         recovery_step=recovery_step,
         lighthouse_settings_found=settings is not None,
+        adapter_without_config=source.adapter_dir is not None and source.config_dir != source.adapter_dir,
         verified=verify,
         gguf_file=source.gguf_file,
         max_logit_diff=max_logit_diff,

@@ -25,6 +25,8 @@ class ExportReport:
     recovery_step: int | None
     lighthouse_settings_found: bool
     verified: bool
+    adapter_without_config: bool = False
+    """The adapter directory has no config.json of its own (as Trainer saves a PEFT model)."""
     gguf_file: Path | None = None
     """The GGUF file the base weights were dequantized from (no safetensors to compare against)."""
     max_logit_diff: float | None = None
@@ -55,7 +57,7 @@ class ExportReport:
                 + (
                     " (Trainer saves a PEFT adapter without the model's config.json: save model.config beside "
                     "the adapter, as examples/pretrain.py does, and the export checks that recovery ran)"
-                    if self.adapter
+                    if self.adapter_without_config
                     else ""
                 )
             )

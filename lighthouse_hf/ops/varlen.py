@@ -246,6 +246,12 @@ def _bundles_dense(q: torch.Tensor, window: int | None, dropout: float) -> bool:
     )
 
 
+def _window_that_matters(window: int | None, longest: int) -> int | None:
+    """``window``, or None where no document is longer than it (so that the dense documents can
+    still share one varlen call)."""
+    return window if window is not None and window < longest else None
+
+
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """K or V with axis 1 holding KV heads, repeated to ``heads`` (grouped-query attention)."""
     group = heads // x.shape[1]
@@ -355,12 +361,14 @@ def attend_documents(
     lighthouse_lengths = frozenset(
         length for length in documents.distinct_lengths() if runs_lighthouse(length, levels, pooling, topk, min_seq_len)
     )
-    layout = _layout(documents, lighthouse_lengths, _bundles_dense(q, dense_window, 0.0), q.device)
+    longest_dense = max((n for n in documents.distinct_lengths() if n not in lighthouse_lengths), default=0)
+    window = _window_that_matters(dense_window, longest_dense)
+    layout = _layout(documents, lighthouse_lengths, _bundles_dense(q, window, 0.0), q.device)
     scores = None if options.q_scores is None else (options.q_scores, options.k_scores)
 
     def attend_group(group: _Group, q_g, k_g, v_g, group_scores) -> torch.Tensor:
         if not group.lighthouse:
-            return _dense_group(q_g, k_g, v_g, scale, dense_window, 0.0)
+            return _dense_group(q_g, k_g, v_g, scale, window, 0.0)
         plan = plan_for(group.length, levels, pooling, topk)
         group_options = options if group_scores is None else options._replace(q_scores=group_scores[0], k_scores=group_scores[1])
         entries = select(q_g, k_g, plan, group_options)
@@ -381,6 +389,7 @@ def dense_documents(
 ) -> torch.Tensor:
     """Dense causal attention inside every document: ``[B, H, S, D]``. ``window``: each query sees
     only the ``window`` positions ending at it; ``dropout``: SDPA's attention dropout."""
+    window = _window_that_matters(window, documents.max_length)
     layout = _layout(documents, frozenset(), _bundles_dense(q, window, dropout), q.device)
 
     def attend_group(group: _Group, q_g, k_g, v_g, _scores) -> torch.Tensor:
