@@ -198,13 +198,8 @@ def inspect_source(src: str | os.PathLike, adapter: str | os.PathLike | None = N
     else:
         config_dir = model_dir if gguf_file is None else None
     model_type = _check_model_type(config_dir or model_dir, gguf_file if config_dir is None else None)
-    # An adapter directory that carries its own config.json (recovery marker included) outranks the base's.
-    settings = None
-    for directory in (adapter_dir, config_dir):
-        if directory is not None and (directory / "config.json").is_file():
-            settings = read_json(directory / "config.json", "model config").get(CONFIG_KEY)
-            if settings is not None:
-                break
+    # The Lighthouse settings (recovery marker included) are that same config's.
+    settings = read_json(config_dir / "config.json", "model config").get(CONFIG_KEY) if config_dir is not None else None
     settings = settings if isinstance(settings, dict) else None
     weights = SourceWeights(model_dir) if gguf_file is None else None
     return Source(model_dir, adapter_dir, config_dir, gguf_file, model_type, settings, weights)
