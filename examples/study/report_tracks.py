@@ -183,6 +183,7 @@ def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
     first = long_from(dense[seeds[0]])
     final = {s: long_loss(arm[s]["final"], first) for s in seeds}
     dense_final = {s: long_loss(dense[s]["final"], first) for s in seeds}
+    differences = {s: final[s] - dense_final[s] for s in seeds}
     reached = {s: time_to_reach(arm[s], dense_final[s]) for s in seeds}
     dense_seconds = float(np.mean([dense[s]["gpu_seconds"] for s in seeds]))
     # Probes: the arm's accuracy at each depth against dense's minus the spread of dense's seeds.
@@ -200,10 +201,10 @@ def compare(name: str, arm: dict[int, dict], dense: dict[int, dict]) -> dict:
         seeds=seeds,
         final_long_loss=float(np.mean(list(final.values()))),
         dense_final_long_loss=float(np.mean(list(dense_final.values()))),
-        difference_by_seed={s: final[s] - dense_final[s] for s in seeds},
-        difference=float(np.mean([final[s] - dense_final[s] for s in seeds])),
+        difference_by_seed=differences,
+        difference=float(np.mean(list(differences.values()))),
         interval=paired_interval(arm, dense, seeds),
-        interval_over_seeds=interval_over_seeds([final[s] - dense_final[s] for s in seeds]),
+        interval_over_seeds=interval_over_seeds(list(differences.values())),
         gpu_seconds=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])),
         dense_gpu_seconds=dense_seconds,
         gpu_time_ratio=float(np.mean([arm[s]["gpu_seconds"] for s in seeds])) / dense_seconds,
