@@ -130,7 +130,7 @@ class RecoveryCallback(TrainerCallback):
     ) -> None:
         self.recovery_step = self.resolve(state.max_steps)
         if state.global_step < self.recovery_step:
-            if not uses_lighthouse(model):
+            if not uses_lighthouse(model) and state.is_world_process_zero:
                 logger.warning(
                     "RecoveryCallback: the model does not use Lighthouse attention, so there is nothing to "
                     f'switch at step {self.recovery_step}; set attn_implementation="{ATTN_IMPLEMENTATION}" '
@@ -138,7 +138,7 @@ class RecoveryCallback(TrainerCallback):
                 )
             return
         # A run resumed inside the recovery phase (or asked to recover from the start).
-        if switch_to_dense(model, self.recovery_step):
+        if switch_to_dense(model, self.recovery_step) and state.is_world_process_zero:
             logger.warning(
                 f"Lighthouse: step {state.global_step} is in the dense recovery phase that began at step "
                 f"{self.recovery_step}; training continues with dense {DENSE_IMPLEMENTATION} attention."
@@ -151,8 +151,9 @@ class RecoveryCallback(TrainerCallback):
             return
         switched = switch_to_dense(model, self.recovery_step)
         if switched:
-            logger.warning(
-                f"Lighthouse: dense recovery begins after step {self.recovery_step} of {state.max_steps}; "
-                f"switched {len(switched)} model(s) to {DENSE_IMPLEMENTATION} attention."
-            )
+            if state.is_world_process_zero:  # every rank switches its own replica; one line says so
+                logger.warning(
+                    f"Lighthouse: dense recovery begins after step {self.recovery_step} of {state.max_steps}; "
+                    f"switched {len(switched)} model(s) to {DENSE_IMPLEMENTATION} attention."
+                )
             state.log_history.append({"lighthouse_recovery_step": self.recovery_step, "step": state.global_step})
