@@ -65,6 +65,26 @@ def grid_row(result: dict) -> dict:
     return row
 
 
+def bench_report(command: list[str], name: str, timeout: float) -> dict | None:
+    """The JSON report of one bench process, or None (saying why) when it timed out, failed or
+    printed no report with results: the caller then leaves that part of its file as it was."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: over --timeout {timeout:g} s, not measured", flush=True)
+        return None
+    try:
+        if done.returncode != 0:
+            raise ValueError(f"exit code {done.returncode}: {done.stderr[-2000:]}")
+        report = json.loads(done.stdout)
+        if not report["results"]:
+            raise ValueError("the report holds no results")
+        return report
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"{name}: no rows ({error})", flush=True)
+        return None
+
+
 def write_atomically(path: Path, document: dict) -> None:
     staging = path.with_name(path.name + ".partial")
     staging.write_text(json.dumps(document, indent=1) + "\n")
@@ -127,21 +147,11 @@ def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_f
     if compile_first:
         compile_all(runs, poolings, timeout)
     for (seq, level), name in zip(runs, names):
-        try:
-            done = subprocess.run(BENCH + setting_args(seq, level, poolings) + timing(seq),
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{name}: over --timeout {timeout:g} s, left missing", flush=True)
+        report = bench_report(BENCH + setting_args(seq, level, poolings) + timing(seq), name, timeout)
+        if report is None:
             continue
-        try:
-            if done.returncode != 0:
-                raise ValueError(f"exit code {done.returncode}: {done.stderr[-2000:]}")
-            report = json.loads(done.stdout)
-            rows = [grid_row(result) for result in report["results"]]
-            copy = round(report["results"][0]["copy_tb_per_s"], 2)
-        except (ValueError, KeyError, IndexError) as error:  # a failed or unreadable bench: this run stays missing
-            print(f"{name}: no rows ({error})", flush=True)
-            continue
+        rows = [grid_row(result) for result in report["results"]]
+        copy = round(report["results"][0]["copy_tb_per_s"], 2)
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [r for r in document["rows"]
                             if (r["seq"], r["levels"]) != (seq, level) or r["pooling"] not in poolings] + rows

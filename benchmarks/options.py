@@ -24,13 +24,12 @@ import argparse
 import datetime
 import itertools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from grid import MODES, TARGETS, commit, grid_row, write_atomically
+from grid import MODES, TARGETS, bench_report, commit, grid_row, write_atomically
 
 SEQS = (65536, 131072, 262144)
 # Each option's values, the published method's first.
@@ -87,19 +86,10 @@ def run(out: Path, seqs: list[int], timeout: float, update: bool = False) -> int
     measured = 0
     for seq in seqs:
         name = f"{seq // 1024}K"
-        try:
-            done = subprocess.run(BENCH + ["--seq", str(seq)], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{name}: over --timeout {timeout:g} s, left as it was", flush=True)
+        report = bench_report(BENCH + ["--seq", str(seq)], name, timeout)
+        if report is None:
             continue
-        try:
-            if done.returncode != 0:
-                raise ValueError(f"exit code {done.returncode}: {done.stderr[-2000:]}")
-            report = json.loads(done.stdout)
-            rows = [option_row(result) for result in report["results"]]
-        except (ValueError, KeyError) as error:  # a failed or unreadable bench: this length stays as it was
-            print(f"{name}: no rows ({error})", flush=True)
-            continue
+        rows = [option_row(result) for result in report["results"]]
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [row for row in document["rows"] if row["seq"] != seq] + rows
         document["measured"][name] = f"{commit()} {datetime.date.today().isoformat()}"
