@@ -28,12 +28,15 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from lighthouse_hf.ops.plan import plan_for
+
+T = TypeVar("T")
 
 SEQS = (65536, 131072, 262144)
 LEVELS = (3, 4, 5)
@@ -65,9 +68,10 @@ def grid_row(result: dict) -> dict:
     return row
 
 
-def bench_report(command: list[str], name: str, timeout: float) -> dict | None:
-    """The JSON report of one bench process, or None (saying why) when it timed out, failed or
-    printed no report with results: the caller then leaves that part of its file as it was."""
+def bench_part(command: list[str], name: str, timeout: float, convert: Callable[[dict], T]) -> tuple[dict, T] | None:
+    """One bench process's JSON report and ``convert(report)``, or None (saying why) when the bench
+    timed out, failed, or printed a report that ``convert`` cannot read (a missing field, no
+    results): the caller then leaves that part of its file as it was and goes on to the next."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -79,10 +83,15 @@ def bench_report(command: list[str], name: str, timeout: float) -> dict | None:
         report = json.loads(done.stdout)
         if not report["results"]:
             raise ValueError("the report holds no results")
-        return report
-    except (ValueError, KeyError, TypeError) as error:
-        print(f"{name}: no rows ({error})", flush=True)
+        return report, convert(report)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        print(f"{name}: no rows ({error!r})", flush=True)
         return None
+
+
+def grid_part(report: dict) -> tuple[list[dict], float]:
+    """A bench report's grid rows and its copy bandwidth (TB/s)."""
+    return [grid_row(result) for result in report["results"]], round(report["results"][0]["copy_tb_per_s"], 2)
 
 
 def write_atomically(path: Path, document: dict) -> None:
@@ -147,11 +156,10 @@ def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_f
     if compile_first:
         compile_all(runs, poolings, timeout)
     for (seq, level), name in zip(runs, names):
-        report = bench_report(BENCH + setting_args(seq, level, poolings) + timing(seq), name, timeout)
-        if report is None:
+        outcome = bench_part(BENCH + setting_args(seq, level, poolings) + timing(seq), name, timeout, grid_part)
+        if outcome is None:
             continue
-        rows = [grid_row(result) for result in report["results"]]
-        copy = round(report["results"][0]["copy_tb_per_s"], 2)
+        report, (rows, copy) = outcome
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [r for r in document["rows"]
                             if (r["seq"], r["levels"]) != (seq, level) or r["pooling"] not in poolings] + rows
@@ -191,11 +199,15 @@ def cell(row: dict | None, mode: str, compresses: bool, dagger: bool) -> str:
     return f"**{text}**" if ratio > TARGETS[mode] and floor <= TARGETS[mode] else text
 
 
+def column_labels(seqs: Sequence[int]) -> list[str]:
+    """One column per mode and length: "fwd+bwd 64K", "128K", ..., "forward 64K", ..."""
+    return [(f"{'fwd+bwd' if mode == 'fwd+bwd' else 'forward'} " if index == 0 else "") + f"{seq // 1024}K"
+            for mode in MODES for index, seq in enumerate(seqs)]
+
+
 def table(rows: list[dict], filled: set[tuple[int, int, int]]) -> str:
     by_key = {(r["seq"], r["levels"], r["pooling"], r["topk"], r["mode"]): r for r in rows}
-    labels = [(f"{'fwd+bwd' if mode == 'fwd+bwd' else 'forward'} " if index == 0 else "") + f"{seq // 1024}K"
-              for mode in MODES for index, seq in enumerate(SEQS)]
-    lines = ["| L, p, K | " + " | ".join(labels) + " |",
+    lines = ["| L, p, K | " + " | ".join(column_labels(SEQS)) + " |",
              "|---" * (1 + len(MODES) * len(SEQS)) + "|"]
     for level in LEVELS:
         for pooling in POOLINGS:

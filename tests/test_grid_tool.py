@@ -113,3 +113,16 @@ def test_the_readme_grid_table_is_the_recorded_grid():
     recorded = json.loads((ROOT / "benchmarks" / "h200-grid-2026-12-02.json").read_text())["rows"]
     first = json.loads((ROOT / "benchmarks" / "h200-grid-2026-12-01.json").read_text())["rows"]
     assert grid.filled_table(recorded, first) in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("script, why", [
+    ("import time; time.sleep(30)", "over --timeout"),
+    ("import json; print(json.dumps(dict(device='fake', torch='0', results=[])))", "no results"),
+    ("import json; print(json.dumps(dict(device='fake', torch='0', results=[dict(seq=1)])))", "KeyError"),
+    ("import sys; sys.exit('no GPU here')", "exit code 1"),
+])
+def test_a_bench_part_that_cannot_be_read_is_none_and_says_why(tmp_path, capsys, script, why):
+    bench = tmp_path / "bench.py"
+    bench.write_text(script)
+    assert grid.bench_part([sys.executable, str(bench)], "64K L3", timeout=5, convert=grid.grid_part) is None
+    assert why in capsys.readouterr().out

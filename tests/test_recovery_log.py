@@ -56,7 +56,8 @@ def test_switch_is_logged_at_warning_level(caplog):
     assert [(record.name, record.levelno) for record in switches] == [(training.__name__, logging.WARNING)]
 
 
-def test_only_the_main_process_logs_the_switch(caplog):
+@pytest.mark.parametrize("resumed", [False, True], ids=["switch", "resumed_in_recovery"])
+def test_only_the_main_process_logs_the_switch(caplog, resumed):
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
 
     import lighthouse_hf
@@ -65,13 +66,15 @@ def test_only_the_main_process_logs_the_switch(caplog):
     config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2)
     model = lighthouse_hf.apply_lighthouse(LlamaForCausalLM(config), topk=128, dense_layers=[0])
     callback = lighthouse_hf.RecoveryCallback(at=2)
-    state = TrainerState(max_steps=4, global_step=0, is_world_process_zero=False)
+    state = TrainerState(max_steps=4, global_step=3 if resumed else 0, is_world_process_zero=False)
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
     with caplog.at_level(logging.DEBUG, logger=training.__name__):
         callback.on_train_begin(args, state, TrainerControl(), model=model)
-        state.global_step = 2
-        callback.on_step_end(args, state, TrainerControl(), model=model)
-    assert not [record for record in caplog.records if "dense recovery begins" in record.getMessage()]
-    # The replica still switches and records the step, as on the main process.
+        if not resumed:
+            state.global_step = 2
+            callback.on_step_end(args, state, TrainerControl(), model=model)
+    assert not [record for record in caplog.records if "dense recovery" in record.getMessage()]
+    # The replica still switches (and records the step where it switches), as on the main process.
     assert model.config._attn_implementation == "sdpa"
-    assert {"lighthouse_recovery_step": 2, "step": 2} in state.log_history
+    if not resumed:
+        assert {"lighthouse_recovery_step": 2, "step": 2} in state.log_history
