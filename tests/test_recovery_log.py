@@ -37,14 +37,22 @@ def test_switch_line_shows_at_default_verbosity():
     assert "implementation: sdpa" in run.stdout
 
 
+def tiny_lighthouse_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lighthouse_hf
+
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2)
+    return lighthouse_hf.apply_lighthouse(LlamaForCausalLM(config), topk=128, dense_layers=[0])
+
+
 def test_switch_is_logged_at_warning_level(caplog):
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
     import lighthouse_hf
     from lighthouse_hf import training
 
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2)
-    model = lighthouse_hf.apply_lighthouse(LlamaForCausalLM(config), topk=128, dense_layers=[0])
+    model = tiny_lighthouse_llama()
     callback = lighthouse_hf.RecoveryCallback(at=2)
     state = TrainerState(max_steps=4, global_step=0)
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
@@ -58,13 +66,12 @@ def test_switch_is_logged_at_warning_level(caplog):
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["switch", "resumed_in_recovery"])
 def test_only_the_main_process_logs_the_switch(caplog, resumed):
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
     import lighthouse_hf
     from lighthouse_hf import training
 
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2)
-    model = lighthouse_hf.apply_lighthouse(LlamaForCausalLM(config), topk=128, dense_layers=[0])
+    model = tiny_lighthouse_llama()
     callback = lighthouse_hf.RecoveryCallback(at=2)
     state = TrainerState(max_steps=4, global_step=3 if resumed else 0, is_world_process_zero=False)
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
