@@ -15,7 +15,11 @@ modes; an existing file is refused unless ``--update``, which replaces only the 
 again. ``table`` prints the markdown table: per combination and length the ratio and its range
 over the bench's rounds; per mode, the largest excess over published, in milliseconds of the
 same run divided by published's SDPA baseline (so that the combination's own baseline timing adds
-no noise to it); and per mode the most peak memory over published's.
+no noise to it); and per mode the most peak memory over published's. Below it, each option's cost:
+per mode, the mean over every pair of combinations that differ in that option alone (8 pairs per
+length) of the time with it minus the time without, in published's SDPA baseline of the length,
+with a 95% Student's t interval over the pairs, and the range of the pairs' peak-memory
+differences. Each row is in one pair per option, so an option's pairs share no timing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import datetime
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -151,6 +156,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Student's t, 97.5% quantile, by degrees of freedom: an option's pairs number 8 per measured length.
+T_975 = {7: 2.365, 15: 2.131, 23: 2.069}
+
+
+def option_costs(rows: list[dict]) -> str:
+    """Each option's cost (the mean over the pairs that differ in it alone) as a markdown table."""
+    by_key = {(combination(r), r["seq"], r["mode"]): r for r in rows}
+    lines = ["| option | fwd+bwd: cost, 95% interval | forward: cost, 95% interval "
+             "| peak GB, fwd+bwd | peak GB, forward |", "|---|---|---|---|---|"]
+    for index, (name, values) in enumerate(OPTIONS.items()):
+        times, memories = [], []
+        for mode in MODES:
+            costs, extra_gb = [], []
+            for (values_with, seq, row_mode), row in by_key.items():
+                if row_mode != mode or values_with[index] == values[0]:
+                    continue
+                without = by_key[(values_with[:index] + (values[0],) + values_with[index + 1:], seq, mode)]
+                costs.append(excess(row, by_key[(PUBLISHED, seq, mode)])
+                             - excess(without, by_key[(PUBLISHED, seq, mode)]))
+                extra_gb.append(row["lighthouse_peak_gb"] - without["lighthouse_peak_gb"])
+            half = T_975[len(costs) - 1] * statistics.stdev(costs) / len(costs) ** 0.5
+            mean = statistics.fmean(costs)
+            times.append(f"{mean:+.3f}x [{mean - half:+.3f}, {mean + half:+.3f}]")
+            memories.append(f"{min(extra_gb):+.2f} to {max(extra_gb):+.2f}")
+        lines.append(f"| `--{name} {values[1]}` | " + " | ".join(times + memories) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def counts(rows: list[dict]) -> str:
     """Per mode, the rows within the kernels' targets (fwd+bwd 1.10x, forward 1.15x), and published's own."""
     lines = []
@@ -181,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("run needs a CUDA GPU (the bench times the Triton kernels)")
         return run(args.out, args.seq, args.timeout, args.update)
     rows = json.loads(args.options.read_text())["rows"]
-    print(table(rows) + "\n" + counts(rows), end="")
+    print(table(rows) + "\n" + counts(rows) + "\n" + option_costs(rows), end="")
     return 0
 
 

@@ -130,3 +130,22 @@ def test_the_table_gives_each_combination_its_ratios_excess_and_memory(tmp_path,
     # 128K (1.11x fwd+bwd; 1.16x forward, with or without given)
     assert "fwd+bwd: 31 of 32 rows within 1.10x (published: 2 of 2)" in counts
     assert "fwd: 30 of 32 rows within 1.15x (published: 2 of 2)" in counts
+
+
+def test_each_options_cost_is_the_mean_over_the_pairs_that_differ_in_it_alone(tmp_path, use_fake_bench):
+    out = tmp_path / "options.json"
+    options.run(out, [65536, 131072], timeout=60)
+    text = options.option_costs(json.loads(out.read_text())["rows"])
+    # span_end costs 0.03 (64K) and 0.04 (128K) fwd+bwd in 8 pairs each: mean 0.035, t(15) interval
+    assert cells_of(text, "`--rope span_end`") == ["+0.035x [+0.032, +0.038]", "+0.065x [+0.062, +0.068]",
+                                                   "+0.00 to +0.00", "+0.00 to +0.00"]
+    assert cells_of(text, "`--scores given`")[:2] == ["-0.010x [-0.010, -0.010]", "+0.000x [+0.000, +0.000]"]
+    assert cells_of(text, "`--selection causal`")[1:] == ["+0.040x [+0.040, +0.040]", "+0.00 to +0.00", "+0.25 to +0.25"]
+    assert cells_of(text, "`--combine mean`")[2:] == ["+0.12 to +0.12", "+0.00 to +0.00"]
+
+
+def test_the_readme_option_tables_are_the_recorded_run():
+    # The README's option tables are printed by the tool from the recorded run, not typed.
+    rows = json.loads((ROOT / "benchmarks" / "h200-options-2026-12-03.json").read_text())["rows"]
+    readme = (ROOT / "README.md").read_text()
+    assert options.table(rows) in readme and options.option_costs(rows) in readme and options.counts(rows) in readme
