@@ -107,15 +107,16 @@ class RecoveryCallback(TrainerCallback):
         self.recovery_step: int | None = None
         """The global step at which recovery begins; resolved when training starts."""
 
-    def resolve(self, max_steps: int) -> int:
-        """The global step at which recovery begins, for a run of ``max_steps`` steps."""
+    def resolve(self, max_steps: int, *, warn: bool = True) -> int:
+        """The global step at which recovery begins, for a run of ``max_steps`` steps; ``warn``: say
+        so when a fraction leaves no recovery step (a callback passes it on the main process only)."""
         step = max(1, round(self.at * max_steps)) if isinstance(self.at, float) else self.at
         if step > max_steps:
             raise ValueError(
                 f"at={self.at!r} puts recovery at step {step}, after the last step ({max_steps}); "
                 "choose a step <= max_steps or a fraction in (0, 1)"
             )
-        if isinstance(self.at, float) and step == max_steps:
+        if warn and isinstance(self.at, float) and step == max_steps:
             # a fraction asks for a recovery phase; a run this short has none (a smoke run may mean it)
             warnings.warn(
                 f"at={self.at!r} of max_steps={max_steps} puts recovery at step {step}, the last, so no step "
@@ -128,7 +129,7 @@ class RecoveryCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
     ) -> None:
-        self.recovery_step = self.resolve(state.max_steps)
+        self.recovery_step = self.resolve(state.max_steps, warn=state.is_world_process_zero)
         if state.global_step < self.recovery_step:
             if not uses_lighthouse(model) and state.is_world_process_zero:
                 logger.warning(

@@ -85,3 +85,22 @@ def test_only_the_main_process_logs_the_switch(caplog, resumed):
     assert model.config._attn_implementation == "sdpa"
     if not resumed:
         assert {"lighthouse_recovery_step": 2, "step": 2} in state.log_history
+
+
+@pytest.mark.parametrize("main_process", [True, False], ids=["main", "other_rank"])
+def test_only_the_main_process_warns_that_a_fraction_leaves_no_recovery_step(main_process):
+    import warnings
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import lighthouse_hf
+
+    callback = lighthouse_hf.RecoveryCallback(at=0.99)  # step 4 of 4: no step runs dense
+    state = TrainerState(max_steps=4, global_step=0, is_world_process_zero=main_process)
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.on_train_begin(args, state, TrainerControl(), model=tiny_lighthouse_llama())
+    no_recovery = [w for w in caught if "so no step runs dense" in str(w.message)]
+    assert len(no_recovery) == (1 if main_process else 0)
+    assert callback.recovery_step == 4
