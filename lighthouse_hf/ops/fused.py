@@ -306,8 +306,7 @@ def _run_entries(sources, destinations, entry_local, entry_row, plan, *, shifted
     src_k, src_v = (sources[1], sources[2]) if with_kv else (src_q, src_q)
     dst_q, dst_k, dst_v = destinations if with_kv else (destinations[0],) * 3
     block_d = _next_power_of_2(dim)
-    rotated = rotary is not None and not shifted
-    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d, rotated))
+    blocks = sum(_cdiv(length, kernels.entries_per_program(plan.pooling**level, block_d))
                  for level, _, length in _listing(plan))
     kernels.entries_kernel[(blocks, heads, batch)](
         src_q, src_k, src_v, dst_q, dst_k, dst_v, entry_local, entry_row, dst_q if means is None else means,

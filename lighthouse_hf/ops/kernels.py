@@ -438,7 +438,7 @@ def _span_stop(first, use, seq_len, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
     blocks list padding entries whose spans lie wholly past it (at 128K, L5 p8 K1536 lists 1536
     coarsest entries of 4096 positions, 32 of them real), and their programs now skip the loop.
     The loop adds only zeros past the sequence, to totals that start at +0.0, so stopping early
-    changes no bit. Spans of one step (the published default's widths) keep a constant loop."""
+    changes no bit. Spans of one step (up to 4 positions) keep a constant loop."""
     if WIDTH > CHUNK:
         stop = tl.max(tl.where(use, tl.minimum(seq_len - first, WIDTH), 0), axis=0)
     else:
@@ -449,23 +449,37 @@ def _span_stop(first, use, seq_len, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
 @triton.jit
 def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len, d, d_mask, counts,
                 WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                DIVIDE: tl.constexpr):
+                DIVIDE: tl.constexpr, TILE: tl.constexpr):
     """Sum over ``WIDTH`` consecutive positions from ``first`` of one head of ``src``: [BLOCK_R, BLOCK_D] fp32.
 
+    One position of every entry at a time, ``CHUNK`` of them unrolled per loop step, added in
+    position order: the [BLOCK_R, BLOCK_D] tiles add inside each thread. Summed as [BLOCK_R,
+    CHUNK, BLOCK_D] tiles, a chunk axis of 16 or more lay across warps and every step's sum went
+    through shared memory behind barriers, which bound the launch on L1 (NOTES-kernels.md, v17).
+    ``TILE`` (chunks of at most 4, whose axis stays inside a warp): sums such tiles instead, for
+    v beside span-end RoPE's rotated rows, where the unrolled loop took the launch from 96 to 114
+    registers per thread.
     ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
     where any entry reaches it), ``counts`` pointing at this head's row of counts."""
+    tl.static_assert(not TILE or (CHUNK <= 4 and not DIVIDE))
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
-    steps = tl.arange(0, CHUNK)
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for step in range(0, _span_stop(first, use, seq_len, WIDTH, CHUNK), CHUNK):
-        position = first[:, None] + step + steps[None, :]
-        live = use[:, None] & (position < seq_len)
-        offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
-        rows = tl.load(base + offsets, mask=live[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
-        if DIVIDE:
-            count = tl.load(counts + position, mask=live, other=1.0)
-            rows = rows / tl.maximum(count, 1.0)[:, :, None]
-        total += tl.sum(rows, axis=1)
+        if TILE:
+            position = first[:, None] + step + tl.arange(0, CHUNK)[None, :]
+            live = use[:, None] & (position < seq_len)
+            offsets = position.to(tl.int64)[:, :, None] * stride_s + d[None, None, :]
+            rows = tl.load(base + offsets, mask=live[:, :, None] & d_mask[None, None, :], other=0.0)
+            total += tl.sum(rows.to(tl.float32), axis=1)
+        else:
+            for offset in tl.static_range(CHUNK):
+                position = first + step + offset
+                live = use & (position < seq_len)
+                offsets = position.to(tl.int64)[:, None] * stride_s + d[None, :]
+                rows = tl.load(base + offsets, mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                if DIVIDE:
+                    rows = rows / tl.maximum(tl.load(counts + position, mask=live, other=1.0), 1.0)[:, None]
+                total += rows
     return total
 
 
@@ -476,11 +490,8 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     ``end - t`` (``end = first + WIDTH - 1``), as its two rotate_half halves [BLOCK_R, HALF] fp32.
     ``rotary`` points at this level's table: row ``o`` holds cos then sin of ``o * inv_freq``.
 
-    One position of every entry at a time, added in position order: the rows' tiles are 2-D and
-    the table row (the same for every entry) broadcasts along them, so nothing is reduced across
-    threads. Summed as [BLOCK_R, CHUNK, HALF] tiles, the chunk axis lay across the warps (16
-    positions at 4 entries per program, D=128): every chunk reduced through shared memory behind
-    barriers, with the table loaded at the tiles' 3-D shape."""
+    The same loop as ``_entry_rows``; the table row (the same for every entry) broadcasts along
+    the rows' 2-D tiles, so nothing is reduced across threads."""
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     f = tl.arange(0, HALF)
     total_lo = tl.zeros((BLOCK_R, HALF), dtype=tl.float32)
@@ -500,27 +511,20 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
     return total_lo, total_hi
 
 
-def positions_per_step(width: int, rotated: bool = False) -> int:
-    """Positions of a span that ``entries_kernel`` sums at a time: the whole span up to 16 (the
-    published default's widths), else up to 64. Wide spans have few entries per level (at 128K,
-    L5 p8 has 32 real coarsest entries of 4096 positions): 16 positions at a time put 4 entries
-    in a program, 8 programs per head each summing 12 MB in 768 dependent steps; 64 at a time
-    give each entry its own program, with 4x fewer, 4x larger steps. ``rotated`` (span-end RoPE,
-    every level): up to 4 for spans up to 16, so a program holds 16 entries at D=128
-    (``_rotated_entry_rows`` takes one position of each at a time, and v's [entries, 4, D] tiles
-    sum inside each thread); 16 for wider spans, which keeps their programs as many, and their
-    dependent steps as few, as before (4 positions a step would leave 16 programs with real
-    coarsest entries at 128K, L5 p8, each running 3072 dependent steps)."""
-    if rotated:
-        return min(width, 4) if width <= 16 else 16
-    return width if width <= 16 else min(width, 64)
+def positions_per_step(width: int) -> int:
+    """Positions of a span that ``entries_kernel`` sums per loop step (unrolled, one position of
+    every entry at a time): up to 4 for spans up to 16, so that a program holds 16 entries at
+    D=128; 16 for wider spans, which keeps their programs many and their dependent steps few (4 a
+    step would leave 16 programs with real coarsest entries at 128K, L5 p8, each running 3072
+    dependent steps)."""
+    return min(width, 4) if width <= 16 else 16
 
 
-def entries_per_program(width: int, block_d: int, rotated: bool = False) -> int:
+def entries_per_program(width: int, block_d: int) -> int:
     """Entries of ``width`` positions that one ``entries_kernel`` program fills: about 8192 elements
-    in flight (16-32 KB), summed ``positions_per_step(width, rotated)`` positions at a time.
+    in flight (16-32 KB), summed ``positions_per_step(width)`` positions at a time.
     ``_level_entries`` repeats both formulas at compile time; the host uses this one for the grid."""
-    return max(1, min(64, 8192 // (positions_per_step(width, rotated) * block_d)))
+    return max(1, min(64, 8192 // (positions_per_step(width) * block_d)))
 
 
 @triton.jit
@@ -536,11 +540,7 @@ def _level_entries(
     ``level_first_block``); returns where the next level's blocks start."""
     WIDTH: tl.constexpr = POOL**LEVEL
     ROTATE: tl.constexpr = ROPE_HALF > 0 and LEVEL > 0 and not SHIFTED  # q and k rows only
-    # positions_per_step's formula (rotated: every level with ROPE_HALF, as the host counts them)
-    if ROPE_HALF > 0 and not SHIFTED:
-        CHUNK: tl.constexpr = min(WIDTH, 4) if WIDTH <= 16 else 16
-    else:
-        CHUNK: tl.constexpr = WIDTH if WIDTH <= 16 else min(WIDTH, 64)
+    CHUNK: tl.constexpr = min(WIDTH, 4) if WIDTH <= 16 else 16  # positions_per_step's formula
     BLOCK_R: tl.constexpr = max(1, min(64, 8192 // (CHUNK * BLOCK_D)))
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
@@ -549,7 +549,7 @@ def _level_entries(
     # q and k from the score pass's means: MEANS per entry (the means with WITH_KV and pooled RoPE only)
     FROM_MEANS: tl.constexpr = WITH_KV and not SHIFTED and ROPE_HALF == 0 and MEANS_WIDTH > 0 and WIDTH >= MEANS_WIDTH
     MEANS: tl.constexpr = WIDTH // MEANS_WIDTH if FROM_MEANS else 0
-    MEANS_CHUNK: tl.constexpr = MEANS if MEANS <= 16 else min(MEANS, 64)
+    MEANS_CHUNK: tl.constexpr = min(MEANS, 4) if MEANS <= 16 else 16
     if LEVEL < LEVELS - 1:
         listed_len = POOL * TOPK
     else:
@@ -594,10 +594,10 @@ def _level_entries(
                              mask=out_mask)
                 else:
                     total = _entry_rows(means, b, bh, 0, means_len * dim, dim, local * MEANS, use, means_len, d, d_mask,
-                                        counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False)
+                                        counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False, False)
                     tl.store(dst_q + out, (total * (1.0 / MEANS)).to(dst_q.dtype.element_ty), mask=out_mask)
                     total = _entry_rows(means, b, kv_row, 0, means_len * dim, dim, local * MEANS, use, means_len, d,
-                                        d_mask, counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False)
+                                        d_mask, counts, MEANS, MEANS_CHUNK, BLOCK_R, BLOCK_D, False, False)
                     tl.store(dst_k + out, (total * (1.0 / MEANS)).to(dst_k.dtype.element_ty), mask=out_mask)
             elif ROTATE:
                 # q and k at span end (rope="span_end"): each rotate_half half stored on its own
@@ -615,15 +615,16 @@ def _level_entries(
                 tl.store(dst_k + half_out + ROPE_HALF, (hi * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
             else:
                 total = _entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, d, d_mask,
-                                    counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D, DIVIDE)
+                                    counts + bh.to(tl.int64) * seq_len, WIDTH, CHUNK, BLOCK_R, BLOCK_D, DIVIDE,
+                                    False)
                 tl.store(dst_q + out, (total * SCALE).to(dst_q.dtype.element_ty), mask=out_mask)
                 if WITH_KV:
                     total = _entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len, d,
-                                        d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
+                                        d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False, False)
                     tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
             if WITH_KV:
                 total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d,
-                                    d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False)
+                                    d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False, ROTATE and WIDTH <= 16)
                 tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
     return level_first_block + level_blocks
 
