@@ -19,7 +19,7 @@ pytestmark = [
 
 # (batch, heads, kv_heads, seq_len, head_dim, levels, pooling, topk)
 # The last: coarsest spans of 512 positions (the score pass writes levels 1-2, the host pools level 3;
-# the gather sums 64 positions a step, 16 when rotated), 39 real coarsest entries of 128 listed.
+# the gather sums 16 positions a step), 39 real coarsest entries of 128 listed.
 SHAPES = [(1, 4, 2, 4096, 64, 3, 4, 256), (2, 4, 4, 3001, 128, 3, 2, 256), (1, 2, 1, 9000, 64, 4, 4, 128),
           (1, 2, 1, 20000, 64, 4, 8, 128)]
 OPTIONS = {

@@ -457,7 +457,7 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     CHUNK, BLOCK_D] tiles, a chunk axis of 16 or more lay across warps and every step's sum went
     through shared memory behind barriers, which bound the launch on L1 (NOTES-kernels.md, v17).
     ``TILE`` (chunks of at most 4, whose axis stays inside a warp): sums such tiles instead, for
-    v beside span-end RoPE's rotated rows, where the unrolled loop took the launch from 96 to 114
+    v beside span-end RoPE's rotated rows, where the unrolled loop took the launch from 95 to 114
     registers per thread.
     ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
     where any entry reaches it), ``counts`` pointing at this head's row of counts."""
@@ -571,7 +571,7 @@ def _level_entries(
         if PADDED:
             # A padded plan lists far more entries than it has (at 128K, L5 p4 K1536: 2048 real of
             # 6144 per level): programs holding padding entries only write their zero rows and stop,
-            # instead of summing masked loads through reductions across warps.
+            # instead of summing masked loads.
             padding_only = tl.max(tl.where(use & (first < seq_len), 1, 0), axis=0) == 0
         if padding_only:
             zeros = tl.zeros((BLOCK_R, BLOCK_D), dtype=dst_q.dtype.element_ty)
@@ -657,7 +657,7 @@ def entries_kernel(
     ``[j*c + c - 1, j*c + 2c - 1)`` (< seq_len; entries past ``real_len`` get zero rows), written to
     the entry's causal row. q is read from query head h, k and v (when ``WITH_KV``) from KV head
     h // group. Grid: blocks, H, B. Programs along axis 0 take the levels one after another (the coarsest first), each
-    level in blocks of ``entries_per_program(c, BLOCK_D, ROPE_HALF > 0)`` entries; levels below the coarsest list
+    level in blocks of ``entries_per_program(c, BLOCK_D)`` entries; levels below the coarsest list
     ``POOL * TOPK`` entries, the coarsest ``coarse_len``. ``MEANS_WIDTH > 0`` (with ``WITH_KV``): q
     and k rows of levels at least that wide are the mean of ``c / MEANS_WIDTH`` of the means that
     ``scores_kernel`` wrote (a copy where ``c == MEANS_WIDTH``). ``ROPE_HALF > 0``
