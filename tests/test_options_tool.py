@@ -116,11 +116,13 @@ def test_the_table_gives_each_combination_its_ratios_excess_and_memory(tmp_path,
     text = options.table(rows)
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 16
     # fwd+bwd 64K / 128K / 256K, forward 64K / 128K / 256K, excess, memory
-    assert cells_of(text, "published") == ["1.10 (1.09-1.12)", "1.10 (1.09-1.12)", "n/a",
-                                           "1.10 (1.09-1.12)", "1.10 (1.09-1.12)", "n/a", "", ""]
+    assert cells_of(text, "published") == ["1.10 (1.09-1.12), floor 1.05", "1.10 (1.09-1.12), floor 1.05", "n/a",
+                                           "1.10 (1.09-1.12), floor 1.05", "1.10 (1.09-1.12), floor 1.05", "n/a", "", ""]
     # The excess is in published's baseline: +0.03 / +0.04 (128K) fwd+bwd, +0.06 / +0.07 forward, the
     # worst of the lengths, although the row's own ratio (to its own, slower baseline) reads lower.
-    assert cells_of(text, "span_end")[:2] == ["1.08 (1.07-1.10)", "1.09 (1.08-1.11)"]
+    assert cells_of(text, "span_end")[:2] == ["1.08 (1.07-1.10), floor 1.05", "1.09 (1.08-1.11), floor 1.05"]
+    # Over the target with the floor within it: bold, as in the grid.
+    assert cells_of(text, "span_end + causal + mean")[1] == "**1.11 (1.10-1.13), floor 1.05**"
     assert cells_of(text, "span_end")[-2:] == ["+0.04x, +0.07x", "+0.00, +0.00"]
     assert cells_of(text, "causal + mean")[-2:] == ["+0.03x, +0.05x", "+0.12, +0.25"]
     assert cells_of(text, "given")[-2:] == ["-0.01x, +0.00x", "+0.00, +0.00"]
@@ -128,8 +130,9 @@ def test_the_table_gives_each_combination_its_ratios_excess_and_memory(tmp_path,
     counts = options.counts(rows)
     # by the rows' own ratios, (1.10 + cost) / 1.05: over the targets only span_end + causal + mean at
     # 128K (1.11x fwd+bwd; 1.16x forward, with or without given)
-    assert "fwd+bwd: 31 of 32 rows within 1.10x (published: 2 of 2)" in counts
-    assert "fwd: 30 of 32 rows within 1.15x (published: 2 of 2)" in counts
+    assert ("fwd+bwd: 32 rows, 31 within 1.10x; of the 1 others 0 have a floor above it, 1 do not; "
+            "median measured minus floor +0.026x (published: 2 of 2 within)") in counts
+    assert "fwd: 32 rows, 30 within 1.15x; of the 2 others 0 have a floor above it, 2 do not;" in counts
 
 
 def test_each_options_cost_is_the_mean_over_the_pairs_that_differ_in_it_alone(tmp_path, use_fake_bench):
@@ -146,6 +149,6 @@ def test_each_options_cost_is_the_mean_over_the_pairs_that_differ_in_it_alone(tm
 
 def test_the_readme_option_tables_are_the_recorded_run():
     # The README's option tables are printed by the tool from the recorded run, not typed.
-    rows = json.loads((ROOT / "benchmarks" / "h200-options-2026-12-03.json").read_text())["rows"]
+    rows = json.loads((ROOT / "benchmarks" / "h200-options-2026-12-03-v17.json").read_text())["rows"]
     readme = (ROOT / "README.md").read_text()
     assert options.table(rows) in readme and options.option_costs(rows) in readme and options.counts(rows) in readme
