@@ -12,14 +12,16 @@ bench run per length, and the README's table made from it.
 ``--out`` is rewritten after each length (a run cut short keeps what it measured and names what
 is missing); a length counts as measured only when its report has every combination in both
 modes; an existing file is refused unless ``--update``, which replaces only the lengths measured
-again. ``table`` prints the markdown table: per combination and length the ratio and its range
-over the bench's rounds; per mode, the largest excess over published, in milliseconds of the
+again. ``table`` prints the markdown table: per combination and length the ratio, its range
+over the bench's rounds and its floor (bold, as in the grid, where the ratio is over the target
+and the floor is not); per mode, the largest excess over published, in milliseconds of the
 same run divided by published's SDPA baseline (so that the combination's own baseline timing adds
 no noise to it); and per mode the most peak memory over published's. Below it, each option's cost:
 per mode, the mean over every pair of combinations that differ in that option alone (8 pairs per
 length) of the time with it minus the time without, in published's SDPA baseline of the length,
 with a 95% Student's t interval over the pairs, and the range of the pairs' peak-memory
-differences. Each row is in one pair per option, so an option's pairs share no timing.
+differences. Each row is in one pair per option, so an option's pairs share no timing. Between
+the two tables, the rows counted as the grid counts them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from grid import MODES, SEQS, TARGETS, bench_part, column_labels, commit, grid_row, shown, write_atomically
-from grid import counts as grid_counts
+from grid import counts as grid_counts  # options.py has a counts of its own
 
 # Each option's values, the published method's first.
 OPTIONS = {
