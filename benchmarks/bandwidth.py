@@ -44,8 +44,8 @@ def store_kernel(dst, n, value, BLOCK: tl.constexpr, STREAMING: tl.constexpr):
 @triton.jit
 def load_kernel(src, sums, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    rows = tl.load(src + offsets, mask=offsets < n, other=0.0)
-    tl.store(sums + tl.program_id(0), tl.sum(rows.to(tl.float32)))  # 4 bytes a program: the load is kept
+    values = tl.load(src + offsets, mask=offsets < n, other=0.0)
+    tl.store(sums + tl.program_id(0), tl.sum(values.to(tl.float32)))  # 4 bytes a program: the load is kept
 
 
 @triton.jit
@@ -95,6 +95,7 @@ def check(device: str) -> None:
     triton_copy(source, target)
     assert torch.equal(target, source), "copy"
     for streaming in (False, True):
+        target.zero_()
         triton_store(target, 1.5, streaming)
         assert torch.equal(target, torch.full_like(source, 1.5)), f"store, streaming={streaming}"
     sums = torch.empty(triton.cdiv(source.numel(), BLOCK), device=device)

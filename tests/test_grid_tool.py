@@ -49,6 +49,15 @@ def test_settings_that_do_not_compress_read_dense_and_filled_runs_carry_a_dagger
     assert cells_of(text, "3, 8, 6144")[3:5] == ["dense", "0.86 (1.02)&dagger;"]
 
 
+def test_fill_takes_only_the_settings_a_grid_lacks_from_the_older_one_and_marks_them():
+    newer = [row(65536, 3, 4, 2048, "fwd+bwd", 1.05, 1.08)]
+    older = [row(65536, 3, 4, 2048, "fwd+bwd", 1.30, 1.08), row(131072, 3, 4, 2048, "fwd+bwd", 1.07, 1.09),
+             row(65536, 3, 8, 2048, "fwd+bwd", 0.95, 1.03)]
+    text = grid.filled_table(newer, older)
+    assert cells_of(text, "3, 4, 2048")[:2] == ["1.05 (1.08)", "1.07 (1.09)&dagger;"]  # the newer row kept
+    assert cells_of(text, "3, 8, 2048")[0] == "0.95 (1.03)&dagger;"
+
+
 def test_the_recorded_first_grid_gives_the_counts_its_notes_state():
     rows = json.loads((ROOT / "benchmarks" / "h200-grid-2026-12-01.json").read_text())["rows"]
     counts = grid.counts(rows)
