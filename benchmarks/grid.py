@@ -4,6 +4,7 @@ README's table made from it.
     python benchmarks/grid.py run --out benchmarks/h200-grid-DATE.json        # needs CUDA
     python benchmarks/grid.py run --out GRID.json --update --seq 262144 --levels 4 5
     python benchmarks/grid.py run --out GRID.json --update --seq 262144 --levels 5 --pooling 8
+    python benchmarks/grid.py run --out GRID.json --update --seq 65536 131072 --levels 4 5 --pooling 2 --repeats 3
     python benchmarks/grid.py table benchmarks/h200-grid-DATE.json [--fill OLDER.json]
 
 ``run`` times each (S, L) in its own ``lighthouse-hf bench --no-dense --json`` process, the three pool
@@ -15,7 +16,10 @@ missing in the file. An existing ``--out`` is refused unless ``--update``, which
 (S, L) runs measured again; ``--pooling`` narrows a run to some pool factors (a 256K run whose
 budgets approach S takes minutes per factor), and an (S, L) stays missing until each factor has
 its rows; ``measured`` records the commit and date of each run, since an update may come later
-than the file. ``table`` prints the markdown table and the counts against the targets; ``--fill``
+than the file. ``--repeats N`` times each (S, L) in N processes one after another and keeps, per
+row, the median process's row with the ratios' range (``ratio_processes``): one process's rows
+have differed from another's, minutes apart at the same commit, by up to 0.05x (2026-12-03), more
+than the rounds inside a process show. ``table`` prints the markdown table and the counts against the targets; ``--fill``
 takes the (S, L, p) rows missing from the file from an older one, marked with a dagger.
 """
 
@@ -142,9 +146,29 @@ def compile_all(runs: list[tuple[int, int]], poolings: Sequence[int], timeout: f
             print(f"{seq // 1024}K L{level}: compile pass failed ({process.returncode}): {errors[-2000:]}", flush=True)
 
 
+def median_rows(parts: list[list[dict]]) -> list[dict]:
+    """One row per (setting, mode) from the rows of several bench processes: the row (with its floor,
+    times and rounds) of the process whose ratio is the median (the lower of the middle two for an
+    even count), and the ratios' range over the processes as ``ratio_processes``."""
+    by_key: dict[tuple, list[dict]] = {}
+    for rows in parts:
+        for row in rows:
+            by_key.setdefault((row["seq"], row["levels"], row["pooling"], row["topk"], row["mode"]), []).append(row)
+    combined = []
+    for rows in by_key.values():
+        ratios = [row["ratio_to_sdpa_sel_cudnn"] for row in rows]
+        middle = statistics.median_low(ratios)
+        chosen = dict(next(row for row in rows if row["ratio_to_sdpa_sel_cudnn"] == middle))
+        if len(rows) > 1:
+            chosen["ratio_processes"] = dict(low=min(ratios), high=max(ratios), processes=len(rows))
+        combined.append(chosen)
+    return combined
+
+
 def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_first: bool, update: bool = False,
-        poolings: Sequence[int] = POOLINGS) -> int:
-    """Times the grid's (S, L) runs, at ``poolings``, into ``out``; 0 when every one of them was measured."""
+        poolings: Sequence[int] = POOLINGS, repeats: int = 1) -> int:
+    """Times the grid's (S, L) runs, at ``poolings``, into ``out``, each in ``repeats`` bench processes
+    one after another (rows: ``median_rows``); 0 when every one of them was measured."""
     if out.exists() and not update:
         raise SystemExit(f"--out {out} exists: pass --update to re-measure some of its runs, or choose another file")
     runs = [(seq, level) for seq in seqs for level in levels]
@@ -156,17 +180,22 @@ def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_f
     if compile_first:
         compile_all(runs, poolings, timeout)
     for (seq, level), name in zip(runs, names):
-        outcome = bench_part(BENCH + setting_args(seq, level, poolings) + timing(seq), name, timeout, grid_part)
-        if outcome is None:
+        outcomes = [bench_part(BENCH + setting_args(seq, level, poolings) + timing(seq), name, timeout, grid_part)
+                    for _ in range(repeats)]
+        outcomes = [outcome for outcome in outcomes if outcome is not None]
+        if not outcomes:
             continue
-        report, (rows, copy) = outcome
+        report = outcomes[0][0]
+        rows = median_rows([part_rows for _, (part_rows, _) in outcomes])
+        copy = statistics.median_low([part_copy for _, (_, part_copy) in outcomes])
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [r for r in document["rows"]
                             if (r["seq"], r["levels"]) != (seq, level) or r["pooling"] not in poolings] + rows
         document["copy_tb_per_s"][name] = copy
         # --update may come at a later commit than the file's: each run says where it was measured
         part = name if tuple(poolings) == POOLINGS else f"{name} p{','.join(map(str, poolings))}"
-        document.setdefault("measured", {})[part] = f"{commit()} {datetime.date.today().isoformat()}"
+        processes = f", median of {len(outcomes)} processes" if repeats > 1 else ""
+        document.setdefault("measured", {})[part] = f"{commit()} {datetime.date.today().isoformat()}{processes}"
         mark_missing(document, [(seq, level)], [name])
         write_atomically(out, document)
         measured += 1
@@ -253,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                             help="measure only these pool factors (an (S, L) stays missing until each has rows)")
     run_parser.add_argument("--update", action="store_true", help="re-measure these (S, L) runs in an existing --out")
     run_parser.add_argument("--timeout", type=float, default=240.0, help="seconds per (S, L) run, compiling or timed")
+    run_parser.add_argument("--repeats", type=int, default=1,
+                            help="bench processes per (S, L), one after another; each row is the median process's")
     run_parser.add_argument("--no-compile-first", dest="compile_first", action="store_false",
                             help="skip the parallel compile pass (Triton's cache already holds the kernels)")
     table_parser = commands.add_parser("table", help="the README's table from a grid JSON")
@@ -260,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     table_parser.add_argument("--fill", type=Path, help="an older grid JSON for the (S, L) runs missing from GRID")
     args = parser.parse_args(argv)
     if args.command == "run":
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
         if not torch.cuda.is_available():
             parser.error("run needs a CUDA GPU (the bench times the Triton kernels)")
-        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update, args.pooling)
+        return run(args.out, args.seq, args.levels, args.timeout, args.compile_first, args.update, args.pooling,
+                   args.repeats)
     document = json.loads(args.grid.read_text())
     older = [] if args.fill is None else json.loads(args.fill.read_text())["rows"]
     print(filled_table(document["rows"], older) + "\n" + counts(document["rows"]), end="")

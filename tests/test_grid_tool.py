@@ -124,6 +124,44 @@ def test_the_readme_grid_table_is_the_recorded_grid():
     assert grid.table(recorded, filled=set()) in readme and grid.counts(recorded) in readme
 
 
+FLAKY_BENCH = """
+import json, pathlib, sys
+args = sys.argv[1:]
+calls = pathlib.Path(sys.argv[0]).with_suffix(".calls")
+call = int(calls.read_text()) if calls.exists() else 0
+calls.write_text(str(call + 1))
+if call == 1:
+    sys.exit("a process that fails")
+ratio = {0: 1.30, 2: 1.10, 3: 1.20}[call]  # processes 0, 2 and 3 report; their median is 1.20
+results = [dict(seq=65536, levels=3, pooling=pooling, topk=2048, mode="fwd", ratio_to_sdpa_sel_cudnn=ratio,
+                floor_ratio=1.0 + call / 100, kernel_gb=1.0, copy_tb_per_s=4.0 + call / 10,
+                lighthouse=dict(ms=ratio, peak_gb=1.5)) for pooling in (2, 4, 8)]
+print(json.dumps(dict(device="fake", torch="0", results=results)))
+"""
+
+
+def test_repeats_keep_the_median_process_row_and_the_range_over_processes(tmp_path, monkeypatch):
+    bench = tmp_path / "bench.py"
+    bench.write_text(FLAKY_BENCH)
+    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench)])
+    out = tmp_path / "grid.json"
+    assert grid.run(out, [65536], [3], timeout=60, compile_first=False, repeats=4) == 0
+    document = json.loads(out.read_text())
+    assert len(document["rows"]) == 3
+    for row in document["rows"]:
+        # the whole row of the median process (its floor too), and the range of the three that reported
+        assert (row["ratio_to_sdpa_sel_cudnn"], row["floor_ratio"], row["lighthouse_ms"]) == (1.2, 1.03, 1.2)
+        assert row["ratio_processes"] == dict(low=1.1, high=1.3, processes=3)
+    assert document["copy_tb_per_s"]["64K L3"] == 4.2
+    assert document["measured"]["64K L3"].endswith(", median of 3 processes")
+
+
+def test_repeats_of_zero_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        grid.main(["run", "--out", "unused.json", "--repeats", "0"])
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script, why", [
     ("import time; time.sleep(30)", "over --timeout"),
     ("import json; print(json.dumps(dict(device='fake', torch='0', results=[])))", "no results"),
