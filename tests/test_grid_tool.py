@@ -81,10 +81,15 @@ print(json.dumps(dict(device="fake", torch="0", results=results)))
 """
 
 
-def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path, monkeypatch):
+def use_fake_bench(tmp_path, monkeypatch, script: str, *flags: str) -> None:
+    """``grid.run`` runs ``script`` (with ``flags``) in place of the bench."""
     bench = tmp_path / "bench.py"
-    bench.write_text(FAKE_BENCH)
-    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench)])
+    bench.write_text(script)
+    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench), *flags])
+
+
+def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path, monkeypatch):
+    use_fake_bench(tmp_path, monkeypatch, FAKE_BENCH)
     out = tmp_path / "grid.json"
     assert grid.run(out, [65536], [3, 5, 4], timeout=60, compile_first=True) == 1
     document = json.loads(out.read_text())
@@ -105,7 +110,7 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
 
     # A run narrowed to some pool factors replaces only their rows; its (S, L) stays missing until
     # every factor has rows.
-    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench), "--fake-levels-5-works"])
+    use_fake_bench(tmp_path, monkeypatch, FAKE_BENCH, "--fake-levels-5-works")
     assert grid.run(out, [65536], [5], timeout=60, compile_first=False, update=True, poolings=[8]) == 0
     document = json.loads(out.read_text())
     assert document["missing"] == ["64K L5"]
@@ -141,9 +146,7 @@ print(json.dumps(dict(device="fake", torch="0", results=results)))
 
 
 def test_repeats_keep_the_median_process_row_and_the_range_over_processes(tmp_path, monkeypatch):
-    bench = tmp_path / "bench.py"
-    bench.write_text(FLAKY_BENCH)
-    monkeypatch.setattr(grid, "BENCH", [sys.executable, str(bench)])
+    use_fake_bench(tmp_path, monkeypatch, FLAKY_BENCH)
     out = tmp_path / "grid.json"
     assert grid.run(out, [65536], [3], timeout=60, compile_first=False, repeats=4) == 0
     document = json.loads(out.read_text())
