@@ -5,8 +5,9 @@ each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CU
     python benchmarks/profile_kernels.py --case 131072 5 2 1536 # one (S, L, p, K)
     python benchmarks/profile_kernels.py --rope span_end         # span-end RoPE (theta 10000)
     python benchmarks/profile_kernels.py --scores given --selection causal --combine mean
+    python benchmarks/profile_kernels.py --heads 32 --kv-heads 8  # GQA: dk and dv sum 4 query heads
 
-B=1, H=8, D=128, bf16, published options unless said (``span_end``: the bench's frequencies;
+B=1, H=8 (``--heads``, ``--kv-heads`` for GQA), D=128, bf16, published options unless said (``span_end``: the bench's frequencies;
 ``given``: the bench's random positive scores); 10 profiled calls after 3 warm-up calls. The forward's scatter and the backward's gather share
 `positions_kernel`; the gather and the scatter's backward share `entries_kernel`, so their fwd+bwd
 bytes are the sums.
@@ -49,14 +50,17 @@ def kernel_ms(call) -> dict[str, float]:
     return ms
 
 
-def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[str, str]) -> None:
-    traffic = fused_traffic(plan_for(seq, levels, pooling, topk), batch=1, heads=8, kv_heads=8, dim=128,
+def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[str, str], heads: int = 8,
+                 kv_heads: int = 8) -> None:
+    traffic = fused_traffic(plan_for(seq, levels, pooling, topk), batch=1, heads=heads, kv_heads=kv_heads, dim=128,
                             dtype=torch.bfloat16, **options)
     inv_freq = default_rope_inv_freq(128, "cuda") if options["rope"] == "span_end" else None
-    q, k, v = (torch.randn(1, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q = torch.randn(1, heads, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     given = {}
     if options["scores"] == "given":
-        given = {name: torch.rand(1, 8, seq, device="cuda") + 1.0 for name in ("q_scores", "k_scores")}
+        given = {name: torch.rand(1, count, seq, device="cuda") + 1.0
+                 for name, count in (("q_scores", heads), ("k_scores", kv_heads))}
     label = " ".join(options.values())
     for backward in (False, True):
         def call():
@@ -71,7 +75,8 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[s
                  "positions_kernel": traffic.scatter + (traffic.gather_backward if backward else 0)}
         parts = [f"{name.split('_')[0]} {ms.get(name, 0.0):.3f} ms {gb / 1e9:.2f} GB "
                  f"{gb / 1e9 / max(ms.get(name, 0.0), 1e-9):.2f} TB/s" for name, gb in moved.items()]
-        print(f"{seq // 1024}K L{levels} p{pooling} K{topk} {label} {'fwd+bwd' if backward else 'fwd'}: "
+        shape = "" if (heads, kv_heads) == (8, 8) else f" H{heads}/{kv_heads}"
+        print(f"{seq // 1024}K L{levels} p{pooling} K{topk}{shape} {label} {'fwd+bwd' if backward else 'fwd'}: "
               f"sdpa {ms.get('sdpa', 0.0):.3f} other {ms.get('other', 0.0):.3f} | " + " | ".join(parts), flush=True)
 
 
@@ -83,12 +88,16 @@ def main() -> None:
     parser.add_argument("--scores", choices=SCORE_SOURCES, default="norms")
     parser.add_argument("--selection", choices=SELECTIONS, default="published")
     parser.add_argument("--combine", choices=COMBINES, default="sum")
+    parser.add_argument("--heads", type=int, default=8, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=8, help="key and value heads (a divisor of --heads: GQA)")
     args = parser.parse_args()
+    if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
+        parser.error(f"--kv-heads must divide --heads, both >= 1; got {args.heads} and {args.kv_heads}")
     options = dict(rope=args.rope, scores=args.scores, selection=args.selection, combine=args.combine)
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py needs a CUDA device (the fused kernels run only there)")
     for case in args.case or WIDEST:
-        profile_case(*case, options)
+        profile_case(*case, options, heads=args.heads, kv_heads=args.kv_heads)
 
 
 if __name__ == "__main__":
