@@ -19,8 +19,9 @@ its rows; ``measured`` records the commit and date of each run, since an update 
 than the file. ``--repeats N`` times each (S, L) in N processes one after another and keeps, per
 row, the median process's row with the ratios' range (``ratio_processes``): one process's rows
 have differed from another's, minutes apart at the same commit, by up to 0.05x (2026-12-03), more
-than the rounds inside a process show. ``table`` prints the markdown table and the counts against the targets; ``--fill``
-takes the (S, L, p) rows missing from the file from an older one, marked with a dagger.
+than the rounds inside a process show. ``table`` prints the markdown table and the counts against
+the targets; ``--fill`` takes the (S, L, p) rows missing from the file from an older one, marked
+with a dagger.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CU
     python benchmarks/profile_kernels.py --scores given --selection causal --combine mean
     python benchmarks/profile_kernels.py --heads 32 --kv-heads 8  # GQA: dk and dv sum 4 query heads
 
-B=1, H=8 (``--heads``, ``--kv-heads`` for GQA), D=128, bf16, published options unless said (``span_end``: the bench's frequencies;
-``given``: the bench's random positive scores); 10 profiled calls after 3 warm-up calls. The forward's scatter and the backward's gather share
+B=1, H=8 (``--heads``, ``--kv-heads`` for GQA), D=128, bf16, published options unless said
+(``span_end``: the bench's frequencies; ``given``: the bench's random positive scores); 10 profiled
+calls after 3 warm-up calls. The forward's scatter and the backward's gather share
 `positions_kernel`; the gather and the scatter's backward share `entries_kernel`, so their fwd+bwd
 bytes are the sums.
 """
@@ -56,7 +57,8 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[s
                             dtype=torch.bfloat16, **options)
     inv_freq = default_rope_inv_freq(128, "cuda") if options["rope"] == "span_end" else None
     q = torch.randn(1, heads, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(1, kv_heads, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
     given = {}
     if options["scores"] == "given":
         given = {name: torch.rand(1, count, seq, device="cuda") + 1.0
