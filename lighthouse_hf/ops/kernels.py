@@ -702,16 +702,19 @@ def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim,
 
 
 @triton.jit
-def _level_by_entry(
-    src, inverse, total, reached, bx, first, d, d_mask,
+def _levels_by_entry(
+    src, inverse, total, reached, bx, first, d, d_mask, member,
     group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
-    """One level of ``positions_kernel`` with ``BY_ENTRY``. The level's entries have width
-    ``c = POOL**LEVEL`` (a compile-time constant, so divisions are shifts); the block's positions
-    meet ``SLOTS`` of them, ``WIDTH`` positions each, so each entry's row is loaded once and
-    broadcast over its positions."""
+    """Levels ``LEVEL`` and up of ``positions_kernel`` with ``BY_ENTRY``, for query head ``member`` of
+    the group. A level's entries have width ``c = POOL**LEVEL`` (a compile-time constant, so
+    divisions are shifts); the block's positions meet ``SLOTS`` of them, ``WIDTH`` positions each, so
+    each entry's row is loaded once and broadcast over its positions. The broadcast passes through
+    shared memory behind barriers, which no load is issued across, so every level's rows are loaded
+    (recursing to the coarser levels) before any level is broadcast: the program waits for one
+    round of row loads, not one per level. The coarsest level is added first."""
     C: tl.constexpr = POOL**LEVEL
     WIDTH: tl.constexpr = C if C < BLOCK_P else BLOCK_P
     SLOTS: tl.constexpr = BLOCK_P // WIDTH
@@ -723,13 +726,18 @@ def _level_by_entry(
         slot = first // C + tl.arange(0, SLOTS)
         covered = (slot * C < seq_len) & (slot < padded_len // C)
         weight = 1.0 / C
-    for member in range(group):
-        found, row_start = _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
-                                          LEVEL, LEVELS)
-        rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
-        total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
-        if MEAN:
-            reached += _over_positions(found.to(tl.float32)[:, None], SLOTS, WIDTH, 1)
+    found, row_start = _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
+                                      LEVEL, LEVELS)
+    rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
+    if LEVEL + 1 < LEVELS:
+        total, reached = _levels_by_entry(
+            src, inverse, total, reached, bx, first, d, d_mask, member,
+            group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+            LEVEL + 1, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+        )
+    total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
+    if MEAN:
+        reached += _over_positions(found.to(tl.float32)[:, None], SLOTS, WIDTH, 1)
     return total, reached
 
 
@@ -822,14 +830,15 @@ def positions_kernel(
     total_a_hi = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)  # with HALVES: the second half
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
-    for level in tl.static_range(LEVELS):
-        if BY_ENTRY:
-            total_a, reached = _level_by_entry(
-                src_a, inverse, total_a, reached, bx, first, d, d_mask,
+    if BY_ENTRY:
+        for member in range(group):
+            total_a, reached = _levels_by_entry(
+                src_a, inverse, total_a, reached, bx, first, d, d_mask, member,
                 group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-                level, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+                0, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
             )
-        else:
+    for level in tl.static_range(LEVELS):
+        if not BY_ENTRY:
             total_a, total_a_hi, total_b = _level_by_position(
                 src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
                 group, dim, selected_len, padded_len, inverse_len,
