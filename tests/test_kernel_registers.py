@@ -1,6 +1,6 @@
 """The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
-kernel's span-end gather must not do, whatever the timing says, and what the score pass over given
-scores costs."""
+kernel's span-end gather must not do, whatever the timing says, what the score pass over given
+scores costs, and where the position kernel's broadcasts may come."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _ptxas() -> str | None:
 
 pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
-from kernel_registers import cross_thread_traffic, entries_ptx, ptxas_usage, scores_ptx  # noqa: E402
+from kernel_registers import cross_thread_traffic, entries_ptx, positions_ptx, ptxas_usage, scores_ptx  # noqa: E402
 
 from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
 
@@ -59,3 +59,13 @@ def test_the_score_pass_over_given_scores_loads_only_them(causal):
     ptx = scores_ptx(plan, 8, 128, given=True, causal=causal)
     registers, spills = ptxas_usage(ptx)
     assert ptx.count("ld.global") == 1 and registers <= 40 and spills == 0
+
+
+@pytest.mark.parametrize("levels, pooling", [(3, 4), (5, 2)])
+@pytest.mark.parametrize("shifted", [True, False], ids=["scatter", "dq"])
+def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, pooling, shifted):
+    # A level's broadcast over its positions passes through shared memory behind barriers, and no load
+    # is issued across one: loaded level by level, a program waited for a round of loads per level
+    # (256K L5 p4 K2048: the scatter 0.262 -> 0.192 ms once it did not; NOTES-kernels.md, "v18").
+    ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=shifted, two=False)
+    assert "bar.sync" in ptx and ptx.rindex("ld.global") < ptx.index("bar.sync")

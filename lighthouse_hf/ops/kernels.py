@@ -795,19 +795,21 @@ def positions_kernel(
     ROPE_HALF: tl.constexpr,
     MEAN: tl.constexpr,
 ):
-    """Per position (grid: blocks, output heads, B): the sum over levels, then over the ``group``
-    query heads of the output head (in head order), of the compressed row that covers it, from
+    """Per position (grid: blocks, output heads, B): the sum over levels and over the ``group`` query
+    heads of the output head of the compressed row that covers it, from
     ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
     ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
     covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling).
 
-    Two ways to load, the same sums: ``BY_ENTRY`` (one unrotated source) loads each covering
-    entry's row once per program and broadcasts it over the positions it covers; a ``SHIFTED``
+    Two ways to load, the same sums up to float32 rounding (they add in different orders):
+    ``BY_ENTRY`` (one unrotated source) loads each covering entry's row once per program and
+    broadcasts it over the positions it covers, a query head at a time, every level's rows loaded
+    before any is broadcast and the coarsest level added first (``_levels_by_entry``); a ``SHIFTED``
     program then starts one position early (``cdiv(seq_len + 1, BLOCK_P)`` programs), so that every
     level's spans align with its block. Otherwise (``TWO`` or ``ROPE_HALF``, never ``SHIFTED`` or
     ``MEAN``) every position loads its own rows: broadcasting two sources, or the rotation's tables,
     would pass through shared memory, and these launches run fastest in blocks of 16 positions
-    (NOTES-kernels.md, "v11 and v12 outcomes").
+    (NOTES-kernels.md, "v11 and v12 outcomes"); they add level by level, the heads inner.
 
     ``ROPE_HALF > 0`` (needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the gradient of span-end
     pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t`` positions, ``end`` the
@@ -837,8 +839,8 @@ def positions_kernel(
                 group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
                 0, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
             )
-    for level in tl.static_range(LEVELS):
-        if not BY_ENTRY:
+    else:
+        for level in tl.static_range(LEVELS):
             total_a, total_a_hi, total_b = _level_by_position(
                 src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
                 group, dim, selected_len, padded_len, inverse_len,
