@@ -89,14 +89,14 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shift
 
 
 def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, rope: bool = False,
-                  mean: bool = False) -> str:
+                  mean: bool = False, group: int = 1) -> str:
     """The PTX of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for bf16 rows of
-    one head group (MHA) under ``plan``; ``dim`` a power of two."""
+    ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of two."""
     _check_dim(dim)
-    values = dict(group=1, seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
+    values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
     by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
-    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BY_ENTRY=by_entry,
+    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BY_ENTRY=by_entry,
                       BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")

@@ -358,8 +358,9 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
     _kernels().positions_kernel[(blocks, heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
         inverse if rotary is None else rotary, inverse if counts is None else counts,
-        sources[0].shape[1] // heads_out, seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
+        seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         inverse.shape[-1],  # the selection's sequence: the scatter may write past it (a halo)
+        GROUP=sources[0].shape[1] // heads_out,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SHIFTED=shifted,

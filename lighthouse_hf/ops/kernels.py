@@ -704,8 +704,8 @@ def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim,
 @triton.jit
 def _levels_by_entry(
     src, inverse, total, reached, bx, first, d, d_mask, member,
-    group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-    LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
+    seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+    GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
     """Levels ``LEVEL`` and up of ``positions_kernel`` with ``BY_ENTRY``, for query head ``member`` of
@@ -726,14 +726,14 @@ def _levels_by_entry(
         slot = first // C + tl.arange(0, SLOTS)
         covered = (slot * C < seq_len) & (slot < padded_len // C)
         weight = 1.0 / C
-    found, row_start = _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
+    found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
                                       LEVEL, LEVELS)
     rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
     if LEVEL + 1 < LEVELS:
         total, reached = _levels_by_entry(
             src, inverse, total, reached, bx, first, d, d_mask, member,
-            group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            LEVEL + 1, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+            seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+            GROUP, LEVEL + 1, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
         )
     total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
     if MEAN:
@@ -744,8 +744,8 @@ def _levels_by_entry(
 @triton.jit
 def _level_by_position(
     src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
-    group, dim, selected_len, padded_len, inverse_len,
-    LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TWO: tl.constexpr,
+    dim, selected_len, padded_len, inverse_len,
+    GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TWO: tl.constexpr,
     ROPE_HALF: tl.constexpr,
 ):
     """One level of ``positions_kernel`` without ``BY_ENTRY``: every position loads the row of
@@ -761,8 +761,8 @@ def _level_by_position(
         to_end = (C - 1 - position % C)[:, None] * (2 * ROPE_HALF) + a[None, :]
         cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
         sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
-    for member in range(group):
-        found, row_start = _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim, inverse_len,
+    for member in tl.static_range(GROUP):
+        found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
                                           LEVEL, LEVELS)
         rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
         if ROPE_HALF > 0:
@@ -784,7 +784,8 @@ def positions_kernel(
     inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``; inverse_len: the plan's sequence)
     rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
-    group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+    seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+    GROUP: tl.constexpr,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     SHIFTED: tl.constexpr,
@@ -833,18 +834,18 @@ def positions_kernel(
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
     if BY_ENTRY:
-        for member in range(group):
+        for member in tl.static_range(GROUP):
             total_a, reached = _levels_by_entry(
                 src_a, inverse, total_a, reached, bx, first, d, d_mask, member,
-                group, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-                0, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+                seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+                GROUP, 0, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
             )
     else:
         for level in tl.static_range(LEVELS):
             total_a, total_a_hi, total_b = _level_by_position(
                 src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
-                group, dim, selected_len, padded_len, inverse_len,
-                level, LEVELS, POOL, TWO, ROPE_HALF,
+                dim, selected_len, padded_len, inverse_len,
+                GROUP, level, LEVELS, POOL, TWO, ROPE_HALF,
             )
     if MEAN:
         total_a = total_a / tl.maximum(reached, 1.0)
