@@ -785,7 +785,7 @@ def positions_kernel(
     rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr,  # unrolled: GQA's dk+dv issue every query head's loads together (NOTES, "G")
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     SHIFTED: tl.constexpr,
@@ -796,7 +796,7 @@ def positions_kernel(
     ROPE_HALF: tl.constexpr,
     MEAN: tl.constexpr,
 ):
-    """Per position (grid: blocks, output heads, B): the sum over levels and over the ``group`` query
+    """Per position (grid: blocks, output heads, B): the sum over levels and over the ``GROUP`` query
     heads of the output head of the compressed row that covers it, from
     ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
     ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
