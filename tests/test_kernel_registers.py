@@ -1,8 +1,10 @@
 """The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
 kernel's span-end gather must not do, whatever the timing says, what the score pass over given
-scores costs, and where the position kernel's broadcasts may come."""
+scores costs, where the position kernel's broadcasts may come, and that it unrolls a GQA group."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -69,3 +71,26 @@ def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, 
     # (256K L5 p4 K2048: the scatter 0.262 -> 0.192 ms once it did not; NOTES-kernels.md, "v18").
     ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=shifted, two=False)
     assert "bar.sync" in ptx and ptx.rindex("ld.global") < ptx.index("bar.sync")
+
+
+
+def _loops(ptx: str) -> int:
+    """Backward branches in ``ptx``: a branch to a label defined before it is a loop."""
+    defined, loops = set(), 0
+    for line in ptx.splitlines():
+        label = re.match(r"\s*(\$L__BB\d+_\d+):", line)
+        if label:
+            defined.add(label.group(1))
+        target = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        loops += bool(target and target.group(1) in defined)
+    return loops
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["dk+dv", "span_end dk"])
+@pytest.mark.parametrize("levels, pooling", [(3, 4), (4, 2)])
+def test_the_position_kernel_unrolls_a_gqa_group(levels, pooling, rope):
+    # GQA's by-position launches sum the group's query heads; in a loop over a runtime count, each
+    # member's loads waited for the previous member's (GQA 32/8 at 64K L3 p4 K2048: positions_kernel
+    # fwd+bwd 0.806 -> 0.723 ms unrolled; NOTES-kernels.md, "R and R2 outcomes").
+    ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=False, two=not rope, rope=rope, group=4)
+    assert _loops(ptx) == 0 and ptxas_usage(ptx)[1] == 0
