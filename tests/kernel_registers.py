@@ -7,8 +7,8 @@ reports registers per thread and spill bytes. Run by hand, in a Triton-enabled v
     python tests/kernel_registers.py --ptx DIR  # also keep each specialization's PTX in DIR
 
 Arguments are specialized as the JIT specializes a bf16 call: pointers and integers divisible by 16
-marked so, integers equal to 1 (``group`` under MHA) folded into constants. A launch takes the
-registers of its heaviest level at every level (one kernel covers all levels), which is why the
+marked so, integers equal to 1 (``entries_kernel``'s ``group`` under MHA) folded into constants. A
+launch takes the registers of its heaviest level at every level (one kernel covers all levels), which is why the
 table lists whole launches, not levels; it also counts barriers and shared-memory stores (a
 reduction across warps). A few seconds per specialization; tests/test_kernel_registers.py uses the
 same compile for what must hold.

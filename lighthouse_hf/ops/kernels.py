@@ -785,7 +785,8 @@ def positions_kernel(
     rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-    GROUP: tl.constexpr,  # unrolled: GQA's dk+dv issue every query head's loads together (NOTES, "G")
+    # unrolled, so GQA's dk+dv issue every query head's loads together (NOTES-kernels.md, "R and R2 outcomes")
+    GROUP: tl.constexpr,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     SHIFTED: tl.constexpr,
