@@ -8,9 +8,9 @@ reports registers per thread and spill bytes. Run by hand, in a Triton-enabled v
 
 Arguments are specialized as the JIT specializes a bf16 call: pointers and integers divisible by 16
 marked so, integers equal to 1 (``entries_kernel``'s ``group`` under MHA) folded into constants. A
-launch takes the registers of its heaviest level at every level (one kernel covers all levels), which is why the
-table lists whole launches, not levels; it also counts barriers and shared-memory stores (a
-reduction across warps). A few seconds per specialization; tests/test_kernel_registers.py uses the
+launch takes the registers of its heaviest level at every level (one kernel covers all levels),
+which is why the table lists whole launches, not levels; it also counts barriers and shared-memory
+stores (a reduction across warps). A few seconds per specialization; tests/test_kernel_registers.py uses the
 same compile for what must hold.
 """
 
@@ -96,8 +96,8 @@ def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, r
     values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
     by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
-    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two, BY_ENTRY=by_entry,
-                      BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
+    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two,
+                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers)

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bandwidth.py"
+sys.path.insert(0, str(SCRIPT.parent))  # bandwidth.py imports grid.py beside it, as when run as a script
 
 
 def test_the_kernels_copy_store_and_load_as_torch_does():

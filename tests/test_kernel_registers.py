@@ -73,7 +73,6 @@ def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, 
     assert "bar.sync" in ptx and ptx.rindex("ld.global") < ptx.index("bar.sync")
 
 
-
 def _loops(ptx: str) -> int:
     """Backward branches in ``ptx``: a branch to a label defined before it is a loop."""
     defined, loops = set(), 0
@@ -92,5 +91,6 @@ def test_the_position_kernel_unrolls_a_gqa_group(levels, pooling, rope):
     # GQA's by-position launches sum the group's query heads; in a loop over a runtime count, each
     # member's loads waited for the previous member's (GQA 32/8 at 64K L3 p4 K2048: positions_kernel
     # fwd+bwd 0.806 -> 0.723 ms unrolled; NOTES-kernels.md, "R and R2 outcomes").
-    ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=False, two=not rope, rope=rope, group=4)
+    plan = LighthousePlan(SEQ, levels, pooling, 2048)
+    ptx = positions_ptx(plan, 128, shifted=False, two=not rope, rope=rope, group=4)
     assert _loops(ptx) == 0 and ptxas_usage(ptx)[1] == 0
