@@ -702,6 +702,32 @@ def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim,
 
 
 @triton.jit
+def _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
+                          GROUP: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr):
+    """Whether a selected entry of a level below the coarsest, of any query head of the group, covers
+    one of ``position`` (a scalar; the slots and their conditions as ``_levels_by_entry`` and
+    ``_level_by_position`` take them). Most blocks meet only coarsest entries (at L5 p2 K2048, over
+    three quarters of them), and there every finer level's load, widening and add would add zeros."""
+    reached = tl.zeros(position.shape, dtype=tl.int32)
+    for level in tl.static_range(LEVELS):
+        width = POOL**level
+        if SHIFTED:  # entry j covers [j*c + c - 1, j*c + 2c - 1)
+            slot = (position + 1) // width - 1
+            covered = (slot >= 0) & (slot < real_len // width)
+        else:
+            slot = position // width
+            covered = (slot * width < seq_len) & (slot < padded_len // width)
+        for member in tl.static_range(GROUP):
+            head = bx.to(tl.int64) * GROUP + member
+            row = tl.load(inverse + head * (LEVELS * inverse_len) + level * inverse_len + slot, mask=covered, other=-1)
+            if level + 1 < LEVELS:
+                reached |= (row >= 0).to(tl.int32)
+            else:  # never true: it keeps the coarsest level's load, which then hits L1 when the sum reads it
+                reached |= (row < -1).to(tl.int32)
+    return tl.max(reached, axis=0) > 0
+
+
+@triton.jit
 def _levels_by_entry(
     src, inverse, total, reached, bx, first, d, d_mask, member,
     seq_len, dim, selected_len, padded_len, real_len, inverse_len,
@@ -778,6 +804,32 @@ def _level_by_position(
 
 
 @triton.jit
+def _sum_levels(
+    src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
+    a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+    GROUP: tl.constexpr, FROM: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
+    TWO: tl.constexpr, BY_ENTRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE_HALF: tl.constexpr, MEAN: tl.constexpr,
+):
+    """``positions_kernel``'s sums over levels ``FROM`` and up (see there)."""
+    if BY_ENTRY:
+        for member in tl.static_range(GROUP):
+            total_a, reached = _levels_by_entry(
+                src_a, inverse, total_a, reached, bx, first, d, d_mask, member,
+                seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+                GROUP, FROM, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+            )
+    else:
+        for level in tl.static_range(FROM, LEVELS):
+            total_a, total_a_hi, total_b = _level_by_position(
+                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
+                dim, selected_len, padded_len, inverse_len,
+                GROUP, level, LEVELS, POOL, TWO, ROPE_HALF,
+            )
+    return total_a, total_a_hi, total_b, reached
+
+
+@triton.jit
 def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
@@ -834,20 +886,26 @@ def positions_kernel(
     total_a_hi = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)  # with HALVES: the second half
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
-    if BY_ENTRY:
-        for member in tl.static_range(GROUP):
-            total_a, reached = _levels_by_entry(
-                src_a, inverse, total_a, reached, bx, first, d, d_mask, member,
-                seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-                GROUP, 0, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+    if LEVELS > 1:
+        if _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
+                                 GROUP, LEVELS, POOL, SHIFTED):
+            total_a, total_a_hi, total_b, reached = _sum_levels(
+                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
+                a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+                GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
+            )
+        else:  # the same sums, less the finer levels' zeros
+            total_a, total_a_hi, total_b, reached = _sum_levels(
+                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
+                a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+                GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
             )
     else:
-        for level in tl.static_range(LEVELS):
-            total_a, total_a_hi, total_b = _level_by_position(
-                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
-                dim, selected_len, padded_len, inverse_len,
-                GROUP, level, LEVELS, POOL, TWO, ROPE_HALF,
-            )
+        total_a, total_a_hi, total_b, reached = _sum_levels(
+            src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
+            a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+            GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
+        )
     if MEAN:
         total_a = total_a / tl.maximum(reached, 1.0)
         tl.store(counts + bx.to(tl.int64) * seq_len + position[:, None], reached, mask=p_mask[:, None])
