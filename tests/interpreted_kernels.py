@@ -15,8 +15,9 @@ one per (shape, scores, rule): whether the selection kernel equals the reference
 level of their width, the gathered rows against the reference's, and whether rope="span_end"
 selects as rope="pooled" (with no means from the score pass); ``halo`` one per (shape, combine):
 the scatter over more positions than the plan's sequence (the context-parallel halo) against the
-reference's. The float32 rows say how many positions a program of the position kernel took: the
-wide cases take as many as on the GPU at D=128.
+reference's. The float32 rows say how many positions a program of the position kernel took (the
+wide and the sparse cases take as many as on the GPU at D=128) and, at those blocks, what share of
+the blocks meets a selected entry below the coarsest level.
 """
 
 from __future__ import annotations
@@ -73,8 +74,13 @@ def side_by_side(compute: Callable, items: Collection) -> Iterator:
 # Cases with several KV heads are laid out as Transformers hands q, k and v over ([B, S, H, D] seen as
 # [B, H, S, D]), so that a head's stride is not a row's.
 CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 2, 1500, 16, 2, 8, 128),
-         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 3300, 16, 4, 8, 128), (1, 1, 1, 2600, 16, 5, 4, 128)]
-WIDE_CASES = CASES[4:]
+         (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 3300, 16, 4, 8, 128), (1, 1, 1, 2600, 16, 5, 4, 128),
+         (1, 2, 1, 4096, 16, 3, 4, 128)]
+WIDE_CASES = CASES[4:6]
+# Half the coarsest entries refined: at the GPU's positions a program some blocks of the position kernel
+# meet a finer entry and some only the coarsest, so both of its ways to sum run (the rest refine all).
+SPARSE_CASE = CASES[6]
+GPU_BLOCK_CASES = (*WIDE_CASES, SPARSE_CASE)
 # Each option alone runs on the small narrow cases; the others (B = 2 with two KV heads, and the
 # wide spans) run the published method and all options together, which passes every option's code.
 # The interpreter is slow (CI's time): each option alone on those would add 2.5 minutes.
@@ -142,8 +148,25 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
         same_selection = torch.equal(fused.select(q, k, plan, **chosen_by).key,
                                      reference.select(q, k, plan, **chosen_by).key)
     (out, grads), (ref_out, ref_grads) = results
+    chosen = reference.select(q, k, plan, q_scores=kwargs.get("q_scores"), k_scores=kwargs.get("k_scores"),
+                              causal=options.get("selection") == "causal")
     return dict(case=case, options=options, out=rel(out, ref_out), grads=[rel(a, b) for a, b in zip(grads, ref_grads)],
-                same_selection=same_selection)
+                same_selection=same_selection,
+                finer_blocks=[blocks_meeting_finer_levels(chosen, width) for width in GPU_POSITIONS_PER_PROGRAM])
+
+
+def blocks_meeting_finer_levels(selection: reference.Selection, block: int) -> float:
+    """The share of (batch, query head, block of ``block`` positions) that some selected entry below the
+    coarsest level covers, at the spans ``[j*c, (j+1)*c)`` the gather's backward reads."""
+    plan = selection.plan
+    covered = torch.zeros(*selection.level.shape[:2], plan.padded_len, dtype=torch.bool)
+    for level in range(plan.levels - 1):
+        width = plan.pooling**level
+        local = selection.local.masked_fill(selection.level != level, plan.padded_len // width)
+        spans = torch.zeros(*covered.shape[:2], plan.padded_len // width + 1, dtype=torch.bool)
+        spans.scatter_(-1, local, True)
+        covered |= spans[..., :-1].repeat_interleave(width, dim=-1)
+    return covered.unflatten(-1, (-1, block)).any(-1).float().mean().item()
 
 
 def compare_row(item: tuple) -> dict:
@@ -151,7 +174,7 @@ def compare_row(item: tuple) -> dict:
     with the positions a program of the position kernel took."""
     case, options, dtype = item
     natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
-    if case in WIDE_CASES:
+    if case in GPU_BLOCK_CASES:
         fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
     try:
         widths = positions_per_program(fused._next_power_of_2(case[4]))  # what ran, not what was asked

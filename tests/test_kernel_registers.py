@@ -1,6 +1,7 @@
 """The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
 kernel's span-end gather must not do, whatever the timing says, what the score pass over given
-scores costs, where the position kernel's broadcasts may come, and that it unrolls a GQA group."""
+scores costs, where the position kernel's broadcasts may come, that it skips the finer levels where
+only the coarsest reaches, and that it unrolls a GQA group."""
 
 from __future__ import annotations
 
@@ -63,14 +64,37 @@ def test_the_score_pass_over_given_scores_loads_only_them(causal):
     assert ptx.count("ld.global") == 1 and registers <= 40 and spills == 0
 
 
+def _basic_blocks(ptx: str) -> list[str]:
+    """``ptx``'s code split at its labels: straight-line runs, each entered at its top."""
+    return re.split(r"^\$L__BB\d+_\d+:", ptx, flags=re.MULTILINE)
+
+
 @pytest.mark.parametrize("levels, pooling", [(3, 4), (5, 2)])
 @pytest.mark.parametrize("shifted", [True, False], ids=["scatter", "dq"])
 def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, pooling, shifted):
     # A level's broadcast over its positions passes through shared memory behind barriers, and no load
     # is issued across one: loaded level by level, a program waited for a round of loads per level
     # (256K L5 p4 K2048: the scatter 0.262 -> 0.192 ms once it did not; NOTES-kernels.md, "v18").
+    # Two ways to sum (every level, or the coarsest alone), each a block of its own.
     ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=shifted, two=False)
-    assert "bar.sync" in ptx and ptx.rindex("ld.global") < ptx.index("bar.sync")
+    sums = [block for block in _basic_blocks(ptx) if "bar.sync" in block]
+    assert len(sums) == 2 and all(block.rindex("ld.global") < block.index("bar.sync") for block in sums)
+
+
+@pytest.mark.parametrize("two, rope", [(False, False), (True, False), (False, True)], ids=["scatter", "dk+dv", "span_end dk"])
+def test_the_position_kernel_sums_only_the_coarsest_level_where_no_finer_entry_reaches(two, rope):
+    # Most blocks meet only coarsest entries, and their finer levels' loads, unpacks and adds of zeros
+    # were most of the instructions that bound the L5 p2 launches (NOTES-kernels.md, "candidate C").
+    # So the kernel has two ways to sum (a branch, then a jump over the other way): every level, whose
+    # loads grow with the levels, and the coarsest alone, whose loads do not.
+    loads = {}
+    for levels, pooling in ((3, 4), (5, 2)):
+        ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=not two and not rope, two=two,
+                            rope=rope)
+        assert len(re.findall(r"\bbra(?:\.uni)?\s", ptx)) == 2
+        every_level, coarsest = (block.count("ld.global") for block in _basic_blocks(ptx)[:2])
+        loads[levels] = every_level, coarsest
+    assert loads[5][0] > loads[3][0] > loads[3][1] == loads[5][1]
 
 
 def _loops(ptx: str) -> int:

@@ -40,9 +40,9 @@ def interpreted_rows() -> dict[str, list[dict]]:
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 3e-2)])
 def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, tolerance, interpreted_rows):
     rows = interpreted_rows[dtype]
-    # float32: 3 single-option cases x 6 option sets + 3 cases x 2; bfloat16: 3 cases x 2
+    # float32: 3 single-option cases x 6 option sets + 4 cases x 2; bfloat16: 3 cases x 2
     # (interpreted_kernels.cases_for and options_for)
-    assert len(rows) == {"float32": 24, "bfloat16": 6}[dtype]
+    assert len(rows) == {"float32": 26, "bfloat16": 6}[dtype]
     assert {tuple(sorted(row["options"])) for row in rows} >= {(), ("combine", "rope", "scores", "selection")}
     for row in rows:
         assert row["out"] < tolerance and max(row["grads"]) < tolerance, row
@@ -54,9 +54,13 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
 
     wide = [row["case"][6] ** (row["case"][5] - 1) >= 256 for row in rows]  # the coarsest span
     assert sum(wide) == {"float32": 4, "bfloat16": 0}[dtype]
-    for row, is_wide in zip(rows, wide):
-        assert row["positions_per_program"] == widths(128 if is_wide else row["case"][4]), row
-        assert is_wide or row["positions_per_program"] != widths(128), row  # else the override tests nothing
+    # The sparse case: blocks that meet an entry below the coarsest level sum every level, the others
+    # only the coarsest; both kinds at both layouts' widths, else one way to sum goes untested.
+    sparse = [0.0 < min(row["finer_blocks"]) and max(row["finer_blocks"]) < 1.0 for row in rows]
+    assert sum(sparse) == {"float32": 2, "bfloat16": 0}[dtype]
+    for row, gpu_blocks in zip(rows, map(max, wide, sparse)):
+        assert row["positions_per_program"] == widths(128 if gpu_blocks else row["case"][4]), row
+        assert gpu_blocks or row["positions_per_program"] != widths(128), row  # else the override tests nothing
 
 
 @pytest.mark.slow
