@@ -166,6 +166,7 @@ def blocks_meeting_finer_levels(selection: reference.Selection, block: int) -> f
         spans = torch.zeros(*covered.shape[:2], plan.padded_len // width + 1, dtype=torch.bool)
         spans.scatter_(-1, local, True)
         covered |= spans[..., :-1].repeat_interleave(width, dim=-1)
+    covered = torch.nn.functional.pad(covered, (0, -plan.padded_len % block))  # the last block's tail
     return covered.unflatten(-1, (-1, block)).any(-1).float().mean().item()
 
 

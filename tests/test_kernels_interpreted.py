@@ -54,10 +54,12 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
 
     wide = [row["case"][6] ** (row["case"][5] - 1) >= 256 for row in rows]  # the coarsest span
     assert sum(wide) == {"float32": 4, "bfloat16": 0}[dtype]
-    # The sparse case: blocks that meet an entry below the coarsest level sum every level, the others
-    # only the coarsest; both kinds at both layouts' widths, else one way to sum goes untested.
-    sparse = [0.0 < min(row["finer_blocks"]) and max(row["finer_blocks"]) < 1.0 for row in rows]
+    # The sparse case (interpreted_kernels.SPARSE_CASE), at the GPU's blocks: blocks that meet an entry
+    # below the coarsest level sum every level, the others only the coarsest; both kinds at both
+    # layouts' widths, else one way to sum goes untested.
+    sparse = [row["case"] == [1, 2, 1, 4096, 16, 3, 4, 128] for row in rows]
     assert sum(sparse) == {"float32": 2, "bfloat16": 0}[dtype]
+    assert all(0.0 < share < 1.0 for row, is_sparse in zip(rows, sparse) if is_sparse for share in row["finer_blocks"])
     for row, gpu_blocks in zip(rows, map(max, wide, sparse)):
         assert row["positions_per_program"] == widths(128 if gpu_blocks else row["case"][4]), row
         assert gpu_blocks or row["positions_per_program"] != widths(128), row  # else the override tests nothing
