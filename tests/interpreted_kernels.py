@@ -75,10 +75,11 @@ def side_by_side(compute: Callable, items: Collection) -> Iterator:
 # [B, H, S, D]), so that a head's stride is not a row's.
 CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 2, 1500, 16, 2, 8, 128),
          (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 3300, 16, 4, 8, 128), (1, 1, 1, 2600, 16, 5, 4, 128),
-         (1, 2, 1, 4096, 16, 3, 4, 128)]
+         (1, 2, 1, 8192, 16, 3, 4, 128)]
 WIDE_CASES = CASES[4:6]
-# Half the coarsest entries refined: at the GPU's positions a program some blocks of the position kernel
-# meet a finer entry and some only the coarsest, so both of its ways to sum run (the rest refine all).
+# A quarter of the coarsest entries refined: at the GPU's positions a program some blocks of the
+# position kernel meet a finer entry and some only the coarsest, and its launches check which
+# (fused._skips_finer_levels), so both of its ways to sum run (the other cases refine half or more).
 SPARSE_CASE = CASES[6]
 GPU_BLOCK_CASES = (*WIDE_CASES, SPARSE_CASE)
 # Each option alone runs on the small narrow cases; the others (B = 2 with two KV heads, and the

@@ -97,7 +97,8 @@ def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, r
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
     by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
     constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two,
-                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean)
+                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
+                      SKIP_FINER=fused._skips_finer_levels(plan, block_p))
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers)

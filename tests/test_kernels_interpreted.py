@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lighthouse_hf.ops import fused  # noqa: E402
+from lighthouse_hf.ops import LighthousePlan, fused  # noqa: E402
 
 SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
@@ -57,9 +57,11 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
     # The sparse case (interpreted_kernels.SPARSE_CASE), at the GPU's blocks: blocks that meet an entry
     # below the coarsest level sum every level, the others only the coarsest; both kinds at both
     # layouts' widths, else one way to sum goes untested.
-    sparse = [row["case"] == [1, 2, 1, 4096, 16, 3, 4, 128] for row in rows]
+    sparse = [row["case"] == [1, 2, 1, 8192, 16, 3, 4, 128] for row in rows]
     assert sum(sparse) == {"float32": 2, "bfloat16": 0}[dtype]
     assert all(0.0 < share < 1.0 for row, is_sparse in zip(rows, sparse) if is_sparse for share in row["finer_blocks"])
+    sparse_plan = LighthousePlan(8192, 3, 4, 128)
+    assert all(fused._skips_finer_levels(sparse_plan, width) for width in widths(128))
     for row, gpu_blocks in zip(rows, map(max, wide, sparse)):
         assert row["positions_per_program"] == widths(128 if gpu_blocks else row["case"][4]), row
         assert gpu_blocks or row["positions_per_program"] != widths(128), row  # else the override tests nothing

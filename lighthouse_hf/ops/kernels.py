@@ -848,6 +848,7 @@ def positions_kernel(
     BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr,
     MEAN: tl.constexpr,
+    SKIP_FINER: tl.constexpr,
 ):
     """Per position (grid: blocks, output heads, B): the sum over levels and over the ``GROUP`` query
     heads of the output head of the compressed row that covers it, from
@@ -869,8 +870,12 @@ def positions_kernel(
     pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t`` positions, ``end`` the
     last position of the entry's span; ``src_a`` is then read and written as its two rotate_half
     halves. ``MEAN`` (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels
-    reach the position, which is written to ``counts``."""
+    reach the position, which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
+    that no selected entry below the coarsest level reaches (``_finer_levels_reached``) sums the
+    coarsest level alone, by the same code: the same numbers bit for bit, since the finer levels
+    would add +0.0 to a total that is never -0.0."""
     tl.static_assert(not BY_ENTRY or (not TWO and ROPE_HALF == 0))
+    tl.static_assert(not SKIP_FINER or LEVELS > 1)
     tl.static_assert(BY_ENTRY or (not SHIFTED and not MEAN))
     HALVES: tl.constexpr = ROPE_HALF > 0
     SPAN_A: tl.constexpr = ROPE_HALF if HALVES else BLOCK_D  # src_a's columns per load
@@ -886,25 +891,21 @@ def positions_kernel(
     total_a_hi = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)  # with HALVES: the second half
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
-    if LEVELS > 1:
-        if _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
-                                 GROUP, LEVELS, POOL, SHIFTED):
-            total_a, total_a_hi, total_b, reached = _sum_levels(
-                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
-                a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-                GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
-            )
-        else:  # the same sums, less the finer levels' zeros
-            total_a, total_a_hi, total_b, reached = _sum_levels(
-                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
-                a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-                GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
-            )
-    else:
+    finer = True
+    if SKIP_FINER:
+        finer = _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
+                                      GROUP, LEVELS, POOL, SHIFTED)
+    if finer:
         total_a, total_a_hi, total_b, reached = _sum_levels(
             src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
             a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
             GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
+        )
+    else:  # the same sums, less the finer levels' zeros
+        total_a, total_a_hi, total_b, reached = _sum_levels(
+            src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
+            a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+            GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
         )
     if MEAN:
         total_a = total_a / tl.maximum(reached, 1.0)
