@@ -6,7 +6,7 @@ by hand with one or more:
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py bfloat16 selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
-    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo skip
 
 Prints one JSON line per row, its mode under "mode". A dtype's rows, one per (shape, options): the
 relative errors of the output and gradients and whether the selections are identical; ``selection``
@@ -15,9 +15,11 @@ one per (shape, scores, rule): whether the selection kernel equals the reference
 level of their width, the gathered rows against the reference's, and whether rope="span_end"
 selects as rope="pooled" (with no means from the score pass); ``halo`` one per (shape, combine):
 the scatter over more positions than the plan's sequence (the context-parallel halo) against the
-reference's. The float32 rows say how many positions a program of the position kernel took (the
-wide and the sparse cases take as many as on the GPU at D=128) and, at those blocks, what share of
-the blocks meets a selected entry below the coarsest level.
+reference's; ``skip`` one per (shape, options) or halo scatter: whether the position kernel's two
+ways to sum give the same bits (its check forced on and off). The float32 rows say how many
+positions a program of the position kernel took (the wide and the sparse cases take as many as on
+the GPU at D=128) and, at those blocks, what share of the blocks meets a selected entry below the
+coarsest level.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 
          (1, 2, 1, 3000, 16, 4, 2, 256), (1, 2, 1, 3300, 16, 4, 8, 128), (1, 1, 1, 2600, 16, 5, 4, 128),
          (1, 2, 1, 8192, 16, 3, 4, 128)]
 WIDE_CASES = CASES[4:6]
-# A quarter of the coarsest entries refined: at the GPU's positions a program some blocks of the
+# A quarter of the coarsest entries refined: at the GPU's positions per program some blocks of the
 # position kernel meet a finer entry and some only the coarsest, and its launches check which
 # (fused._skips_finer_levels), so both of its ways to sum run (the other cases refine half or more).
 SPARSE_CASE = CASES[6]
@@ -307,6 +309,69 @@ def halo_row(item: tuple) -> dict:
     return dict(case=case, mean=mean, length=length, error=rel(got, want))
 
 
+# The position kernel's check (fused._skips_finer_levels) forced on and off: its two ways to sum must give
+# the same bits. Half the coarsest entries refined, so that half the blocks of 16 positions skip: every
+# option, and GQA (two query heads a KV head, so the by-position launches sum a group); the halo's
+# scatter of the first plan (no padding).
+SKIP_CASES = [((1, 2, 1, 4096, 16, 3, 4, 128), ALL_OPTIONS), ((1, 4, 2, 4096, 16, 3, 4, 128), {})]
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+def _with_check(on: bool, compute: Callable):
+    """``compute()`` on the fused path (CPU tensors), every position-kernel launch checking for finer
+    levels (``on``) or none."""
+    natural = fused._skips_finer_levels, fused.handles
+    fused._skips_finer_levels = lambda plan, block_p: on and plan.levels > 1
+    fused.handles = lambda x: x.dtype in fused.FUSED_DTYPES
+    try:
+        return compute()
+    finally:
+        fused._skips_finer_levels, fused.handles = natural
+
+
+def skip_row(item: tuple) -> dict:
+    """Whether the fused path's output and gradients (``"attention"``) or the halo's scatter
+    (``"halo"``) are bit for bit the same with the check on and off, in bfloat16 at the GPU's blocks."""
+    kind, case, options = item
+    natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
+    gpu_blocks = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
+    fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = gpu_blocks
+    try:
+        batch, heads, kv_heads, seq, dim = case[:5]
+        plan = LighthousePlan(seq, *case[5:])
+        g = torch.Generator().manual_seed(seq)
+        if kind == "halo":
+            q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
+            out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g).bfloat16()
+            listing = fused.select_entries(q, k, plan)
+            length = seq + plan.coarse_width - 1
+            results = [_with_check(on, lambda: fused.scatter_entries(listing, out_sel, length, plan, options["mean"]))
+                       for on in (True, False)]
+            return dict(kind=kind, case=case, options=options, same_bits=torch.equal(*map(_bits, results)))
+        q, k, v = (torch.randn(batch, seq, h, dim, generator=g).transpose(1, 2).bfloat16()
+                   for h in (heads, kv_heads, kv_heads))
+        kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
+        if options.get("rope"):
+            kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+        if options.get("scores"):
+            kwargs["q_scores"] = torch.rand(batch, heads, seq, generator=g)
+            kwargs["k_scores"] = torch.rand(batch, kv_heads, seq, generator=g)
+
+        def attention():
+            inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = lighthouse_attention(*inputs, levels=case[5], pooling=case[6], topk=case[7], **kwargs)
+            return (out, *torch.autograd.grad(out.float().square().sum(), inputs))
+
+        results = [_with_check(on, attention) for on in (True, False)]
+        same = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(*results))
+        return dict(kind=kind, case=case, options=options, same_bits=same)
+    finally:
+        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
+
+
 def mode_items(mode: str) -> list[tuple]:
     """``mode``'s work, one (mode, function, argument) per row: a dtype's cases and options, or
     selection, means or halo."""
@@ -317,6 +382,9 @@ def mode_items(mode: str) -> list[tuple]:
         return [(mode, means_row, case) for case in MEANS_CASES]
     if mode == "halo":
         return [(mode, halo_row, (case, mean)) for case in HALO_CASES for mean in (False, True)]
+    if mode == "skip":
+        return ([(mode, skip_row, ("attention", case, options)) for case, options in SKIP_CASES]
+                + [(mode, skip_row, ("halo", SKIP_CASES[0][0], {"mean": mean})) for mean in (False, True)])
     dtype = getattr(torch, mode)
     return [(mode, compare_row, (case, options, dtype)) for case in cases_for(dtype) for options in options_for(case, dtype)]
 

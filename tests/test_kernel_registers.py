@@ -81,7 +81,8 @@ def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, 
     assert len(sums) == 2 and all(block.rindex("ld.global") < block.index("bar.sync") for block in sums)
 
 
-@pytest.mark.parametrize("two, rope", [(False, False), (True, False), (False, True)], ids=["scatter", "dk+dv", "span_end dk"])
+@pytest.mark.parametrize("two, rope", [(False, False), (True, False), (False, True)],
+                         ids=["scatter", "dk+dv", "span_end dk"])
 def test_the_position_kernel_sums_only_the_coarsest_level_where_no_finer_entry_reaches(two, rope):
     # Most blocks meet only coarsest entries, and their finer levels' loads, unpacks and adds of zeros
     # were most of the instructions that bound the L5 p2 launches (NOTES-kernels.md, "candidate C").

@@ -18,7 +18,9 @@ SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
 
 # In the order run: float32's heaviest rows come last and the other modes' run beside them.
-MODES = ("float32", "bfloat16", "selection", "means", "halo")
+MODES = ("float32", "bfloat16", "selection", "means", "halo", "skip")
+# interpreted_kernels.SPARSE_CASE (not imported: importing it turns the interpreter on in this process)
+SPARSE_CASE = (1, 2, 1, 8192, 16, 3, 4, 128)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +59,10 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
     # The sparse case (interpreted_kernels.SPARSE_CASE), at the GPU's blocks: blocks that meet an entry
     # below the coarsest level sum every level, the others only the coarsest; both kinds at both
     # layouts' widths, else one way to sum goes untested.
-    sparse = [row["case"] == [1, 2, 1, 8192, 16, 3, 4, 128] for row in rows]
+    sparse = [tuple(row["case"]) == SPARSE_CASE for row in rows]
     assert sum(sparse) == {"float32": 2, "bfloat16": 0}[dtype]
     assert all(0.0 < share < 1.0 for row, is_sparse in zip(rows, sparse) if is_sparse for share in row["finer_blocks"])
-    sparse_plan = LighthousePlan(8192, 3, 4, 128)
+    sparse_plan = LighthousePlan(SPARSE_CASE[3], *SPARSE_CASE[5:])
     assert all(fused._skips_finer_levels(sparse_plan, width) for width in widths(128))
     for row, gpu_blocks in zip(rows, map(max, wide, sparse)):
         assert row["positions_per_program"] == widths(128 if gpu_blocks else row["case"][4]), row
@@ -107,3 +109,14 @@ def test_scatter_past_the_sequence_under_the_interpreter(interpreted_rows):
     assert len(rows) == 4
     for row in rows:
         assert row["error"] < 1e-6, row
+
+
+@pytest.mark.slow
+def test_the_position_kernels_two_ways_to_sum_give_the_same_bits_under_the_interpreter(interpreted_rows):
+    # A block that no entry below the coarsest level reaches sums the coarsest alone; with the check
+    # forced on and off, the output, the gradients (every option; GQA) and the halo's scatter must be
+    # bit for bit the same, else a causal comparison could see a block change its way to sum.
+    rows = interpreted_rows["skip"]
+    assert len(rows) == 4 and {row["kind"] for row in rows} == {"attention", "halo"}
+    for row in rows:
+        assert row["same_bits"], row

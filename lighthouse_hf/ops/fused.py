@@ -349,10 +349,13 @@ def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
     entry below the coarsest level reaches its block (``SKIP_FINER``). Each tile refines ``TILE`` of
     its ``tile_len`` coarsest entries and a block meets ``m = max(1, block_p // coarse_width)`` of
     them, so without structure in the inputs a share ``(1 - TILE / tile_len)**m`` of the blocks meets
-    only coarsest entries. The check costs about a seventh of a program's instructions: on the H200 it
-    lost 7% where no block skips (256K L5 p4 K2048, every coarsest entry refined) and 7% in a scatter
-    where a quarter skip (64K L5 p2 K2048), and gained 18-24% where more than half skip
-    (NOTES-kernels.md, "C outcome"). So the check is made where at least a third are expected to."""
+    only coarsest entries. The check adds 40-60 instructions a thread (5-10%) to a block that sums
+    every level: on the H200 it lost 7% where no block skips (256K L5 p4 K2048, every coarsest entry
+    refined) and 7% in a scatter where a quarter skip (64K L5 p2 K2048), and gained 16-27% where more
+    than half skip (NOTES-kernels.md, "C outcome"). So the check is made where at least a third are
+    expected to. Under GQA a by-position block skips only if every query head of the group misses the
+    finer levels; the share ignores that, since half of each tile is chosen by the group's shared
+    key scores."""
     met = max(1, block_p // plan.coarse_width)
     return plan.levels > 1 and (1 - TILE / plan.tile_len) ** met >= 1 / 3
 

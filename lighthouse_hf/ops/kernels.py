@@ -704,10 +704,10 @@ def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim,
 @triton.jit
 def _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
                           GROUP: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr):
-    """Whether a selected entry of a level below the coarsest, of any query head of the group, covers
-    one of ``position`` (a scalar; the slots and their conditions as ``_levels_by_entry`` and
-    ``_level_by_position`` take them). Most blocks meet only coarsest entries (at L5 p2 K2048, over
-    three quarters of them), and there every finer level's load, widening and add would add zeros."""
+    """Whether (a scalar) a selected entry of a level below the coarsest, of any query head of the
+    group, covers any of ``position``, at the slots and conditions that ``_levels_by_entry`` and
+    ``_level_by_position`` take (or a superset). Most blocks meet only coarsest entries (256K L5 p2
+    K2048: over three quarters), and there every finer level's load, widening and add would add zeros."""
     reached = tl.zeros(position.shape, dtype=tl.int32)
     for level in tl.static_range(LEVELS):
         width = POOL**level
@@ -722,7 +722,8 @@ def _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, 
             row = tl.load(inverse + head * (LEVELS * inverse_len) + level * inverse_len + slot, mask=covered, other=-1)
             if level + 1 < LEVELS:
                 reached |= (row >= 0).to(tl.int32)
-            else:  # never true: it keeps the coarsest level's load, which then hits L1 when the sum reads it
+            else:  # never true: it keeps the coarsest level's load, so that the coarse-only sum's own load
+                # of it hits L1 (as measured in the A/B; not timed without it)
                 reached |= (row < -1).to(tl.int32)
     return tl.max(reached, axis=0) > 0
 
@@ -873,7 +874,7 @@ def positions_kernel(
     reach the position, which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
     that no selected entry below the coarsest level reaches (``_finer_levels_reached``) sums the
     coarsest level alone, by the same code: the same numbers bit for bit, since the finer levels
-    would add +0.0 to a total that is never -0.0."""
+    would add +0.0 or -0.0 (a zero row, rotated) to a total that is +0.0 or nonzero."""
     tl.static_assert(not BY_ENTRY or (not TWO and ROPE_HALF == 0))
     tl.static_assert(not SKIP_FINER or LEVELS > 1)
     tl.static_assert(BY_ENTRY or (not SHIFTED and not MEAN))
