@@ -121,6 +121,19 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def option_arguments(options: dict, case: tuple, g: torch.Generator) -> dict:
+    """``lighthouse_attention``'s keyword arguments for ``options`` on ``case`` (given scores drawn
+    from ``g``)."""
+    batch, heads, kv_heads, seq, dim = case[:5]
+    kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
+    if options.get("rope"):
+        kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    if options.get("scores"):
+        kwargs["q_scores"] = torch.rand(batch, heads, seq, generator=g)
+        kwargs["k_scores"] = torch.rand(batch, kv_heads, seq, generator=g)
+    return kwargs
+
+
 def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
     """The fused path against the reference on one case with one option set: relative errors of
     the output and of the gradients, and (float32) whether the two select the same entries."""
@@ -128,12 +141,7 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(seq)
     q, k, v = ((torch.randn(batch, seq, h, dim, generator=g).transpose(1, 2) if kv_heads > 1
                 else torch.randn(batch, h, seq, dim, generator=g)).to(dtype) for h in (heads, kv_heads, kv_heads))
-    kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
-    if options.get("rope"):
-        kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
-    if options.get("scores"):
-        kwargs["q_scores"] = torch.rand(batch, heads, seq, generator=g)
-        kwargs["k_scores"] = torch.rand(batch, kv_heads, seq, generator=g)
+    kwargs = option_arguments(options, case, g)
     handles = fused.handles
     results = []
     for use_kernels in (True, False):
@@ -353,12 +361,7 @@ def skip_row(item: tuple) -> dict:
             return dict(kind=kind, case=case, options=options, same_bits=torch.equal(*map(_bits, results)))
         q, k, v = (torch.randn(batch, seq, h, dim, generator=g).transpose(1, 2).bfloat16()
                    for h in (heads, kv_heads, kv_heads))
-        kwargs = {key: value for key, value in options.items() if key in ("combine", "selection")}
-        if options.get("rope"):
-            kwargs["rope_inv_freq"] = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
-        if options.get("scores"):
-            kwargs["q_scores"] = torch.rand(batch, heads, seq, generator=g)
-            kwargs["k_scores"] = torch.rand(batch, kv_heads, seq, generator=g)
+        kwargs = option_arguments(options, case, g)
 
         def attention():
             inputs = [x.clone().requires_grad_() for x in (q, k, v)]
