@@ -702,6 +702,15 @@ def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim,
 
 
 @triton.jit
+def _real_slots(slot, width, seq_len, padded_len, real_len, SHIFTED: tl.constexpr):
+    """Which entries ``slot`` of width ``width`` a position kernel reads: ``SHIFTED`` (the scatter)
+    real entries only; otherwise entries that start inside the sequence and the padded pyramid."""
+    if SHIFTED:
+        return (slot >= 0) & (slot < real_len // width)
+    return (slot * width < seq_len) & (slot < padded_len // width)
+
+
+@triton.jit
 def _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
                           GROUP: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr):
     """Whether (a scalar) a selected entry of a level below the coarsest, of any query head of the
@@ -711,12 +720,9 @@ def _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, 
     reached = tl.zeros(position.shape, dtype=tl.int32)
     for level in tl.static_range(LEVELS):
         width = POOL**level
-        if SHIFTED:  # entry j covers [j*c + c - 1, j*c + 2c - 1)
-            slot = (position + 1) // width - 1
-            covered = (slot >= 0) & (slot < real_len // width)
-        else:
-            slot = position // width
-            covered = (slot * width < seq_len) & (slot < padded_len // width)
+        # entry j covers [j*c + c - 1, j*c + 2c - 1) when SHIFTED, else [j*c, (j+1)*c)
+        slot = (position + 1) // width - 1 if SHIFTED else position // width
+        covered = _real_slots(slot, width, seq_len, padded_len, real_len, SHIFTED)
         for member in tl.static_range(GROUP):
             head = bx.to(tl.int64) * GROUP + member
             row = tl.load(inverse + head * (LEVELS * inverse_len) + level * inverse_len + slot, mask=covered, other=-1)
@@ -747,12 +753,11 @@ def _levels_by_entry(
     SLOTS: tl.constexpr = BLOCK_P // WIDTH
     if SHIFTED:  # entry j covers [j*c + c - 1, j*c + 2c - 1); the block starts at first - 1
         slot = first // C - 1 + tl.arange(0, SLOTS)
-        covered = (slot >= 0) & (slot < real_len // C)
         weight = 1.0
     else:
         slot = first // C + tl.arange(0, SLOTS)
-        covered = (slot * C < seq_len) & (slot < padded_len // C)
         weight = 1.0 / C
+    covered = _real_slots(slot, C, seq_len, padded_len, real_len, SHIFTED)
     found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
                                       LEVEL, LEVELS)
     rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
