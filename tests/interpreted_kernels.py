@@ -24,6 +24,7 @@ coarsest level.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
 from lighthouse_hf import lighthouse_attention  # noqa: E402
+from lighthouse_hf.export.verify import same_bits  # noqa: E402
 from lighthouse_hf.ops import LighthousePlan, fused, reference  # noqa: E402
 
 # Triton 3.6's interpreter converts a loop bound with int() on a 1-element array, which NumPy 2.4
@@ -117,6 +119,17 @@ def positions_per_program(block_d: int) -> list[int]:
 GPU_POSITIONS_PER_PROGRAM = positions_per_program(128)
 
 
+@contextlib.contextmanager
+def gpu_blocks(dim: int) -> Iterator[None]:
+    """The position kernel at ``dim`` with as many positions a program as at D=128 on the GPU."""
+    natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
+    fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * dim for w in GPU_POSITIONS_PER_PROGRAM)
+    try:
+        yield
+    finally:
+        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -185,14 +198,9 @@ def compare_row(item: tuple) -> dict:
     """:func:`compare` on one (case, options, dtype), a wide case at the GPU's positions per program,
     with the positions a program of the position kernel took."""
     case, options, dtype = item
-    natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
-    if case in GPU_BLOCK_CASES:
-        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
-    try:
+    with gpu_blocks(case[4]) if case in GPU_BLOCK_CASES else contextlib.nullcontext():
         widths = positions_per_program(fused._next_power_of_2(case[4]))  # what ran, not what was asked
         return dict(compare(case, options, dtype), positions_per_program=widths)
-    finally:
-        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
@@ -324,10 +332,6 @@ def halo_row(item: tuple) -> dict:
 SKIP_CASES = [((1, 2, 1, 4096, 16, 3, 4, 128), ALL_OPTIONS), ((1, 4, 2, 4096, 16, 3, 4, 128), {})]
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
-
-
 def _with_check(on: bool, compute: Callable):
     """``compute()`` on the fused path (CPU tensors), every position-kernel launch checking for finer
     levels (``on``) or none."""
@@ -344,35 +348,31 @@ def skip_row(item: tuple) -> dict:
     """Whether the fused path's output and gradients (``"attention"``) or the halo's scatter
     (``"halo"``) are bit for bit the same with the check on and off, in bfloat16 at the GPU's blocks."""
     kind, case, options = item
-    natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
-    gpu_blocks = (w * case[4] for w in GPU_POSITIONS_PER_PROGRAM)
-    fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = gpu_blocks
-    try:
-        batch, heads, kv_heads, seq, dim = case[:5]
-        plan = LighthousePlan(seq, *case[5:])
-        g = torch.Generator().manual_seed(seq)
-        if kind == "halo":
-            q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
-            out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g).bfloat16()
-            listing = fused.select_entries(q, k, plan)
-            length = seq + plan.coarse_width - 1
-            results = [_with_check(on, lambda: fused.scatter_entries(listing, out_sel, length, plan, options["mean"]))
-                       for on in (True, False)]
-            return dict(kind=kind, case=case, options=options, same_bits=torch.equal(*map(_bits, results)))
+    batch, heads, kv_heads, seq, dim = case[:5]
+    plan = LighthousePlan(seq, *case[5:])
+    g = torch.Generator().manual_seed(seq)
+    if kind == "halo":
+        q, k = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads))
+        out_sel = torch.randn(batch, heads, plan.compressed_len, dim, generator=g).bfloat16()
+        listing = fused.select_entries(q, k, plan)
+        length = seq + plan.coarse_width - 1
+
+        def compute():
+            return (fused.scatter_entries(listing, out_sel, length, plan, options["mean"]),)
+    else:
         q, k, v = (torch.randn(batch, seq, h, dim, generator=g).transpose(1, 2).bfloat16()
                    for h in (heads, kv_heads, kv_heads))
         kwargs = option_arguments(options, case, g)
 
-        def attention():
+        def compute():
             inputs = [x.clone().requires_grad_() for x in (q, k, v)]
             out = lighthouse_attention(*inputs, levels=case[5], pooling=case[6], topk=case[7], **kwargs)
             return (out, *torch.autograd.grad(out.float().square().sum(), inputs))
 
-        results = [_with_check(on, attention) for on in (True, False)]
-        same = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(*results))
-        return dict(kind=kind, case=case, options=options, same_bits=same)
-    finally:
-        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
+    with gpu_blocks(dim):
+        results = [_with_check(on, compute) for on in (True, False)]
+    same = all(same_bits(a, b) for a, b in zip(*results))
+    return dict(kind=kind, case=case, options=options, same_bits=same)
 
 
 def mode_items(mode: str) -> list[tuple]:
