@@ -274,13 +274,14 @@ def means_row(case: tuple) -> dict:
     """rope="pooled": the score pass's means against the reference pyramid's level of their width,
     over the positions the pass covers, and the gathered q and k rows (copies or means of those
     means) against the reference's rows of the same listing. rope="span_end": the same listing
-    (the scores are the same norms) and no means (the gather pools its rows, rotated to span end,
-    itself)."""
+    (the scores are the same norms); means only where the pooled ones are the coarsest level's, then
+    at span end, against the reference's span-end pyramid, and its gathered q and k rows likewise."""
     batch, heads, kv_heads, seq, dim = case[:5]
     plan = LighthousePlan(seq, *case[5:])
     g = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(batch, h, seq, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
-    pooled, span_end = (fused.select_entries(q, k, plan, rope=rope) for rope in (False, True))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    pooled, span_end = (fused.select_entries(q, k, plan, rope_inv_freq=rope) for rope in (None, inv_freq))
     width = fused.score_pass_means_width(q.dtype, dim, plan)
     level = round(math.log(width, plan.pooling))
     rows = fused.score_means_rows(plan, width)
@@ -292,12 +293,24 @@ def means_row(case: tuple) -> dict:
     wants = (reference.gather_entries(reference.pyramid(x.float(), plan), selection.index) for x in (q, k, v))
     # relative to each row element (one bf16 step is 2**-8 to 2**-7 of it), so a wrong or missing mean shows
     gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
+    span_end_error = span_end_gather_error = None
+    if span_end.means.numel():
+        coarsest = plan.level_offset(plan.levels - 1)
+        at_end = torch.cat([reference.pyramid(x.float(), plan, inv_freq)[:, :, coarsest : coarsest + rows].flatten(0, 1)
+                            for x in (q, k)])
+        span_end_error = (span_end.means.float() - at_end).abs().max().item()
+        rotated = fused.gather_entries(span_end, q, k, v, plan)[:2]
+        rotated_wants = (reference.gather_entries(reference.pyramid(x.float(), plan, inv_freq), selection.index)
+                         for x in (q, k))
+        span_end_gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item()
+                                    for got, want in zip(rotated, rotated_wants))
     return dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
                 means_dtype=str(pooled.means.dtype),
                 max_error=(pooled.means.float() - want).abs().max().item(),
                 gather_error=gather_error,
                 same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
-                span_end_means=span_end.means.numel())
+                span_end_means=span_end.means.numel(), span_end_error=span_end_error,
+                span_end_gather_error=span_end_gather_error)
 
 
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never

@@ -104,13 +104,13 @@ def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, r
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers)
 
 
-def scores_ptx(plan: LighthousePlan, heads: int, dim: int, *, given: bool, causal: bool) -> str:
+def scores_ptx(plan: LighthousePlan, heads: int, dim: int, *, given: bool, causal: bool, rope: bool = False) -> str:
     """The PTX of ``scores_kernel`` for bf16 q and k (``given``: float32 level-0 scores instead, as
-    Qwen3's pre-norm scores) of shape [1, heads, S, dim] under ``plan``, as ``fused._score_pyramids``
-    launches it."""
+    Qwen3's pre-norm scores; ``rope``: span-end RoPE) of shape [1, heads, S, dim] under ``plan``, as
+    ``fused._score_pyramids`` launches it."""
     _check_dim(dim)
     block_p = fused._positions_per_program(dim, fused._SCORE_BLOCK_ELEMENTS)
-    means_width = fused.score_pass_means_width(torch.bfloat16, dim, plan, given_scores=given)
+    means_width = fused.score_pass_means_width(torch.bfloat16, dim, plan, given_scores=given, span_end_rope=rope)
     seq = plan.seq_len
     strides = (heads * seq, seq, 1) if given else (heads * seq * dim, seq * dim, dim)
     values = dict(heads_q=heads, heads_k=heads, dim=dim, seq_len=seq, real_len=plan.real_len, padded_len=plan.padded_len,
@@ -119,10 +119,11 @@ def scores_ptx(plan: LighthousePlan, heads: int, dim: int, *, given: bool, causa
                   q_stride_b=strides[0], q_stride_h=strides[1], q_stride_s=strides[2],
                   k_stride_b=strides[0], k_stride_h=strides[1], k_stride_s=strides[2])
     constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, MEANS_WIDTH=means_width, CAUSAL=causal, BLOCK_P=block_p,
-                      BLOCK_D=dim, PASS_LEVELS=fused._score_pass_levels(torch.bfloat16, dim, plan), GIVEN=given)
+                      BLOCK_D=dim, PASS_LEVELS=fused._score_pass_levels(torch.bfloat16, dim, plan), GIVEN=given,
+                      ROPE_HALF=dim // 2 if rope and means_width else 0)
     source = "*fp32" if given else "*bf16"
     means = "*fp32" if means_width and means_width != plan.coarse_width else "*bf16"  # fused._score_means's dtype
-    pointers = dict(src_q=source, src_k=source, scores="*fp32", means=means)
+    pointers = dict(src_q=source, src_k=source, scores="*fp32", means=means, rotary="*fp32")
     return sm90_ptx(kernels.scores_kernel, values, constexprs, pointers)
 
 

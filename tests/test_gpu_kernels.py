@@ -150,16 +150,30 @@ def test_score_pass_means_equal_reference_pyramid(shape):
         torch.testing.assert_close(rows, want, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[8], PADDED_TAIL], ids=_ids)
-def test_span_end_selects_as_pooled_and_leaves_the_coarsest_means_to_the_gather(shape):
-    # rope="span_end": the scores are the same norms, so the same listing as rope="pooled"; the
-    # score pass writes no means (the gather pools the coarsest level rotated to span end).
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[8], PADDED_TAIL, WIDE_MEANS[0]], ids=_ids)
+def test_span_end_selects_as_pooled_and_writes_the_coarsest_means_at_span_end(shape):
+    # rope="span_end": the scores are the same norms, so the same listing as rope="pooled". Where the
+    # pooled means are the coarsest level's rows, the span-end ones are too, each position turned to
+    # its span's end first; elsewhere (L4 p4: means of 16, spans of 64) none, and the gather pools
+    # the coarsest level rotated itself.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=9)
-    *listing, means = fused._select_impl(q, k, None, None, True, *shape[5:])
-    *pooled_listing, pooled_means = fused._select_impl(q, k, None, None, False, *shape[5:])
+    plan = _plan(shape)
+    dim = q.shape[-1]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
+    rotary = fused.rotary_table(inv_freq, plan)
+    *listing, means = fused._select_impl(q, k, None, None, rotary, *shape[5:])
+    *pooled_listing, pooled_means = fused._select_impl(q, k, None, None, None, *shape[5:])
     for got, want in zip(listing, pooled_listing):
         assert torch.equal(got, want)
-    assert means.numel() == 0 and pooled_means.numel() > 0
+    assert pooled_means.numel() > 0
+    if fused.score_pass_means_width(q.dtype, dim, plan) != plan.coarse_width:
+        assert means.numel() == 0
+        return
+    coarsest, rows = plan.level_offset(plan.levels - 1), fused.score_means_rows(plan, plan.coarse_width)
+    batch, heads = q.shape[:2]
+    for got, x in ((means[: batch * heads], q), (means[batch * heads :], k)):
+        want = reference.pyramid(x.float(), plan, inv_freq)[:, :, coarsest : coarsest + rows].flatten(0, 1)
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["published", "causal"])

@@ -64,6 +64,19 @@ def test_the_score_pass_over_given_scores_loads_only_them(causal):
     assert ptx.count("ld.global") == 1 and registers <= 40 and spills == 0
 
 
+@pytest.mark.parametrize("levels, pooling, topk", [(3, 4, 2048), (4, 2, 1536)])
+def test_the_score_pass_turns_its_span_end_means_inside_each_thread(levels, pooling, topk):
+    # Span-end means from the block's [entries, 16 positions, D] tile and a table at that shape took
+    # 179-255 registers per thread and 16-20 more barriers; one position of 8 entries at a time,
+    # the table row loaded at the rows' shape, adds no barrier to the pooled pass and stays under 96.
+    plan = LighthousePlan(SEQ, levels, pooling, topk)
+    pooled, span_end = (scores_ptx(plan, 8, 128, given=False, causal=False, rope=rope) for rope in (False, True))
+    assert "ld.global" in span_end and span_end.count("ld.global") > pooled.count("ld.global")  # it reads the block again
+    assert cross_thread_traffic(span_end) == cross_thread_traffic(pooled)
+    registers, spills = ptxas_usage(span_end)
+    assert registers <= 96 and spills == 0
+
+
 def _basic_blocks(ptx: str) -> list[str]:
     """``ptx``'s code split at its labels: straight-line runs, each entered at its top."""
     return re.split(r"^\$L__BB\d+_\d+:", ptx, flags=re.MULTILINE)

@@ -78,13 +78,13 @@ def test_options_move_the_bytes_they_should():
     assert causal.score_pass - published.score_pass == pyramid
     assert causal.selection - published.selection == rows * 2 * candidates * 4  # a second score per candidate
 
-    # span-end RoPE and given scores: the coarsest q and k come from the sequence, not the score pass's means
+    # span-end RoPE: the score pass's means are the coarsest level's rows, so they come at span end
+    # from the same bytes; given scores: the coarsest q and k come from the sequence, not from means
     span_end = fused_traffic(plan, rope="span_end", **sizes)
-    coarse_means = plan.n_coarse_padded * ROW
-    assert published.score_pass - span_end.score_pass == 2 * (8 + 2) * coarse_means
-    assert span_end.gather - published.gather == rows * (2 * seq * ROW - 2 * coarse_means)
+    assert span_end.score_pass == published.score_pass and span_end.gather == published.gather
     given = fused_traffic(plan, scores="given", **sizes)
-    assert given.gather == span_end.gather
+    coarse_means = plan.n_coarse_padded * ROW
+    assert given.gather - published.gather == rows * (2 * seq * ROW - 2 * coarse_means)
     assert given.score_pass == 2 * (8 + 2) * seq * 4 + 2 * (8 + 2) * (seq // 4 + seq // 16) * 4
     for name, wrong in (("rope", "span-end"), ("scores", "pre_norm"), ("selection", "exact"), ("combine", "max")):
         with pytest.raises(ValueError, match=name):
@@ -97,7 +97,7 @@ def test_wide_levels_read_q_and_k_from_the_score_pass_means():
     plan = plan_for(65536, 4, 4, 512)
     sizes = dict(batch=1, heads=4, kv_heads=4, dim=128, dtype=torch.bfloat16)
     published = fused_traffic(plan, **sizes)
-    span_end = fused_traffic(plan, rope="span_end", **sizes)  # no means: q and k from the sequence
+    span_end = fused_traffic(plan, rope="span_end", **sizes)  # means finer than the coarsest: none at span end
     seq, means_row = 65536, 128 * 4
     means_written = (4 + 4) * -(-min(seq, plan.padded_len) // 16) * means_row  # those holding a position
     assert published.score_pass - span_end.score_pass == means_written

@@ -104,11 +104,14 @@ def score_pass_means_width(
     head size: its widest level of at most 16 positions (wider spans made the compiler keep the
     block whole, 168-206 registers per thread at D=128). The gather takes the q and k rows of every
     level at least that wide from them. Not with given scores (the pass reads the scores, not q and
-    k) nor span-end RoPE (its means rotate each position first)."""
-    if given_scores or span_end_rope or _score_pass_levels(dtype, dim, plan) == 0:
+    k). With span-end RoPE only where that level is the coarsest: its means are then the coarsest
+    rows, each position turned to its span's end first; a finer width's means would need turning
+    again before they are averaged."""
+    if given_scores or _score_pass_levels(dtype, dim, plan) == 0:
         return 0
     widths = [plan.pooling**level for level in range(1, plan.levels) if plan.pooling**level <= 16]
-    return max(widths, default=0)
+    width = max(widths, default=0)
+    return 0 if span_end_rope and width != plan.coarse_width else width
 
 
 def score_means_rows(plan: LighthousePlan, width: int) -> int:
@@ -132,12 +135,13 @@ def _score_pyramids(
     plan: LighthousePlan,
     q_scores: torch.Tensor | None = None,
     k_scores: torch.Tensor | None = None,
-    rope: bool = False,
+    rotary: torch.Tensor | None = None,
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Max-pooled float32 L2 norms of levels 1..L-1 of q and of k: ``[B*h, L-1, padded_len // p]``
     each (levels end-padded), and the means of q and k that the gather reads (``_score_means``,
-    query heads first, of ``score_pass_means_width`` positions; else an empty tensor). ``causal``: two
+    query heads first, of ``score_pass_means_width`` positions, at span end with ``rotary``, the
+    table of ``rotary_table``; else an empty tensor). ``causal``: two
     rows per level instead of one, ``[B*h, 2*(L-1), padded_len // p]`` (see ``scores_kernel``).
 
     float32 inputs go through ``torch.linalg.vector_norm`` like the reference, so their scores (and
@@ -162,17 +166,19 @@ def _score_pyramids(
     rows = batch * (heads + kv_heads)
     score_rows = 2 * (plan.levels - 1) if causal else plan.levels - 1
     scores = torch.empty(rows, score_rows, stride, dtype=torch.float32, device=q.device)
-    means_width = score_pass_means_width(q.dtype, dim, plan, given_scores=given, span_end_rope=rope)
+    means_width = score_pass_means_width(q.dtype, dim, plan, given_scores=given, span_end_rope=rotary is not None)
     means = _score_means(q, rows, plan, means_width)
     if given and q_scores.dtype != k_scores.dtype:  # one program reads either: one element type
         q_scores, k_scores = q_scores.float(), k_scores.float()
     sources = (q_scores, k_scores) if given else (_last_axis_contiguous(q), _last_axis_contiguous(k))
     blocks = score_pass_positions(q.dtype, dim, plan) // block_p
     _kernels().scores_kernel[(blocks, heads + kv_heads, batch)](
-        *sources, scores, means if means_width else q, heads, kv_heads, dim, plan.seq_len, plan.real_len,
-        plan.padded_len, stride, means.shape[1] if means_width else 0, *sources[0].stride()[:3], *sources[1].stride()[:3],
+        *sources, scores, means if means_width else q, scores if rotary is None else rotary, heads, kv_heads, dim,
+        plan.seq_len, plan.real_len, plan.padded_len, stride, means.shape[1] if means_width else 0,
+        *sources[0].stride()[:3], *sources[1].stride()[:3],
         LEVELS=plan.levels, POOL=plan.pooling, MEANS_WIDTH=means_width, CAUSAL=causal, BLOCK_P=block_p, BLOCK_D=block_d,
-        PASS_LEVELS=pass_levels, GIVEN=given, num_warps=4,
+        PASS_LEVELS=pass_levels, GIVEN=given, ROPE_HALF=0 if rotary is None or not means_width else rotary.shape[-1],
+        num_warps=4,
     )
     if pass_levels < plan.levels:
         _finish_score_pyramid(scores, plan, pass_levels, blocks * block_p, causal)
@@ -235,7 +241,7 @@ Tensor = torch.Tensor
 
 
 def _select_impl(
-    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rope: bool,
+    q: Tensor, k: Tensor, q_scores: Optional[Tensor], k_scores: Optional[Tensor], rotary: Optional[Tensor],
     levels: int, pooling: int, topk: int, causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels()
@@ -255,7 +261,7 @@ def _select_impl(
     scratch = torch.empty(
         batch * heads * plan.tiles, levels, kernels.SCRATCH_KINDS, scratch_row, dtype=torch.int32, device=q.device
     )
-    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rope, causal)
+    q_scores, k_scores, means = _score_pyramids(q, k, plan, q_scores, k_scores, rotary, causal)
     kernels.select_kernel[(plan.tiles, heads, batch)](
         q_scores,
         k_scores,
@@ -423,7 +429,7 @@ def _gather_impl(
     out = [torch.empty(batch, heads, n, dim, dtype=q.dtype, device=q.device) for _ in range(3)]
     sources = [_last_axis_contiguous(x) for x in (q, k, v)]
     # means are written by the score pass of this plan, dtype and head size (see select_entries)
-    means_width = score_pass_means_width(q.dtype, dim, plan) if means.numel() else 0
+    means_width = score_pass_means_width(q.dtype, dim, plan, span_end_rope=rotary is not None) if means.numel() else 0
     _run_entries(sources, out, entry_local, entry_row, plan, shifted=False, means=means if means_width else None,
                  means_width=means_width, rotary=rotary)
     return tuple(out)
@@ -489,13 +495,15 @@ _scatter_backward_op = torch.library.custom_op(
 
 
 @_select_op.register_fake
-def _(q, k, q_scores, k_scores, rope, levels, pooling, topk, causal=False):
+def _(q, k, q_scores, k_scores, rotary, levels, pooling, topk, causal=False):
     plan = plan_for(q.shape[2], levels, pooling, topk)
     batch, heads = q.shape[:2]
     listing = q.new_empty(batch, heads, plan.compressed_len, dtype=torch.int32)
     inverse = q.new_empty(batch, heads, levels, plan.seq_len, dtype=torch.int32)
     rows = batch * (heads + k.shape[1])
-    means = _score_means(q, rows, plan, score_pass_means_width(q.dtype, q.shape[-1], plan, q_scores is not None, rope))
+    means = _score_means(
+        q, rows, plan, score_pass_means_width(q.dtype, q.shape[-1], plan, q_scores is not None, rotary is not None)
+    )
     return listing, torch.empty_like(listing), inverse, means
 
 
@@ -599,6 +607,9 @@ class Listing(NamedTuple):
     means: Tensor
     """The score pass's means of q and k (``score_pass_means_width``), or an empty tensor where it
     did not write them."""
+    rotary: Tensor | None
+    """Span-end RoPE's table (``rotary_table``), built once for the score pass, the gather and its
+    backward; ``None`` for pooled RoPE."""
 
 
 def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
@@ -607,26 +618,25 @@ def _settings(plan: LighthousePlan) -> tuple[int, int, int]:
 
 def select_entries(
     q: Tensor, k: Tensor, plan: LighthousePlan, q_scores: Tensor | None = None, k_scores: Tensor | None = None,
-    rope: bool = False, causal: bool = False,
+    rope_inv_freq: Tensor | None = None, causal: bool = False,
 ) -> Listing:
     """Steps 2-4 (gradient-free): the kernels' listing of the compressed sequence; ``q_scores`` and
-    ``k_scores``: level-0 scores instead of the norms; ``rope``: span-end RoPE follows (the score
-    pass then writes no means); ``causal``: the causal selection rule (``ops/causal.py``)."""
+    ``k_scores``: level-0 scores instead of the norms; ``rope_inv_freq``: span-end RoPE follows (the
+    score pass's means, where it writes them, are at span end); ``causal``: the causal selection
+    rule (``ops/causal.py``)."""
     select = _select_op if torch.compiler.is_compiling() else _select_impl
-    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rope, *_settings(plan), causal))
+    rotary = rotary_table(rope_inv_freq, plan)
+    return Listing(*select(q.detach(), k.detach(), q_scores, k_scores, rotary, *_settings(plan), causal), rotary)
 
 
-def gather_entries(
-    listing: Listing, q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan, rope_inv_freq: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def gather_entries(listing: Listing, q: Tensor, k: Tensor, v: Tensor, plan: LighthousePlan) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1 and 5's inputs: the pooled q, k and v rows of every entry in causal order (q and k at
-    span end with ``rope_inv_freq``); differentiable.
+    span end where the listing holds a rotary table); differentiable.
 
     Compiled code sees the custom op; eager calls take its ``autograd.Function`` twin, which runs
-    the same kernels with less host time on the critical path. The rotary table is built here, once,
-    and saved for the backward."""
+    the same kernels with less host time on the critical path."""
     gather = _gather_op if torch.compiler.is_compiling() else _GatherEntries.apply
-    return gather(q, k, v, *listing, rotary_table(rope_inv_freq, plan), *_settings(plan))
+    return gather(q, k, v, *listing, *_settings(plan))
 
 
 def scatter_entries(listing: Listing, out_sel: Tensor, length: int, plan: LighthousePlan, mean: bool = False) -> Tensor:

@@ -64,6 +64,7 @@ def scores_kernel(
                    # GIVEN: the level-0 scores [B, H, S] and [B, Hkv, S] (any strides), floating point
     scores,  # out [B*H + B*Hkv, LEVELS-1 (CAUSAL: 2*(LEVELS-1)), score_stride] float32 (see below)
     means,  # out with MEANS_WIDTH > 0: [B*H + B*Hkv, means_len, D], means of MEANS_WIDTH positions
+    rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
     heads_q, heads_k, dim, seq_len, real_len, padded_len, score_stride, means_len,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
@@ -75,6 +76,7 @@ def scores_kernel(
     BLOCK_D: tl.constexpr,
     PASS_LEVELS: tl.constexpr,
     GIVEN: tl.constexpr,
+    ROPE_HALF: tl.constexpr,
 ):
     """Norms and their max-pooled levels in one pass over q and k (grid: blocks, H + Hkv, B): the
     L2 norm of every real position in float32 (correctly rounded square root), -1 for padding
@@ -97,8 +99,13 @@ def scores_kernel(
 
     ``GIVEN`` (level-0 scores given to the op): the sources are those scores, taken as the norms
     (exactly, in float32), and no means are written; the same positions per program, so the host
-    finishes a partial pass as for norms."""
+    finishes a partial pass as for norms.
+
+    ``ROPE_HALF > 0`` (span-end RoPE; needs ``MEANS_WIDTH == POOL**(LEVELS-1)`` and ``dim == BLOCK_D
+    == 2 * ROPE_HALF``): the means are the coarsest level's rows at span end, each position turned
+    by ``end - t`` first. The norms, and so the scores, are those of ``rope="pooled"`` bit for bit."""
     tl.static_assert(not GIVEN or MEANS_WIDTH == 0)
+    tl.static_assert(ROPE_HALF == 0 or (MEANS_WIDTH == POOL ** (LEVELS - 1) and BLOCK_D == 2 * ROPE_HALF))
     SPAN: tl.constexpr = MEANS_WIDTH if MEANS_WIDTH > 0 else POOL ** (PASS_LEVELS - 1)
     ENTRIES: tl.constexpr = BLOCK_P // SPAN
     block = tl.program_id(0)
@@ -133,10 +140,55 @@ def scores_kernel(
     for level in tl.static_range(1, PASS_LEVELS):
         _store_level_scores(norm, scores, block, padded_len, score_stride, level, LEVELS, POOL, SPAN, BLOCK_P, CAUSAL)
     if MEANS_WIDTH > 0:
-        mean = tl.sum(rows, axis=1) * (1.0 / SPAN)
         means += row.to(tl.int64) * means_len * dim
-        tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
-                 mask=(entry < means_len)[:, None] & d_mask[None, :])
+        if ROPE_HALF > 0:
+            _store_span_end_means(src, stride_s, seq_len, means, block * ENTRIES, means_len, rotary, d, ENTRIES, SPAN, POOL,
+                                  ROPE_HALF)
+        else:
+            mean = tl.sum(rows, axis=1) * (1.0 / SPAN)
+            tl.store(means + entry.to(tl.int64)[:, None] * dim + d[None, :], mean.to(means.dtype.element_ty),
+                     mask=(entry < means_len)[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _halves(x, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """The two rotate_half halves of ``x`` [ROWS, 2 * HALF], each [ROWS, HALF]."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, HALF)), (0, 2, 1)))
+
+
+@triton.jit
+def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len, rotary, d, ENTRIES: tl.constexpr,
+                          SPAN: tl.constexpr, POOL: tl.constexpr, HALF: tl.constexpr):
+    """``scores_kernel``'s means with span-end RoPE: the mean over each span of ``src``'s rows turned
+    by ``end - t``, for the block's ``ENTRIES`` entries from ``first_entry``. Turning by angle a is
+    ``x cos a + rot(x) sin a`` with ``rot(x) = [-x_hi, x_lo]``, and both halves turn by the same
+    angles, so the sum over a span is ``sum(x cos) + rot(sum(x sin))``: only the two sums are split
+    into halves. The block is read again (from cache) one position of 8 entries at a time, the
+    table row loaded at the rows' shape, so every sum stays inside its thread: the table at the
+    block's [entries, positions, D] shape took 179-255 registers per thread, a [D] table row went
+    through shared memory to the rows' layout, and summing over a position axis that lies across
+    warps did too (v8, NOTES-kernels.md)."""
+    ROWS: tl.constexpr = min(ENTRIES, 8)  # 16 or more entries at D=128 took 159-167 registers
+    table = rotary + ((SPAN - POOL) // (POOL - 1)) * (2 * HALF)  # the level of width SPAN (see ``rotary_table``)
+    column = d % HALF
+    f = tl.arange(0, HALF)
+    for first in tl.static_range(0, ENTRIES, ROWS):
+        entry = first_entry + first + tl.arange(0, ROWS)
+        with_cos = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
+        with_sin = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
+        for offset in tl.static_range(SPAN):
+            position = entry * SPAN + offset
+            rows = tl.load(src + position.to(tl.int64)[:, None] * stride_s + d[None, :],
+                           mask=(position < seq_len)[:, None], other=0.0).to(tl.float32)
+            angle = tl.broadcast_to((table + (SPAN - 1 - offset) * (2 * HALF) + column)[None, :], (ROWS, 2 * HALF))
+            with_cos += rows * tl.load(angle)
+            with_sin += rows * tl.load(angle + HALF)
+        cos_lo, cos_hi = _halves(with_cos, ROWS, HALF)
+        sin_lo, sin_hi = _halves(with_sin, ROWS, HALF)
+        out = means + entry.to(tl.int64)[:, None] * (2 * HALF) + f[None, :]
+        written = (entry < means_len)[:, None]
+        tl.store(out, ((cos_lo - sin_hi) * (1.0 / SPAN)).to(means.dtype.element_ty), mask=written)
+        tl.store(out + HALF, ((cos_hi + sin_lo) * (1.0 / SPAN)).to(means.dtype.element_ty), mask=written)
 
 
 @triton.jit
@@ -546,9 +598,10 @@ def _level_entries(
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
     DIVIDE: tl.constexpr = MEAN and SHIFTED
     TABLE_START: tl.constexpr = (POOL**LEVEL - POOL) // (POOL - 1)  # this level's rows in the rotary table
-    # q and k from the score pass's means: MEANS per entry (the means with WITH_KV and pooled RoPE only)
-    FROM_MEANS: tl.constexpr = WITH_KV and not SHIFTED and ROPE_HALF == 0 and MEANS_WIDTH > 0 and WIDTH >= MEANS_WIDTH
+    # q and k from the score pass's means: MEANS per entry (with span-end RoPE the coarsest level's rows)
+    FROM_MEANS: tl.constexpr = WITH_KV and not SHIFTED and MEANS_WIDTH > 0 and WIDTH >= MEANS_WIDTH
     MEANS: tl.constexpr = WIDTH // MEANS_WIDTH if FROM_MEANS else 0
+    tl.static_assert(ROPE_HALF == 0 or MEANS <= 1)  # span-end means are copies, never averaged
     MEANS_CHUNK: tl.constexpr = min(MEANS, 4) if MEANS <= 16 else 16
     if LEVEL < LEVELS - 1:
         listed_len = POOL * TOPK
@@ -662,7 +715,8 @@ def entries_kernel(
     and k rows of levels at least that wide are the mean of ``c / MEANS_WIDTH`` of the means that
     ``scores_kernel`` wrote (a copy where ``c == MEANS_WIDTH``). ``ROPE_HALF > 0``
     (``rope="span_end"``, not with ``SHIFTED``; needs ``dim == BLOCK_D == 2 * ROPE_HALF``): pooled
-    q and k rows rotate each position to the span's last token first. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
+    q and k rows rotate each position to the span's last token first; means, if any, are the
+    coarsest level's rows already so turned. ``MEAN`` with ``SHIFTED`` (the gradient of ``combine="mean"``): each
     position's gradient is divided by its ``counts``. ``PADDED``: the plan lists many padding
     entries (``fused._mostly_padding``), so a program may hold padding entries only; it writes
     their zero rows and skips the sums."""

@@ -68,7 +68,7 @@ def select(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan, options: Meth
     rope = options.rope_inv_freq is not None
     use_kernels = fused.handles(q) and (not rope or fused.handles_rope(q, options.rope_inv_freq))
     if use_kernels:
-        listing = fused.select_entries(q, k, plan, options.q_scores, options.k_scores, rope, options.causal)
+        listing = fused.select_entries(q, k, plan, options.q_scores, options.k_scores, options.rope_inv_freq, options.causal)
         return SelectedEntries(plan, options, listing, None)
     selection = reference.select(q, k, plan, q_scores=options.q_scores, k_scores=options.k_scores, causal=options.causal)
     return SelectedEntries(plan, options, None, selection)
@@ -79,7 +79,7 @@ def gather(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1 and the gather: ``[B, H, compressed_len, D]`` each, in causal order; differentiable."""
     if entries.listing is not None:
-        return fused.gather_entries(entries.listing, q, k, v, entries.plan, entries.options.rope_inv_freq)
+        return fused.gather_entries(entries.listing, q, k, v, entries.plan)
     index, rope = entries.selection.index, entries.options.rope_inv_freq
     return tuple(
         reference.gather_entries(reference.pyramid(x, entries.plan, rotary), index)

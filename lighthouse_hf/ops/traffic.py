@@ -9,8 +9,9 @@ its element size (a row of the head dimension is ``dim * element_bytes``):
 
 * ``score_pass``: q and k read whole; the float32 score pyramid written (levels 1..L-1, one row
   per level, two with the causal selection); the means of q and k written where the score pass
-  computes them (``fused.score_pass_means_width``: half precision, scores from the norms, RoPE
-  pooled; float32 unless they are the coarsest level's rows), over the positions it covers. With
+  computes them (``fused.score_pass_means_width``: half precision, scores from the norms, with
+  span-end RoPE only where they are the coarsest level's rows; float32 unless they are the
+  coarsest level's rows), over the positions it covers. With
   given scores, the given scores read instead of q and k, as float32 (``scores="pre_norm"``'s and
   the bench's).
 * ``selection``: the scores of each tile's candidates read (q's and k's, for every query head;
@@ -32,7 +33,8 @@ its element size (a row of the head dimension is ``dim * element_bytes``):
   gradients of q (query heads) and of k and v (KV heads) written.
 
 Left out, each small against these at the settings the bench sweeps: the listing that the gather
-and the scatter's backward read, the selection kernel's scratch, span-end RoPE's table, the
+and the scatter's backward read, the selection kernel's scratch, span-end RoPE's table and the
+score pass's second read of its block for span-end means (from cache), the
 causal selection's re-reads of earlier tiles' scores (from cache), and the ATen intermediates of
 score pyramids the Triton pass does not build (float32 inputs, with or without given scores, and
 levels wider than its block).
