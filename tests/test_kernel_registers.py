@@ -67,14 +67,15 @@ def test_the_score_pass_over_given_scores_loads_only_them(causal):
 @pytest.mark.parametrize("levels, pooling, topk", [(3, 4, 2048), (4, 2, 1536)])
 def test_the_score_pass_turns_its_span_end_means_inside_each_thread(levels, pooling, topk):
     # Span-end means from the block's [entries, 16 positions, D] tile and a table at that shape took
-    # 179-255 registers per thread and 16-20 more barriers; one position of 8 entries at a time,
-    # the table row loaded at the rows' shape, adds no barrier to the pooled pass and stays under 96.
+    # 179-255 registers per thread and 16-20 more barriers, 8 entries at a time 96-98 registers; one
+    # position of 4 entries at a time, the angles turned in registers, adds no barrier to the pooled
+    # pass and no register over its 60-71.
     plan = LighthousePlan(SEQ, levels, pooling, topk)
     pooled, span_end = (scores_ptx(plan, 8, 128, given=False, causal=False, rope=rope) for rope in (False, True))
-    assert "ld.global" in span_end and span_end.count("ld.global") > pooled.count("ld.global")  # it reads the block again
+    assert span_end.count("ld.global") > pooled.count("ld.global")  # it reads the block again
     assert cross_thread_traffic(span_end) == cross_thread_traffic(pooled)
-    registers, spills = ptxas_usage(span_end)
-    assert registers <= 96 and spills == 0
+    (registers, spills), (pooled_registers, _) = ptxas_usage(span_end), ptxas_usage(pooled)
+    assert registers <= pooled_registers and spills == 0
 
 
 def _basic_blocks(ptx: str) -> list[str]:

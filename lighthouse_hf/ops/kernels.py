@@ -163,26 +163,32 @@ def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len,
     by ``end - t``, for the block's ``ENTRIES`` entries from ``first_entry``. Turning by angle a is
     ``x cos a + rot(x) sin a`` with ``rot(x) = [-x_hi, x_lo]``, and both halves turn by the same
     angles, so the sum over a span is ``sum(x cos) + rot(sum(x sin))``: only the two sums are split
-    into halves. The block is read again (from cache) one position of 8 entries at a time, the
-    table row loaded at the rows' shape, so every sum stays inside its thread: the table at the
-    block's [entries, positions, D] shape took 179-255 registers per thread, a [D] table row went
-    through shared memory to the rows' layout, and summing over a position axis that lies across
-    warps did too (v8, NOTES-kernels.md)."""
-    ROWS: tl.constexpr = min(ENTRIES, 8)  # 16 or more entries at D=128 took 159-167 registers
-    table = rotary + ((SPAN - POOL) // (POOL - 1)) * (2 * HALF)  # the level of width SPAN (see ``rotary_table``)
-    column = d % HALF
+    into halves. The block is read again (from cache) one position of 4 entries at a time, last
+    position first, so every sum stays inside its thread: the table at the block's [entries,
+    positions, D] shape took 179-255 registers per thread, and summing over a position axis that
+    lies across warps went through shared memory (v8, NOTES-kernels.md). The angles ``o * inv_freq``
+    (``o = end - t``, 0 to SPAN - 1) come by turning the last one's by ``inv_freq`` (the table's
+    row 1) at each step, in float32: within about ``SPAN`` float32 roundings of the table's
+    (relative 1e-6 at SPAN = 16), for means that are stored in half precision; loading the table
+    row at each step made the pass L1-bound (0.14 -> 0.22 ms at 128K, H=8)."""
+    ROWS: tl.constexpr = min(ENTRIES, 4)  # at D=128 the pass takes 52 registers (8 entries: 96-98; 16: 159-167)
+    turn = rotary + ((SPAN - POOL) // (POOL - 1) + 1) * (2 * HALF) + d % HALF  # row o = 1 of the level of width SPAN
     f = tl.arange(0, HALF)
     for first in tl.static_range(0, ENTRIES, ROWS):
         entry = first_entry + first + tl.arange(0, ROWS)
+        step_cos = tl.load(tl.broadcast_to(turn[None, :], (ROWS, 2 * HALF)))
+        step_sin = tl.load(tl.broadcast_to(turn[None, :] + HALF, (ROWS, 2 * HALF)))
+        cos = tl.full((ROWS, 2 * HALF), 1.0, dtype=tl.float32)
+        sin = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
         with_cos = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
         with_sin = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
-        for offset in tl.static_range(SPAN):
-            position = entry * SPAN + offset
+        for to_end in tl.static_range(SPAN):
+            position = entry * SPAN + (SPAN - 1 - to_end)
             rows = tl.load(src + position.to(tl.int64)[:, None] * stride_s + d[None, :],
                            mask=(position < seq_len)[:, None], other=0.0).to(tl.float32)
-            angle = tl.broadcast_to((table + (SPAN - 1 - offset) * (2 * HALF) + column)[None, :], (ROWS, 2 * HALF))
-            with_cos += rows * tl.load(angle)
-            with_sin += rows * tl.load(angle + HALF)
+            with_cos += rows * cos
+            with_sin += rows * sin
+            cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
         cos_lo, cos_hi = _halves(with_cos, ROWS, HALF)
         sin_lo, sin_hi = _halves(with_sin, ROWS, HALF)
         out = means + entry.to(tl.int64)[:, None] * (2 * HALF) + f[None, :]
