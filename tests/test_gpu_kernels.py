@@ -273,7 +273,7 @@ def test_lighthouse_kernels_bitwise_deterministic_by_default(shape):
     settings = tuple(shape[5:])
     runs = []
     for _ in range(2):
-        entry_local, entry_row, inverse, means = fused._select_impl(q, k, None, None, False, *settings)
+        entry_local, entry_row, inverse, means = fused._select_impl(q, k, None, None, None, *settings)
         gathered = fused._gather_impl(q, k, v, entry_local, entry_row, inverse, means, None, *settings)
         scattered, _ = fused._scatter_impl(gathered[2], inverse, entry_local, entry_row, shape[3], False, *settings)
         grad_sel = fused._scatter_backward_impl(q, q.new_empty(0, dtype=torch.float32), entry_local, entry_row, *settings)
@@ -341,7 +341,7 @@ def test_the_position_kernels_two_ways_to_sum_give_the_same_bits(shape, rope, me
     batch, heads, kv_heads, seq_len, dim = shape[:5]
     settings = tuple(shape[5:])
     q, k, _ = _inputs(shape, torch.bfloat16, seed=7)
-    entry_local, entry_row, inverse, _ = fused._select_impl(q, k, None, None, False, *settings)
+    entry_local, entry_row, inverse, _ = fused._select_impl(q, k, None, None, None, *settings)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
     rotary = fused.rotary_table(inv_freq, LighthousePlan(seq_len, *settings)) if rope else None
     generator = torch.Generator(device="cuda").manual_seed(8)
