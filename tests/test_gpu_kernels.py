@@ -283,12 +283,15 @@ def test_lighthouse_kernels_bitwise_deterministic_by_default(shape):
         assert torch.equal(first, second)
 
 
-def test_compiled_function_matches_eager():
+@pytest.mark.parametrize("rope", [False, True], ids=["pooled", "span_end"])
+def test_compiled_function_matches_eager(rope):
+    # span_end: the rotary table goes through the select op (its span-end means) and the gather
     shape = (1, 4, 2, 4096, 64, 3, 4, 256)
     q, k, v = _inputs(shape, torch.bfloat16, seed=7, requires_grad=True)
+    options = dict(rope_inv_freq=1.0 / 10000 ** (torch.arange(0, 64, 2, device="cuda").float() / 64)) if rope else {}
 
     def attention(q, k, v):
-        return lighthouse_attention(q, k, v, **_settings(shape))
+        return lighthouse_attention(q, k, v, **_settings(shape), **options)
 
     compiled = torch.compile(attention, fullgraph=True)
     eager_out = attention(q, k, v)
