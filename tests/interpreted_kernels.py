@@ -293,7 +293,7 @@ def means_row(case: tuple) -> dict:
     wants = (reference.gather_entries(reference.pyramid(x.float(), plan), selection.index) for x in (q, k, v))
     # relative to each row element (one bf16 step is 2**-8 to 2**-7 of it), so a wrong or missing mean shows
     gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item() for got, want in zip(gathered, wants))
-    span_end_error = span_end_gather_error = None
+    span_end_error = span_end_gather_error = span_end_copies_means = None
     if span_end.means.numel():
         coarsest = plan.level_offset(plan.levels - 1)
         at_end = torch.cat([reference.pyramid(x.float(), plan, inv_freq)[:, :, coarsest : coarsest + rows].flatten(0, 1)
@@ -304,13 +304,20 @@ def means_row(case: tuple) -> dict:
                          for x in (q, k))
         span_end_gather_error = max(((got.float() - want).abs() / (want.abs() + 1e-3)).max().item()
                                     for got, want in zip(rotated, rotated_wants))
+        # the gather copies those means (pooling the rows itself would give the same numbers): with the
+        # means made NaN, the coarsest q and k rows, and only they, come out NaN
+        poisoned = span_end._replace(means=torch.full_like(span_end.means, float("nan")))
+        nan_rows = [x.isnan().any(-1) for x in fused.gather_entries(poisoned, q, k, v, plan)]
+        from_means = (selection.level == plan.levels - 1) & (selection.local < rows)
+        span_end_copies_means = bool(from_means.any() and torch.equal(nan_rows[0], from_means)
+                                     and torch.equal(nan_rows[1], from_means) and not nan_rows[2].any())
     return dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
                 means_dtype=str(pooled.means.dtype),
                 max_error=(pooled.means.float() - want).abs().max().item(),
                 gather_error=gather_error,
                 same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
                 span_end_means=span_end.means.numel(), span_end_error=span_end_error,
-                span_end_gather_error=span_end_gather_error)
+                span_end_gather_error=span_end_gather_error, span_end_copies_means=span_end_copies_means)
 
 
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never

@@ -161,7 +161,7 @@ def main() -> None:
     plan = LighthousePlan(args.seq, args.levels, args.pooling, args.topk)
     variants = [
         ("pooled gather", dict(rope=False, shifted=False)),  # with the score pass's means, as at this D
-        ("span_end gather", dict(rope=True, shifted=False, means_width=0)),
+        ("span_end gather", dict(rope=True, shifted=False)),  # with span-end means where they are the coarsest
         ("scatter backward (SHIFTED)", dict(rope=False, shifted=True, means_width=0)),
         ("scatter backward, combine=mean", dict(rope=False, shifted=True, means_width=0, mean=True)),
     ]
@@ -172,7 +172,8 @@ def main() -> None:
         args.ptx.mkdir(parents=True, exist_ok=True)
     for dim in args.dims:
         for name, options in variants:
-            options = {"means_width": fused.score_pass_means_width(torch.bfloat16, dim, plan), **options}
+            means_width = fused.score_pass_means_width(torch.bfloat16, dim, plan, span_end_rope=options["rope"])
+            options = {"means_width": means_width, **options}
             ptx = entries_ptx(plan, args.heads, dim, **options)
             if args.ptx is not None:
                 (args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)

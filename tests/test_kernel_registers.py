@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -22,14 +23,16 @@ def _ptxas() -> str | None:
 pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
 from kernel_registers import cross_thread_traffic, entries_ptx, positions_ptx, ptxas_usage, scores_ptx  # noqa: E402
-
+from lighthouse_hf.ops import fused  # noqa: E402
 from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
 
 SEQ = 128 * 1024
 
 
 def _span_end_gather(dim: int, levels: int, pooling: int, topk: int) -> str:
-    return entries_ptx(LighthousePlan(SEQ, levels, pooling, topk), 8, dim, rope=True, shifted=False, means_width=0)
+    plan = LighthousePlan(SEQ, levels, pooling, topk)
+    means_width = fused.score_pass_means_width(torch.bfloat16, dim, plan, span_end_rope=True)  # as launched
+    return entries_ptx(plan, 8, dim, rope=True, shifted=False, means_width=means_width)
 
 
 @pytest.mark.slow

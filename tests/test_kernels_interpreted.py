@@ -104,6 +104,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
         assert (row["span_end_means"] > 0) == coarsest, row
         if coarsest:
             assert row["span_end_error"] < 0.05 and row["span_end_gather_error"] < 0.02, row
+            assert row["span_end_copies_means"], row
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ def scores_kernel(
     if MEANS_WIDTH > 0:
         means += row.to(tl.int64) * means_len * dim
         if ROPE_HALF > 0:
-            _store_span_end_means(src, stride_s, seq_len, means, block * ENTRIES, means_len, rotary, d, ENTRIES, SPAN, POOL,
+            _store_span_end_means(src, stride_s, seq_len, means, block * ENTRIES, means_len, rotary, d, ENTRIES, SPAN,
                                   ROPE_HALF)
         else:
             mean = tl.sum(rows, axis=1) * (1.0 / SPAN)
@@ -158,7 +158,7 @@ def _halves(x, ROWS: tl.constexpr, HALF: tl.constexpr):
 
 @triton.jit
 def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len, rotary, d, ENTRIES: tl.constexpr,
-                          SPAN: tl.constexpr, POOL: tl.constexpr, HALF: tl.constexpr):
+                          SPAN: tl.constexpr, HALF: tl.constexpr):
     """``scores_kernel``'s means with span-end RoPE: the mean over each span of ``src``'s rows turned
     by ``end - t``, for the block's ``ENTRIES`` entries from ``first_entry``. Turning by angle a is
     ``x cos a + rot(x) sin a`` with ``rot(x) = [-x_hi, x_lo]``, and both halves turn by the same
@@ -172,7 +172,7 @@ def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len,
     (relative 1e-6 at SPAN = 16), for means that are stored in half precision; loading the table
     row at each step made the pass L1-bound (0.14 -> 0.22 ms at 128K, H=8)."""
     ROWS: tl.constexpr = min(ENTRIES, 4)  # at D=128 the pass takes 52 registers (8 entries: 96-98; 16: 159-167)
-    turn = rotary + ((SPAN - POOL) // (POOL - 1) + 1) * (2 * HALF) + d % HALF  # row o = 1 of the level of width SPAN
+    turn = rotary + 2 * HALF + d % HALF  # row o = 1 (the same at every level)
     f = tl.arange(0, HALF)
     for first in tl.static_range(0, ENTRIES, ROWS):
         entry = first_entry + first + tl.arange(0, ROWS)
@@ -515,8 +515,9 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     CHUNK, BLOCK_D] tiles, a chunk axis of 16 or more lay across warps and every step's sum went
     through shared memory behind barriers, which bound the launch on L1 (NOTES-kernels.md, v17).
     ``TILE`` (chunks of at most 4, whose axis stays inside a warp): sums such tiles instead, for
-    v beside span-end RoPE's rotated rows, where the unrolled loop took the launch from 95 to 114
-    registers per thread.
+    v beside span-end RoPE's rotated rows of q and k, where the unrolled loop took the launch from
+    95 to 114 registers per thread (a level whose q and k are the score pass's means rotates none,
+    and sums v as published does).
     ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
     where any entry reaches it), ``counts`` pointing at this head's row of counts."""
     tl.static_assert(not TILE or (CHUNK <= 4 and not DIVIDE))
@@ -683,7 +684,8 @@ def _level_entries(
                     tl.store(dst_k + out, (total * SCALE).to(dst_k.dtype.element_ty), mask=out_mask)
             if WITH_KV:
                 total = _entry_rows(src_v, b, h // group, v_stride_b, v_stride_h, v_stride_s, first, use, seq_len, d,
-                                    d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False, ROTATE and WIDTH <= 16)
+                                    d_mask, counts, WIDTH, CHUNK, BLOCK_R, BLOCK_D, False,
+                                    ROTATE and not FROM_MEANS and WIDTH <= 16)
                 tl.store(dst_v + out, (total * SCALE).to(dst_v.dtype.element_ty), mask=out_mask)
     return level_first_block + level_blocks
 
