@@ -169,13 +169,15 @@ def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len,
     lies across warps went through shared memory (v8, NOTES-kernels.md). The angles ``o * inv_freq``
     (``o = end - t``, 0 to SPAN - 1) come by turning the last one's by ``inv_freq`` (the table's
     row 1) at each step, in float32: within about ``SPAN`` float32 roundings of the table's
-    (relative 1e-6 at SPAN = 16), for means that are stored in half precision; loading the table
-    row at each step made the pass L1-bound (0.14 -> 0.22 ms at 128K, H=8)."""
+    (relative 1e-6 at SPAN = 16), for means that are stored in half precision. A table row loaded
+    at each step (80 registers) was no slower on the H200 (0.22 ms for the pass at 128K, H=8,
+    against 0.23; 0.14 without span-end means): what the pass pays is its second read."""
     ROWS: tl.constexpr = min(ENTRIES, 4)  # at D=128 the pass takes 52 registers (8 entries: 96-98; 16: 159-167)
     turn = rotary + 2 * HALF + d % HALF  # row o = 1 (the same at every level)
     f = tl.arange(0, HALF)
     for first in tl.static_range(0, ENTRIES, ROWS):
         entry = first_entry + first + tl.arange(0, ROWS)
+        # loaded again for each group of entries: loaded once before them, the pass took 168 registers
         step_cos = tl.load(tl.broadcast_to(turn[None, :], (ROWS, 2 * HALF)))
         step_sin = tl.load(tl.broadcast_to(turn[None, :] + HALF, (ROWS, 2 * HALF)))
         cos = tl.full((ROWS, 2 * HALF), 1.0, dtype=tl.float32)
