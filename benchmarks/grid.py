@@ -192,16 +192,34 @@ def run(out: Path, seqs: list[int], levels: list[int], timeout: float, compile_f
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [r for r in document["rows"]
                             if (r["seq"], r["levels"]) != (seq, level) or r["pooling"] not in poolings] + rows
-        document["copy_tb_per_s"][name] = copy
-        # --update may come at a later commit than the file's: each run says where it was measured
-        part = name if tuple(poolings) == POOLINGS else f"{name} p{','.join(map(str, poolings))}"
         processes = f", median of {len(outcomes)} processes" if repeats > 1 else ""
-        document.setdefault("measured", {})[part] = f"{commit()} {datetime.date.today().isoformat()}{processes}"
+        record_part(document, name, poolings, copy, f"{commit()} {datetime.date.today().isoformat()}{processes}")
         mark_missing(document, [(seq, level)], [name])
         write_atomically(out, document)
         measured += 1
         print(f"{name}: {len(rows)} rows", flush=True)
     return 0 if measured == len(runs) else 1
+
+
+def record_part(document: dict, name: str, poolings: Sequence[int], copy: float, measured: str) -> None:
+    """Files a run's copy bandwidth (TB/s) and where it was measured (``--update`` may come at a later
+    commit than the file's) under the part it measured: ``name`` ("128K L5"), or with some pool
+    factors "128K L5 p2". A run of some pool factors leaves the others' records alone; a run drops
+    the records of earlier parts whose rows it measured again."""
+    part = name if tuple(poolings) == POOLINGS else f"{name} p{','.join(map(str, poolings))}"
+
+    def remeasured(key: str) -> bool:
+        if key == name:
+            return tuple(poolings) == POOLINGS
+        if not key.startswith(f"{name} p"):
+            return False
+        return set(map(int, key[len(name) + 2:].split(","))) <= set(poolings)
+
+    for record, value in (("copy_tb_per_s", copy), ("measured", measured)):
+        records = document.setdefault(record, {})
+        for key in [key for key in records if remeasured(key)]:
+            del records[key]
+        records[part] = value
 
 
 def mark_missing(document: dict, runs: list[tuple[int, int]], names: list[str]) -> None:

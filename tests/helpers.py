@@ -13,6 +13,8 @@ from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Conf
 
 import lighthouse_hf.context_parallel
 import lighthouse_hf.integration
+from lighthouse_hf.ops import fused
+from lighthouse_hf.ops.plan import LighthousePlan
 
 # Sizes of the tiny models: every family gets the same ones, so only the architecture differs.
 TINY_SIZES = dict(
@@ -159,3 +161,21 @@ def change_after(x: torch.Tensor, t: int, how: str, generator: torch.Generator) 
         later = changed[:, :, t + 1 :]
         changed[:, :, t + 1 :] = (torch.randn(later.shape, device=generator.device, generator=generator) * 5).to(x.dtype)
     return changed
+
+
+def span_end_scores_apart(q: torch.Tensor, k: torch.Tensor, plan: LighthousePlan,
+                          inv_freq: torch.Tensor) -> list[tuple[bool, int, int]]:
+    """(causal, level, row) of every score row that the score pass writes otherwise with span-end
+    RoPE than with pooled RoPE, to the last bit, under both selection rules; empty where all agree.
+    A span-end pass that computed its norms apart from the pooled pass's could sum them in another
+    order, and move a selection."""
+    rotary = fused.rotary_table(inv_freq, plan)
+    apart = []
+    for causal in (False, True):
+        pooled, span_end = (fused._score_pyramids(q, k, plan, rotary=table, causal=causal)[:2] for table in (None, rotary))
+        for level in range(1, plan.levels):
+            slots = plan.padded_len // plan.pooling**level
+            for row in (level - 1, plan.levels - 2 + level) if causal else (level - 1,):
+                if not all(torch.equal(a[:, row, :slots], b[:, row, :slots]) for a, b in zip(pooled, span_end)):
+                    apart.append((causal, level, row))
+    return apart

@@ -41,6 +41,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 from lighthouse_hf import lighthouse_attention  # noqa: E402
 from lighthouse_hf.export.verify import same_bits  # noqa: E402
 from lighthouse_hf.ops import LighthousePlan, fused, reference  # noqa: E402
+from helpers import span_end_scores_apart  # noqa: E402
 
 # Triton 3.6's interpreter converts a loop bound with int() on a 1-element array, which NumPy 2.4
 # refuses (only 0-d arrays convert); the interpreter's own patch, repeated with the element taken.
@@ -312,6 +313,7 @@ def means_row(case: tuple) -> dict:
         span_end_copies_means = bool(from_means.any() and torch.equal(nan_rows[0], from_means)
                                      and torch.equal(nan_rows[1], from_means) and not nan_rows[2].any())
     return dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
+                same_scores=not span_end_scores_apart(q, k, plan, inv_freq),
                 means_dtype=str(pooled.means.dtype),
                 max_error=(pooled.means.float() - want).abs().max().item(),
                 gather_error=gather_error,

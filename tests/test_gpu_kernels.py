@@ -14,7 +14,7 @@ import torch
 from lighthouse_hf.export.verify import same_bits
 from lighthouse_hf.ops import fused, lighthouse_attention, reference
 from lighthouse_hf.ops.plan import LighthousePlan
-from helpers import decoder_layer_step, rel_err, tiny_config
+from helpers import decoder_layer_step, rel_err, span_end_scores_apart, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -152,15 +152,16 @@ def test_score_pass_means_equal_reference_pyramid(shape):
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[8], PADDED_TAIL, WIDE_MEANS[0]], ids=_ids)
 def test_span_end_selects_as_pooled_and_writes_the_coarsest_means_at_span_end(shape):
-    # rope="span_end": the scores are the same norms, so the same listing as rope="pooled". Where the
-    # pooled means are the coarsest level's rows, the span-end ones are too, each position turned to
-    # its span's end first; elsewhere (L4 p4: means of 16, spans of 64) none, and the gather pools
-    # the coarsest level rotated itself.
+    # rope="span_end": the scores are the same norms, every score equal to the last bit under both
+    # rules, so the same listing as rope="pooled". Where the pooled means are the coarsest level's
+    # rows, the span-end ones are too, each position turned to its span's end first; elsewhere (L4
+    # p4: means of 16, spans of 64) none, and the gather pools the coarsest level rotated itself.
     q, k, _ = _inputs(shape, torch.bfloat16, seed=9)
     plan = _plan(shape)
     dim = q.shape[-1]
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
     rotary = fused.rotary_table(inv_freq, plan)
+    assert span_end_scores_apart(q, k, plan, inv_freq) == []
     *listing, means = fused._select_impl(q, k, None, None, rotary, *shape[5:])
     *pooled_listing, pooled_means = fused._select_impl(q, k, None, None, None, *shape[5:])
     for got, want in zip(listing, pooled_listing):

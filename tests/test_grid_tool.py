@@ -159,6 +159,22 @@ def test_repeats_keep_the_median_process_row_and_the_range_over_processes(tmp_pa
     assert document["measured"]["64K L3"].endswith(", median of 3 processes")
 
 
+def test_an_update_of_some_pool_factors_keeps_the_others_copy_bandwidth(tmp_path, monkeypatch):
+    # Each part's rows were judged against the copy bandwidth measured in their own run: an update of
+    # p 2 files its own beside the whole run's, and a whole run again replaces both.
+    use_fake_bench(tmp_path, monkeypatch, FAKE_BENCH)
+    out = tmp_path / "grid.json"
+    assert grid.run(out, [65536], [3], timeout=60, compile_first=False) == 0
+    use_fake_bench(tmp_path, monkeypatch, FAKE_BENCH.replace("copy_tb_per_s=4.2", "copy_tb_per_s=3.9"))
+    assert grid.run(out, [65536], [3], timeout=60, compile_first=False, update=True, poolings=[2]) == 0
+    document = json.loads(out.read_text())
+    assert document["copy_tb_per_s"] == {"64K L3": 4.2, "64K L3 p2": 3.9}
+    assert set(document["measured"]) == {"64K L3", "64K L3 p2"}
+    assert grid.run(out, [65536], [3], timeout=60, compile_first=False, update=True) == 0
+    document = json.loads(out.read_text())
+    assert document["copy_tb_per_s"] == {"64K L3": 3.9} and set(document["measured"]) == {"64K L3"}
+
+
 def test_repeats_of_zero_are_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         grid.main(["run", "--out", "unused.json", "--repeats", "0"])

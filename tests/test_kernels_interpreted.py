@@ -87,7 +87,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
     # The gather takes q and k rows of every level at least as wide as these means from them (a copy
     # of the coarsest level's in q's dtype, else the mean of float32 means), for every batch row
     # (bfloat16's fused comparison has no B = 2 case). rope="span_end" selects as the pooled one
-    # (its scores are the same norms); its score pass writes the coarsest level's means at span end
+    # (its scores are the same norms, bit for bit, under both rules); its score pass writes the coarsest level's means at span end
     # where the pooled means are the coarsest level's, and none elsewhere (the gather pools those
     # rows rotated itself).
     rows = interpreted_rows["means"]
@@ -97,7 +97,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
     assert any(row["coarse_width"] > 256 for row in rows)
     for row in rows:
         coarsest = row["means_width"] == row["coarse_width"]
-        assert row["means_width"] > 1 and row["same_listing"], row
+        assert row["means_width"] > 1 and row["same_listing"] and row["same_scores"], row
         assert row["means_dtype"] == ("torch.bfloat16" if coarsest else "torch.float32")
         assert row["max_error"] < (0.05 if coarsest else 1e-5), row
         assert row["gather_error"] < 0.02, row  # bf16 rounding: up to 2**-7 of an element; a wrong mean: O(1)
