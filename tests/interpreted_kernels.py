@@ -275,7 +275,7 @@ def means_row(case: tuple) -> dict:
     """rope="pooled": the score pass's means against the reference pyramid's level of their width,
     over the positions the pass covers, and the gathered q and k rows (copies or means of those
     means) against the reference's rows of the same listing. rope="span_end": the same listing
-    (the scores are the same norms); means only where the pooled ones are the coarsest level's, then
+    and the same scores to the last bit, under both rules (they are the same norms); means only where the pooled ones are the coarsest level's, then
     at span end, against the reference's span-end pyramid, and its gathered q and k rows likewise."""
     batch, heads, kv_heads, seq, dim = case[:5]
     plan = LighthousePlan(seq, *case[5:])

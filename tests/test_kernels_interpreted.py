@@ -87,9 +87,9 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
     # The gather takes q and k rows of every level at least as wide as these means from them (a copy
     # of the coarsest level's in q's dtype, else the mean of float32 means), for every batch row
     # (bfloat16's fused comparison has no B = 2 case). rope="span_end" selects as the pooled one
-    # (its scores are the same norms, bit for bit, under both rules); its score pass writes the coarsest level's means at span end
-    # where the pooled means are the coarsest level's, and none elsewhere (the gather pools those
-    # rows rotated itself).
+    # (its scores are the same norms, bit for bit, under both rules); its score pass writes the
+    # coarsest level's means at span end where the pooled means are the coarsest level's, and none
+    # elsewhere (the gather pools those rows rotated itself).
     rows = interpreted_rows["means"]
     assert len(rows) == 8
     # finer than the coarsest level, and from a pass that covers the sequence only

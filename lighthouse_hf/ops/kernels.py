@@ -171,7 +171,9 @@ def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len,
     row 1) at each step, in float32: within about ``SPAN`` float32 roundings of the table's
     (relative 1e-6 at SPAN = 16), for means that are stored in half precision. A table row loaded
     at each step (80 registers) was no slower on the H200 (0.22 ms for the pass at 128K, H=8,
-    against 0.23; 0.14 without span-end means): what the pass pays is its second read."""
+    against 0.23; 0.14 without span-end means), and neither was a pass that reads its block once
+    (NOTES-kernels.md, "v19 outcomes"): the pass is bound on the rotation and on how it reads, not
+    on the second read."""
     ROWS: tl.constexpr = min(ENTRIES, 4)  # at D=128 the pass takes 52 registers (8 entries: 96-98; 16: 159-167)
     turn = rotary + 2 * HALF + d % HALF  # row o = 1 (the same at every level)
     f = tl.arange(0, HALF)
