@@ -313,6 +313,7 @@ def means_row(case: tuple) -> dict:
         span_end_copies_means = bool(from_means.any() and torch.equal(nan_rows[0], from_means)
                                      and torch.equal(nan_rows[1], from_means) and not nan_rows[2].any())
     return dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
+                span_end_grad_error=span_end_gather_grad_error(q, k, v, span_end, selection, plan, inv_freq),
                 same_scores=not span_end_scores_apart(q, k, plan, inv_freq),
                 means_dtype=str(pooled.means.dtype),
                 max_error=(pooled.means.float() - want).abs().max().item(),
@@ -320,6 +321,23 @@ def means_row(case: tuple) -> dict:
                 same_listing=all(torch.equal(a, b) for a, b in zip(pooled[:3], span_end[:3])),
                 span_end_means=span_end.means.numel(), span_end_error=span_end_error,
                 span_end_gather_error=span_end_gather_error, span_end_copies_means=span_end_copies_means)
+
+
+def span_end_gather_grad_error(q, k, v, listing, selection, plan, inv_freq) -> float:
+    """The span-end gather's gradient of q and k in q's dtype (turned back by the position kernel,
+    its table's columns reordered for 2-byte rows where the half row splits: ``kernels.angle_runs``)
+    against the reference's in float32 through the same listing: the largest error relative to
+    each gradient's largest element."""
+    g = torch.Generator().manual_seed(q.shape[2] + 1)
+    inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+    got = fused.gather_entries(listing, *inputs, plan)[:2]
+    cotangents = [torch.randn(x.shape, generator=g).to(q.dtype) for x in got]
+    torch.autograd.backward(got, cotangents)
+    wants = [x.detach().float().requires_grad_() for x in (q, k)]
+    torch.autograd.backward([reference.gather_entries(reference.pyramid(x, plan, inv_freq), selection.index)
+                             for x in wants], [c.float() for c in cotangents])
+    return max(((x.grad.float() - want.grad).abs().max() / want.grad.abs().max()).item()
+               for x, want in zip(inputs, wants))
 
 
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never

@@ -36,10 +36,10 @@ def _int_type(value: int) -> str:
     return "i32" if -(2**31) <= value < 2**31 else "i64"
 
 
-def sm90_ptx(kernel, values: dict, constexprs: dict, pointers: dict) -> str:
-    """The PTX of ``kernel`` for sm_90, 4 warps, specialized as the JIT specializes a launch with
-    these arguments: ``pointers`` (name: type) and integers divisible by 16 marked so, integers
-    equal to 1 folded into constants."""
+def sm90_ptx(kernel, values: dict, constexprs: dict, pointers: dict, stage: str = "ptx") -> str:
+    """The PTX (or another ``stage`` of the compiler, e.g. ``"ttgir"``) of ``kernel`` for sm_90, 4
+    warps, specialized as the JIT specializes a launch with these arguments: ``pointers`` (name:
+    type) and integers divisible by 16 marked so, integers equal to 1 folded into constants."""
     constexprs = dict(constexprs)
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
@@ -56,7 +56,7 @@ def sm90_ptx(kernel, values: dict, constexprs: dict, pointers: dict) -> str:
             if values[name] % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm["ptx"]
+    return triton.compile(source, target=TARGET, options=dict(num_warps=4)).asm[stage]
 
 
 def _check_dim(dim: int) -> None:
@@ -89,19 +89,20 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shift
 
 
 def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, rope: bool = False,
-                  mean: bool = False, group: int = 1) -> str:
-    """The PTX of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for bf16 rows of
-    ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of two."""
+                  mean: bool = False, group: int = 1, stage: str = "ptx") -> str:
+    """The PTX (or ``stage``) of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for
+    bf16 rows of ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of two."""
     _check_dim(dim)
     values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
     by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
     constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two,
-                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0, MEAN=mean,
-                      SKIP_FINER=fused._skips_finer_levels(plan, block_p))
+                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0,
+                      ANGLE_RUNS=kernels.angle_runs(2) if rope and dim % (8 * kernels.angle_runs(2)) == 0 else 1,
+                      MEAN=mean, SKIP_FINER=fused._skips_finer_levels(plan, block_p))
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
-    return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers)
+    return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers, stage)
 
 
 def scores_ptx(plan: LighthousePlan, heads: int, dim: int, *, given: bool, causal: bool, rope: bool = False) -> str:

@@ -1,7 +1,7 @@
 """The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
 kernel's span-end gather must not do, whatever the timing says, what the score pass over given
 scores costs, where the position kernel's broadcasts may come, that it skips the finer levels where
-only the coarsest reaches, and that it unrolls a GQA group."""
+only the coarsest reaches, that it unrolls a GQA group, and the layout its turned-back angles assume."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _ptxas() -> str | None:
 pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
 from kernel_registers import cross_thread_traffic, entries_ptx, positions_ptx, ptxas_usage, scores_ptx  # noqa: E402
-from lighthouse_hf.ops import fused  # noqa: E402
+from lighthouse_hf.ops import fused, kernels  # noqa: E402
 from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
 
 SEQ = 128 * 1024
@@ -121,6 +121,16 @@ def test_the_position_kernel_does_not_check_where_every_block_meets_a_finer_leve
     # (256K L5 p4 K2048 on the H200: positions_kernel fwd+bwd +7% with it).
     ptx = positions_ptx(LighthousePlan(SEQ, 5, 4, 2048), 128, shifted=not two, two=two)
     assert not re.search(r"\bbra(?:\.uni)?\s", ptx)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_the_turned_back_position_launch_reads_its_angles_in_the_runs_its_table_stores(dim):
+    # kernels.angle_runs: the backward's table stores each thread's two runs of 4 angles apart, for
+    # a layout of 8 bf16 columns a thread (one 16-byte load) in every tile. Under another layout the
+    # numbers stay right (the interpreted gradient rows) but the loads read half-used sectors again.
+    ttgir = positions_ptx(LighthousePlan(SEQ, 3, 4, 2048), dim, shifted=False, two=False, rope=True, stage="ttgir")
+    tiles = set(re.findall(r"sizePerThread = \[(\d+), (\d+)\]", ttgir))
+    assert tiles == {("1", str(4 * kernels.angle_runs(2)))}, tiles
 
 
 def _loops(ptx: str) -> int:

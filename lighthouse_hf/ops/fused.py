@@ -369,7 +369,8 @@ def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
 def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
     source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query heads;
-    ``rotary``: rotate the first source back from span ends (span-end RoPE's gradient);
+    ``rotary``: rotate the first source back from span ends (span-end RoPE's gradient), the table
+    as ``_turned_back_table`` reorders it for that source;
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
@@ -391,10 +392,27 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         ROPE_HALF=0 if rotary is None else rotary.shape[-1],
+        ANGLE_RUNS=_angle_runs(rotary, sources[0]),
         MEAN=counts is not None,
         SKIP_FINER=_skips_finer_levels(plan, block_p),
         num_warps=4,
     )
+
+
+def _angle_runs(rotary: Tensor | None, rows: Tensor) -> int:
+    """``ANGLE_RUNS`` of a ``positions_kernel`` launch over ``rows``: 1 (the table as stored) without a
+    table or where a half row is too short to split."""
+    runs = _kernels().angle_runs(rows.element_size())
+    return 1 if rotary is None or rotary.shape[-1] % (4 * runs) else runs
+
+
+def _turned_back_table(rotary: Tensor, rows: Tensor) -> Tensor:
+    """``rotary_table``'s table as the ``positions_kernel`` launches that turn ``rows`` back read it
+    (``kernels.angle_runs``): in each half, column ``g * 4 * runs + r * 4 + i`` stored at ``r * (half //
+    runs) + g * 4 + i``."""
+    runs = _angle_runs(rotary, rows)
+    entries, two, half = rotary.shape
+    return rotary.view(entries, two, half // (4 * runs), runs, 4).transpose(2, 3).reshape(entries, two, half)
 
 
 def rotary_table(rope_inv_freq: Tensor | None, plan: LighthousePlan) -> Tensor | None:
@@ -444,6 +462,8 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
+    if rotary is not None:
+        rotary = _turned_back_table(rotary, dq_sel)
     _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary)
     if rotary is None:
         _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)

@@ -839,12 +839,31 @@ def _levels_by_entry(
     return total, reached
 
 
+def angle_runs(element_size: int) -> int:
+    """How many runs of 4 float32 angles a thread of ``positions_kernel``'s turned-back launch loads
+    per half row: Triton lays a ``[positions, half]`` tile of rows of ``element_size`` bytes out as
+    one 16-byte load per thread and row, ``16 // element_size`` columns, and loads their angles as
+    16-byte runs of 4. Stored as they lie in the rows, a warp's load of one run per thread would
+    take every other 16 bytes of 32-byte sectors, twice the sectors of its data; the backward's
+    table instead stores run ``r`` of every thread's columns together (``_angle_column``), so each
+    load reads whole sectors (the launches were L1-bound on these loads: NOTES-kernels.md, "v20")."""
+    return max(1, 16 // element_size // 4)
+
+
+@triton.jit
+def _angle_column(a, HALF: tl.constexpr, RUNS: tl.constexpr):
+    """Where column ``a``'s angle lies in a half row of a table stored in ``RUNS`` runs (``angle_runs``)."""
+    if RUNS == 1:
+        return a
+    return ((a // 4) % RUNS) * (HALF // RUNS) + (a // (4 * RUNS)) * 4 + a % 4
+
+
 @triton.jit
 def _level_by_position(
     src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
     dim, selected_len, padded_len, inverse_len,
     GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TWO: tl.constexpr,
-    ROPE_HALF: tl.constexpr,
+    ROPE_HALF: tl.constexpr, ANGLE_RUNS: tl.constexpr,
 ):
     """One level of ``positions_kernel`` without ``BY_ENTRY``: every position loads the row of
     the entry covering it (the gradient of the mean pooling, ``[j*c, (j+1)*c)`` with weight 1/c;
@@ -856,7 +875,7 @@ def _level_by_position(
     if ROPE_HALF > 0 and LEVEL > 0:
         # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
         table = rotary + ((C - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
-        to_end = (C - 1 - position % C)[:, None] * (2 * ROPE_HALF) + a[None, :]
+        to_end = (C - 1 - position % C)[:, None] * (2 * ROPE_HALF) + _angle_column(a, ROPE_HALF, ANGLE_RUNS)[None, :]
         cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
         sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
     for member in tl.static_range(GROUP):
@@ -881,7 +900,7 @@ def _sum_levels(
     a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     GROUP: tl.constexpr, FROM: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
     TWO: tl.constexpr, BY_ENTRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROPE_HALF: tl.constexpr, MEAN: tl.constexpr,
+    ROPE_HALF: tl.constexpr, ANGLE_RUNS: tl.constexpr, MEAN: tl.constexpr,
 ):
     """``positions_kernel``'s sums over levels ``FROM`` and up (see there)."""
     if BY_ENTRY:
@@ -896,7 +915,7 @@ def _sum_levels(
             total_a, total_a_hi, total_b = _level_by_position(
                 src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
                 dim, selected_len, padded_len, inverse_len,
-                GROUP, level, LEVELS, POOL, TWO, ROPE_HALF,
+                GROUP, level, LEVELS, POOL, TWO, ROPE_HALF, ANGLE_RUNS,
             )
     return total_a, total_a_hi, total_b, reached
 
@@ -906,7 +925,7 @@ def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
     inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``; inverse_len: the plan's sequence)
-    rotary,  # with ROPE_HALF > 0: the rotary table (see ``rotary_table`` in fused.py)
+    rotary,  # with ROPE_HALF > 0: the rotary table, each row's columns as ``angle_runs`` stores them
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     # unrolled, so GQA's dk+dv issue every query head's loads together (NOTES-kernels.md, "R and R2 outcomes")
@@ -919,6 +938,7 @@ def positions_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE_HALF: tl.constexpr,
+    ANGLE_RUNS: tl.constexpr,
     MEAN: tl.constexpr,
     SKIP_FINER: tl.constexpr,
 ):
@@ -941,8 +961,9 @@ def positions_kernel(
     ``ROPE_HALF > 0`` (needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the gradient of span-end
     pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t`` positions, ``end`` the
     last position of the entry's span; ``src_a`` is then read and written as its two rotate_half
-    halves. ``MEAN`` (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels
-    reach the position, which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
+    halves, and ``rotary``'s columns are stored in ``ANGLE_RUNS`` runs (``angle_runs``). ``MEAN``
+    (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels reach the
+    position, which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
     that no selected entry below the coarsest level reaches (``_finer_levels_reached``) sums the
     coarsest level alone, by the same code: the same numbers bit for bit, since the finer levels
     would add +0.0 or -0.0 (a zero row, rotated) to a total that is +0.0 or nonzero."""
@@ -971,13 +992,13 @@ def positions_kernel(
         total_a, total_a_hi, total_b, reached = _sum_levels(
             src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
             a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
+            GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, ANGLE_RUNS, MEAN,
         )
     else:  # the same sums, less the finer levels' zeros
         total_a, total_a_hi, total_b, reached = _sum_levels(
             src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
             a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, MEAN,
+            GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, ANGLE_RUNS, MEAN,
         )
     if MEAN:
         total_a = total_a / tl.maximum(reached, 1.0)
