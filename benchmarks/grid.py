@@ -147,14 +147,18 @@ def compile_all(runs: list[tuple[int, int]], poolings: Sequence[int], timeout: f
             print(f"{seq // 1024}K L{level}: compile pass failed ({process.returncode}): {errors[-2000:]}", flush=True)
 
 
-def median_rows(parts: list[list[dict]]) -> list[dict]:
-    """One row per (setting, mode) from the rows of several bench processes: the row (with its floor,
-    times and rounds) of the process whose ratio is the median (the lower of the middle two for an
-    even count), and the ratios' range over the processes as ``ratio_processes``."""
+def setting_key(row: dict) -> tuple:
+    return row["seq"], row["levels"], row["pooling"], row["topk"], row["mode"]
+
+
+def median_rows(parts: list[list[dict]], key: Callable[[dict], tuple] = setting_key) -> list[dict]:
+    """One row per ``key`` (setting and mode) from the rows of several bench processes: the row (with
+    its floor, times and rounds) of the process whose ratio is the median (the lower of the middle
+    two for an even count), and the ratios' range over the processes as ``ratio_processes``."""
     by_key: dict[tuple, list[dict]] = {}
     for rows in parts:
         for row in rows:
-            by_key.setdefault((row["seq"], row["levels"], row["pooling"], row["topk"], row["mode"]), []).append(row)
+            by_key.setdefault(key(row), []).append(row)
     combined = []
     for rows in by_key.values():
         ratios = [row["ratio_to_sdpa_sel_cudnn"] for row in rows]

@@ -3,6 +3,7 @@ bench run per length, and the README's table made from it.
 
     python benchmarks/options.py run --out benchmarks/h200-options-DATE.json --seq 65536 131072   # needs CUDA
     python benchmarks/options.py run --out OPTIONS.json --update --seq 262144
+    python benchmarks/options.py run --out OPTIONS.json --repeats 3
     python benchmarks/options.py table OPTIONS.json
 
 ``run`` times each length in its own ``lighthouse-hf bench --no-dense --json`` process holding all
@@ -12,8 +13,11 @@ bench run per length, and the README's table made from it.
 ``--out`` is rewritten after each length (a run cut short keeps what it measured and names what
 is missing); a length counts as measured only when its report has every combination in both
 modes; an existing file is refused unless ``--update``, which replaces only the lengths measured
-again. ``table`` prints the markdown table: per combination and length the ratio, its range
-over the bench's rounds and its floor (bold, as in the grid, where the ratio is over the target
+again. ``--repeats N`` times each length in N processes and keeps, per row, the median process's
+row with the ratios' range over the processes, as ``benchmarks/grid.py`` does (one process's rows
+have differed from another's at the same commit by up to 0.05x). ``table`` prints the markdown table:
+per combination and length the ratio, its range over the processes (one process: over the
+bench's rounds) and its floor (bold, as in the grid, where the ratio is over the target
 and the floor is not); per mode, the largest excess over published, in milliseconds of the
 same run divided by published's SDPA baseline (so that the combination's own baseline timing adds
 no noise to it); and per mode the most peak memory over published's. Below it, each option's cost:
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from grid import MODES, SEQS, TARGETS, bench_part, column_labels, commit, grid_row, shown, write_atomically
+from grid import MODES, SEQS, TARGETS, bench_part, column_labels, commit, grid_row, median_rows, shown, write_atomically
 from grid import counts as grid_counts  # options.py has a counts of its own
 
 # Each option's values, the published method's first.
@@ -92,8 +96,13 @@ def new_document() -> dict:
     )
 
 
-def run(out: Path, seqs: list[int], timeout: float, update: bool = False) -> int:
-    """Times every combination at each of ``seqs`` into ``out``; 0 when every length was measured."""
+def option_key(row: dict) -> tuple:
+    return row["seq"], row["mode"], combination(row)
+
+
+def run(out: Path, seqs: list[int], timeout: float, update: bool = False, repeats: int = 1) -> int:
+    """Times every combination at each of ``seqs`` into ``out``, each length in ``repeats`` bench
+    processes one after another (rows: ``grid.median_rows``); 0 when every length was measured."""
     if out.exists() and not update:
         raise SystemExit(f"--out {out} exists: pass --update to re-measure some of its lengths, or choose another file")
     document = json.loads(out.read_text()) if out.exists() else new_document()
@@ -104,13 +113,16 @@ def run(out: Path, seqs: list[int], timeout: float, update: bool = False) -> int
     measured = 0
     for seq in seqs:
         name = f"{seq // 1024}K"
-        outcome = bench_part(BENCH + ["--seq", str(seq)], name, timeout, option_rows)
-        if outcome is None:
+        outcomes = [bench_part(BENCH + ["--seq", str(seq)], name, timeout, option_rows) for _ in range(repeats)]
+        outcomes = [outcome for outcome in outcomes if outcome is not None]
+        if not outcomes:
             continue
-        report, rows = outcome
+        report = outcomes[0][0]
+        rows = median_rows([part_rows for _, part_rows in outcomes], key=option_key)
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [row for row in document["rows"] if row["seq"] != seq] + rows
-        document["measured"][name] = f"{commit()} {datetime.date.today().isoformat()}"
+        processes = f", median of {len(outcomes)} processes" if repeats > 1 else ""
+        document["measured"][name] = f"{commit()} {datetime.date.today().isoformat()}{processes}"
         if seq in document["missing"]:
             document["missing"].remove(seq)
         write_atomically(out, document)
@@ -120,12 +132,13 @@ def run(out: Path, seqs: list[int], timeout: float, update: bool = False) -> int
 
 
 def cell(row: dict | None, mode: str) -> str:
-    """The ratio, its range over the rounds and its floor; bold, as in the grid, where it is over the
-    target and the floor is not (the kernels, not their bytes, are what is missing)."""
+    """The ratio, its range over the processes (or, from one process, over its rounds) and its
+    floor; bold, as in the grid, where it is over the target and the floor is not (the kernels, not
+    their bytes, are what is missing)."""
     if row is None:
         return "n/a"
     ratio, floor = shown(row)
-    spread = row.get("ratio_rounds")
+    spread = row.get("ratio_processes", row.get("ratio_rounds"))
     text = f"{ratio:.2f}" + (f" ({spread['low']:.2f}-{spread['high']:.2f})" if spread else "") + f", floor {floor:.2f}"
     return f"**{text}**" if ratio > TARGETS[mode] and floor <= TARGETS[mode] else text
 
@@ -210,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--update", action="store_true", help="re-measure these lengths in an existing --out")
     run_parser.add_argument("--timeout", type=float, default=280.0,
                             help="seconds per length, compiling the 16 combinations' kernels included")
+    run_parser.add_argument("--repeats", type=int, default=1,
+                            help="bench processes per length, one after another; each row is the median process's")
     table_parser = commands.add_parser("table", help="the README's table from an options JSON")
     table_parser.add_argument("options", type=Path)
     args = parser.parse_args(argv)
     if args.command == "run":
         if not torch.cuda.is_available():
             parser.error("run needs a CUDA GPU (the bench times the Triton kernels)")
-        return run(args.out, args.seq, args.timeout, args.update)
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
+        return run(args.out, args.seq, args.timeout, args.update, args.repeats)
     rows = json.loads(args.options.read_text())["rows"]
     print(table(rows) + "\n" + counts(rows) + "\n" + option_costs(rows), end="")
     return 0

@@ -28,6 +28,14 @@ if seq == 262144:
 def values(name):
     after = args[args.index(name) + 1:]
     return after[:next((i for i, value in enumerate(after) if value.startswith("--")), len(after))]
+# --fake-process-count FILE: each process reads 0.01 slower per process before it (FILE counts them)
+shift = 0.0
+if "--fake-process-count" in args:
+    import pathlib
+    count_file = pathlib.Path(args[args.index("--fake-process-count") + 1])
+    before = int(count_file.read_text()) if count_file.exists() else 0
+    count_file.write_text(str(before + 1))
+    shift = 0.01 * before
 COST = {"fwd+bwd": {"span_end": 0.03, "given": -0.01, "causal": 0.02, "mean": 0.01},
         "fwd": {"span_end": 0.06, "given": 0.0, "causal": 0.04, "mean": 0.01}}
 results = []
@@ -38,7 +46,7 @@ for rope, scores, selection, combine in itertools.product(*map(values, ["--rope"
         base = (2.0 if mode == "fwd+bwd" else 1.0) * seq / 65536
         cost = sum(COST[mode].get(v, 0.0) for v in (rope, scores, selection, combine))
         cost += 0.01 * (rope == "span_end" and seq == 131072)
-        ms = base * (1.10 + cost)
+        ms = base * (1.10 + cost + shift)
         published = (rope, scores, selection, combine) == ("pooled", "norms", "published", "sum")
         ratio = ms / (base * (1.0 if published else 1.05))
         # the one fwd+bwd row over the target gets a floor over it too: the bytes' miss, not bold
@@ -99,6 +107,22 @@ def test_a_run_keeps_the_lengths_it_measured_and_names_the_missing_ones(tmp_path
     assert options.run(out, [131072], timeout=60, update=True) == 0
     again = json.loads(out.read_text())
     assert again["missing"] == [262144] and len(again["rows"]) == len(document["rows"])
+
+
+def test_repeats_keep_each_rows_median_process_and_show_the_range_over_the_processes(tmp_path, use_fake_bench):
+    out = tmp_path / "options.json"
+    use_fake_bench("--fake-process-count", str(tmp_path / "processes"))
+    assert options.run(out, [65536], timeout=60, repeats=3) == 0
+    document = json.loads(out.read_text())
+    assert (tmp_path / "processes").read_text() == "3"
+    assert len(document["rows"]) == 2 * 16 and document["measured"]["64K"].endswith(", median of 3 processes")
+    for row in document["rows"]:
+        spread = row["ratio_processes"]
+        assert spread["processes"] == 3 and spread["low"] < row["ratio_to_sdpa_sel_cudnn"] < spread["high"], row
+    published = next(row for row in document["rows"] if options.combination(row) == options.PUBLISHED
+                     and row["mode"] == "fwd+bwd")
+    assert published["ratio_to_sdpa_sel_cudnn"] == pytest.approx(1.11)  # the second process: 0.01 slower
+    assert options.cell(published, "fwd+bwd") == "1.11 (1.10-1.12), floor 1.12"  # not bold: its floor is over too
 
 
 def test_a_report_missing_a_field_or_a_combination_leaves_that_length_and_the_run_goes_on(tmp_path, use_fake_bench):
