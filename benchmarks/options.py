@@ -90,7 +90,7 @@ def new_document() -> dict:
         what="issue 15's option table: lighthouse-hf bench --no-dense, B=1, H=8, D=128, bf16, L=3 p=4 K=2048, "
              "the 16 combinations of rope, scores, selection and combine",
         date=datetime.date.today().isoformat(), device=None, commit=commit(),
-        timing=" ".join(TIMING) + "; one bench run per length, every combination in it",
+        timing=" ".join(TIMING) + "; one bench run per length and process (--repeats), every combination in it",
         fields="as benchmarks/grid.py's rows, plus rope, scores, selection and combine",
         measured={}, missing=[], rows=[],
     )
