@@ -540,8 +540,8 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
                 live = use & (position < seq_len)
                 offsets = position.to(tl.int64)[:, None] * stride_s + d[None, :]
                 rows = tl.load(base + offsets, mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                if DIVIDE:
-                    rows = rows / tl.maximum(tl.load(counts + position, mask=live, other=1.0), 1.0)[:, None]
+                if DIVIDE:  # one reciprocal per row, not a division per element (NOTES-kernels.md, "v21")
+                    rows = rows * (1.0 / tl.maximum(tl.load(counts + position, mask=live, other=1.0), 1.0))[:, None]
                 total += rows
     return total
 
@@ -1001,7 +1001,7 @@ def positions_kernel(
             GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, ANGLE_RUNS, MEAN,
         )
     if MEAN:
-        total_a = total_a / tl.maximum(reached, 1.0)
+        total_a = total_a * (1.0 / tl.maximum(reached, 1.0))
         tl.store(counts + bx.to(tl.int64) * seq_len + position[:, None], reached, mask=p_mask[:, None])
     out_start = (bx.to(tl.int64) * seq_len + position)[:, None] * dim
     tl.store(dst_a + out_start + a[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & a_mask[None, :])
