@@ -523,7 +523,8 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     95 to 114 registers per thread (a level whose q and k are the score pass's means rotates none,
     and sums v as published does).
     ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
-    where any entry reaches it), ``counts`` pointing at this head's row of counts."""
+    where any entry reaches it; multiplied by its reciprocal), ``counts`` pointing at this head's
+    row of counts."""
     tl.static_assert(not TILE or (CHUNK <= 4 and not DIVIDE))
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
