@@ -38,6 +38,7 @@ class _Launches:
         self.counts: collections.Counter[str] = collections.Counter()
         self.SCRATCH_KINDS = kernels.SCRATCH_KINDS
         self.entries_per_program = kernels.entries_per_program
+        self.angle_runs = kernels.angle_runs
 
     def __getattr__(self, name: str):
         if not name.endswith("_kernel"):

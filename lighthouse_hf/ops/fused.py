@@ -402,8 +402,10 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
 def _angle_runs(rotary: Tensor | None, rows: Tensor) -> int:
     """``ANGLE_RUNS`` of a ``positions_kernel`` launch over ``rows``: 1 (the table as stored) without a
     table or where a half row is too short to split."""
+    if rotary is None:
+        return 1
     runs = _kernels().angle_runs(rows.element_size())
-    return 1 if rotary is None or rotary.shape[-1] % (4 * runs) else runs
+    return 1 if rotary.shape[-1] % (4 * runs) else runs
 
 
 def _turned_back_table(rotary: Tensor, rows: Tensor) -> Tensor:
