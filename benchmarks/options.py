@@ -1,5 +1,5 @@
 """Issue 15's option table: every combination of the four method options at 64K, 128K and 256K, one
-bench run per length, and the README's table made from it.
+or more bench runs per length, and the README's table made from them.
 
     python benchmarks/options.py run --out benchmarks/h200-options-DATE.json --seq 65536 131072   # needs CUDA
     python benchmarks/options.py run --out OPTIONS.json --update --seq 262144
@@ -13,19 +13,24 @@ bench run per length, and the README's table made from it.
 ``--out`` is rewritten after each length (a run cut short keeps what it measured and names what
 is missing); a length counts as measured only when its report has every combination in both
 modes; an existing file is refused unless ``--update``, which replaces only the lengths measured
-again. ``--repeats N`` times each length in N processes and keeps, per row, the median process's
-row with the ratios' range over the processes, as ``benchmarks/grid.py`` does (one process's rows
-have differed from another's at the same commit by up to 0.05x). ``table`` prints the markdown table:
-per combination and length the ratio, its range over the processes (one process: over the
-bench's rounds) and its floor (bold, as in the grid, where the ratio is over the target
-and the floor is not); per mode, the largest excess over published, in milliseconds of the
-same run divided by published's SDPA baseline (so that the combination's own baseline timing adds
-no noise to it); and per mode the most peak memory over published's. Below it, each option's cost:
-per mode, the mean over every pair of combinations that differ in that option alone (8 pairs per
-length) of the time with it minus the time without, in published's SDPA baseline of the length,
-with a 95% Student's t interval over the pairs, and the range of the pairs' peak-memory
-differences. Each row is in one pair per option, so an option's pairs share no timing. Between
-the two tables, the rows counted as the grid counts them.
+again. ``--repeats N`` times each length in N processes one after another and keeps, per row, the
+median process's row with the ratios' range over the processes, as ``benchmarks/grid.py`` does
+(one process's rows have differed from another's at the same commit by up to 0.05x), and every
+process's rows under ``process_rows``.
+
+``table`` prints the markdown table: per combination and length the ratio, its range over the
+processes (one process: over the bench's rounds) and its floor (bold, as in the grid, where the
+ratio is over the target and the floor is not); per mode, the largest excess over published, in
+milliseconds over published's row of the same process, divided by that row's SDPA baseline (so
+that the combination's own baseline timing adds no noise to it); and per mode the most peak memory
+over published's. Below it, each option's cost: per mode, the mean over every pair of combinations
+that differ in that option alone (8 pairs per length and process, both rows of a pair from one
+process) of the time with it minus the time without, in published's SDPA baseline of that length
+and process, with a 95% Student's t interval over the pairs, and the range of the pairs'
+peak-memory differences. Within a process each row is in one pair per option, so those pairs share
+no timing. Between the two tables, the rows counted as the grid counts them. A file without
+``process_rows`` (one process per length, or recorded before ``--repeats`` kept them) pairs its
+rows as they are.
 """
 
 from __future__ import annotations
@@ -118,9 +123,13 @@ def run(out: Path, seqs: list[int], timeout: float, update: bool = False, repeat
         if not outcomes:
             continue
         report = outcomes[0][0]
-        rows = median_rows([part_rows for _, part_rows in outcomes], key=option_key)
+        parts = [[dict(row, process=process) for row in part_rows] for process, (_, part_rows) in enumerate(outcomes)]
+        rows = median_rows(parts, key=option_key)
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [row for row in document["rows"] if row["seq"] != seq] + rows
+        if repeats > 1:  # every process's rows, so that costs compare rows of one process
+            document["process_rows"] = [row for row in document.get("process_rows", []) if row["seq"] != seq] + [
+                row for part in parts for row in part]
         processes = f", median of {len(outcomes)} processes" if repeats > 1 else ""
         document["measured"][name] = f"{commit()} {datetime.date.today().isoformat()}{processes}"
         if seq in document["missing"]:
@@ -154,8 +163,16 @@ def worst(values: list[float], text: str) -> str:
     return "n/a" if not values else text.format(max(values))
 
 
-def table(rows: list[dict]) -> str:
+def by_run(rows: list[dict]) -> dict[tuple, dict]:
+    """Rows by combination, length, mode and bench process (``None`` from a run of one process)."""
+    return {(combination(r), r["seq"], r["mode"], r.get("process")): r for r in rows}
+
+
+def table(rows: list[dict], process_rows: list[dict] = ()) -> str:
+    """The README's table of ``rows``; each row's excess over published against published's row of
+    the same process (from ``process_rows``, every process's rows, where the run kept them)."""
     by_key = {(combination(r), r["seq"], r["mode"]): r for r in rows}
+    same_run = by_run(process_rows or rows)
     lines = ["| options | " + " | ".join(column_labels(SEQS))
              + " | largest excess over published: fwd+bwd, forward"
              + " | largest peak GB over published: fwd+bwd, forward |",
@@ -164,8 +181,9 @@ def table(rows: list[dict]) -> str:
         cells = [cell(by_key.get((values, seq, mode)), mode) for mode in MODES for seq in SEQS]
         excess_texts, memory_texts = [], []
         for mode in MODES:
-            pairs = [(by_key[(values, seq, mode)], by_key[(PUBLISHED, seq, mode)]) for seq in SEQS
-                     if (values, seq, mode) in by_key and (PUBLISHED, seq, mode) in by_key]
+            measured = [by_key[(values, seq, mode)] for seq in SEQS if (values, seq, mode) in by_key]
+            pairs = [(r, same_run[(PUBLISHED, r["seq"], mode, r.get("process"))]) for r in measured
+                     if (PUBLISHED, r["seq"], mode, r.get("process")) in same_run]
             excess_texts.append(worst([excess(r, p) for r, p in pairs], "{:+.2f}x"))
             memory_texts.append(worst([r["lighthouse_peak_gb"] - p["lighthouse_peak_gb"] for r, p in pairs], "{:+.2f}"))
         if values == PUBLISHED:
@@ -175,25 +193,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Student's t, 97.5% quantile, by degrees of freedom: an option's pairs number 8 per measured length.
-T_975 = {7: 2.365, 15: 2.131, 23: 2.069}
+# Student's t, 97.5% quantile, by degrees of freedom: an option's pairs number 8 per measured length
+# and process.
+T_975 = {7: 2.365, 15: 2.131, 23: 2.069, 47: 2.012, 71: 1.994}
 
 
-def option_costs(rows: list[dict]) -> str:
-    """Each option's cost (the mean over the pairs that differ in it alone) as a markdown table."""
-    by_key = {(combination(r), r["seq"], r["mode"]): r for r in rows}
+def option_costs(rows: list[dict], process_rows: list[dict] = ()) -> str:
+    """Each option's cost (the mean over the pairs that differ in it alone, each pair from one bench
+    process: ``process_rows`` where the run kept every process's rows) as a markdown table."""
+    by_key = by_run(process_rows or rows)
     lines = ["| option | fwd+bwd: cost, 95% interval | forward: cost, 95% interval "
              "| peak GB, fwd+bwd | peak GB, forward |", "|---|---|---|---|---|"]
     for index, (name, values) in enumerate(OPTIONS.items()):
         times, memories = [], []
         for mode in MODES:
             costs, extra_gb = [], []
-            for (values_with, seq, row_mode), row in by_key.items():
+            for (values_with, seq, row_mode, process), row in by_key.items():
                 if row_mode != mode or values_with[index] == values[0]:
                     continue
-                without = by_key[(values_with[:index] + (values[0],) + values_with[index + 1:], seq, mode)]
-                costs.append(excess(row, by_key[(PUBLISHED, seq, mode)])
-                             - excess(without, by_key[(PUBLISHED, seq, mode)]))
+                without = by_key[(values_with[:index] + (values[0],) + values_with[index + 1:], seq, mode, process)]
+                published = by_key[(PUBLISHED, seq, mode, process)]
+                costs.append(excess(row, published) - excess(without, published))
                 extra_gb.append(row["lighthouse_peak_gb"] - without["lighthouse_peak_gb"])
             half = T_975[len(costs) - 1] * statistics.stdev(costs) / len(costs) ** 0.5
             mean = statistics.fmean(costs)
@@ -234,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats < 1:
             parser.error(f"--repeats must be at least 1, got {args.repeats}")
         return run(args.out, args.seq, args.timeout, args.update, args.repeats)
-    rows = json.loads(args.options.read_text())["rows"]
-    print(table(rows) + "\n" + counts(rows) + "\n" + option_costs(rows), end="")
+    document = json.loads(args.options.read_text())
+    rows, process_rows = document["rows"], document.get("process_rows", [])
+    print(table(rows, process_rows) + "\n" + counts(rows) + "\n" + option_costs(rows, process_rows), end="")
     return 0
 
 

@@ -89,17 +89,19 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shift
 
 
 def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, rope: bool = False,
-                  mean: bool = False, group: int = 1, stage: str = "ptx") -> str:
+                  mean: bool = False, group: int = 1, stage: str = "ptx", angle_runs: int | None = None) -> str:
     """The PTX (or ``stage``) of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for
-    bf16 rows of ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of two."""
+    bf16 rows of ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of
+    two; ``angle_runs`` (with ``rope``): the table's runs, if not as the backward reorders it."""
     _check_dim(dim)
     values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
     by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
+    if angle_runs is None:
+        angle_runs = fused._turned_back_table(torch.empty(1, 2, dim // 2), 2)[1] if rope else 1
     constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two,
                       BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0,
-                      ANGLE_RUNS=kernels.angle_runs(2) if rope and dim % (8 * kernels.angle_runs(2)) == 0 else 1,
-                      MEAN=mean, SKIP_FINER=fused._skips_finer_levels(plan, block_p))
+                      ANGLE_RUNS=angle_runs, MEAN=mean, SKIP_FINER=fused._skips_finer_levels(plan, block_p))
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers, stage)

@@ -126,11 +126,16 @@ def test_the_position_kernel_does_not_check_where_every_block_meets_a_finer_leve
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_the_turned_back_position_launch_reads_its_angles_in_the_runs_its_table_stores(dim):
     # kernels.angle_runs: the backward's table stores each thread's two runs of 4 angles apart, for
-    # a layout of 8 bf16 columns a thread (one 16-byte load) in every tile. Under another layout the
+    # a layout of 8 bf16 columns a thread (one 16-byte load) in every tile, and each run must still
+    # load as one 16-byte vector after _angle_column's index arithmetic. Under another layout the
     # numbers stay right (the interpreted gradient rows) but the loads read half-used sectors again.
-    ttgir = positions_ptx(LighthousePlan(SEQ, 3, 4, 2048), dim, shifted=False, two=False, rope=True, stage="ttgir")
+    plan = LighthousePlan(SEQ, 3, 4, 2048)
+    ttgir = positions_ptx(plan, dim, shifted=False, two=False, rope=True, stage="ttgir")
     tiles = set(re.findall(r"sizePerThread = \[(\d+), (\d+)\]", ttgir))
     assert tiles == {("1", str(4 * kernels.angle_runs(2)))}, tiles
+    vectors = [positions_ptx(plan, dim, shifted=False, two=False, rope=True, angle_runs=runs).count("ld.global.v4.b32")
+               for runs in (1, kernels.angle_runs(2))]
+    assert vectors[0] == vectors[1] > 0, vectors
 
 
 def _loops(ptx: str) -> int:

@@ -116,6 +116,7 @@ def test_repeats_keep_each_rows_median_process_and_show_the_range_over_the_proce
     document = json.loads(out.read_text())
     assert (tmp_path / "processes").read_text() == "3"
     assert len(document["rows"]) == 2 * 16 and document["measured"]["64K"].endswith(", median of 3 processes")
+    assert sorted(row["process"] for row in document["process_rows"]) == [0] * 32 + [1] * 32 + [2] * 32
     for row in document["rows"]:
         spread = row["ratio_processes"]
         assert spread["processes"] == 3 and spread["low"] < row["ratio_to_sdpa_sel_cudnn"] < spread["high"], row
@@ -174,6 +175,27 @@ def test_each_options_cost_is_the_mean_over_the_pairs_that_differ_in_it_alone(tm
     assert cells_of(text, "`--scores given`")[:2] == ["-0.010x [-0.010, -0.010]", "+0.000x [+0.000, +0.000]"]
     assert cells_of(text, "`--selection causal`")[1:] == ["+0.040x [+0.040, +0.040]", "+0.00 to +0.00", "+0.25 to +0.25"]
     assert cells_of(text, "`--combine mean`")[2:] == ["+0.12 to +0.12", "+0.00 to +0.00"]
+
+
+def test_with_every_process_kept_excess_and_costs_compare_rows_of_one_process():
+    # Two processes, the second 0.05 slower in every row (as a process can be); the table's rows are
+    # the second process's for span_end, the first's otherwise. Paired across processes, span_end
+    # would cost 0.02 + 0.05; paired within each, exactly 0.02.
+    def rows_of(process):
+        rows = []
+        for values in options.COMBINATIONS:
+            for mode in ("fwd+bwd", "fwd"):
+                ms = 1.10 + 0.02 * (values[0] == "span_end") + 0.05 * process
+                rows.append(dict(zip(options.OPTIONS, values), seq=65536, mode=mode, process=process,
+                                 ratio_to_sdpa_sel_cudnn=ms, floor_ratio=1.05, lighthouse_ms=ms, lighthouse_peak_gb=1.0))
+        return rows
+
+    process_rows = rows_of(0) + rows_of(1)
+    shown = [row for row in process_rows if (row["process"] == 1) == (row["rope"] == "span_end")]
+    assert cells_of(options.option_costs(shown, process_rows), "`--rope span_end`")[:2] == [
+        "+0.020x [+0.020, +0.020]", "+0.020x [+0.020, +0.020]"]
+    assert cells_of(options.table(shown, process_rows), "span_end")[-2] == "+0.02x, +0.02x"
+    assert cells_of(options.table(shown), "span_end")[-2] == "n/a, n/a"  # no published row of its process
 
 
 def test_the_readme_option_tables_are_the_recorded_run():

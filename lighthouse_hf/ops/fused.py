@@ -366,11 +366,11 @@ def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
     return plan.levels > 1 and (1 - TILE / plan.tile_len) ** met >= 1 / 3
 
 
-def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, counts=None):
+def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, angle_runs=1, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
     source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query heads;
-    ``rotary``: rotate the first source back from span ends (span-end RoPE's gradient), the table
-    as ``_turned_back_table`` reorders it for that source;
+    ``rotary``, ``angle_runs``: rotate the first source back from span ends (span-end RoPE's
+    gradient), from the table and runs of ``_turned_back_table``;
     ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
@@ -392,29 +392,23 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         ROPE_HALF=0 if rotary is None else rotary.shape[-1],
-        ANGLE_RUNS=_angle_runs(rotary, sources[0]),
+        ANGLE_RUNS=angle_runs,
         MEAN=counts is not None,
         SKIP_FINER=_skips_finer_levels(plan, block_p),
         num_warps=4,
     )
 
 
-def _angle_runs(rotary: Tensor | None, rows: Tensor) -> int:
-    """``ANGLE_RUNS`` of a ``positions_kernel`` launch over ``rows``: 1 (the table as stored) without a
-    table or where a half row is too short to split."""
-    if rotary is None:
-        return 1
-    runs = _kernels().angle_runs(rows.element_size())
-    return 1 if rotary.shape[-1] % (4 * runs) else runs
-
-
-def _turned_back_table(rotary: Tensor, rows: Tensor) -> Tensor:
-    """``rotary_table``'s table as the ``positions_kernel`` launches that turn ``rows`` back read it
-    (``kernels.angle_runs``): in each half, column ``g * 4 * runs + r * 4 + i`` stored at ``r * (half //
-    runs) + g * 4 + i``."""
-    runs = _angle_runs(rotary, rows)
+def _turned_back_table(rotary: Tensor, element_size: int) -> tuple[Tensor, int]:
+    """``rotary_table``'s table as the ``positions_kernel`` launches that turn rows of ``element_size``
+    bytes back read it, and their ``ANGLE_RUNS`` (``kernels.angle_runs``): in each half, column ``g *
+    4 * runs + r * 4 + i`` stored at ``r * (half // runs) + g * 4 + i``; the table itself, and 1,
+    where a thread loads one run (float32 rows) or a half row is too short to split."""
+    runs = _kernels().angle_runs(element_size)
     entries, two, half = rotary.shape
-    return rotary.view(entries, two, half // (4 * runs), runs, 4).transpose(2, 3).reshape(entries, two, half)
+    if runs == 1 or half % (4 * runs):
+        return rotary, 1
+    return rotary.view(entries, two, half // (4 * runs), runs, 4).transpose(2, 3).reshape(entries, two, half), runs
 
 
 def rotary_table(rope_inv_freq: Tensor | None, plan: LighthousePlan) -> Tensor | None:
@@ -464,15 +458,16 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    if rotary is not None:
-        rotary = _turned_back_table(rotary, dq_sel)
-    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary)
+    runs = 1
+    if rotary is not None:  # q, k and v share a dtype (lighthouse_attention checks it)
+        rotary, runs = _turned_back_table(rotary, dq_sel.element_size())
+    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary, angle_runs=runs)
     if rotary is None:
         _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
     else:
         # dk rotated back and dv in one program took 177 registers per thread at D=128 (2 programs
         # per SM; dk alone 96, dv alone 64): two launches keep more rows in flight for the same bytes.
-        _run_positions([dk_sel.contiguous()], [dk], inverse, plan, shifted=False, rotary=rotary)
+        _run_positions([dk_sel.contiguous()], [dk], inverse, plan, shifted=False, rotary=rotary, angle_runs=runs)
         _run_positions([dv_sel.contiguous()], [dv], inverse, plan, shifted=False)
     return dq, dk, dv
 

@@ -522,9 +522,8 @@ def _entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, seq_len,
     v beside span-end RoPE's rotated rows of q and k, where the unrolled loop took the launch from
     95 to 114 registers per thread (a level whose q and k are the score pass's means rotates none,
     and sums v as published does).
-    ``DIVIDE`` (``combine="mean"``): each position's row is divided by ``counts[position]`` (>= 1
-    where any entry reaches it; multiplied by its reciprocal), ``counts`` pointing at this head's
-    row of counts."""
+    ``DIVIDE`` (``combine="mean"``): each position's row is multiplied by ``1 / counts[position]``
+    (``counts`` >= 1 where any entry reaches it; ``counts`` points at this head's row of them)."""
     tl.static_assert(not TILE or (CHUNK <= 4 and not DIVIDE))
     base = src + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
@@ -1002,7 +1001,7 @@ def positions_kernel(
             GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, ANGLE_RUNS, MEAN,
         )
     if MEAN:
-        total_a = total_a * (1.0 / tl.maximum(reached, 1.0))
+        total_a = total_a * (1.0 / tl.maximum(reached, 1.0))  # one reciprocal per row (NOTES-kernels.md, "v21")
         tl.store(counts + bx.to(tl.int64) * seq_len + position[:, None], reached, mask=p_mask[:, None])
     out_start = (bx.to(tl.int64) * seq_len + position)[:, None] * dim
     tl.store(dst_a + out_start + a[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & a_mask[None, :])
