@@ -15,8 +15,8 @@ is missing); a length counts as measured only when its report has every combinat
 modes; an existing file is refused unless ``--update``, which replaces only the lengths measured
 again. ``--repeats N`` times each length in N processes one after another and keeps, per row, the
 median process's row with the ratios' range over the processes, as ``benchmarks/grid.py`` does
-(one process's rows have differed from another's at the same commit by up to 0.05x), and every
-process's rows under ``process_rows``.
+(one process's rows have differed from another's at the same commit by up to 0.05x). Every
+process's rows are kept under ``process_rows``.
 
 ``table`` prints the markdown table: per combination and length the ratio, its range over the
 processes (one process: over the bench's rounds) and its floor (bold, as in the grid, where the
@@ -28,9 +28,9 @@ that differ in that option alone (8 pairs per length and process, both rows of a
 process) of the time with it minus the time without, in published's SDPA baseline of that length
 and process, with a 95% Student's t interval over the pairs, and the range of the pairs'
 peak-memory differences. Within a process each row is in one pair per option, so those pairs share
-no timing. Between the two tables, the rows counted as the grid counts them. A file without
-``process_rows`` (one process per length, or recorded before ``--repeats`` kept them) pairs its
-rows as they are.
+no timing. Between the two tables, the rows counted as the grid counts them. Lengths without
+``process_rows`` (recorded before the file kept them) pair their rows as they are. Intervals past
+the tabulated degrees of freedom take t's Cornish-Fisher expansion (``t_975``).
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ def run(out: Path, seqs: list[int], timeout: float, update: bool = False, repeat
         rows = median_rows(parts, key=option_key)
         document["device"] = f"{report['device']}, torch {report['torch']}"
         document["rows"] = [row for row in document["rows"] if row["seq"] != seq] + rows
-        if repeats > 1:  # every process's rows, so that costs compare rows of one process
-            document["process_rows"] = [row for row in document.get("process_rows", []) if row["seq"] != seq] + [
-                row for part in parts for row in part]
+        # every process's rows, so that excess and costs compare rows of one process
+        document["process_rows"] = [row for row in document.get("process_rows", []) if row["seq"] != seq] + [
+            row for part in parts for row in part]
         processes = f", median of {len(outcomes)} processes" if repeats > 1 else ""
         document["measured"][name] = f"{commit()} {datetime.date.today().isoformat()}{processes}"
         if seq in document["missing"]:
@@ -163,16 +163,20 @@ def worst(values: list[float], text: str) -> str:
     return "n/a" if not values else text.format(max(values))
 
 
-def by_run(rows: list[dict]) -> dict[tuple, dict]:
-    """Rows by combination, length, mode and bench process (``None`` from a run of one process)."""
-    return {(combination(r), r["seq"], r["mode"], r.get("process")): r for r in rows}
+def by_run(rows: list[dict], process_rows: list[dict] = ()) -> dict[tuple, dict]:
+    """Rows by combination, length, mode and bench process, for pairing rows of one process: every
+    process's rows (``process_rows``) where the file keeps them, elsewhere (lengths recorded before
+    it kept them) the rows themselves, whose process is ``None``."""
+    kept = {r["seq"] for r in process_rows}
+    return {(combination(r), r["seq"], r["mode"], r.get("process")): r
+            for r in [*process_rows, *(r for r in rows if r["seq"] not in kept)]}
 
 
 def table(rows: list[dict], process_rows: list[dict] = ()) -> str:
     """The README's table of ``rows``; each row's excess over published against published's row of
     the same process (from ``process_rows``, every process's rows, where the run kept them)."""
     by_key = {(combination(r), r["seq"], r["mode"]): r for r in rows}
-    same_run = by_run(process_rows or rows)
+    same_run = by_run(rows, process_rows)
     lines = ["| options | " + " | ".join(column_labels(SEQS))
              + " | largest excess over published: fwd+bwd, forward"
              + " | largest peak GB over published: fwd+bwd, forward |",
@@ -198,10 +202,20 @@ def table(rows: list[dict], process_rows: list[dict] = ()) -> str:
 T_975 = {7: 2.365, 15: 2.131, 23: 2.069, 47: 2.012, 71: 1.994}
 
 
+def t_975(freedom: int) -> float:
+    """Student's t 97.5% quantile: the table above, else its Cornish-Fisher expansion in 1/freedom
+    (within 0.001 of the exact quantile from 7 degrees of freedom up)."""
+    if freedom in T_975:
+        return T_975[freedom]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    terms = [(z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384]
+    return z + sum(term / freedom ** (power + 1) for power, term in enumerate(terms))
+
+
 def option_costs(rows: list[dict], process_rows: list[dict] = ()) -> str:
     """Each option's cost (the mean over the pairs that differ in it alone, each pair from one bench
     process: ``process_rows`` where the run kept every process's rows) as a markdown table."""
-    by_key = by_run(process_rows or rows)
+    by_key = by_run(rows, process_rows)
     lines = ["| option | fwd+bwd: cost, 95% interval | forward: cost, 95% interval "
              "| peak GB, fwd+bwd | peak GB, forward |", "|---|---|---|---|---|"]
     for index, (name, values) in enumerate(OPTIONS.items()):
@@ -215,7 +229,7 @@ def option_costs(rows: list[dict], process_rows: list[dict] = ()) -> str:
                 published = by_key[(PUBLISHED, seq, mode, process)]
                 costs.append(excess(row, published) - excess(without, published))
                 extra_gb.append(row["lighthouse_peak_gb"] - without["lighthouse_peak_gb"])
-            half = T_975[len(costs) - 1] * statistics.stdev(costs) / len(costs) ** 0.5
+            half = t_975(len(costs) - 1) * statistics.stdev(costs) / len(costs) ** 0.5
             mean = statistics.fmean(costs)
             times.append(f"{mean:+.3f}x [{mean - half:+.3f}, {mean + half:+.3f}]")
             memories.append(f"{min(extra_gb):+.2f} to {max(extra_gb):+.2f}")

@@ -275,8 +275,10 @@ def means_row(case: tuple) -> dict:
     """rope="pooled": the score pass's means against the reference pyramid's level of their width,
     over the positions the pass covers, and the gathered q and k rows (copies or means of those
     means) against the reference's rows of the same listing. rope="span_end": the same listing
-    and the same scores to the last bit, under both rules (they are the same norms); means only where the pooled ones are the coarsest level's, then
-    at span end, against the reference's span-end pyramid, and its gathered q and k rows likewise."""
+    and the same scores to the last bit, under both rules (they are the same norms); means only
+    where the pooled ones are the coarsest level's, then at span end, against the reference's
+    span-end pyramid, and its gathered q and k rows likewise; the gather's gradient of q and k
+    (``span_end_gather_grad_error``)."""
     batch, heads, kv_heads, seq, dim = case[:5]
     plan = LighthousePlan(seq, *case[5:])
     g = torch.Generator().manual_seed(seq)

@@ -177,25 +177,45 @@ def test_each_options_cost_is_the_mean_over_the_pairs_that_differ_in_it_alone(tm
     assert cells_of(text, "`--combine mean`")[2:] == ["+0.12 to +0.12", "+0.00 to +0.00"]
 
 
+def synthetic_rows(seq: int, process: int | None, span_end_cost: float, slower: float = 0.0) -> list[dict]:
+    """Every combination's rows at ``seq`` from one bench process (``None``: a file that names none)."""
+    rows = []
+    for values in options.COMBINATIONS:
+        for mode in ("fwd+bwd", "fwd"):
+            ms = 1.10 + span_end_cost * (values[0] == "span_end") + slower
+            row = dict(zip(options.OPTIONS, values), seq=seq, mode=mode, ratio_to_sdpa_sel_cudnn=ms, floor_ratio=1.05,
+                       lighthouse_ms=ms, lighthouse_peak_gb=1.0)
+            rows.append(row if process is None else dict(row, process=process))
+    return rows
+
+
 def test_with_every_process_kept_excess_and_costs_compare_rows_of_one_process():
     # Two processes, the second 0.05 slower in every row (as a process can be); the table's rows are
     # the second process's for span_end, the first's otherwise. Paired across processes, span_end
     # would cost 0.02 + 0.05; paired within each, exactly 0.02.
-    def rows_of(process):
-        rows = []
-        for values in options.COMBINATIONS:
-            for mode in ("fwd+bwd", "fwd"):
-                ms = 1.10 + 0.02 * (values[0] == "span_end") + 0.05 * process
-                rows.append(dict(zip(options.OPTIONS, values), seq=65536, mode=mode, process=process,
-                                 ratio_to_sdpa_sel_cudnn=ms, floor_ratio=1.05, lighthouse_ms=ms, lighthouse_peak_gb=1.0))
-        return rows
-
-    process_rows = rows_of(0) + rows_of(1)
+    process_rows = synthetic_rows(65536, 0, 0.02) + synthetic_rows(65536, 1, 0.02, slower=0.05)
     shown = [row for row in process_rows if (row["process"] == 1) == (row["rope"] == "span_end")]
     assert cells_of(options.option_costs(shown, process_rows), "`--rope span_end`")[:2] == [
         "+0.020x [+0.020, +0.020]", "+0.020x [+0.020, +0.020]"]
     assert cells_of(options.table(shown, process_rows), "span_end")[-2] == "+0.02x, +0.02x"
     assert cells_of(options.table(shown), "span_end")[-2] == "n/a, n/a"  # no published row of its process
+
+
+def test_lengths_recorded_without_every_process_still_pair_their_own_rows():
+    # A file from before the processes were kept, updated at one length: 64K's rows name no process
+    # (span_end 0.05 there), 128K's two processes are kept (0.02). All 24 pairs count.
+    rows = synthetic_rows(65536, None, 0.05) + synthetic_rows(131072, 0, 0.02)
+    process_rows = synthetic_rows(131072, 0, 0.02) + synthetic_rows(131072, 1, 0.02, slower=0.05)
+    assert cells_of(options.option_costs(rows, process_rows), "`--rope span_end`")[0].startswith("+0.030x [")
+    assert cells_of(options.table(rows, process_rows), "span_end")[-2] == "+0.05x, +0.05x"
+
+
+def test_t_quantiles_beyond_the_table_follow_the_expansion(monkeypatch):
+    # --repeats 4 over one length gives 31 degrees of freedom. Exact 97.5% quantiles (4 decimals):
+    exact = {7: 2.3646, 15: 2.1314, 23: 2.0687, 31: 2.0395, 47: 2.0117, 71: 1.9939, 95: 1.9853}
+    assert [round(options.t_975(freedom), 3) for freedom in (31, 95)] == [2.040, 1.985]
+    monkeypatch.setattr(options, "T_975", {})  # the expansion alone, at the tabulated freedoms too
+    assert all(abs(options.t_975(freedom) - t) < 1e-3 for freedom, t in exact.items())
 
 
 def test_the_readme_option_tables_are_the_recorded_run():

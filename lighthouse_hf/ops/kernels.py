@@ -846,7 +846,7 @@ def angle_runs(element_size: int) -> int:
     16-byte runs of 4. Stored as they lie in the rows, a warp's load of one run per thread would
     take every other 16 bytes of 32-byte sectors, twice the sectors of its data; the backward's
     table instead stores run ``r`` of every thread's columns together (``_angle_column``), so each
-    load reads whole sectors (the launches were L1-bound on these loads: NOTES-kernels.md, "v20")."""
+    load reads whole sectors (3-4% off those launches at L3 p4: NOTES-kernels.md, "v20 outcome")."""
     return max(1, 16 // element_size // 4)
 
 
@@ -925,7 +925,7 @@ def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
     inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``; inverse_len: the plan's sequence)
-    rotary,  # with ROPE_HALF > 0: the rotary table, each row's columns as ``angle_runs`` stores them
+    rotary,  # with ROPE_HALF > 0: the rotary table as ``_turned_back_table`` in fused.py stores it
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     # unrolled, so GQA's dk+dv issue every query head's loads together (NOTES-kernels.md, "R and R2 outcomes")
