@@ -67,18 +67,24 @@ def test_the_score_pass_over_given_scores_loads_only_them(causal):
     assert ptx.count("ld.global") == 1 and registers <= 40 and spills == 0
 
 
-@pytest.mark.parametrize("levels, pooling, topk", [(3, 4, 2048), (4, 2, 1536)])
+@pytest.mark.parametrize("levels, pooling, topk", [(3, 4, 2048), (4, 2, 1536), (5, 2, 2048)])
 def test_the_score_pass_turns_its_span_end_means_inside_each_thread(levels, pooling, topk):
     # Span-end means from the block's [entries, 16 positions, D] tile and a table at that shape took
-    # 179-255 registers per thread and 16-20 more barriers, 8 entries at a time 96-98 registers; one
-    # position of 4 entries at a time, the angles turned in registers, adds no barrier to the pooled
-    # pass and no register over its 60-71.
+    # 179-255 registers per thread and 16-20 more barriers. One position of 8 entries at a time, by
+    # Horner's rule in the turn by one position, adds no barrier to the pooled pass, 86-90 registers
+    # against its 60-70, and two float32 multiplies or multiply-adds per element of the block
+    # (16384 elements over 128 threads); angles turned at each step took 5.6 (v23, NOTES-kernels.md).
     plan = LighthousePlan(SEQ, levels, pooling, topk)
     pooled, span_end = (scores_ptx(plan, 8, 128, given=False, causal=False, rope=rope) for rope in (False, True))
     assert span_end.count("ld.global") > pooled.count("ld.global")  # it reads the block again
     assert cross_thread_traffic(span_end) == cross_thread_traffic(pooled)
-    (registers, spills), (pooled_registers, _) = ptxas_usage(span_end), ptxas_usage(pooled)
-    assert registers <= pooled_registers and spills == 0
+    registers, spills = ptxas_usage(span_end)
+    assert registers <= 96 and spills == 0
+
+    def products(ptx: str) -> int:
+        return ptx.count("fma.rn.f32") + ptx.count("mul.f32") + ptx.count("mul.rn.f32")
+
+    assert products(span_end) - products(pooled) <= 2 * 16384 // 128
 
 
 def _basic_blocks(ptx: str) -> list[str]:

@@ -142,7 +142,7 @@ def scores_kernel(
     if MEANS_WIDTH > 0:
         means += row.to(tl.int64) * means_len * dim
         if ROPE_HALF > 0:
-            _store_span_end_means(src, stride_s, seq_len, means, block * ENTRIES, means_len, rotary, d, ENTRIES, SPAN,
+            _store_span_end_means(src, stride_s, seq_len, means, block * ENTRIES, means_len, rotary, ENTRIES, SPAN,
                                   ROPE_HALF)
         else:
             mean = tl.sum(rows, axis=1) * (1.0 / SPAN)
@@ -151,54 +151,41 @@ def scores_kernel(
 
 
 @triton.jit
-def _halves(x, ROWS: tl.constexpr, HALF: tl.constexpr):
-    """The two rotate_half halves of ``x`` [ROWS, 2 * HALF], each [ROWS, HALF]."""
-    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, HALF)), (0, 2, 1)))
-
-
-@triton.jit
-def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len, rotary, d, ENTRIES: tl.constexpr,
+def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len, rotary, ENTRIES: tl.constexpr,
                           SPAN: tl.constexpr, HALF: tl.constexpr):
     """``scores_kernel``'s means with span-end RoPE: the mean over each span of ``src``'s rows turned
     by ``end - t``, for the block's ``ENTRIES`` entries from ``first_entry``. Turning by angle a is
-    ``x cos a + rot(x) sin a`` with ``rot(x) = [-x_hi, x_lo]``, and both halves turn by the same
-    angles, so the sum over a span is ``sum(x cos) + rot(sum(x sin))``: only the two sums are split
-    into halves. The block is read again (from cache) one position of 4 entries at a time, last
-    position first, so every sum stays inside its thread: the table at the block's [entries,
-    positions, D] shape took 179-255 registers per thread, and summing over a position axis that
-    lies across warps went through shared memory (v8, NOTES-kernels.md). The angles ``o * inv_freq``
-    (``o = end - t``, 0 to SPAN - 1) come by turning the last one's by ``inv_freq`` (the table's
-    row 1) at each step, in float32: within about ``SPAN`` float32 roundings of the table's
-    (relative 1e-6 at SPAN = 16), for means that are stored in half precision. A table row loaded
-    at each step (80 registers) was no slower on the H200 (0.22 ms for the pass at 128K, H=8,
-    against 0.23; 0.14 without span-end means), and neither was a pass that reads its block once
-    (NOTES-kernels.md, "v19 outcomes"): the pass is bound on the rotation and on how it reads, not
-    on the second read."""
-    ROWS: tl.constexpr = min(ENTRIES, 4)  # at D=128 the pass takes 52 registers (8 entries: 96-98; 16: 159-167)
-    turn = rotary + 2 * HALF + d % HALF  # row o = 1 (the same at every level)
+    ``x cos a + rot(x) sin a`` with ``rot(x) = [-x_hi, x_lo]``, so a span's sum follows Horner's
+    rule in the turn by one position, ``sum = turn(sum) + x_t`` from the span's first position on:
+    the table's row ``o = 1`` and two multiply-adds per element, where sums over angles turned at
+    each step took six, and each rotate_half half loaded on its own so that a column and its partner
+    share a thread. The block is read again (from cache) one position of 8 entries at a time: a sum
+    along the positions of the block's [entries, positions, D] load went through shared memory (v8,
+    NOTES-kernels.md). At D=128 that takes 86-90 registers against the pooled pass's 60-70, and is
+    faster than 4 entries at a time at 57 (v23: 0.169 against 0.189 ms at 128K L3 p4, H=8; the
+    pooled pass 0.166). The turn applied ``o`` times is within about ``o`` float32 roundings of the
+    table's angle ``o * inv_freq`` (relative 1e-6 at SPAN = 16), for means stored in half precision."""
+    ROWS: tl.constexpr = min(ENTRIES, 8)
     f = tl.arange(0, HALF)
+    turn = tl.broadcast_to(rotary + 2 * HALF + f[None, :], (ROWS, HALF))  # row o = 1
     for first in tl.static_range(0, ENTRIES, ROWS):
         entry = first_entry + first + tl.arange(0, ROWS)
-        # loaded again for each group of entries: loaded once before them, the pass took 168 registers
-        step_cos = tl.load(tl.broadcast_to(turn[None, :], (ROWS, 2 * HALF)))
-        step_sin = tl.load(tl.broadcast_to(turn[None, :] + HALF, (ROWS, 2 * HALF)))
-        cos = tl.full((ROWS, 2 * HALF), 1.0, dtype=tl.float32)
-        sin = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
-        with_cos = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
-        with_sin = tl.zeros((ROWS, 2 * HALF), dtype=tl.float32)
-        for to_end in tl.static_range(SPAN):
-            position = entry * SPAN + (SPAN - 1 - to_end)
-            rows = tl.load(src + position.to(tl.int64)[:, None] * stride_s + d[None, :],
-                           mask=(position < seq_len)[:, None], other=0.0).to(tl.float32)
-            with_cos += rows * cos
-            with_sin += rows * sin
-            cos, sin = cos * step_cos - sin * step_sin, sin * step_cos + cos * step_sin
-        cos_lo, cos_hi = _halves(with_cos, ROWS, HALF)
-        sin_lo, sin_hi = _halves(with_sin, ROWS, HALF)
+        cos = tl.load(turn)
+        sin = tl.load(turn + HALF)
+        for t in tl.static_range(SPAN):
+            position = entry * SPAN + t
+            row = src + position.to(tl.int64)[:, None] * stride_s + f[None, :]
+            real = (position < seq_len)[:, None]
+            row_lo = tl.load(row, mask=real, other=0.0).to(tl.float32)
+            row_hi = tl.load(row + HALF, mask=real, other=0.0).to(tl.float32)
+            if t == 0:
+                lo, hi = row_lo, row_hi
+            else:
+                lo, hi = lo * cos - hi * sin + row_lo, lo * sin + hi * cos + row_hi
         out = means + entry.to(tl.int64)[:, None] * (2 * HALF) + f[None, :]
         written = (entry < means_len)[:, None]
-        tl.store(out, ((cos_lo - sin_hi) * (1.0 / SPAN)).to(means.dtype.element_ty), mask=written)
-        tl.store(out + HALF, ((cos_hi + sin_lo) * (1.0 / SPAN)).to(means.dtype.element_ty), mask=written)
+        tl.store(out, (lo * (1.0 / SPAN)).to(means.dtype.element_ty), mask=written)
+        tl.store(out + HALF, (hi * (1.0 / SPAN)).to(means.dtype.element_ty), mask=written)
 
 
 @triton.jit
