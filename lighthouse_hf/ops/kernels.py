@@ -157,9 +157,9 @@ def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len,
     by ``end - t``, for the block's ``ENTRIES`` entries from ``first_entry``. Turning by angle a is
     ``x cos a + rot(x) sin a`` with ``rot(x) = [-x_hi, x_lo]``, so a span's sum follows Horner's
     rule in the turn by one position, ``sum = turn(sum) + x_t`` from the span's first position on:
-    the table's row ``o = 1`` and two multiply-adds per element, where sums over angles turned at
-    each step took six, and each rotate_half half loaded on its own so that a column and its partner
-    share a thread. The block is read again (from cache) one position of 8 entries at a time: a sum
+    the table's row ``o = 1`` and, per element, two products and an add (sums over angles turned at
+    each step took six operations), each rotate_half half loaded on its own so that a column and its
+    partner share a thread. The block is read again (from cache) one position of 8 entries at a time: a sum
     along the positions of the block's [entries, positions, D] load went through shared memory (v8,
     NOTES-kernels.md). At D=128 that takes 86-90 registers against the pooled pass's 60-70, and is
     faster than 4 entries at a time at 57 (v23: 0.169 against 0.189 ms at 128K L3 p4, H=8; the
