@@ -412,16 +412,15 @@ def _turned_back_table(rotary: Tensor, element_size: int) -> tuple[Tensor, int]:
 
 
 def rotary_table(rope_inv_freq: Tensor | None, plan: LighthousePlan) -> Tensor | None:
-    """Span-end RoPE's angles for the kernels: for every level l >= 1, rows ``o = 0..p**l - 1``
-    holding ``cos(o * inv_freq)`` then ``sin(o * inv_freq)``; ``[(p**L - p) / (p - 1), 2, R]``
-    float32, levels one after another. Computed as the reference computes its angles, so both
-    rotate by the same float32 numbers."""
+    """Span-end RoPE's angles for the kernels: rows ``o = 0..p**(L-1) - 1`` (the coarsest span)
+    holding ``cos(o * inv_freq)`` then ``sin(o * inv_freq)``, ``[p**(L-1), 2, R]`` float32; every
+    level reads its rows from row 0, since a turn by ``o`` positions is the same at every level.
+    Computed as the reference computes its angles, so both rotate by the same float32 numbers."""
     if rope_inv_freq is None:
         return None
     inv_freq = rope_inv_freq.float()
-    offsets = torch.cat([torch.arange(plan.pooling**level, device=inv_freq.device) for level in range(1, plan.levels)])
-    angles = offsets.float()[:, None] * inv_freq[None, :]
-    return torch.stack([angles.cos(), angles.sin()], dim=1).contiguous()
+    angles = torch.arange(plan.coarse_width, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
 
 
 def _cdiv(a: int, b: int) -> int:

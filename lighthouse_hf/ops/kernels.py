@@ -538,7 +538,7 @@ def _rotated_entry_rows(src, b, head, stride_b, stride_h, stride_s, first, use, 
                         WIDTH: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr):
     """``_entry_rows`` for span-end RoPE: the sum over the span of each position's row rotated by
     ``end - t`` (``end = first + WIDTH - 1``), as its two rotate_half halves [BLOCK_R, HALF] fp32.
-    ``rotary`` points at this level's table: row ``o`` holds cos then sin of ``o * inv_freq``.
+    ``rotary``: the table (``rotary_table`` in fused.py), row ``o`` cos then sin of ``o * inv_freq``.
 
     The same loop as ``_entry_rows``; the table row (the same for every entry) broadcasts along
     the rows' 2-D tiles, so nothing is reduced across threads."""
@@ -595,7 +595,6 @@ def _level_entries(
     SHIFT: tl.constexpr = WIDTH - 1 if SHIFTED else 0
     SCALE: tl.constexpr = 1.0 if SHIFTED else 1.0 / WIDTH
     DIVIDE: tl.constexpr = MEAN and SHIFTED
-    TABLE_START: tl.constexpr = (POOL**LEVEL - POOL) // (POOL - 1)  # this level's rows in the rotary table
     # q and k from the score pass's means: MEANS per entry (with span-end RoPE the coarsest level's rows)
     FROM_MEANS: tl.constexpr = WITH_KV and not SHIFTED and MEANS_WIDTH > 0 and WIDTH >= MEANS_WIDTH
     MEANS: tl.constexpr = WIDTH // MEANS_WIDTH if FROM_MEANS else 0
@@ -652,16 +651,15 @@ def _level_entries(
                     tl.store(dst_k + out, (total * (1.0 / MEANS)).to(dst_k.dtype.element_ty), mask=out_mask)
             elif ROTATE:
                 # q and k at span end (rope="span_end"): each rotate_half half stored on its own
-                table = rotary + TABLE_START * (2 * ROPE_HALF)
                 f = tl.arange(0, ROPE_HALF)
                 half_out = (bh.to(tl.int64) * selected_len + row)[:, None] * dim + f[None, :]
                 half_mask = r_mask[:, None]
-                lo, hi = _rotated_entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, table,
+                lo, hi = _rotated_entry_rows(src_q, b, h, q_stride_b, q_stride_h, q_stride_s, first, use, seq_len, rotary,
                                              WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
                 tl.store(dst_q + half_out, (lo * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
                 tl.store(dst_q + half_out + ROPE_HALF, (hi * SCALE).to(dst_q.dtype.element_ty), mask=half_mask)
                 lo, hi = _rotated_entry_rows(src_k, b, h // group, k_stride_b, k_stride_h, k_stride_s, first, use, seq_len,
-                                             table, WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
+                                             rotary, WIDTH, CHUNK, BLOCK_R, ROPE_HALF)
                 tl.store(dst_k + half_out, (lo * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
                 tl.store(dst_k + half_out + ROPE_HALF, (hi * SCALE).to(dst_k.dtype.element_ty), mask=half_mask)
             else:
@@ -861,10 +859,9 @@ def _level_by_position(
     weight = 1.0 / C
     if ROPE_HALF > 0 and LEVEL > 0:
         # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
-        table = rotary + ((C - POOL) // (POOL - 1)) * (2 * ROPE_HALF)
         to_end = (C - 1 - position % C)[:, None] * (2 * ROPE_HALF) + _angle_column(a, ROPE_HALF, ANGLE_RUNS)[None, :]
-        cos = tl.load(table + to_end, mask=p_mask[:, None], other=1.0)
-        sin = tl.load(table + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
+        cos = tl.load(rotary + to_end, mask=p_mask[:, None], other=1.0)
+        sin = tl.load(rotary + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
     for member in tl.static_range(GROUP):
         found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
                                           LEVEL, LEVELS)
