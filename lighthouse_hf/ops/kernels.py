@@ -159,19 +159,19 @@ def _store_span_end_means(src, stride_s, seq_len, means, first_entry, means_len,
     rule in the turn by one position, ``sum = turn(sum) + x_t`` from the span's first position on:
     the table's row ``o = 1`` and, per element, two products and an add (sums over angles turned at
     each step took six operations), each rotate_half half loaded on its own so that a column and its
-    partner share a thread. The block is read again (from cache) one position of 8 entries at a time: a sum
-    along the positions of the block's [entries, positions, D] load went through shared memory (v8,
-    NOTES-kernels.md). At D=128 that takes 86-90 registers against the pooled pass's 60-70, and is
+    partner share a thread. The block is read again (from cache) one position of 8 entries at a
+    time: a sum along the positions of the block's [entries, positions, D] load went through shared
+    memory (v8, NOTES-kernels.md). At D=128 that takes 86-90 registers against the pooled pass's 60-70, and is
     faster than 4 entries at a time at 57 (v23: 0.169 against 0.189 ms at 128K L3 p4, H=8; the
     pooled pass 0.166). The turn applied ``o`` times is within about ``o`` float32 roundings of the
     table's angle ``o * inv_freq`` (relative 1e-6 at SPAN = 16), for means stored in half precision."""
     ROWS: tl.constexpr = min(ENTRIES, 8)
     f = tl.arange(0, HALF)
     turn = tl.broadcast_to(rotary + 2 * HALF + f[None, :], (ROWS, HALF))  # row o = 1
+    cos = tl.load(turn)
+    sin = tl.load(turn + HALF)
     for first in tl.static_range(0, ENTRIES, ROWS):
         entry = first_entry + first + tl.arange(0, ROWS)
-        cos = tl.load(turn)
-        sin = tl.load(turn + HALF)
         for t in tl.static_range(SPAN):
             position = entry * SPAN + t
             row = src + position.to(tl.int64)[:, None] * stride_s + f[None, :]
@@ -947,7 +947,7 @@ def positions_kernel(
     last position of the entry's span; ``src_a`` is then read and written as its two rotate_half
     halves, and ``rotary``'s columns are stored in ``ANGLE_RUNS`` runs (``angle_runs``). ``MEAN``
     (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels reach the
-    position, which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
+    position (times one reciprocal per row), which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
     that no selected entry below the coarsest level reaches (``_finer_levels_reached``) sums the
     coarsest level alone, by the same code: the same numbers bit for bit, since the finer levels
     would add +0.0 or -0.0 (a zero row, rotated) to a total that is +0.0 or nonzero."""
