@@ -220,7 +220,7 @@ def test_t_quantiles_beyond_the_table_follow_the_expansion(monkeypatch):
 
 def test_the_readme_option_tables_are_the_recorded_run():
     # The README's option tables are printed by the tool from the recorded run, not typed.
-    run = json.loads((ROOT / "benchmarks" / "h200-options-2026-12-03-v21.json").read_text())
+    run = json.loads((ROOT / "benchmarks" / "h200-options-2026-12-03-v23.json").read_text())
     rows, process_rows = run["rows"], run["process_rows"]
     readme = (ROOT / "README.md").read_text()
     assert options.table(rows, process_rows) in readme and options.option_costs(rows, process_rows) in readme
