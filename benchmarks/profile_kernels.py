@@ -30,7 +30,7 @@ from lighthouse_hf.ops.traffic import SCORE_SOURCES, fused_traffic
 WIDEST = [(131072, 3, 4, 2048), (131072, 4, 4, 1536), (262144, 4, 4, 1536), (131072, 5, 2, 1536),
           (262144, 5, 2, 2048), (131072, 5, 4, 1536), (262144, 5, 4, 1536), (131072, 4, 8, 1536),
           (131072, 5, 8, 1536)]
-KERNELS = ("scores_kernel", "select_kernel", "entries_kernel", "positions_kernel")
+KERNELS = ("scores_kernel", "select_kernel", "entries_kernel", "positions_kernel", "turned_back_kernel")
 
 
 def kernel_ms(call) -> dict[str, float]:
@@ -72,6 +72,9 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[s
                 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
         ms = kernel_ms(call)
+        # span-end RoPE's backward turns dq and dk back in turned_back_kernel: with positions_kernel's
+        # launches, the gather's backward
+        ms["positions_kernel"] = ms.get("positions_kernel", 0.0) + ms.pop("turned_back_kernel", 0.0)
         moved = {"scores_kernel": traffic.score_pass, "select_kernel": traffic.selection,
                  "entries_kernel": traffic.gather + (traffic.scatter_backward if backward else 0),
                  "positions_kernel": traffic.scatter + (traffic.gather_backward if backward else 0)}

@@ -107,6 +107,19 @@ def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, r
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers, stage)
 
 
+def turned_back_ptx(plan: LighthousePlan, dim: int, *, group: int = 1, rows: int | None = None) -> str:
+    """The PTX of a ``turned_back_kernel`` launch as ``fused._run_turned_back`` makes it for bf16 rows
+    of ``group`` query heads per output head (1: MHA) under ``plan`` (``rows``: spans a program, if
+    not the launch's); ``dim`` a power of two."""
+    _check_dim(dim)
+    values = dict(seq_len=plan.seq_len, selected_len=plan.compressed_len, padded_len=plan.padded_len,
+                  inverse_len=plan.seq_len)
+    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SPAN_LEVEL=fused._turned_back_span_level(plan),
+                      ROWS=rows or fused._TURNED_BACK_ROWS, HALF=dim // 2)
+    pointers = dict(src="*bf16", dst="*bf16", inverse="*i32", rotary="*fp32")
+    return sm90_ptx(kernels.turned_back_kernel, values, constexprs, pointers)
+
+
 def scores_ptx(plan: LighthousePlan, heads: int, dim: int, *, given: bool, causal: bool, rope: bool = False) -> str:
     """The PTX of ``scores_kernel`` for bf16 q and k (``given``: float32 level-0 scores instead, as
     Qwen3's pre-norm scores; ``rope``: span-end RoPE) of shape [1, heads, S, dim] under ``plan``, as

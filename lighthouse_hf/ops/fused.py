@@ -399,6 +399,36 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
     )
 
 
+# Spans a turned-back program walks side by side (``turned_back_kernel``).
+_TURNED_BACK_ROWS = 8
+
+
+def _turned_back_span_level(plan: LighthousePlan) -> int:
+    """The level whose spans ``turned_back_kernel``'s programs walk: the widest of at most 16
+    positions (unrolled, one row of each span a step), at least level 1."""
+    return max([1] + [level for level in range(1, plan.levels) if plan.pooling**level <= 16])
+
+
+def _run_turned_back(source: Tensor, destination: Tensor, inverse: Tensor, plan: LighthousePlan,
+                     rotary: Tensor) -> None:
+    """The gradient of span-end pooling (see ``turned_back_kernel``): every position from the
+    compressed rows covering it, turned back from their spans' ends; over the KV heads, the sum of
+    their query heads."""
+    batch, heads_out, seq_len, dim = destination.shape
+    span_level = _turned_back_span_level(plan)
+    positions = _TURNED_BACK_ROWS * plan.pooling**span_level
+    _kernels().turned_back_kernel[(_cdiv(seq_len, positions), heads_out, batch)](
+        source, destination, inverse, rotary, seq_len, source.shape[2], plan.padded_len, inverse.shape[-1],
+        GROUP=source.shape[1] // heads_out,
+        LEVELS=plan.levels,
+        POOL=plan.pooling,
+        SPAN_LEVEL=span_level,
+        ROWS=_TURNED_BACK_ROWS,
+        HALF=dim // 2,
+        num_warps=4,
+    )
+
+
 def _turned_back_table(rotary: Tensor, element_size: int) -> tuple[Tensor, int]:
     """``rotary_table``'s table as the ``positions_kernel`` launches that turn rows of ``element_size``
     bytes back read it, and their ``ANGLE_RUNS`` (``kernels.angle_runs``): in each half, column ``g *
@@ -457,16 +487,12 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    runs = 1
-    if rotary is not None:  # q, k and v share a dtype (lighthouse_attention checks it)
-        rotary, runs = _turned_back_table(rotary, dq_sel.element_size())
-    _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False, rotary=rotary, angle_runs=runs)
-    if rotary is None:
+    if rotary is None or plan.levels == 1:
+        _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False)
         _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
     else:
-        # dk rotated back and dv in one program took 177 registers per thread at D=128 (2 programs
-        # per SM; dk alone 96, dv alone 64): two launches keep more rows in flight for the same bytes.
-        _run_positions([dk_sel.contiguous()], [dk], inverse, plan, shifted=False, rotary=rotary, angle_runs=runs)
+        _run_turned_back(dq_sel.contiguous(), dq, inverse, plan, rotary)
+        _run_turned_back(dk_sel.contiguous(), dk, inverse, plan, rotary)
         _run_positions([dv_sel.contiguous()], [dv], inverse, plan, shifted=False)
     return dq, dk, dv
 

@@ -993,3 +993,105 @@ def positions_kernel(
         tl.store(dst_a + out_start + ROPE_HALF + a[None, :], total_a_hi.to(dst_a.dtype.element_ty), mask=p_mask[:, None])
     if TWO:
         tl.store(dst_b + out_start + d[None, :], total_b.to(dst_b.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _turn_back(lo, hi, cos, sin):
+    """Rotate rows, held as their rotate_half halves, back by the angles whose cosines and sines are given."""
+    return lo * cos + hi * sin, hi * cos - lo * sin
+
+
+@triton.jit
+def _group_rows(src, inverse, bx, slot, valid, selected_len, inverse_len, f,
+                GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr):
+    """The sum over the output head's ``GROUP`` query heads of the selected rows of ``LEVEL``'s entries
+    ``slot`` (``[rows]``, where ``valid``), zero where none is selected, as float32 halves."""
+    lo = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
+    hi = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
+    for member in tl.static_range(GROUP):
+        found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, valid, selected_len, 2 * HALF,
+                                          inverse_len, LEVEL, LEVELS)
+        lo += tl.load(src + row_start + f[None, :], mask=found[:, None], other=0.0).to(tl.float32)
+        hi += tl.load(src + row_start + HALF + f[None, :], mask=found[:, None], other=0.0).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _turned_back_spans(
+    src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end, f, seq_len, selected_len, padded_len, inverse_len,
+    GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, HALF: tl.constexpr,
+):
+    """Every position of the spans of ``LEVEL`` that end at ``end`` (``[rows]``), given in ``lo``, ``hi``
+    the coarser levels' rows turned back to ``end``: this level's rows join them, and each child span
+    (last first) receives the sum turned back by the children's width from the previous child."""
+    C: tl.constexpr = POOL**LEVEL
+    slot = end // C
+    valid = (slot * C < seq_len) & (slot < padded_len // C)
+    rows_lo, rows_hi = _group_rows(src, inverse, bx, slot, valid, selected_len, inverse_len, f, GROUP, LEVEL, LEVELS,
+                                   HALF)
+    lo += rows_lo * (1.0 / C)
+    hi += rows_hi * (1.0 / C)
+    if LEVEL == 0:
+        out = dst + ((bx.to(tl.int64) * seq_len + end) * (2 * HALF))[:, None] + f[None, :]
+        tl.store(out, lo.to(dst.dtype.element_ty), mask=(end < seq_len)[:, None])
+        tl.store(out + HALF, hi.to(dst.dtype.element_ty), mask=(end < seq_len)[:, None])
+    else:
+        CHILD: tl.constexpr = C // POOL
+        if CHILD == 1:
+            cos, sin = one_cos, one_sin
+        else:
+            cos = tl.load(rotary + CHILD * (2 * HALF) + f)[None, :]
+            sin = tl.load(rotary + CHILD * (2 * HALF) + HALF + f)[None, :]
+        for child in tl.static_range(POOL):
+            if child > 0:
+                lo, hi = _turn_back(lo, hi, cos, sin)
+            _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end - child * CHILD, f,
+                               seq_len, selected_len, padded_len, inverse_len, GROUP, LEVEL - 1, LEVELS, POOL, HALF)
+
+
+@triton.jit
+def turned_back_kernel(
+    src,  # [B*H, selected_len, D] contiguous: the gradient of the gathered rows of q or k
+    dst,  # out [B, heads_out, S, D] contiguous
+    inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``)
+    rotary,  # the rotary table (``rotary_table`` in fused.py): [POOL**(LEVELS-1), 2, HALF] float32
+    seq_len, selected_len, padded_len, inverse_len,
+    GROUP: tl.constexpr,
+    LEVELS: tl.constexpr,
+    POOL: tl.constexpr,
+    SPAN_LEVEL: tl.constexpr,
+    ROWS: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    """The gradient of span-end pooling (grid: blocks, output heads, B): per position ``t``, the sum over
+    levels and over the ``GROUP`` query heads of the output head of the selected row covering it, a
+    level-l row weighted ``1/c`` (``c = POOL**l``) and turned back by ``end - t`` positions (``end``
+    the last position of its span). Needs ``D == 2 * HALF``; rows are read and written as their two
+    rotate_half halves, so that a column and its partner share a thread.
+
+    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (at most 16 positions wide), side by
+    side, and walks each from its end back. The coarser levels' rows enter at the span's end, turned
+    by the table's angles; inside it, the sum of the levels from l up is turned back by the width of
+    level l-1's spans, from one child span's end to the next (the table's row for that width), so a
+    position's rows are turned by a few products rather than by angles loaded per position and
+    level (NOTES-kernels.md, "v24")."""
+    W: tl.constexpr = POOL**SPAN_LEVEL
+    bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    end = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)) * W + (W - 1)
+    f = tl.arange(0, HALF)
+    lo = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    hi = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    for level in tl.static_range(SPAN_LEVEL + 1, LEVELS):
+        width = POOL**level
+        slot = end // width
+        valid = (slot * width < seq_len) & (slot < padded_len // width)
+        rows_lo, rows_hi = _group_rows(src, inverse, bx, slot, valid, selected_len, inverse_len, f, GROUP, level,
+                                       LEVELS, HALF)
+        angle = rotary + (width - 1 - end % width)[:, None] * (2 * HALF) + f[None, :]
+        rows_lo, rows_hi = _turn_back(rows_lo, rows_hi, tl.load(angle), tl.load(angle + HALF))
+        lo += rows_lo * (1.0 / width)
+        hi += rows_hi * (1.0 / width)
+    one_cos = tl.load(rotary + 2 * HALF + f)[None, :]
+    one_sin = tl.load(rotary + 3 * HALF + f)[None, :]
+    _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end, f, seq_len, selected_len,
+                       padded_len, inverse_len, GROUP, SPAN_LEVEL, LEVELS, POOL, HALF)
