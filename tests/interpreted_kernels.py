@@ -111,7 +111,7 @@ def options_for(case: tuple, dtype: torch.dtype) -> list[dict]:
 def positions_per_program(block_d: int) -> list[int]:
     """The position kernel's positions a program at ``block_d`` (fused._positions_layout), as its
     launches compute them: by entry (one unrotated source), and by position (two sources)."""
-    return [fused._positions_layout(block_d, two=two, rotated=False)[1] for two in (False, True)]
+    return [fused._positions_layout(block_d, two=two)[1] for two in (False, True)]
 
 
 # The wide cases run the position kernel with as many positions a program as at D=128 on the GPU: at
@@ -326,8 +326,7 @@ def means_row(case: tuple) -> dict:
 
 
 def span_end_gather_grad_error(q, k, v, listing, selection, plan, inv_freq) -> float:
-    """The span-end gather's gradient of q and k in q's dtype (turned back by the position kernel,
-    its table's columns reordered for 2-byte rows where the half row splits: ``kernels.angle_runs``)
+    """The span-end gather's gradient of q and k in q's dtype (turned back by ``turned_back_kernel``)
     against the reference's in float32 through the same listing: the largest error relative to
     each gradient's largest element."""
     g = torch.Generator().manual_seed(q.shape[2] + 1)

@@ -1,7 +1,7 @@
 """Registers and spills of the gather's and scatter's kernels (``entries_kernel``,
-``positions_kernel``) as specialized for a setting, without a GPU: each is compiled for sm_90
-(Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200), and ptxas ``-v``
-reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
+``positions_kernel``, ``turned_back_kernel``) as specialized for a setting, without a GPU: each is
+compiled for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200),
+and ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
 
     python tests/kernel_registers.py            # D = 64 and 128, L3 p4 K2048 at S = 128K
     python tests/kernel_registers.py --ptx DIR  # also keep each specialization's PTX in DIR
@@ -88,22 +88,19 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shift
     return sm90_ptx(kernels.entries_kernel, values, constexprs, pointers)
 
 
-def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, rope: bool = False,
-                  mean: bool = False, group: int = 1, stage: str = "ptx", angle_runs: int | None = None) -> str:
+def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, mean: bool = False, group: int = 1,
+                  stage: str = "ptx") -> str:
     """The PTX (or ``stage``) of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for
-    bf16 rows of ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of
-    two; ``angle_runs`` (with ``rope``): the table's runs, if not as the backward reorders it."""
+    bf16 rows of ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of two."""
     _check_dim(dim)
     values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
                   padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
-    by_entry, block_p = fused._positions_layout(dim, two=two, rotated=rope)
-    if angle_runs is None:
-        angle_runs = fused._turned_back_table(torch.empty(1, 2, dim // 2), 2)[1] if rope else 1
+    by_entry, block_p = fused._positions_layout(dim, two=two)
     constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two,
-                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, ROPE_HALF=dim // 2 if rope else 0,
-                      ANGLE_RUNS=angle_runs, MEAN=mean, SKIP_FINER=fused._skips_finer_levels(plan, block_p))
+                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, MEAN=mean,
+                      SKIP_FINER=fused._skips_finer_levels(plan, block_p))
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
-                    rotary="*fp32" if rope else "*i32", counts="*fp32" if mean else "*i32")
+                    counts="*fp32" if mean else "*i32")
     return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers, stage)
 
 
@@ -202,14 +199,13 @@ def main() -> None:
         ("scatter, combine=mean", dict(shifted=True, two=False, mean=True)),
         ("gather backward: dq", dict(shifted=False, two=False)),
         ("gather backward: dk and dv", dict(shifted=False, two=True)),
-        ("gather backward: dq or dk, span_end", dict(shifted=False, two=False, rope=True)),
     ]
     print("\npositions_kernel, same setting (ld.global: load instructions in the PTX, each counted once)")
     print("| launch | D | loads | positions a program | registers | spill bytes | ld.global | bar.sync | st.shared |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dim in args.dims:
         for name, options in launches:
-            by_entry, block_p = fused._positions_layout(dim, two=options["two"], rotated=options.get("rope", False))
+            by_entry, block_p = fused._positions_layout(dim, two=options["two"])
             ptx = positions_ptx(plan, dim, **options)
             if args.ptx is not None:
                 (args.ptx / f"positions_{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
@@ -218,6 +214,19 @@ def main() -> None:
             loads = len(re.findall(r"\bld\.global", ptx))
             print(f"| {name} | {dim} | {'by entry' if by_entry else 'by position'} | {block_p} | {regs} | {spills} | "
                   f"{loads} | {traffic['bar.sync']} | {traffic['st.shared']} |", flush=True)
+    span_level = fused._turned_back_span_level(plan)
+    print(f"\nturned_back_kernel (span_end's dq and dk), same setting: {fused._TURNED_BACK_ROWS} spans of "
+          f"{args.pooling**span_level} positions a program")
+    print("| output | D | registers | spill bytes | ld.global | bar.sync | st.shared |")
+    print("|---|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for name, group in (("dq", 1), ("dk, 4 query heads a KV head", 4)):
+            ptx = turned_back_ptx(plan, dim, group=group)
+            regs, spills = ptxas_usage(ptx)
+            traffic = cross_thread_traffic(ptx)
+            loads = len(re.findall(r"\bld\.global", ptx))
+            print(f"| {name} | {dim} | {regs} | {spills} | {loads} | {traffic['bar.sync']} | {traffic['st.shared']} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

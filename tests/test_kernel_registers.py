@@ -1,7 +1,8 @@
 """The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
 kernel's span-end gather must not do, whatever the timing says, what the score pass over given
 scores costs, where the position kernel's broadcasts may come, that it skips the finer levels where
-only the coarsest reaches, that it unrolls a GQA group, and the layout its turned-back angles assume."""
+only the coarsest reaches, that it unrolls a GQA group, and that span-end RoPE's turned-back
+launch turns each position once."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def _ptxas() -> str | None:
 
 pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
-from kernel_registers import cross_thread_traffic, entries_ptx, positions_ptx, ptxas_usage, scores_ptx  # noqa: E402
-from lighthouse_hf.ops import fused, kernels  # noqa: E402
+from kernel_registers import (  # noqa: E402
+    cross_thread_traffic, entries_ptx, positions_ptx, ptxas_usage, scores_ptx, turned_back_ptx,
+)
+from lighthouse_hf.ops import fused  # noqa: E402
 from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
 
 SEQ = 128 * 1024
@@ -104,17 +107,15 @@ def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, 
     assert len(sums) == 2 and all(block.rindex("ld.global") < block.index("bar.sync") for block in sums)
 
 
-@pytest.mark.parametrize("two, rope", [(False, False), (True, False), (False, True)],
-                         ids=["scatter", "dk+dv", "span_end dk"])
-def test_the_position_kernel_sums_only_the_coarsest_level_where_no_finer_entry_reaches(two, rope):
+@pytest.mark.parametrize("two", [False, True], ids=["scatter", "dk+dv"])
+def test_the_position_kernel_sums_only_the_coarsest_level_where_no_finer_entry_reaches(two):
     # Most blocks meet only coarsest entries, and their finer levels' loads, unpacks and adds of zeros
     # were most of the instructions that bound the L5 p2 launches (NOTES-kernels.md, "candidate C").
     # So the kernel has two ways to sum (a branch, then a jump over the other way): every level, whose
     # loads grow with the levels, and the coarsest alone, whose loads do not.
     loads = {}
     for levels, pooling in ((3, 4), (5, 2)):
-        ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=not two and not rope, two=two,
-                            rope=rope)
+        ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=not two, two=two)
         assert len(re.findall(r"\bbra(?:\.uni)?\s", ptx)) == 2
         every_level, coarsest = (block.count("ld.global") for block in _basic_blocks(ptx)[:2])
         loads[levels] = every_level, coarsest
@@ -129,21 +130,6 @@ def test_the_position_kernel_does_not_check_where_every_block_meets_a_finer_leve
     assert not re.search(r"\bbra(?:\.uni)?\s", ptx)
 
 
-@pytest.mark.parametrize("dim", [64, 128, 256])
-def test_the_turned_back_position_launch_reads_its_angles_in_the_runs_its_table_stores(dim):
-    # kernels.angle_runs: the backward's table stores each thread's two runs of 4 angles apart, for
-    # a layout of 8 bf16 columns a thread (one 16-byte load) in every tile, and each run must still
-    # load as one 16-byte vector after _angle_column's index arithmetic. Under another layout the
-    # numbers stay right (the interpreted gradient rows) but the loads read half-used sectors again.
-    plan = LighthousePlan(SEQ, 3, 4, 2048)
-    ttgir = positions_ptx(plan, dim, shifted=False, two=False, rope=True, stage="ttgir")
-    tiles = set(re.findall(r"sizePerThread = \[(\d+), (\d+)\]", ttgir))
-    assert tiles == {("1", str(4 * kernels.angle_runs(2)))}, tiles
-    vectors = [positions_ptx(plan, dim, shifted=False, two=False, rope=True, angle_runs=runs).count("ld.global.v4.b32")
-               for runs in (1, kernels.angle_runs(2))]
-    assert vectors[0] == vectors[1] > 0, vectors
-
-
 def _loops(ptx: str) -> int:
     """Backward branches in ``ptx``: a branch to a label defined before it is a loop."""
     defined, loops = set(), 0
@@ -156,12 +142,31 @@ def _loops(ptx: str) -> int:
     return loops
 
 
-@pytest.mark.parametrize("rope", [False, True], ids=["dk+dv", "span_end dk"])
+@pytest.mark.parametrize("span_end", [False, True], ids=["dk+dv", "span_end dk"])
 @pytest.mark.parametrize("levels, pooling", [(3, 4), (4, 2)])
-def test_the_position_kernel_unrolls_a_gqa_group(levels, pooling, rope):
+def test_the_position_kernels_unroll_a_gqa_group(levels, pooling, span_end):
     # GQA's by-position launches sum the group's query heads; in a loop over a runtime count, each
     # member's loads waited for the previous member's (GQA 32/8 at 64K L3 p4 K2048: positions_kernel
     # fwd+bwd 0.806 -> 0.723 ms unrolled; NOTES-kernels.md, "R and R2 outcomes").
     plan = LighthousePlan(SEQ, levels, pooling, 2048)
-    ptx = positions_ptx(plan, 128, shifted=False, two=not rope, rope=rope, group=4)
+    ptx = turned_back_ptx(plan, 128, group=4) if span_end else positions_ptx(plan, 128, shifted=False, two=True, group=4)
     assert _loops(ptx) == 0 and ptxas_usage(ptx)[1] == 0
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("levels, pooling", [(3, 4), (5, 2), (4, 8), (5, 4)])
+def test_the_turned_back_launch_turns_each_position_once(levels, pooling, group):
+    # v24 (NOTES-kernels.md): span-end RoPE's dq and dk walk each span from its end, the sum of the
+    # levels turned once per position by the table's row for one position (positions_kernel's
+    # rotated launch turned every level's row by angles loaded per position: 2 (L - 1) float32
+    # products per element; 0.411 -> 0.358 ms fwd+bwd at 128K L3 p4 on the H200). At most 3 products
+    # per element and position (a turn is 2, the levels' weights and wider levels' turns the rest),
+    # no shared memory, no spills, and the walk unrolled so that its loads are issued together.
+    plan = LighthousePlan(SEQ, levels, pooling, 1536)
+    ptx = turned_back_ptx(plan, 128, group=group)
+    width = pooling ** fused._turned_back_span_level(plan)
+    elements = width * fused._TURNED_BACK_ROWS * 128 // (4 * 32)  # per thread: 4 warps, D = 128
+    products = len(re.findall(r"\b(?:fma\.rn|mul(?:\.rn)?)\.f32\b", ptx))
+    assert products <= 3 * elements, (products, elements)
+    assert cross_thread_traffic(ptx) == {"bar.sync": 0, "st.shared": 0} and ptxas_usage(ptx)[1] == 0
+    assert _loops(ptx) == 0

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
@@ -53,7 +52,7 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
     # The wide spans with the position kernel's programs as wide (in positions) as at D=128 on the GPU:
     # blocks inside one entry's span, and shifted blocks starting mid-span, under both of its layouts.
     def widths(dim):
-        return [fused._positions_layout(dim, two=two, rotated=False)[1] for two in (False, True)]
+        return [fused._positions_layout(dim, two=two)[1] for two in (False, True)]
 
     wide = [row["case"][6] ** (row["case"][5] - 1) >= 256 for row in rows]  # the coarsest span
     assert sum(wide) == {"float32": 4, "bfloat16": 0}[dtype]
@@ -91,7 +90,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
     # (its scores are the same norms, bit for bit, under both rules); its score pass writes the
     # coarsest level's means at span end where the pooled means are the coarsest level's, and none
     # elsewhere (the gather pools those rows rotated itself). The gather's gradient of q and k turns
-    # back through the position kernel's table, reordered at D >= 32 (at D = 16 the order is the same).
+    # back in turned_back_kernel, span by span.
     rows = interpreted_rows["means"]
     assert len(rows) == 8
     # finer than the coarsest level, and from a pass that covers the sequence only
@@ -104,7 +103,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
         assert row["max_error"] < (0.05 if coarsest else 1e-5), row
         assert row["gather_error"] < 0.02, row  # bf16 rounding: up to 2**-7 of an element; a wrong mean: O(1)
         assert (row["span_end_means"] > 0) == coarsest, row
-        # bf16 rounding: up to 2**-7; the angles of other columns (the table's runs misread, D >= 32): 0.069-0.17
+        # bf16 rounding: up to 2**-7; rows turned by the angles of other columns: 0.069-0.17
         assert row["span_end_grad_error"] < 0.02, row
         if coarsest:
             assert row["span_end_error"] < 0.05 and row["span_end_gather_error"] < 0.02, row
@@ -131,18 +130,3 @@ def test_the_position_kernels_two_ways_to_sum_give_the_same_bits_under_the_inter
     for row in rows:
         assert row["same_bits"], row
 
-
-@pytest.mark.parametrize("element_size", [2, 4])
-@pytest.mark.parametrize("half", [1, 2, 4, 8, 16, 32, 64, 128])
-def test_the_turned_back_table_holds_each_columns_angle_where_the_kernel_reads_it(half, element_size):
-    # fused._turned_back_table reorders the table on the host, kernels._angle_column finds each
-    # column's angle in the kernel: the two must agree at every half row (head sizes 2 to 256)
-    # and row width, including where the table is left as it is (a run a thread, or too short).
-    from lighthouse_hf.ops import kernels
-
-    table = torch.arange(3 * 2 * half, dtype=torch.float32).view(3, 2, half)
-    reordered, runs = fused._turned_back_table(table, element_size)
-    assert reordered.shape == table.shape and (runs == 1) == (reordered is table)
-    where = [kernels._angle_column.fn(a, half, runs) for a in range(half)]
-    assert sorted(where) == list(range(half))
-    assert torch.equal(reordered[..., where], table)

@@ -342,12 +342,11 @@ def _mostly_padding(plan: LighthousePlan) -> bool:
     return 4 * (plan.compressed_len - sum(plan.real_entries)) >= plan.compressed_len
 
 
-def _positions_layout(block_d: int, *, two: bool, rotated: bool) -> tuple[bool, int]:
-    """(``BY_ENTRY``, ``BLOCK_P``) of a ``positions_kernel`` launch: one unrotated source loads each
-    entry's row once; two sources, or rotated rows, load per position, in smaller blocks."""
-    by_entry = not two and not rotated
-    elements = _ENTRY_ROWS_BLOCK_ELEMENTS if by_entry else _POSITION_ROWS_BLOCK_ELEMENTS
-    return by_entry, _positions_per_program(block_d, elements)
+def _positions_layout(block_d: int, *, two: bool) -> tuple[bool, int]:
+    """(``BY_ENTRY``, ``BLOCK_P``) of a ``positions_kernel`` launch: one source loads each entry's
+    row once; two sources load per position, in smaller blocks."""
+    elements = _POSITION_ROWS_BLOCK_ELEMENTS if two else _ENTRY_ROWS_BLOCK_ELEMENTS
+    return not two, _positions_per_program(block_d, elements)
 
 
 def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
@@ -366,21 +365,19 @@ def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
     return plan.levels > 1 and (1 - TILE / plan.tile_len) ** met >= 1 / 3
 
 
-def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotary=None, angle_runs=1, counts=None):
+def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, counts=None):
     """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
-    source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query heads;
-    ``rotary``, ``angle_runs``: rotate the first source back from span ends (span-end RoPE's
-    gradient), from the table and runs of ``_turned_back_table``;
-    ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
+    source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query
+    heads; ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     block_d = _next_power_of_2(dim)
     two = len(sources) == 2
-    by_entry, block_p = _positions_layout(block_d, two=two, rotated=rotary is not None)
+    by_entry, block_p = _positions_layout(block_d, two=two)
     # a shifted block starts one position early (see the kernel), so the last one may need one more
     blocks = _cdiv(seq_len + int(shifted), block_p)
     _kernels().positions_kernel[(blocks, heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse,
-        inverse if rotary is None else rotary, inverse if counts is None else counts,
+        inverse if counts is None else counts,
         seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
         inverse.shape[-1],  # the selection's sequence: the scatter may write past it (a halo)
         GROUP=sources[0].shape[1] // heads_out,
@@ -391,21 +388,22 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, rotar
         BY_ENTRY=by_entry,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
-        ROPE_HALF=0 if rotary is None else rotary.shape[-1],
-        ANGLE_RUNS=angle_runs,
         MEAN=counts is not None,
         SKIP_FINER=_skips_finer_levels(plan, block_p),
         num_warps=4,
     )
 
 
-# Spans a turned-back program walks side by side (``turned_back_kernel``).
+# Spans a turned-back program walks side by side (``turned_back_kernel``): with 4, the position
+# kernels' fwd+bwd read 1% faster at 64K L3 p4 and 3-13% slower elsewhere, GQA included (H200;
+# NOTES-kernels.md, "v24 outcome").
 _TURNED_BACK_ROWS = 8
 
 
 def _turned_back_span_level(plan: LighthousePlan) -> int:
     """The level whose spans ``turned_back_kernel``'s programs walk: the widest of at most 16
-    positions (unrolled, one row of each span a step), at least level 1."""
+    positions (unrolled, one row of each span a step), else level 1 (``pooling > 16``; its positions
+    in a loop). Plans that compress have ``levels >= 2``."""
     return max([1] + [level for level in range(1, plan.levels) if plan.pooling**level <= 16])
 
 
@@ -427,18 +425,6 @@ def _run_turned_back(source: Tensor, destination: Tensor, inverse: Tensor, plan:
         HALF=dim // 2,
         num_warps=4,
     )
-
-
-def _turned_back_table(rotary: Tensor, element_size: int) -> tuple[Tensor, int]:
-    """``rotary_table``'s table as the ``positions_kernel`` launches that turn rows of ``element_size``
-    bytes back read it, and their ``ANGLE_RUNS`` (``kernels.angle_runs``): in each half, column ``g *
-    4 * runs + r * 4 + i`` stored at ``r * (half // runs) + g * 4 + i``; the table itself, and 1,
-    where a thread loads one run (float32 rows) or a half row is too short to split."""
-    runs = _kernels().angle_runs(element_size)
-    entries, two, half = rotary.shape
-    if runs == 1 or half % (4 * runs):
-        return rotary, 1
-    return rotary.view(entries, two, half // (4 * runs), runs, 4).transpose(2, 3).reshape(entries, two, half), runs
 
 
 def rotary_table(rope_inv_freq: Tensor | None, plan: LighthousePlan) -> Tensor | None:
@@ -487,7 +473,7 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
-    if rotary is None or plan.levels == 1:
+    if rotary is None:
         _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False)
         _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
     else:

@@ -824,31 +824,11 @@ def _levels_by_entry(
     return total, reached
 
 
-def angle_runs(element_size: int) -> int:
-    """How many runs of 4 float32 angles a thread of ``positions_kernel``'s turned-back launch loads
-    per half row: Triton lays a ``[positions, half]`` tile of rows of ``element_size`` bytes out as
-    one 16-byte load per thread and row, ``16 // element_size`` columns, and loads their angles as
-    16-byte runs of 4. Stored as they lie in the rows, a warp's load of one run per thread would
-    take every other 16 bytes of 32-byte sectors, twice the sectors of its data; the backward's
-    table instead stores run ``r`` of every thread's columns together (``_angle_column``), so each
-    load reads whole sectors (3-4% off those launches at L3 p4: NOTES-kernels.md, "v20 outcome")."""
-    return max(1, 16 // element_size // 4)
-
-
-@triton.jit
-def _angle_column(a, HALF: tl.constexpr, RUNS: tl.constexpr):
-    """Where column ``a``'s angle lies in a half row of a table stored in ``RUNS`` runs (``angle_runs``)."""
-    if RUNS == 1:
-        return a
-    return ((a // 4) % RUNS) * (HALF // RUNS) + (a // (4 * RUNS)) * 4 + a % 4
-
-
 @triton.jit
 def _level_by_position(
-    src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
+    src_a, src_b, inverse, total_a, total_b, bx, position, p_mask, d, d_mask,
     dim, selected_len, padded_len, inverse_len,
     GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TWO: tl.constexpr,
-    ROPE_HALF: tl.constexpr, ANGLE_RUNS: tl.constexpr,
 ):
     """One level of ``positions_kernel`` without ``BY_ENTRY``: every position loads the row of
     the entry covering it (the gradient of the mean pooling, ``[j*c, (j+1)*c)`` with weight 1/c;
@@ -857,34 +837,23 @@ def _level_by_position(
     slot = position // C
     covered = p_mask & (slot < padded_len // C)
     weight = 1.0 / C
-    if ROPE_HALF > 0 and LEVEL > 0:
-        # back from the span's end to t: R(-(end - t)), end - t = c - 1 - t % c (once for the group)
-        to_end = (C - 1 - position % C)[:, None] * (2 * ROPE_HALF) + _angle_column(a, ROPE_HALF, ANGLE_RUNS)[None, :]
-        cos = tl.load(rotary + to_end, mask=p_mask[:, None], other=1.0)
-        sin = tl.load(rotary + to_end + ROPE_HALF, mask=p_mask[:, None], other=0.0)
     for member in tl.static_range(GROUP):
         found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
                                           LEVEL, LEVELS)
-        rows_a = tl.load(src_a + row_start + a[None, :], mask=found[:, None] & a_mask[None, :], other=0.0).to(tl.float32)
-        if ROPE_HALF > 0:
-            rows_hi = tl.load(src_a + row_start + ROPE_HALF + a[None, :], mask=found[:, None], other=0.0).to(tl.float32)
-            if LEVEL > 0:
-                rows_a, rows_hi = rows_a * cos + rows_hi * sin, rows_hi * cos - rows_a * sin
-            total_a_hi += rows_hi * weight
-        total_a += rows_a * weight
+        rows_a = tl.load(src_a + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
+        total_a += rows_a.to(tl.float32) * weight
         if TWO:
             offsets = row_start + d[None, :]
             total_b += tl.load(src_b + offsets, mask=found[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * weight
-    return total_a, total_a_hi, total_b
+    return total_a, total_b
 
 
 @triton.jit
 def _sum_levels(
-    src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
-    a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+    src_a, src_b, inverse, total_a, total_b, reached, bx, first, position, p_mask,
+    d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     GROUP: tl.constexpr, FROM: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
-    TWO: tl.constexpr, BY_ENTRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROPE_HALF: tl.constexpr, ANGLE_RUNS: tl.constexpr, MEAN: tl.constexpr,
+    TWO: tl.constexpr, BY_ENTRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
     """``positions_kernel``'s sums over levels ``FROM`` and up (see there)."""
     if BY_ENTRY:
@@ -896,12 +865,12 @@ def _sum_levels(
             )
     else:
         for level in tl.static_range(FROM, LEVELS):
-            total_a, total_a_hi, total_b = _level_by_position(
-                src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, bx, position, p_mask, a, a_mask, d, d_mask,
+            total_a, total_b = _level_by_position(
+                src_a, src_b, inverse, total_a, total_b, bx, position, p_mask, d, d_mask,
                 dim, selected_len, padded_len, inverse_len,
-                GROUP, level, LEVELS, POOL, TWO, ROPE_HALF, ANGLE_RUNS,
+                GROUP, level, LEVELS, POOL, TWO,
             )
-    return total_a, total_a_hi, total_b, reached
+    return total_a, total_b, reached
 
 
 @triton.jit
@@ -909,7 +878,6 @@ def positions_kernel(
     src_a, src_b,  # [B*H, selected_len, D] contiguous
     dst_a, dst_b,  # [B, heads_out, S, D] contiguous
     inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``; inverse_len: the plan's sequence)
-    rotary,  # with ROPE_HALF > 0: the rotary table as ``_turned_back_table`` in fused.py stores it
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
     seq_len, dim, selected_len, padded_len, real_len, inverse_len,
     # unrolled, so GQA's dk+dv issue every query head's loads together (NOTES-kernels.md, "R and R2 outcomes")
@@ -921,8 +889,6 @@ def positions_kernel(
     BY_ENTRY: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ROPE_HALF: tl.constexpr,
-    ANGLE_RUNS: tl.constexpr,
     MEAN: tl.constexpr,
     SKIP_FINER: tl.constexpr,
 ):
@@ -930,42 +896,34 @@ def positions_kernel(
     heads of the output head of the compressed row that covers it, from
     ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
     ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
-    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling).
+    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling; span-end RoPE's
+    dq and dk, which turn back, are ``turned_back_kernel``'s).
 
     Two ways to load, the same sums up to float32 rounding (they add in different orders):
-    ``BY_ENTRY`` (one unrotated source) loads each covering entry's row once per program and
+    ``BY_ENTRY`` (one source) loads each covering entry's row once per program and
     broadcasts it over the positions it covers, a query head at a time, every level's rows loaded
     before any is broadcast and the coarsest level added first (``_levels_by_entry``); a ``SHIFTED``
     program then starts one position early (``cdiv(seq_len + 1, BLOCK_P)`` programs), so that every
-    level's spans align with its block. Otherwise (``TWO`` or ``ROPE_HALF``, never ``SHIFTED`` or
-    ``MEAN``) every position loads its own rows: broadcasting two sources, or the rotation's tables,
-    would pass through shared memory, and these launches run fastest in blocks of 16 positions
-    (NOTES-kernels.md, "v11 and v12 outcomes"); they add level by level, the heads inner.
+    level's spans align with its block. Otherwise (``TWO``, never ``SHIFTED`` or ``MEAN``) every
+    position loads its own rows: broadcasting two sources would pass through shared memory, and
+    these launches run fastest in blocks of 16 positions (NOTES-kernels.md, "v11 and v12
+    outcomes"); they add level by level, the heads inner.
 
-    ``ROPE_HALF > 0`` (needs ``dim == BLOCK_D == 2 * ROPE_HALF``; the gradient of span-end
-    pooling): rows of ``src_a`` at levels >= 1 rotate back by ``end - t`` positions, ``end`` the
-    last position of the entry's span; ``src_a`` is then read and written as its two rotate_half
-    halves, and ``rotary``'s columns are stored in ``ANGLE_RUNS`` runs (``angle_runs``). ``MEAN``
-    (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels reach the
-    position (times one reciprocal per row), which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``): a block
-    that no selected entry below the coarsest level reaches (``_finer_levels_reached``) sums the
-    coarsest level alone, by the same code: the same numbers bit for bit, since the finer levels
-    would add +0.0 or -0.0 (a zero row, rotated) to a total that is +0.0 or nonzero."""
-    tl.static_assert(not BY_ENTRY or (not TWO and ROPE_HALF == 0))
+    ``MEAN`` (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels reach the
+    position (times one reciprocal per row), which is written to ``counts``. ``SKIP_FINER`` (needs
+    ``LEVELS > 1``): a block that no selected entry below the coarsest level reaches
+    (``_finer_levels_reached``) sums the coarsest level alone, by the same code: the same numbers
+    bit for bit, since the finer levels would add +0.0 or -0.0 to a total that is +0.0 or nonzero."""
+    tl.static_assert(not BY_ENTRY or not TWO)
     tl.static_assert(not SKIP_FINER or LEVELS > 1)
     tl.static_assert(BY_ENTRY or (not SHIFTED and not MEAN))
-    HALVES: tl.constexpr = ROPE_HALF > 0
-    SPAN_A: tl.constexpr = ROPE_HALF if HALVES else BLOCK_D  # src_a's columns per load
     first = tl.program_id(0) * BLOCK_P
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     position = first - (1 if SHIFTED else 0) + tl.arange(0, BLOCK_P)
     p_mask = (position >= 0) & (position < seq_len)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < dim
-    a = tl.arange(0, SPAN_A)
-    a_mask = a < dim
-    total_a = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)
-    total_a_hi = tl.zeros((BLOCK_P, SPAN_A), dtype=tl.float32)  # with HALVES: the second half
+    total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
     finer = True
@@ -973,24 +931,22 @@ def positions_kernel(
         finer = _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
                                       GROUP, LEVELS, POOL, SHIFTED)
     if finer:
-        total_a, total_a_hi, total_b, reached = _sum_levels(
-            src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
-            a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, ANGLE_RUNS, MEAN,
+        total_a, total_b, reached = _sum_levels(
+            src_a, src_b, inverse, total_a, total_b, reached, bx, first, position, p_mask,
+            d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+            GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, MEAN,
         )
     else:  # the same sums, less the finer levels' zeros
-        total_a, total_a_hi, total_b, reached = _sum_levels(
-            src_a, src_b, inverse, rotary, total_a, total_a_hi, total_b, reached, bx, first, position, p_mask,
-            a, a_mask, d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, ROPE_HALF, ANGLE_RUNS, MEAN,
+        total_a, total_b, reached = _sum_levels(
+            src_a, src_b, inverse, total_a, total_b, reached, bx, first, position, p_mask,
+            d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
+            GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, MEAN,
         )
     if MEAN:
         total_a = total_a * (1.0 / tl.maximum(reached, 1.0))  # one reciprocal per row (NOTES-kernels.md, "v21")
         tl.store(counts + bx.to(tl.int64) * seq_len + position[:, None], reached, mask=p_mask[:, None])
     out_start = (bx.to(tl.int64) * seq_len + position)[:, None] * dim
-    tl.store(dst_a + out_start + a[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & a_mask[None, :])
-    if HALVES:
-        tl.store(dst_a + out_start + ROPE_HALF + a[None, :], total_a_hi.to(dst_a.dtype.element_ty), mask=p_mask[:, None])
+    tl.store(dst_a + out_start + d[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
     if TWO:
         tl.store(dst_b + out_start + d[None, :], total_b.to(dst_b.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
 
@@ -1042,11 +998,17 @@ def _turned_back_spans(
         else:
             cos = tl.load(rotary + CHILD * (2 * HALF) + f)[None, :]
             sin = tl.load(rotary + CHILD * (2 * HALF) + HALF + f)[None, :]
-        for child in tl.static_range(POOL):
-            if child > 0:
+        if POOL <= 16:  # unrolled, so that the children's loads are issued together
+            for child in tl.static_range(POOL):
+                _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end - child * CHILD, f,
+                                   seq_len, selected_len, padded_len, inverse_len, GROUP, LEVEL - 1, LEVELS, POOL, HALF)
+                if child + 1 < POOL:
+                    lo, hi = _turn_back(lo, hi, cos, sin)
+        else:
+            for child in range(POOL):
+                _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end - child * CHILD, f,
+                                   seq_len, selected_len, padded_len, inverse_len, GROUP, LEVEL - 1, LEVELS, POOL, HALF)
                 lo, hi = _turn_back(lo, hi, cos, sin)
-            _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end - child * CHILD, f,
-                               seq_len, selected_len, padded_len, inverse_len, GROUP, LEVEL - 1, LEVELS, POOL, HALF)
 
 
 @triton.jit
