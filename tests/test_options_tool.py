@@ -225,3 +225,12 @@ def test_the_readme_option_tables_are_the_recorded_run():
     readme = (ROOT / "README.md").read_text()
     assert options.table(rows, process_rows) in readme and options.option_costs(rows, process_rows) in readme
     assert options.counts(rows) in readme
+
+
+def test_the_readme_figures_of_the_partial_v24_run_are_the_recorded_ones():
+    run = json.loads((ROOT / "benchmarks" / "h200-options-2026-12-04-v24-partial.json").read_text())
+    rows, process_rows = run["rows"], run["process_rows"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert run["missing"] == [262144] and options.counts(rows).startswith("fwd+bwd: 32 rows, 31 within 1.10x")
+    span_end_cost = options.option_costs(rows, process_rows).splitlines()[2].split(" | ")[1]
+    assert f"span_end's cost {span_end_cost} over those two lengths" in readme
