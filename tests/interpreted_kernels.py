@@ -6,7 +6,7 @@ by hand with one or more:
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py bfloat16 selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
-    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo skip
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo skip turned
 
 Prints one JSON line per row, its mode under "mode". A dtype's rows, one per (shape, options): the
 relative errors of the output and gradients and whether the selections are identical; ``selection``
@@ -16,7 +16,8 @@ level of their width, the gathered rows against the reference's, and whether rop
 selects as rope="pooled" (with no means from the score pass); ``halo`` one per (shape, combine):
 the scatter over more positions than the plan's sequence (the context-parallel halo) against the
 reference's; ``skip`` one per (shape, options) or halo scatter: whether the position kernel's two
-ways to sum give the same bits (its check forced on and off). The float32 rows say how many
+ways to sum give the same bits (its check forced on and off); ``turned`` one per shape: span-end
+RoPE's gradient of q and k in float32 against the reference's, at pooling 32 too. The float32 rows say how many
 positions a program of the position kernel took (the wide and the sparse cases take as many as on
 the GPU at D=128) and, at those blocks, what share of the blocks meets a selected entry below the
 coarsest level.
@@ -341,6 +342,25 @@ def span_end_gather_grad_error(q, k, v, listing, selection, plan, inv_freq) -> f
                for x, want in zip(inputs, wants))
 
 
+# turned_back_kernel walks level 1's spans in a loop where pooling > 16 (no case above has one), and
+# unrolled elsewhere: both, with GQA's sum over a group and wider levels entering at a span's end.
+TURNED_CASES = [(1, 2, 1, 4100, 8, 2, 32, 128), (1, 2, 2, 9000, 8, 3, 32, 128), (1, 4, 2, 3300, 16, 4, 4, 128)]
+
+
+def turned_row(case: tuple) -> dict:
+    """The span-end gather's gradient of q and k in float32 against the reference's through the
+    same listing, on one case (``span_end_gather_grad_error``)."""
+    batch, heads, kv_heads, seq, dim = case[:5]
+    plan = LighthousePlan(seq, *case[5:])
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    listing = fused.select_entries(q, k, plan, rope_inv_freq=inv_freq)
+    selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
+    return dict(case=case, span_level=fused._turned_back_span_level(plan),
+                grad_error=span_end_gather_grad_error(q, k, v, listing, selection, plan, inv_freq))
+
+
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never
 # padded); L = 3 and L = 4, GQA. A padded plan's scatter builds its plan from the output length,
 # whose real entries then differ from the selection's, so the fused and reference scatters part
@@ -424,6 +444,8 @@ def mode_items(mode: str) -> list[tuple]:
                 for case in SELECTION_CASES for scores in SELECTION_SCORES for causal in (False, True)]
     if mode == "means":
         return [(mode, means_row, case) for case in MEANS_CASES]
+    if mode == "turned":
+        return [(mode, turned_row, case) for case in TURNED_CASES]
     if mode == "halo":
         return [(mode, halo_row, (case, mean)) for case in HALO_CASES for mean in (False, True)]
     if mode == "skip":

@@ -18,7 +18,7 @@ SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
 
 # In the order run: float32's heaviest rows come last and the other modes' run beside them.
-MODES = ("float32", "bfloat16", "selection", "means", "halo", "skip")
+MODES = ("float32", "bfloat16", "selection", "means", "halo", "skip", "turned")
 # interpreted_kernels.SPARSE_CASE (not imported: importing it turns the interpreter on in this process)
 SPARSE_CASE = (1, 2, 1, 8192, 16, 3, 4, 128)
 
@@ -130,3 +130,13 @@ def test_the_position_kernels_two_ways_to_sum_give_the_same_bits_under_the_inter
     for row in rows:
         assert row["same_bits"], row
 
+
+@pytest.mark.slow
+def test_the_span_end_gradient_walks_wide_spans_under_the_interpreter(interpreted_rows):
+    # pooling 32: turned_back_kernel walks level 1's 32 positions in a loop (16 or fewer: unrolled);
+    # a turn of the wrong angle or a span entered at the wrong end is an O(1) error.
+    rows = interpreted_rows["turned"]
+    assert sorted(row["case"][6] for row in rows) == [4, 32, 32]
+    for row in rows:
+        assert row["span_level"] == {32: 1, 4: 2}[row["case"][6]], row  # L4 p4: level 3 enters at span end
+        assert row["grad_error"] < 1e-6, row

@@ -1031,12 +1031,14 @@ def turned_back_kernel(
     the last position of its span). Needs ``D == 2 * HALF``; rows are read and written as their two
     rotate_half halves, so that a column and its partner share a thread.
 
-    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (at most 16 positions wide), side by
-    side, and walks each from its end back. The coarser levels' rows enter at the span's end, turned
-    by the table's angles; inside it, the sum of the levels from l up is turned back by the width of
-    level l-1's spans, from one child span's end to the next (the table's row for that width), so a
-    position's rows are turned by a few products rather than by angles loaded per position and
-    level (NOTES-kernels.md, "v24")."""
+    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (``fused._turned_back_span_level``: at
+    most 16 positions wide where ``POOL <= 16``), side by side, and walks each from its end back.
+    The coarser levels' rows enter at the span's end, turned by the table's angles; inside it, the
+    sum of the levels from l up is turned back by the width of level l-1's spans, from one child
+    span's end to the next (the table's row for that width), so a position's rows are turned by a
+    few products rather than by angles loaded per position and level (NOTES-kernels.md, "v24"). A
+    row reaches position t through at most ``POOL - 1`` turns per level, each one float32 rounding
+    from the table's angle, for gradients stored in q's dtype."""
     W: tl.constexpr = POOL**SPAN_LEVEL
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     end = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)) * W + (W - 1)
