@@ -72,8 +72,8 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[s
                 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
         ms = kernel_ms(call)
-        # span-end RoPE's backward turns dq and dk back in turned_back_kernel: with positions_kernel's
-        # launches, the gather's backward
+        # the gather's backward is positions_kernel's launches and, with span-end RoPE, turned_back_kernel's
+        # (dq and dk): their time counts together, against its bytes
         ms["positions_kernel"] = ms.get("positions_kernel", 0.0) + ms.pop("turned_back_kernel", 0.0)
         moved = {"scores_kernel": traffic.score_pass, "select_kernel": traffic.selection,
                  "entries_kernel": traffic.gather + (traffic.scatter_backward if backward else 0),

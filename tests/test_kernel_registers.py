@@ -83,11 +83,7 @@ def test_the_score_pass_turns_its_span_end_means_inside_each_thread(levels, pool
     assert cross_thread_traffic(span_end) == cross_thread_traffic(pooled)
     registers, spills = ptxas_usage(span_end)
     assert registers <= 96 and spills == 0
-
-    def products(ptx: str) -> int:
-        return ptx.count("fma.rn.f32") + ptx.count("mul.f32") + ptx.count("mul.rn.f32")
-
-    assert products(span_end) - products(pooled) <= 2 * 16384 // 128
+    assert _float32_products(span_end) - _float32_products(pooled) <= 2 * 16384 // 128
 
 
 def _basic_blocks(ptx: str) -> list[str]:
@@ -130,6 +126,11 @@ def test_the_position_kernel_does_not_check_where_every_block_meets_a_finer_leve
     assert not re.search(r"\bbra(?:\.uni)?\s", ptx)
 
 
+def _float32_products(ptx: str) -> int:
+    """Float32 multiplies and multiply-adds in ``ptx`` (each instruction counted once, as written)."""
+    return len(re.findall(r"\b(?:fma\.rn|mul(?:\.rn)?)\.f32", ptx))
+
+
 def _loops(ptx: str) -> int:
     """Backward branches in ``ptx``: a branch to a label defined before it is a loop."""
     defined, loops = set(), 0
@@ -149,7 +150,10 @@ def test_the_position_kernels_unroll_a_gqa_group(levels, pooling, span_end):
     # member's loads waited for the previous member's (GQA 32/8 at 64K L3 p4 K2048: positions_kernel
     # fwd+bwd 0.806 -> 0.723 ms unrolled; NOTES-kernels.md, "R and R2 outcomes").
     plan = LighthousePlan(SEQ, levels, pooling, 2048)
-    ptx = turned_back_ptx(plan, 128, group=4) if span_end else positions_ptx(plan, 128, shifted=False, two=True, group=4)
+    if span_end:
+        ptx = turned_back_ptx(plan, 128, group=4)
+    else:
+        ptx = positions_ptx(plan, 128, shifted=False, two=True, group=4)
     assert _loops(ptx) == 0 and ptxas_usage(ptx)[1] == 0
 
 
@@ -158,15 +162,16 @@ def test_the_position_kernels_unroll_a_gqa_group(levels, pooling, span_end):
 def test_the_turned_back_launch_turns_each_position_once(levels, pooling, group):
     # v24 (NOTES-kernels.md): span-end RoPE's dq and dk walk each span from its end, the sum of the
     # levels turned once per position by the table's row for one position (positions_kernel's
-    # rotated launch turned every level's row by angles loaded per position: 2 (L - 1) float32
-    # products per element; 0.411 -> 0.358 ms fwd+bwd at 128K L3 p4 on the H200). At most 3 products
-    # per element and position (a turn is 2, the levels' weights and wider levels' turns the rest),
-    # no shared memory, no spills, and the walk unrolled so that its loads are issued together.
+    # rotated launch turned every level's row by angles loaded per position: 9 float32 products per
+    # element at L3 p4, 15 at L5 p2, as counted here; 0.411 -> 0.358 ms fwd+bwd at 128K L3 p4 on the
+    # H200). At most 3 products per element and position (a turn is 2, the levels' weights and wider
+    # levels' turns the rest), no shared memory, no spills, and the walk unrolled so that its loads
+    # are issued together.
     plan = LighthousePlan(SEQ, levels, pooling, 1536)
     ptx = turned_back_ptx(plan, 128, group=group)
     width = pooling ** fused._turned_back_span_level(plan)
     elements = width * fused._TURNED_BACK_ROWS * 128 // (4 * 32)  # per thread: 4 warps, D = 128
-    products = len(re.findall(r"\b(?:fma\.rn|mul(?:\.rn)?)\.f32\b", ptx))
+    products = _float32_products(ptx)
     assert products <= 3 * elements, (products, elements)
     assert cross_thread_traffic(ptx) == {"bar.sync": 0, "st.shared": 0} and ptxas_usage(ptx)[1] == 0
     assert _loops(ptx) == 0

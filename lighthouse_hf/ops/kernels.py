@@ -958,10 +958,14 @@ def _turn_back(lo, hi, cos, sin):
 
 
 @triton.jit
-def _group_rows(src, inverse, bx, slot, valid, selected_len, inverse_len, f,
-                GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr):
-    """The sum over the output head's ``GROUP`` query heads of the selected rows of ``LEVEL``'s entries
-    ``slot`` (``[rows]``, where ``valid``), zero where none is selected, as float32 halves."""
+def _group_rows(src, inverse, bx, end, seq_len, selected_len, padded_len, inverse_len, f,
+                GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
+                HALF: tl.constexpr):
+    """The sum over the output head's ``GROUP`` query heads of the selected rows of the ``LEVEL``
+    entries that cover positions ``end`` (``[rows]``), zero where none is selected, as float32 halves."""
+    C: tl.constexpr = POOL**LEVEL
+    slot = end // C
+    valid = (slot * C < seq_len) & (slot < padded_len // C)
     lo = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
     hi = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
     for member in tl.static_range(GROUP):
@@ -981,10 +985,8 @@ def _turned_back_spans(
     the coarser levels' rows turned back to ``end``: this level's rows join them, and each child span
     (last first) receives the sum turned back by the children's width from the previous child."""
     C: tl.constexpr = POOL**LEVEL
-    slot = end // C
-    valid = (slot * C < seq_len) & (slot < padded_len // C)
-    rows_lo, rows_hi = _group_rows(src, inverse, bx, slot, valid, selected_len, inverse_len, f, GROUP, LEVEL, LEVELS,
-                                   HALF)
+    rows_lo, rows_hi = _group_rows(src, inverse, bx, end, seq_len, selected_len, padded_len, inverse_len, f,
+                                   GROUP, LEVEL, LEVELS, POOL, HALF)
     lo += rows_lo * (1.0 / C)
     hi += rows_hi * (1.0 / C)
     if LEVEL == 0:
@@ -1047,10 +1049,8 @@ def turned_back_kernel(
     hi = tl.zeros((ROWS, HALF), dtype=tl.float32)
     for level in tl.static_range(SPAN_LEVEL + 1, LEVELS):
         width = POOL**level
-        slot = end // width
-        valid = (slot * width < seq_len) & (slot < padded_len // width)
-        rows_lo, rows_hi = _group_rows(src, inverse, bx, slot, valid, selected_len, inverse_len, f, GROUP, level,
-                                       LEVELS, HALF)
+        rows_lo, rows_hi = _group_rows(src, inverse, bx, end, seq_len, selected_len, padded_len, inverse_len, f,
+                                       GROUP, level, LEVELS, POOL, HALF)
         angle = rotary + (width - 1 - end % width)[:, None] * (2 * HALF) + f[None, :]
         rows_lo, rows_hi = _turn_back(rows_lo, rows_hi, tl.load(angle), tl.load(angle + HALF))
         lo += rows_lo * (1.0 / width)
