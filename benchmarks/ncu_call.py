@@ -4,7 +4,7 @@ kernels. B=1, H=8, D=128, bf16; published options unless ``--rope span_end`` (th
 frequencies). Needs CUDA and Triton.
 
     ncu --clock-control none --profile-from-start off \\
-        -k regex:"entries_kernel|positions_kernel|scores_kernel" \\
+        -k regex:"entries_kernel|scatter_kernel|walk_kernel|scores_kernel" \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
         --section LaunchStats --section WarpStateStats --section SchedulerStats \\
         python benchmarks/ncu_call.py 262144 5 4 2048

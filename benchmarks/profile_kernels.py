@@ -9,9 +9,9 @@ each kernel, so a slow setting shows which kernel is off its bandwidth. Needs CU
 
 B=1, H=8 (``--heads``, ``--kv-heads`` for GQA), D=128, bf16, published options unless said
 (``span_end``: the bench's frequencies; ``given``: the bench's random positive scores); 10 profiled
-calls after 3 warm-up calls. The forward's scatter and the backward's gather share
-`positions_kernel`; the gather and the scatter's backward share `entries_kernel`, so their fwd+bwd
-bytes are the sums.
+calls after 3 warm-up calls. "positions" is the position kernels, the forward's scatter
+(`scatter_kernel`) and the gather's backward (`walk_kernel`); the gather and the scatter's backward
+share `entries_kernel`; their fwd+bwd bytes are the sums.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lighthouse_hf.ops.traffic import SCORE_SOURCES, fused_traffic
 WIDEST = [(131072, 3, 4, 2048), (131072, 4, 4, 1536), (262144, 4, 4, 1536), (131072, 5, 2, 1536),
           (262144, 5, 2, 2048), (131072, 5, 4, 1536), (262144, 5, 4, 1536), (131072, 4, 8, 1536),
           (131072, 5, 8, 1536)]
-KERNELS = ("scores_kernel", "select_kernel", "entries_kernel", "positions_kernel", "turned_back_kernel")
+KERNELS = ("scores_kernel", "select_kernel", "entries_kernel", "scatter_kernel", "walk_kernel")
 
 
 def kernel_ms(call) -> dict[str, float]:
@@ -72,12 +72,12 @@ def profile_case(seq: int, levels: int, pooling: int, topk: int, options: dict[s
                 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
         ms = kernel_ms(call)
-        # the gather's backward is positions_kernel's launches and, with span-end RoPE, turned_back_kernel's
-        # (dq and dk): their time counts together, against its bytes
-        ms["positions_kernel"] = ms.get("positions_kernel", 0.0) + ms.pop("turned_back_kernel", 0.0)
+        # the position kernels: the forward's scatter (scatter_kernel) and the gather's backward
+        # (walk_kernel: dq; dk and dv), their time together against their bytes
+        ms["positions"] = ms.pop("scatter_kernel", 0.0) + ms.pop("walk_kernel", 0.0)
         moved = {"scores_kernel": traffic.score_pass, "select_kernel": traffic.selection,
                  "entries_kernel": traffic.gather + (traffic.scatter_backward if backward else 0),
-                 "positions_kernel": traffic.scatter + (traffic.gather_backward if backward else 0)}
+                 "positions": traffic.scatter + (traffic.gather_backward if backward else 0)}
         parts = [f"{name.split('_')[0]} {ms.get(name, 0.0):.3f} ms {gb / 1e9:.2f} GB "
                  f"{gb / 1e9 / max(ms.get(name, 0.0), 1e-9):.2f} TB/s" for name, gb in moved.items()]
         shape = "" if (heads, kv_heads) == (8, 8) else f" H{heads}/{kv_heads}"

@@ -6,7 +6,7 @@ by hand with one or more:
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py float32
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py bfloat16 selection
     TRITON_INTERPRET=1 python tests/interpreted_kernels.py means
-    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo skip turned
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py halo skip walk
 
 Prints one JSON line per row, its mode under "mode". A dtype's rows, one per (shape, options): the
 relative errors of the output and gradients and whether the selections are identical; ``selection``
@@ -15,12 +15,12 @@ one per (shape, scores, rule): whether the selection kernel equals the reference
 level of their width, the gathered rows against the reference's, and whether rope="span_end"
 selects as rope="pooled" (with no means from the score pass); ``halo`` one per (shape, combine):
 the scatter over more positions than the plan's sequence (the context-parallel halo) against the
-reference's; ``skip`` one per (shape, options) or halo scatter: whether the position kernel's two
-ways to sum give the same bits (its check forced on and off); ``turned`` one per shape: span-end
-RoPE's gradient of q and k in float32 against the reference's, at pooling 32 too. The float32 rows say how many
-positions a program of the position kernel took (the wide and the sparse cases take as many as on
-the GPU at D=128) and, at those blocks, what share of the blocks meets a selected entry below the
-coarsest level.
+reference's; ``skip`` one per (shape, options) or halo scatter: whether the scatter kernel's two
+ways to sum give the same bits (its check forced on and off); ``walk`` one per shape and RoPE: the
+gather's gradient of q, k and v in float32 against the reference's, span-end RoPE or not, at pooling
+32 too. The float32 rows say how many positions a program of the scatter kernel took (the wide and
+the sparse cases take as many as on the GPU at D=128) and, at those blocks, what share of the
+blocks meets a selected entry below the coarsest level.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ CASES = [(1, 2, 1, 2048, 16, 3, 4, 128), (2, 4, 2, 2051, 32, 3, 4, 128), (1, 2, 
          (1, 2, 1, 8192, 16, 3, 4, 128)]
 WIDE_CASES = CASES[4:6]
 # A quarter of the coarsest entries refined: at the GPU's positions per program some blocks of the
-# position kernel meet a finer entry and some only the coarsest, and its launches check which
+# scatter kernel meet a finer entry and some only the coarsest, and its launches check which
 # (fused._skips_finer_levels), so both of its ways to sum run (the other cases refine half or more).
 SPARSE_CASE = CASES[6]
 GPU_BLOCK_CASES = (*WIDE_CASES, SPARSE_CASE)
@@ -109,27 +109,44 @@ def options_for(case: tuple, dtype: torch.dtype) -> list[dict]:
     return OPTIONS if dtype == torch.float32 and case in SINGLE_OPTION_CASES else [{}, ALL_OPTIONS]
 
 
-def positions_per_program(block_d: int) -> list[int]:
-    """The position kernel's positions a program at ``block_d`` (fused._positions_layout), as its
-    launches compute them: by entry (one unrotated source), and by position (two sources)."""
-    return [fused._positions_layout(block_d, two=two)[1] for two in (False, True)]
+def scatter_positions_per_program(block_d: int) -> int:
+    """The scatter kernel's positions a program at ``block_d``, as ``fused._run_scatter`` takes them."""
+    return fused._positions_per_program(block_d, fused._SCATTER_BLOCK_ELEMENTS)
 
 
-# The wide cases run the position kernel with as many positions a program as at D=128 on the GPU: at
-# their D of 16 it would otherwise take 128-256, wider than every level but the coarsest, so a block
-# would never sit inside one entry's span nor start a shifted block mid-span.
-GPU_POSITIONS_PER_PROGRAM = positions_per_program(128)
+# The wide cases run the scatter kernel with as many positions a program as at D=128 on the GPU: at
+# their D of 16 it would otherwise take 256, wider than every level but the coarsest, so a block
+# would never sit inside one entry's span nor start mid-span.
+GPU_POSITIONS_PER_PROGRAM = scatter_positions_per_program(128)
 
 
 @contextlib.contextmanager
 def gpu_blocks(dim: int) -> Iterator[None]:
-    """The position kernel at ``dim`` with as many positions a program as at D=128 on the GPU."""
-    natural = fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS
-    fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = (w * dim for w in GPU_POSITIONS_PER_PROGRAM)
+    """The scatter kernel at ``dim`` with as many positions a program as at D=128 on the GPU."""
+    natural = fused._SCATTER_BLOCK_ELEMENTS
+    fused._SCATTER_BLOCK_ELEMENTS = GPU_POSITIONS_PER_PROGRAM * dim
     try:
         yield
     finally:
-        fused._ENTRY_ROWS_BLOCK_ELEMENTS, fused._POSITION_ROWS_BLOCK_ELEMENTS = natural
+        fused._SCATTER_BLOCK_ELEMENTS = natural
+
+
+# The interpreter runs a program's operations one at a time in NumPy, so walk_kernel's unrolled walk
+# costs it per program, not per row: 64 spans a program run the float32 cases 3x faster than the
+# GPU's 8. Every mode but ``walk`` walks 64 (the rows are the same; only how many a program takes
+# differs); ``walk`` keeps the GPU's.
+INTERPRETED_WALKED_ROWS = 64
+
+
+@contextlib.contextmanager
+def walked_rows(rows: int) -> Iterator[None]:
+    """``walk_kernel`` launched with ``rows`` spans a program."""
+    natural = fused._WALKED_ROWS
+    fused._WALKED_ROWS = rows
+    try:
+        yield
+    finally:
+        fused._WALKED_ROWS = natural
 
 
 def rel(a, b):
@@ -178,31 +195,36 @@ def compare(case: tuple, options: dict, dtype: torch.dtype) -> dict:
                               causal=options.get("selection") == "causal")
     return dict(case=case, options=options, out=rel(out, ref_out), grads=[rel(a, b) for a, b in zip(grads, ref_grads)],
                 same_selection=same_selection,
-                finer_blocks=[blocks_meeting_finer_levels(chosen, width) for width in GPU_POSITIONS_PER_PROGRAM])
+                finer_blocks=blocks_meeting_finer_levels(chosen, GPU_POSITIONS_PER_PROGRAM))
 
 
 def blocks_meeting_finer_levels(selection: reference.Selection, block: int) -> float:
-    """The share of (batch, query head, block of ``block`` positions) that some selected entry below the
-    coarsest level covers, at the spans ``[j*c, (j+1)*c)`` the gather's backward reads."""
+    """The share of (batch, query head, block of ``block`` positions) of the scatter that some
+    selected entry below the coarsest level reaches: entry j of width c reaches ``[j*c + c - 1,
+    j*c + 2c - 1)``, and the scatter's blocks start one position early, so that in ``u = t + 1``
+    the entry covers span ``j + 1`` and block b ``[b*block, (b+1)*block)``."""
     plan = selection.plan
-    covered = torch.zeros(*selection.level.shape[:2], plan.padded_len, dtype=torch.bool)
+    length = plan.padded_len + plan.coarse_width  # every entry's span, in u
+    covered = torch.zeros(*selection.level.shape[:2], length, dtype=torch.bool)
     for level in range(plan.levels - 1):
         width = plan.pooling**level
-        local = selection.local.masked_fill(selection.level != level, plan.padded_len // width)
-        spans = torch.zeros(*covered.shape[:2], plan.padded_len // width + 1, dtype=torch.bool)
-        spans.scatter_(-1, local, True)
+        slots = length // width
+        shifted = (selection.local + 1).masked_fill(selection.level != level, slots)
+        spans = torch.zeros(*covered.shape[:2], slots + 1, dtype=torch.bool)
+        spans.scatter_(-1, shifted, True)
         covered |= spans[..., :-1].repeat_interleave(width, dim=-1)
-    covered = torch.nn.functional.pad(covered, (0, -plan.padded_len % block))  # the last block's tail
+    launched = -(-(plan.seq_len + 1) // block) * block  # the blocks the scatter launches, in u
+    covered = torch.nn.functional.pad(covered, (0, launched - length))  # cropped or padded to them
     return covered.unflatten(-1, (-1, block)).any(-1).float().mean().item()
 
 
 def compare_row(item: tuple) -> dict:
     """:func:`compare` on one (case, options, dtype), a wide case at the GPU's positions per program,
-    with the positions a program of the position kernel took."""
+    with the positions a program of the scatter kernel took."""
     case, options, dtype = item
     with gpu_blocks(case[4]) if case in GPU_BLOCK_CASES else contextlib.nullcontext():
-        widths = positions_per_program(fused._next_power_of_2(case[4]))  # what ran, not what was asked
-        return dict(compare(case, options, dtype), positions_per_program=widths)
+        width = scatter_positions_per_program(fused._next_power_of_2(case[4]))  # what ran, not what was asked
+        return dict(compare(case, options, dtype), positions_per_program=width, walked_rows=fused._WALKED_ROWS)
 
 
 # (batch, heads, kv_heads, seq, dim, levels, pooling, topk). Tiles of more than 128 coarse entries
@@ -278,8 +300,8 @@ def means_row(case: tuple) -> dict:
     means) against the reference's rows of the same listing. rope="span_end": the same listing
     and the same scores to the last bit, under both rules (they are the same norms); means only
     where the pooled ones are the coarsest level's, then at span end, against the reference's
-    span-end pyramid, and its gathered q and k rows likewise; the gather's gradient of q and k
-    (``span_end_gather_grad_error``)."""
+    span-end pyramid, and its gathered q and k rows likewise; the gather's gradient of q, k and v
+    (``gather_grad_error``)."""
     batch, heads, kv_heads, seq, dim = case[:5]
     plan = LighthousePlan(seq, *case[5:])
     g = torch.Generator().manual_seed(seq)
@@ -316,7 +338,7 @@ def means_row(case: tuple) -> dict:
         span_end_copies_means = bool(from_means.any() and torch.equal(nan_rows[0], from_means)
                                      and torch.equal(nan_rows[1], from_means) and not nan_rows[2].any())
     return dict(case=case, means_width=width, level=level, coarse_width=plan.coarse_width,
-                span_end_grad_error=span_end_gather_grad_error(q, k, v, span_end, selection, plan, inv_freq),
+                span_end_grad_error=gather_grad_error(q, k, v, span_end, selection, plan, inv_freq),
                 same_scores=not span_end_scores_apart(q, k, plan, inv_freq),
                 means_dtype=str(pooled.means.dtype),
                 max_error=(pooled.means.float() - want).abs().max().item(),
@@ -326,39 +348,45 @@ def means_row(case: tuple) -> dict:
                 span_end_gather_error=span_end_gather_error, span_end_copies_means=span_end_copies_means)
 
 
-def span_end_gather_grad_error(q, k, v, listing, selection, plan, inv_freq) -> float:
-    """The span-end gather's gradient of q and k in q's dtype (turned back by ``turned_back_kernel``)
-    against the reference's in float32 through the same listing: the largest error relative to
-    each gradient's largest element."""
+def gather_grad_error(q, k, v, listing, selection, plan, inv_freq=None) -> float:
+    """The gather's gradient of q, k and v in q's dtype (summed over each span by ``walk_kernel``;
+    turned back where ``inv_freq`` is given) against the reference's in float32 through the same
+    listing: the largest error relative to each gradient's largest element."""
     g = torch.Generator().manual_seed(q.shape[2] + 1)
     inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-    got = fused.gather_entries(listing, *inputs, plan)[:2]
+    got = fused.gather_entries(listing, *inputs, plan)
     cotangents = [torch.randn(x.shape, generator=g).to(q.dtype) for x in got]
     torch.autograd.backward(got, cotangents)
-    wants = [x.detach().float().requires_grad_() for x in (q, k)]
-    torch.autograd.backward([reference.gather_entries(reference.pyramid(x, plan, inv_freq), selection.index)
-                             for x in wants], [c.float() for c in cotangents])
+    wants = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    pyramids = [reference.pyramid(x, plan, inv_freq if index < 2 else None) for index, x in enumerate(wants)]
+    torch.autograd.backward([reference.gather_entries(pyramid, selection.index) for pyramid in pyramids],
+                            [c.float() for c in cotangents])
     return max(((x.grad.float() - want.grad).abs().max() / want.grad.abs().max()).item()
                for x, want in zip(inputs, wants))
 
 
-# turned_back_kernel walks level 1's spans in a loop where pooling > 16 (no case above has one), and
-# unrolled elsewhere: both, with GQA's sum over a group and wider levels entering at a span's end.
-TURNED_CASES = [(1, 2, 1, 4100, 8, 2, 32, 128), (1, 2, 2, 9000, 8, 3, 32, 128), (1, 4, 2, 3300, 16, 4, 4, 128)]
+# walk_kernel walks level 1's spans in a loop where pooling > 16 (no case above has one), and
+# unrolled elsewhere: both, turned (span-end RoPE) and not, with GQA's sum over a group and wider
+# levels entering at a span's end; and a head size that is no power of two (unturned: its halves
+# are masked past D). The float32 mode's cases walk unrolled spans, GQA too.
+WALK_CASES = [((1, 2, 1, 4100, 8, 2, 32, 128), True), ((1, 2, 2, 9000, 8, 3, 32, 128), True),
+              ((1, 4, 2, 3300, 16, 4, 4, 128), True), ((1, 2, 1, 4100, 8, 2, 32, 128), False),
+              ((1, 4, 2, 3000, 24, 4, 2, 256), False)]
 
 
-def turned_row(case: tuple) -> dict:
-    """The span-end gather's gradient of q and k in float32 against the reference's through the
-    same listing, on one case (``span_end_gather_grad_error``)."""
+def walk_row(item: tuple) -> dict:
+    """The gather's gradient of q, k and v in float32 against the reference's through the same
+    listing, on one case, span-end RoPE or not (``gather_grad_error``)."""
+    case, span_end = item
     batch, heads, kv_heads, seq, dim = case[:5]
     plan = LighthousePlan(seq, *case[5:])
     g = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads, kv_heads))
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim) if span_end else None
     listing = fused.select_entries(q, k, plan, rope_inv_freq=inv_freq)
     selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
-    return dict(case=case, span_level=fused._turned_back_span_level(plan),
-                grad_error=span_end_gather_grad_error(q, k, v, listing, selection, plan, inv_freq))
+    return dict(case=case, span_end=span_end, span_level=fused._walked_span_level(plan), rows=fused._WALKED_ROWS,
+                grad_error=gather_grad_error(q, k, v, listing, selection, plan, inv_freq))
 
 
 # Plans without padding, as the context-parallel op takes them (its chunks' plans are never
@@ -386,15 +414,14 @@ def halo_row(item: tuple) -> dict:
     return dict(case=case, mean=mean, length=length, error=rel(got, want))
 
 
-# The position kernel's check (fused._skips_finer_levels) forced on and off: its two ways to sum must give
-# the same bits. Half the coarsest entries refined, so that half the blocks of 16 positions skip: every
-# option, and GQA (two query heads a KV head, so the by-position launches sum a group); the halo's
-# scatter of the first plan (no padding).
-SKIP_CASES = [((1, 2, 1, 4096, 16, 3, 4, 128), ALL_OPTIONS), ((1, 4, 2, 4096, 16, 3, 4, 128), {})]
+# The scatter kernel's check (fused._skips_finer_levels) forced on and off: its two ways to sum must give
+# the same bits. Half the coarsest entries refined, so that a quarter of the blocks of 32 positions
+# skip: every option; the halo's scatter of the same plan (no padding).
+SKIP_CASES = [((1, 2, 1, 4096, 16, 3, 4, 128), ALL_OPTIONS)]
 
 
 def _with_check(on: bool, compute: Callable):
-    """``compute()`` on the fused path (CPU tensors), every position-kernel launch checking for finer
+    """``compute()`` on the fused path (CPU tensors), every scatter-kernel launch checking for finer
     levels (``on``) or none."""
     natural = fused._skips_finer_levels, fused.handles
     fused._skips_finer_levels = lambda plan, block_p: on and plan.levels > 1
@@ -444,8 +471,8 @@ def mode_items(mode: str) -> list[tuple]:
                 for case in SELECTION_CASES for scores in SELECTION_SCORES for causal in (False, True)]
     if mode == "means":
         return [(mode, means_row, case) for case in MEANS_CASES]
-    if mode == "turned":
-        return [(mode, turned_row, case) for case in TURNED_CASES]
+    if mode == "walk":
+        return [(mode, walk_row, item) for item in WALK_CASES]
     if mode == "halo":
         return [(mode, halo_row, (case, mean)) for case in HALO_CASES for mean in (False, True)]
     if mode == "skip":
@@ -458,7 +485,8 @@ def mode_items(mode: str) -> list[tuple]:
 def mode_row(item: tuple) -> dict:
     """One item of :func:`mode_items`: its row, tagged with its mode."""
     mode, row, argument = item
-    return dict(row(argument), mode=mode)
+    with walked_rows(fused._WALKED_ROWS if mode == "walk" else INTERPRETED_WALKED_ROWS):
+        return dict(row(argument), mode=mode)
 
 
 if __name__ == "__main__":

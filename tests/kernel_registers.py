@@ -1,5 +1,5 @@
 """Registers and spills of the gather's and scatter's kernels (``entries_kernel``,
-``positions_kernel``, ``turned_back_kernel``) as specialized for a setting, without a GPU: each is
+``scatter_kernel``, ``walk_kernel``) as specialized for a setting, without a GPU: each is
 compiled for sm_90 (Triton's own compiler and its bundled ptxas, as the JIT would on an H100/H200),
 and ptxas ``-v`` reports registers per thread and spill bytes. Run by hand, in a Triton-enabled venv:
 
@@ -88,33 +88,32 @@ def entries_ptx(plan: LighthousePlan, heads: int, dim: int, *, rope: bool, shift
     return sm90_ptx(kernels.entries_kernel, values, constexprs, pointers)
 
 
-def positions_ptx(plan: LighthousePlan, dim: int, *, shifted: bool, two: bool, mean: bool = False, group: int = 1,
-                  stage: str = "ptx") -> str:
-    """The PTX (or ``stage``) of a ``positions_kernel`` launch as ``fused._run_positions`` makes it for
-    bf16 rows of ``group`` query heads per output head (1: MHA) under ``plan``; ``dim`` a power of two."""
+def scatter_ptx(plan: LighthousePlan, dim: int, *, mean: bool = False, stage: str = "ptx") -> str:
+    """The PTX (or ``stage``) of a ``scatter_kernel`` launch as ``fused._run_scatter`` makes it for
+    bf16 rows under ``plan``; ``dim`` a power of two."""
     _check_dim(dim)
-    values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len,
-                  padded_len=plan.padded_len, real_len=plan.real_len, inverse_len=plan.seq_len)
-    by_entry, block_p = fused._positions_layout(dim, two=two)
-    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SHIFTED=shifted, TWO=two,
-                      BY_ENTRY=by_entry, BLOCK_P=block_p, BLOCK_D=dim, MEAN=mean,
-                      SKIP_FINER=fused._skips_finer_levels(plan, block_p))
-    pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
-                    counts="*fp32" if mean else "*i32")
-    return sm90_ptx(kernels.positions_kernel, values, constexprs, pointers, stage)
-
-
-def turned_back_ptx(plan: LighthousePlan, dim: int, *, group: int = 1, rows: int | None = None) -> str:
-    """The PTX of a ``turned_back_kernel`` launch as ``fused._run_turned_back`` makes it for bf16 rows
-    of ``group`` query heads per output head (1: MHA) under ``plan`` (``rows``: spans a program, if
-    not the launch's); ``dim`` a power of two."""
-    _check_dim(dim)
-    values = dict(seq_len=plan.seq_len, selected_len=plan.compressed_len, padded_len=plan.padded_len,
+    values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len, real_len=plan.real_len,
                   inverse_len=plan.seq_len)
-    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SPAN_LEVEL=fused._turned_back_span_level(plan),
-                      ROWS=rows or fused._TURNED_BACK_ROWS, HALF=dim // 2)
-    pointers = dict(src="*bf16", dst="*bf16", inverse="*i32", rotary="*fp32")
-    return sm90_ptx(kernels.turned_back_kernel, values, constexprs, pointers)
+    block_p = fused._positions_per_program(dim, fused._SCATTER_BLOCK_ELEMENTS)
+    constexprs = dict(LEVELS=plan.levels, POOL=plan.pooling, BLOCK_P=block_p, BLOCK_D=dim, MEAN=mean,
+                      SKIP_FINER=fused._skips_finer_levels(plan, block_p))
+    pointers = dict(src="*bf16", dst="*bf16", inverse="*i32", counts="*fp32" if mean else "*i32")
+    return sm90_ptx(kernels.scatter_kernel, values, constexprs, pointers, stage)
+
+
+def walk_ptx(plan: LighthousePlan, dim: int, *, turn: bool, two: bool, group: int = 1, rows: int | None = None) -> str:
+    """The PTX of a ``walk_kernel`` launch as ``fused._run_walk`` makes it for bf16 rows of ``group``
+    query heads per output head (1: MHA) under ``plan``: ``turn`` span-end RoPE's, ``two`` dk and dv
+    (``rows``: spans a program, if not the launch's); ``dim`` a power of two."""
+    _check_dim(dim)
+    values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len, padded_len=plan.padded_len,
+                  inverse_len=plan.seq_len)
+    half, even = fused.walked_halves(dim)
+    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SPAN_LEVEL=fused._walked_span_level(plan),
+                      ROWS=rows or fused._WALKED_ROWS, HALF=half, EVEN=even, TURN=turn, TWO=two)
+    pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
+                    rotary="*fp32" if turn else "*i32")
+    return sm90_ptx(kernels.walk_kernel, values, constexprs, pointers)
 
 
 def scores_ptx(plan: LighthousePlan, heads: int, dim: int, *, given: bool, causal: bool, rope: bool = False) -> str:
@@ -194,34 +193,32 @@ def main() -> None:
             traffic = cross_thread_traffic(ptx)
             print(f"| {name} | {dim} | {regs} | {spills} | {traffic['bar.sync']} | {traffic['st.shared']} |",
                   flush=True)
-    launches = [
-        ("scatter", dict(shifted=True, two=False)),
-        ("scatter, combine=mean", dict(shifted=True, two=False, mean=True)),
-        ("gather backward: dq", dict(shifted=False, two=False)),
-        ("gather backward: dk and dv", dict(shifted=False, two=True)),
-    ]
-    print("\npositions_kernel, same setting (ld.global: load instructions in the PTX, each counted once)")
-    print("| launch | D | loads | positions a program | registers | spill bytes | ld.global | bar.sync | st.shared |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\nscatter_kernel, same setting (ld.global: load instructions in the PTX, each counted once)")
+    print("| launch | D | positions a program | registers | spill bytes | ld.global | bar.sync | st.shared |")
+    print("|---|---|---|---|---|---|---|---|")
     for dim in args.dims:
-        for name, options in launches:
-            by_entry, block_p = fused._positions_layout(dim, two=options["two"])
-            ptx = positions_ptx(plan, dim, **options)
+        for name, mean in (("scatter", False), ("scatter, combine=mean", True)):
+            ptx = scatter_ptx(plan, dim, mean=mean)
             if args.ptx is not None:
-                (args.ptx / f"positions_{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
+                (args.ptx / f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_d{dim}.ptx").write_text(ptx)
             regs, spills = ptxas_usage(ptx)
             traffic = cross_thread_traffic(ptx)
             loads = len(re.findall(r"\bld\.global", ptx))
-            print(f"| {name} | {dim} | {'by entry' if by_entry else 'by position'} | {block_p} | {regs} | {spills} | "
-                  f"{loads} | {traffic['bar.sync']} | {traffic['st.shared']} |", flush=True)
-    span_level = fused._turned_back_span_level(plan)
-    print(f"\nturned_back_kernel (span_end's dq and dk), same setting: {fused._TURNED_BACK_ROWS} spans of "
+            block_p = fused._positions_per_program(dim, fused._SCATTER_BLOCK_ELEMENTS)
+            print(f"| {name} | {dim} | {block_p} | {regs} | {spills} | {loads} | {traffic['bar.sync']} | "
+                  f"{traffic['st.shared']} |", flush=True)
+    span_level = fused._walked_span_level(plan)
+    print(f"\nwalk_kernel (the gather's backward), same setting: {fused._WALKED_ROWS} spans of "
           f"{args.pooling**span_level} positions a program")
     print("| output | D | registers | spill bytes | ld.global | bar.sync | st.shared |")
     print("|---|---|---|---|---|---|---|")
     for dim in args.dims:
-        for name, group in (("dq", 1), ("dk, 4 query heads a KV head", 4)):
-            ptx = turned_back_ptx(plan, dim, group=group)
+        for name, options in (("dq; span-end dv", dict(turn=False, two=False)), ("dk+dv", dict(turn=False, two=True)),
+                              ("dk+dv, 4 query heads a KV head", dict(turn=False, two=True, group=4)),
+                              ("span-end dq or dk", dict(turn=True, two=False)),
+                              ("span-end dk, 4 query heads a KV head", dict(turn=True, two=False, group=4)),
+                              ("span-end dv, 4 query heads a KV head", dict(turn=False, two=False, group=4))):
+            ptx = walk_ptx(plan, dim, **options)
             regs, spills = ptxas_usage(ptx)
             traffic = cross_thread_traffic(ptx)
             loads = len(re.findall(r"\bld\.global", ptx))

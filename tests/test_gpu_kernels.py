@@ -330,32 +330,26 @@ def test_compiled_llama_decoder_layer():
     assert rel_err(grad, eager_grad) < 1e-2
 
 
-# A sixteenth of the coarsest entries refined: most blocks of the position kernel skip the finer levels,
-# some do not (L5 p2 and L3 p4, GQA in the first).
+# A sixteenth of the coarsest entries refined: most blocks of the scatter kernel skip the finer levels,
+# some do not (L5 p2 and L3 p4).
 SPARSE_SHAPES = [(1, 8, 2, 65536, 128, 5, 2, 256), (1, 4, 4, 131072, 128, 3, 4, 512)]
 
 
 @pytest.mark.parametrize("mean", [False, True], ids=["sum", "mean"])
-@pytest.mark.parametrize("rope", [False, True], ids=["pooled", "span_end"])
 @pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=_ids)
-def test_the_position_kernels_two_ways_to_sum_give_the_same_bits(shape, rope, mean, monkeypatch):
+def test_the_scatter_kernels_two_ways_to_sum_give_the_same_bits(shape, mean, monkeypatch):
     # A block that no entry below the coarsest level reaches sums the coarsest alone (the check of
-    # fused._skips_finer_levels); forced on and off, the scatter, its counts and the gather's backward
-    # must be the same bits, as compiled for this GPU (FMA contraction included).
-    batch, heads, kv_heads, seq_len, dim = shape[:5]
+    # fused._skips_finer_levels); forced on and off, the scatter and its counts must be the same bits,
+    # as compiled for this GPU (FMA contraction included).
+    batch, heads, _, seq_len, dim = shape[:5]
     settings = tuple(shape[5:])
     q, k, _ = _inputs(shape, torch.bfloat16, seed=7)
     entry_local, entry_row, inverse, _ = fused._select_impl(q, k, None, None, None, *settings)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
-    rotary = fused.rotary_table(inv_freq, LighthousePlan(seq_len, *settings)) if rope else None
     generator = torch.Generator(device="cuda").manual_seed(8)
-    rows = [torch.randn(batch, heads, entry_local.shape[-1], dim, device="cuda", generator=generator).bfloat16()
-            for _ in range(4)]
+    rows = torch.randn(batch, heads, entry_local.shape[-1], dim, device="cuda", generator=generator).bfloat16()
     runs = []
     for check in (True, False):
         monkeypatch.setattr(fused, "_skips_finer_levels", lambda plan, block_p, check=check: check and plan.levels > 1)
-        scattered = fused._scatter_impl(rows[0], inverse, entry_local, entry_row, seq_len, mean, *settings)
-        grads = fused._gather_backward_impl(*rows[1:], inverse, rotary, kv_heads, seq_len, *settings)
-        runs.append((*scattered, *grads))
+        runs.append(fused._scatter_impl(rows, inverse, entry_local, entry_row, seq_len, mean, *settings))
     for on, off in zip(*runs):
         assert same_bits(on, off)

@@ -83,7 +83,7 @@ def _forward_host_work(monkeypatch, seq: int, **settings) -> tuple[dict[str, int
 ])
 def test_the_fused_forward_is_four_launches_and_few_aten_ops(monkeypatch, settings, most_ops):
     launches, ops = _forward_host_work(monkeypatch, 65536, **settings)
-    assert launches == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "positions_kernel": 1}
+    assert launches == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "scatter_kernel": 1}
     assert sum(ops.values()) <= most_ops, ops
     if settings["levels"] == 3:
         # Besides allocations and views, one memset (the scatter's inverse table) and SDPA.
@@ -98,7 +98,7 @@ def test_given_scores_are_pooled_by_the_score_pass_not_by_aten(monkeypatch):
     given = dict(q_scores=torch.rand(1, 2, 65536) + 1, k_scores=torch.rand(1, 2, 65536) + 1)
     with _AtenOps() as aten:
         lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128, selection="causal", **given)
-    assert launches.counts == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "positions_kernel": 1}
+    assert launches.counts == {"scores_kernel": 1, "select_kernel": 1, "entries_kernel": 1, "scatter_kernel": 1}
     assert not {"aten.amax", "aten.constant_pad_nd", "aten.copy_"} & set(aten.ops), aten.ops
 
 
@@ -124,6 +124,15 @@ def test_the_inverse_table_spans_the_sequence_not_the_padded_pyramid(monkeypatch
     assert aten.filled == [(2, 5, 8192)]
 
 
+def test_the_published_backward_walks_dq_then_dk_and_dv_together(monkeypatch):
+    # v25 (NOTES-kernels.md): dk and dv share one walk's lookups; dq has its own (query heads).
+    launches = _counted_fused_path(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 65536, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = lighthouse_attention(q, k, v, levels=3, pooling=4, topk=128)
+    out.backward(torch.ones_like(out))
+    assert launches.counts["walk_kernel"] == 2 and launches.counts["scatter_kernel"] == 1, launches.counts
+
+
 def test_the_span_end_backward_reuses_the_forwards_rotary_table(monkeypatch):
     launches = _counted_fused_path(monkeypatch)
     q, k, v = (torch.randn(1, 2, 65536, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -134,5 +143,5 @@ def test_the_span_end_backward_reuses_the_forwards_rotary_table(monkeypatch):
         out.backward(torch.ones_like(out))
     assert forward.ops["aten.cos"] == forward.ops["aten.sin"] == 1, forward.ops
     assert not {"aten.cos", "aten.sin", "aten.arange"} & set(backward.ops), backward.ops
-    # the gather's backward: dq and dk turned back, and dv, as three launches
-    assert launches.counts["turned_back_kernel"] == 2 and launches.counts["positions_kernel"] == 1 + 1, launches.counts
+    # the gather's backward: dq and dk turned back, and dv, as three walks
+    assert launches.counts["walk_kernel"] == 3 and launches.counts["scatter_kernel"] == 1, launches.counts

@@ -1,8 +1,8 @@
 """The kernels as compiled for sm_90 on a CPU (no GPU; tests/kernel_registers.py): what the entries
 kernel's span-end gather must not do, whatever the timing says, what the score pass over given
-scores costs, where the position kernel's broadcasts may come, that it skips the finer levels where
-only the coarsest reaches, that it unrolls a GQA group, and that span-end RoPE's turned-back
-launch turns each position once."""
+scores costs, where the scatter kernel's broadcasts may come and that it skips the finer levels
+where only the coarsest reaches, and that the gather's backward walk unrolls a GQA group and adds
+(and turns) each position once."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _ptxas() -> str | None:
 pytestmark = pytest.mark.skipif(not _ptxas(), reason="needs Triton's bundled ptxas (the NVIDIA backend)")
 
 from kernel_registers import (  # noqa: E402
-    cross_thread_traffic, entries_ptx, positions_ptx, ptxas_usage, scores_ptx, turned_back_ptx,
+    cross_thread_traffic, entries_ptx, ptxas_usage, scatter_ptx, scores_ptx, walk_ptx,
 )
 from lighthouse_hf.ops import fused  # noqa: E402
 from lighthouse_hf.ops.plan import LighthousePlan  # noqa: E402
@@ -92,37 +92,34 @@ def _basic_blocks(ptx: str) -> list[str]:
 
 
 @pytest.mark.parametrize("levels, pooling", [(3, 4), (5, 2)])
-@pytest.mark.parametrize("shifted", [True, False], ids=["scatter", "dq"])
-def test_the_position_kernel_loads_every_level_before_it_broadcasts_one(levels, pooling, shifted):
+def test_the_scatter_kernel_loads_every_level_before_it_broadcasts_one(levels, pooling):
     # A level's broadcast over its positions passes through shared memory behind barriers, and no load
     # is issued across one: loaded level by level, a program waited for a round of loads per level
     # (256K L5 p4 K2048: the scatter 0.262 -> 0.192 ms once it did not; NOTES-kernels.md, "v18").
     # Two ways to sum (every level, or the coarsest alone), each a block of its own.
-    ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=shifted, two=False)
+    ptx = scatter_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128)
     sums = [block for block in _basic_blocks(ptx) if "bar.sync" in block]
     assert len(sums) == 2 and all(block.rindex("ld.global") < block.index("bar.sync") for block in sums)
 
 
-@pytest.mark.parametrize("two", [False, True], ids=["scatter", "dk+dv"])
-def test_the_position_kernel_sums_only_the_coarsest_level_where_no_finer_entry_reaches(two):
+def test_the_scatter_kernel_sums_only_the_coarsest_level_where_no_finer_entry_reaches():
     # Most blocks meet only coarsest entries, and their finer levels' loads, unpacks and adds of zeros
     # were most of the instructions that bound the L5 p2 launches (NOTES-kernels.md, "candidate C").
     # So the kernel has two ways to sum (a branch, then a jump over the other way): every level, whose
     # loads grow with the levels, and the coarsest alone, whose loads do not.
     loads = {}
     for levels, pooling in ((3, 4), (5, 2)):
-        ptx = positions_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, shifted=not two, two=two)
+        ptx = scatter_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128)
         assert len(re.findall(r"\bbra(?:\.uni)?\s", ptx)) == 2
         every_level, coarsest = (block.count("ld.global") for block in _basic_blocks(ptx)[:2])
         loads[levels] = every_level, coarsest
     assert loads[5][0] > loads[3][0] > loads[3][1] == loads[5][1]
 
 
-@pytest.mark.parametrize("two", [False, True], ids=["scatter", "dk+dv"])
-def test_the_position_kernel_does_not_check_where_every_block_meets_a_finer_level(two):
+def test_the_scatter_kernel_does_not_check_where_every_block_meets_a_finer_level():
     # L5 p4 K2048 at 128K refines every coarsest entry (4 tiles of 128): the check would only cost
-    # (256K L5 p4 K2048 on the H200: positions_kernel fwd+bwd +7% with it).
-    ptx = positions_ptx(LighthousePlan(SEQ, 5, 4, 2048), 128, shifted=not two, two=two)
+    # (256K L5 p4 K2048 on the H200: the position kernels fwd+bwd +7% with it).
+    ptx = scatter_ptx(LighthousePlan(SEQ, 5, 4, 2048), 128)
     assert not re.search(r"\bbra(?:\.uni)?\s", ptx)
 
 
@@ -143,35 +140,57 @@ def _loops(ptx: str) -> int:
     return loops
 
 
-@pytest.mark.parametrize("span_end", [False, True], ids=["dk+dv", "span_end dk"])
+@pytest.mark.parametrize("turn, two", [(False, True), (True, False)], ids=["dk+dv", "span_end dk"])
 @pytest.mark.parametrize("levels, pooling", [(3, 4), (4, 2)])
-def test_the_position_kernels_unroll_a_gqa_group(levels, pooling, span_end):
-    # GQA's by-position launches sum the group's query heads; in a loop over a runtime count, each
-    # member's loads waited for the previous member's (GQA 32/8 at 64K L3 p4 K2048: positions_kernel
-    # fwd+bwd 0.806 -> 0.723 ms unrolled; NOTES-kernels.md, "R and R2 outcomes").
-    plan = LighthousePlan(SEQ, levels, pooling, 2048)
-    if span_end:
-        ptx = turned_back_ptx(plan, 128, group=4)
-    else:
-        ptx = positions_ptx(plan, 128, shifted=False, two=True, group=4)
+def test_the_gathers_backward_unrolls_a_gqa_group(levels, pooling, turn, two):
+    # GQA's dk and dv sum the group's query heads; in a loop over a runtime count, each member's loads
+    # waited for the previous member's (GQA 32/8 at 64K L3 p4 K2048: the by-position launch fwd+bwd
+    # 0.806 -> 0.723 ms unrolled; NOTES-kernels.md, "R and R2 outcomes").
+    ptx = walk_ptx(LighthousePlan(SEQ, levels, pooling, 2048), 128, turn=turn, two=two, group=4)
     assert _loops(ptx) == 0 and ptxas_usage(ptx)[1] == 0
 
 
+WALKED_SETTINGS = [(3, 4), (5, 2), (4, 8), (5, 4)]
+
+
+def _elements_per_thread(plan: LighthousePlan) -> int:
+    """Element-positions a thread of a ``walk_kernel`` program stores per source (4 warps, D = 128)."""
+    return plan.pooling ** fused._walked_span_level(plan) * fused._WALKED_ROWS * 128 // (4 * 32)
+
+
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("levels, pooling", [(3, 4), (5, 2), (4, 8), (5, 4)])
-def test_the_turned_back_launch_turns_each_position_once(levels, pooling, group):
+@pytest.mark.parametrize("levels, pooling", WALKED_SETTINGS)
+def test_the_span_end_walk_turns_each_position_once(levels, pooling, group):
     # v24 (NOTES-kernels.md): span-end RoPE's dq and dk walk each span from its end, the sum of the
-    # levels turned once per position by the table's row for one position (positions_kernel's
-    # rotated launch turned every level's row by angles loaded per position: 9 float32 products per
+    # levels turned once per position by the table's row for one position (the by-position launch
+    # before v24 turned every level's row by angles loaded per position: 9 float32 products per
     # element at L3 p4, 15 at L5 p2, as counted here; 0.411 -> 0.358 ms fwd+bwd at 128K L3 p4 on the
     # H200). At most 3 products per element and position (a turn is 2, the levels' weights and wider
     # levels' turns the rest), no shared memory, no spills, and the walk unrolled so that its loads
     # are issued together.
     plan = LighthousePlan(SEQ, levels, pooling, 1536)
-    ptx = turned_back_ptx(plan, 128, group=group)
-    width = pooling ** fused._turned_back_span_level(plan)
-    elements = width * fused._TURNED_BACK_ROWS * 128 // (4 * 32)  # per thread: 4 warps, D = 128
+    ptx = walk_ptx(plan, 128, turn=True, two=False, group=group)
     products = _float32_products(ptx)
-    assert products <= 3 * elements, (products, elements)
+    assert products <= 3 * _elements_per_thread(plan), (products, _elements_per_thread(plan))
+    assert cross_thread_traffic(ptx) == {"bar.sync": 0, "st.shared": 0} and ptxas_usage(ptx)[1] == 0
+    assert _loops(ptx) == 0
+
+
+@pytest.mark.parametrize("levels, pooling", WALKED_SETTINGS)
+def test_the_unturned_walk_adds_each_position_once(levels, pooling):
+    # v25 (NOTES-kernels.md): published's dk and dv walk their spans together, the levels' sums
+    # passed from one child span to the next, so a position costs one float32 add per source (the
+    # by-position launch it replaced: one per level; 128K L5 p2 0.462 -> 0.412 ms fwd+bwd with dq's),
+    # and a level's weight one product (a multiply-add) per span of that level: 1/p + 1/p**2 + ... per
+    # position for the levels inside a program's span, 1/W for each level wider than it (entered
+    # once at the span's end). No shared memory, spills or loops.
+    plan = LighthousePlan(SEQ, levels, pooling, 1536)
+    ptx = walk_ptx(plan, 128, turn=False, two=True, group=1)
+    elements = 2 * _elements_per_thread(plan)
+    span_level = fused._walked_span_level(plan)
+    weights = sum(pooling**-level for level in range(1, span_level + 1))
+    weights += (levels - 1 - span_level) / pooling**span_level
+    adds = len(re.findall(r"\badd(?:\.rn)?\.f32", ptx))
+    assert adds <= elements and _float32_products(ptx) <= weights * elements, (adds, _float32_products(ptx), elements)
     assert cross_thread_traffic(ptx) == {"bar.sync": 0, "st.shared": 0} and ptxas_usage(ptx)[1] == 0
     assert _loops(ptx) == 0

@@ -18,7 +18,7 @@ SCRIPT = pathlib.Path(__file__).with_name("interpreted_kernels.py")
 
 
 # In the order run: float32's heaviest rows come last and the other modes' run beside them.
-MODES = ("float32", "bfloat16", "selection", "means", "halo", "skip", "turned")
+MODES = ("float32", "bfloat16", "selection", "means", "halo", "skip", "walk")
 # interpreted_kernels.SPARSE_CASE (not imported: importing it turns the interpreter on in this process)
 SPARSE_CASE = (1, 2, 1, 8192, 16, 3, 4, 128)
 
@@ -49,24 +49,26 @@ def test_fused_kernels_equal_the_reference_under_the_interpreter(dtype, toleranc
     for row in rows:
         assert row["out"] < tolerance and max(row["grads"]) < tolerance, row
         assert row["same_selection"] is (True if dtype == "float32" else None), row
-    # The wide spans with the position kernel's programs as wide (in positions) as at D=128 on the GPU:
-    # blocks inside one entry's span, and shifted blocks starting mid-span, under both of its layouts.
-    def widths(dim):
-        return [fused._positions_layout(dim, two=two)[1] for two in (False, True)]
+        # walk_kernel at more spans a program than the GPU's (interpreted_kernels.INTERPRETED_WALKED_ROWS)
+        assert row["walked_rows"] > fused._WALKED_ROWS, row
+    # The wide spans with the scatter kernel's programs as wide (in positions) as at D=128 on the GPU:
+    # blocks inside one entry's span, and blocks starting mid-span.
+    def width(dim):
+        return fused._positions_per_program(dim, fused._SCATTER_BLOCK_ELEMENTS)
 
     wide = [row["case"][6] ** (row["case"][5] - 1) >= 256 for row in rows]  # the coarsest span
     assert sum(wide) == {"float32": 4, "bfloat16": 0}[dtype]
     # The sparse case (interpreted_kernels.SPARSE_CASE), at the GPU's blocks: blocks that meet an entry
-    # below the coarsest level sum every level, the others only the coarsest; both kinds at both
-    # layouts' widths, else one way to sum goes untested.
+    # below the coarsest level sum every level, the others only the coarsest; both kinds, else one way
+    # to sum goes untested.
     sparse = [tuple(row["case"]) == SPARSE_CASE for row in rows]
     assert sum(sparse) == {"float32": 2, "bfloat16": 0}[dtype]
-    assert all(0.0 < share < 1.0 for row, is_sparse in zip(rows, sparse) if is_sparse for share in row["finer_blocks"])
+    assert all(0.0 < row["finer_blocks"] < 1.0 for row, is_sparse in zip(rows, sparse) if is_sparse)
     sparse_plan = LighthousePlan(SPARSE_CASE[3], *SPARSE_CASE[5:])
-    assert all(fused._skips_finer_levels(sparse_plan, width) for width in widths(128))
+    assert fused._skips_finer_levels(sparse_plan, width(128))
     for row, gpu_blocks in zip(rows, map(max, wide, sparse)):
-        assert row["positions_per_program"] == widths(128 if gpu_blocks else row["case"][4]), row
-        assert gpu_blocks or row["positions_per_program"] != widths(128), row  # else the override tests nothing
+        assert row["positions_per_program"] == width(128 if gpu_blocks else row["case"][4]), row
+        assert gpu_blocks or row["positions_per_program"] != width(128), row  # else the override tests nothing
 
 
 @pytest.mark.slow
@@ -90,7 +92,7 @@ def test_score_pass_means_and_the_span_end_selection_under_the_interpreter(inter
     # (its scores are the same norms, bit for bit, under both rules); its score pass writes the
     # coarsest level's means at span end where the pooled means are the coarsest level's, and none
     # elsewhere (the gather pools those rows rotated itself). The gather's gradient of q and k turns
-    # back in turned_back_kernel, span by span.
+    # back in walk_kernel, span by span.
     rows = interpreted_rows["means"]
     assert len(rows) == 8
     # finer than the coarsest level, and from a pass that covers the sequence only
@@ -121,22 +123,25 @@ def test_scatter_past_the_sequence_under_the_interpreter(interpreted_rows):
 
 
 @pytest.mark.slow
-def test_the_position_kernels_two_ways_to_sum_give_the_same_bits_under_the_interpreter(interpreted_rows):
+def test_the_scatter_kernels_two_ways_to_sum_give_the_same_bits_under_the_interpreter(interpreted_rows):
     # A block that no entry below the coarsest level reaches sums the coarsest alone; with the check
-    # forced on and off, the output, the gradients (every option; GQA) and the halo's scatter must be
-    # bit for bit the same, else a causal comparison could see a block change its way to sum.
+    # forced on and off, the output and gradients (every option) and the halo's scatter must be bit
+    # for bit the same, else a causal comparison could see a block change its way to sum.
     rows = interpreted_rows["skip"]
-    assert len(rows) == 4 and {row["kind"] for row in rows} == {"attention", "halo"}
+    assert len(rows) == 3 and {row["kind"] for row in rows} == {"attention", "halo"}
     for row in rows:
         assert row["same_bits"], row
 
 
 @pytest.mark.slow
-def test_the_span_end_gradient_walks_wide_spans_under_the_interpreter(interpreted_rows):
-    # pooling 32: turned_back_kernel walks level 1's 32 positions in a loop (16 or fewer: unrolled);
-    # a turn of the wrong angle or a span entered at the wrong end is an O(1) error.
-    rows = interpreted_rows["turned"]
-    assert sorted(row["case"][6] for row in rows) == [4, 32, 32]
+def test_the_gathers_gradient_walks_spans_under_the_interpreter(interpreted_rows):
+    # pooling 32: walk_kernel walks level 1's 32 positions in a loop (16 or fewer: unrolled), turned
+    # back (span-end RoPE) or not; a turn of the wrong angle, a span entered at the wrong end or a
+    # level's row given to the wrong span is an O(1) error, a float32 rounding 1e-7.
+    rows = interpreted_rows["walk"]
+    assert sorted((row["case"][6], row["span_end"]) for row in rows) == [
+        (2, False), (4, True), (32, False), (32, True), (32, True)]
     for row in rows:
-        assert row["span_level"] == {32: 1, 4: 2}[row["case"][6]], row  # L4 p4: level 3 enters at span end
+        assert row["span_level"] == {32: 1, 4: 2, 2: 3}[row["case"][6]], row  # L4 p4: level 3 enters at span end
+        assert row["rows"] == fused._WALKED_ROWS, row  # the GPU's spans a program, not the other modes' 64
         assert row["grad_error"] < 1e-6, row

@@ -33,13 +33,11 @@ from .reference import Selection, position_keys
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one program's [positions, head dim] block. Chosen on the H100 at D=128 (S=256K, bf16):
-# the score pass ran at 2.8 TB/s with 128 positions and 4 warps (64 positions: 2.3 TB/s). The position kernel, per launch on the H200 (D=128, 128K-256K,
-# NOTES-kernels.md "v11 and v12 outcomes"): rows loaded once per entry at 32 positions (16: up to
-# +0.05 ms a launch; 64: up to +0.13 ms for the scatter, dq -0.01 to +0.04 ms), rows loaded per
-# position at 16 (32: +14-40%).
+# the score pass ran at 2.8 TB/s with 128 positions and 4 warps (64 positions: 2.3 TB/s). The
+# scatter on the H200 (D=128, 128K-256K, NOTES-kernels.md "v11 and v12 outcomes"): 32 positions
+# (16: up to +0.05 ms a launch; 64: up to +0.13 ms).
 _SCORE_BLOCK_ELEMENTS = 16384
-_ENTRY_ROWS_BLOCK_ELEMENTS = 4096
-_POSITION_ROWS_BLOCK_ELEMENTS = 2048
+_SCATTER_BLOCK_ELEMENTS = 4096
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
 
 
@@ -342,15 +340,8 @@ def _mostly_padding(plan: LighthousePlan) -> bool:
     return 4 * (plan.compressed_len - sum(plan.real_entries)) >= plan.compressed_len
 
 
-def _positions_layout(block_d: int, *, two: bool) -> tuple[bool, int]:
-    """(``BY_ENTRY``, ``BLOCK_P``) of a ``positions_kernel`` launch: one source loads each entry's
-    row once; two sources load per position, in smaller blocks."""
-    elements = _POSITION_ROWS_BLOCK_ELEMENTS if two else _ENTRY_ROWS_BLOCK_ELEMENTS
-    return not two, _positions_per_program(block_d, elements)
-
-
 def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
-    """Whether a ``positions_kernel`` launch of ``block_p`` positions a program first checks that an
+    """Whether a ``scatter_kernel`` launch of ``block_p`` positions a program first checks that an
     entry below the coarsest level reaches its block (``SKIP_FINER``). Each tile refines ``TILE`` of
     its ``tile_len`` coarsest entries and a block meets ``m = max(1, block_p // coarse_width)`` of
     them, so without structure in the inputs a share ``(1 - TILE / tile_len)**m`` of the blocks meets
@@ -358,34 +349,25 @@ def _skips_finer_levels(plan: LighthousePlan, block_p: int) -> bool:
     every level: on the H200 it lost 7% where no block skips (256K L5 p4 K2048, every coarsest entry
     refined) and 7% in a scatter where a quarter skip (64K L5 p2 K2048), and gained 16-27% where more
     than half skip (NOTES-kernels.md, "C outcome"). So the check is made where at least a third are
-    expected to. Under GQA a by-position block skips only if every query head of the group misses the
-    finer levels; the share ignores that, since half of each tile is chosen by the group's shared
-    key scores."""
+    expected to."""
     met = max(1, block_p // plan.coarse_width)
     return plan.levels > 1 and (1 - TILE / plan.tile_len) ** met >= 1 / 3
 
 
-def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, counts=None):
-    """Fill every position from the compressed rows covering it (see ``positions_kernel``): one
-    source per output, or two (dk and dv) in one launch; outputs over the KV heads sum their query
-    heads; ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
-    batch, heads_out, seq_len, dim = destinations[0].shape
+def _run_scatter(source: Tensor, destination: Tensor, inverse: Tensor, plan: LighthousePlan,
+                 counts: Tensor | None = None) -> None:
+    """Fill every position from the real compressed rows covering it (see ``scatter_kernel``);
+    ``counts``: average instead of sum and write the counts (``combine="mean"``)."""
+    batch, heads, seq_len, dim = destination.shape
     block_d = _next_power_of_2(dim)
-    two = len(sources) == 2
-    by_entry, block_p = _positions_layout(block_d, two=two)
-    # a shifted block starts one position early (see the kernel), so the last one may need one more
-    blocks = _cdiv(seq_len + int(shifted), block_p)
-    _kernels().positions_kernel[(blocks, heads_out, batch)](
-        sources[0], sources[-1], destinations[0], destinations[-1], inverse,
-        inverse if counts is None else counts,
-        seq_len, dim, sources[0].shape[2], plan.padded_len, plan.real_len,
+    block_p = _positions_per_program(block_d, _SCATTER_BLOCK_ELEMENTS)
+    # a block starts one position early (see the kernel), so the last one may need one more
+    _kernels().scatter_kernel[(_cdiv(seq_len + 1, block_p), heads, batch)](
+        source, destination, inverse, inverse if counts is None else counts,
+        seq_len, dim, source.shape[2], plan.real_len,
         inverse.shape[-1],  # the selection's sequence: the scatter may write past it (a halo)
-        GROUP=sources[0].shape[1] // heads_out,
         LEVELS=plan.levels,
         POOL=plan.pooling,
-        SHIFTED=shifted,
-        TWO=two,
-        BY_ENTRY=by_entry,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         MEAN=counts is not None,
@@ -394,35 +376,48 @@ def _run_positions(sources, destinations, inverse, plan, *, shifted: bool, count
     )
 
 
-# Spans a turned-back program walks side by side (``turned_back_kernel``): with 4, the position
+# Spans a walking program takes side by side (``walk_kernel``): with 4, span-end RoPE's position
 # kernels' fwd+bwd read 1% faster at 64K L3 p4 and 3-13% slower elsewhere, GQA included (H200;
-# NOTES-kernels.md, "v24 outcome").
-_TURNED_BACK_ROWS = 8
+# NOTES-kernels.md, "v24 outcome"); the unturned walks (v25) take 8 untimed against other counts.
+_WALKED_ROWS = 8
 
 
-def _turned_back_span_level(plan: LighthousePlan) -> int:
-    """The level whose spans ``turned_back_kernel``'s programs walk: the widest of at most 16
-    positions (unrolled, one row of each span a step), else level 1 (``pooling > 16``; its positions
-    in a loop). Plans that compress have ``levels >= 2``."""
+def _walked_span_level(plan: LighthousePlan) -> int:
+    """The level whose spans ``walk_kernel``'s programs walk: the widest of at most 16 positions
+    (unrolled, one row of each span a step), else level 1 (``pooling > 16``; its positions in a
+    loop). Plans that compress have ``levels >= 2``."""
     return max([1] + [level for level in range(1, plan.levels) if plan.pooling**level <= 16])
 
 
-def _run_turned_back(source: Tensor, destination: Tensor, inverse: Tensor, plan: LighthousePlan,
-                     rotary: Tensor) -> None:
-    """The gradient of span-end pooling (see ``turned_back_kernel``): every position from the
-    compressed rows covering it, turned back from their spans' ends; over the KV heads, the sum of
-    their query heads."""
-    batch, heads_out, seq_len, dim = destination.shape
-    span_level = _turned_back_span_level(plan)
-    positions = _TURNED_BACK_ROWS * plan.pooling**span_level
-    _kernels().turned_back_kernel[(_cdiv(seq_len, positions), heads_out, batch)](
-        source, destination, inverse, rotary, seq_len, source.shape[2], plan.padded_len, inverse.shape[-1],
-        GROUP=source.shape[1] // heads_out,
+def walked_halves(dim: int) -> tuple[int, bool]:
+    """(``HALF``, ``EVEN``) of a ``walk_kernel`` launch for rows of ``dim`` columns: a row as two
+    halves of a power of two (rotate_half's halves where ``EVEN``, i.e. ``dim == 2 * HALF``)."""
+    half = max(1, _next_power_of_2(dim) // 2)
+    return half, dim == 2 * half
+
+
+def _run_walk(sources: list[Tensor], destinations: list[Tensor], inverse: Tensor, plan: LighthousePlan,
+              rotary: Tensor | None) -> None:
+    """The gradient of the pooling (see ``walk_kernel``): every position from the compressed rows
+    covering it, of one source (dq) or two (dk and dv) in one launch; with ``rotary`` (span-end RoPE)
+    the first source's rows turned back from their spans' ends; over the KV heads, the sum of their
+    query heads."""
+    batch, heads_out, seq_len, dim = destinations[0].shape
+    half, even = walked_halves(dim)
+    span_level = _walked_span_level(plan)
+    positions = _WALKED_ROWS * plan.pooling**span_level
+    _kernels().walk_kernel[(_cdiv(seq_len, positions), heads_out, batch)](
+        sources[0], sources[-1], destinations[0], destinations[-1], inverse, inverse if rotary is None else rotary,
+        seq_len, dim, sources[0].shape[2], plan.padded_len, inverse.shape[-1],
+        GROUP=sources[0].shape[1] // heads_out,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SPAN_LEVEL=span_level,
-        ROWS=_TURNED_BACK_ROWS,
-        HALF=dim // 2,
+        ROWS=_WALKED_ROWS,
+        HALF=half,
+        EVEN=even,
+        TURN=rotary is not None,
+        TWO=len(sources) == 2,
         num_warps=4,
     )
 
@@ -473,13 +468,12 @@ def _gather_backward_impl(
     dq = dq_sel.new_empty(batch, heads, seq_len, dim)
     dk = dk_sel.new_empty(batch, kv_heads, seq_len, dim)
     dv = dv_sel.new_empty(batch, kv_heads, seq_len, dim)
+    _run_walk([dq_sel.contiguous()], [dq], inverse, plan, rotary)
     if rotary is None:
-        _run_positions([dq_sel.contiguous()], [dq], inverse, plan, shifted=False)
-        _run_positions([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, shifted=False)
-    else:
-        _run_turned_back(dq_sel.contiguous(), dq, inverse, plan, rotary)
-        _run_turned_back(dk_sel.contiguous(), dk, inverse, plan, rotary)
-        _run_positions([dv_sel.contiguous()], [dv], inverse, plan, shifted=False)
+        _run_walk([dk_sel.contiguous(), dv_sel.contiguous()], [dk, dv], inverse, plan, None)
+    else:  # dv beside the turned dk slows that walk more than dv's own launch costs (NOTES-kernels.md, "v25 outcome")
+        _run_walk([dk_sel.contiguous()], [dk], inverse, plan, rotary)
+        _run_walk([dv_sel.contiguous()], [dv], inverse, plan, None)
     return dq, dk, dv
 
 
@@ -494,7 +488,7 @@ def _scatter_impl(
     batch, heads, _, dim = out_sel.shape
     out = out_sel.new_empty(batch, heads, seq_len, dim)
     counts = out_sel.new_empty(batch * heads, seq_len, dtype=torch.float32) if mean else out_sel.new_empty(0, dtype=torch.float32)
-    _run_positions([out_sel.contiguous()], [out], inverse, plan, shifted=True, counts=counts if mean else None)
+    _run_scatter(out_sel.contiguous(), out, inverse, plan, counts=counts if mean else None)
     return out, counts
 
 

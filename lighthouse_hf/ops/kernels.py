@@ -1,6 +1,7 @@
 """Triton kernels of the fused Lighthouse path (imported only when a CUDA tensor needs them).
 
-Three kernels, each a gather (no atomics anywhere, so every result is bitwise reproducible):
+Besides the score pass (``scores_kernel``), four kernels, each a gather (no atomics anywhere, so every
+result is bitwise reproducible):
 
 * ``select_kernel``: one program per (batch, query head, tile) runs the top-k cascade of its tile
   (or the causal rule of ``ops/causal.py``) and writes every entry straight to its causal
@@ -11,10 +12,12 @@ Three kernels, each a gather (no atomics anywhere, so every result is bitwise re
 * ``entries_kernel``: for every entry of every level, reads its span (the mean of its positions,
   or for the scatter's backward the sum of the output gradient over the positions it reaches) and
   writes the row where the entry sits in the compressed sequence.
-* ``positions_kernel``: for every sequence position, sums over levels (and over the query heads of
-  a KV head) the one compressed row per level that covers it, found through the inverse map
-  ``slot -> compressed row`` that ``select_kernel`` writes. Used for the scatter back (shifted
-  spans) and for the gradient of the pooled gather (plain spans, scaled by 1/width).
+* ``scatter_kernel``: for every sequence position, sums over levels the one compressed output
+  row per level that covers it (shifted spans), found through the inverse map
+  ``slot -> compressed row`` that ``select_kernel`` writes: the scatter back.
+* ``walk_kernel``: the gradient of the pooled gather, the same inverse map read span by span
+  (plain spans, scaled by 1/width; summed over the query heads of a KV head; with span-end RoPE,
+  turned back from each span's end).
 
 ``scores_kernel`` covers q and k in one launch and ``entries_kernel`` all levels in one: the
 forward waits on the host until SDPA is queued, and every launch costs the host tens of
@@ -753,202 +756,111 @@ def _covering_rows(inverse, bx, member, group, slot, covered, selected_len, dim,
 
 
 @triton.jit
-def _real_slots(slot, width, seq_len, padded_len, real_len, SHIFTED: tl.constexpr):
-    """Which entries ``slot`` of width ``width`` a position kernel reads: ``SHIFTED`` (the scatter)
-    real entries only; otherwise entries that start inside the sequence and the padded pyramid."""
-    if SHIFTED:
-        return (slot >= 0) & (slot < real_len // width)
-    return (slot * width < seq_len) & (slot < padded_len // width)
+def _real_slots(slot, width, real_len):
+    """Which entries ``slot`` of width ``width`` the scatter reads: real entries only."""
+    return (slot >= 0) & (slot < real_len // width)
 
 
 @triton.jit
-def _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
-                          GROUP: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr):
-    """Whether (a scalar) a selected entry of a level below the coarsest, of any query head of the
-    group, covers any of ``position``, at the slots and conditions that ``_levels_by_entry`` and
-    ``_level_by_position`` take (or a superset). Most blocks meet only coarsest entries (256K L5 p2
-    K2048: over three quarters), and there every finer level's load, widening and add would add zeros."""
+def _finer_levels_reached(inverse, bx, position, real_len, inverse_len, LEVELS: tl.constexpr, POOL: tl.constexpr):
+    """Whether (a scalar) a selected entry of a level below the coarsest covers any of ``position``,
+    at the slots and conditions that ``_scatter_levels`` takes. Most blocks meet only coarsest
+    entries (256K L5 p2 K2048: over three quarters), and there every finer level's load, widening
+    and add would add zeros."""
     reached = tl.zeros(position.shape, dtype=tl.int32)
     for level in tl.static_range(LEVELS):
         width = POOL**level
-        # entry j covers [j*c + c - 1, j*c + 2c - 1) when SHIFTED, else [j*c, (j+1)*c)
-        slot = (position + 1) // width - 1 if SHIFTED else position // width
-        covered = _real_slots(slot, width, seq_len, padded_len, real_len, SHIFTED)
-        for member in tl.static_range(GROUP):
-            head = bx.to(tl.int64) * GROUP + member
-            row = tl.load(inverse + head * (LEVELS * inverse_len) + level * inverse_len + slot, mask=covered, other=-1)
-            if level + 1 < LEVELS:
-                reached |= (row >= 0).to(tl.int32)
-            else:  # never true: it keeps the coarsest level's load, so that the coarse-only sum's own load
-                # of it hits L1 (as measured in the A/B; not timed without it)
-                reached |= (row < -1).to(tl.int32)
+        slot = (position + 1) // width - 1  # entry j covers [j*c + c - 1, j*c + 2c - 1)
+        row = tl.load(inverse + bx.to(tl.int64) * (LEVELS * inverse_len) + level * inverse_len + slot,
+                      mask=_real_slots(slot, width, real_len), other=-1)
+        if level + 1 < LEVELS:
+            reached |= (row >= 0).to(tl.int32)
+        else:  # never true: it keeps the coarsest level's load, so that the coarse-only sum's own load
+            # of it hits L1 (as measured in the A/B; not timed without it)
+            reached |= (row < -1).to(tl.int32)
     return tl.max(reached, axis=0) > 0
 
 
 @triton.jit
-def _levels_by_entry(
-    src, inverse, total, reached, bx, first, d, d_mask, member,
-    seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-    GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
+def _scatter_levels(
+    src, inverse, total, reached, bx, first, d, d_mask, dim, selected_len, real_len, inverse_len,
+    LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
-    """Levels ``LEVEL`` and up of ``positions_kernel`` with ``BY_ENTRY``, for query head ``member`` of
-    the group. A level's entries have width ``c = POOL**LEVEL`` (a compile-time constant, so
-    divisions are shifts); the block's positions meet ``SLOTS`` of them, ``WIDTH`` positions each, so
-    each entry's row is loaded once and broadcast over its positions. The broadcast passes through
-    shared memory behind barriers, which no load is issued across, so every level's rows are loaded
-    (recursing to the coarser levels) before any level is broadcast: the program waits for one
-    round of row loads, not one per level. The coarsest level is added first."""
+    """Levels ``LEVEL`` and up of ``scatter_kernel``. A level's entries have width ``c = POOL**LEVEL``
+    (a compile-time constant, so divisions are shifts); the block's positions meet ``SLOTS`` of
+    them, ``WIDTH`` positions each, so each entry's row is loaded once and broadcast over its
+    positions. The broadcast passes through shared memory behind barriers, which no load is issued
+    across, so every level's rows are loaded (recursing to the coarser levels) before any level is
+    broadcast: the program waits for one round of row loads, not one per level. The coarsest level
+    is added first."""
     C: tl.constexpr = POOL**LEVEL
     WIDTH: tl.constexpr = C if C < BLOCK_P else BLOCK_P
     SLOTS: tl.constexpr = BLOCK_P // WIDTH
-    if SHIFTED:  # entry j covers [j*c + c - 1, j*c + 2c - 1); the block starts at first - 1
-        slot = first // C - 1 + tl.arange(0, SLOTS)
-        weight = 1.0
-    else:
-        slot = first // C + tl.arange(0, SLOTS)
-        weight = 1.0 / C
-    covered = _real_slots(slot, C, seq_len, padded_len, real_len, SHIFTED)
-    found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
-                                      LEVEL, LEVELS)
+    slot = first // C - 1 + tl.arange(0, SLOTS)  # entry j covers [j*c + c - 1, j*c + 2c - 1); the block starts at first - 1
+    covered = _real_slots(slot, C, real_len)
+    # the output has a head per query head: member 0 of a group of 1
+    found, row_start = _covering_rows(inverse, bx, 0, 1, slot, covered, selected_len, dim, inverse_len, LEVEL, LEVELS)
     rows = tl.load(src + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
     if LEVEL + 1 < LEVELS:
-        total, reached = _levels_by_entry(
-            src, inverse, total, reached, bx, first, d, d_mask, member,
-            seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, LEVEL + 1, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
+        total, reached = _scatter_levels(
+            src, inverse, total, reached, bx, first, d, d_mask, dim, selected_len, real_len, inverse_len,
+            LEVEL + 1, LEVELS, POOL, BLOCK_P, BLOCK_D, MEAN,
         )
-    total += _over_positions(rows.to(tl.float32) * weight, SLOTS, WIDTH, BLOCK_D)
+    total += _over_positions(rows.to(tl.float32), SLOTS, WIDTH, BLOCK_D)
     if MEAN:
         reached += _over_positions(found.to(tl.float32)[:, None], SLOTS, WIDTH, 1)
     return total, reached
 
 
 @triton.jit
-def _level_by_position(
-    src_a, src_b, inverse, total_a, total_b, bx, position, p_mask, d, d_mask,
-    dim, selected_len, padded_len, inverse_len,
-    GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, TWO: tl.constexpr,
-):
-    """One level of ``positions_kernel`` without ``BY_ENTRY``: every position loads the row of
-    the entry covering it (the gradient of the mean pooling, ``[j*c, (j+1)*c)`` with weight 1/c;
-    ``c`` a compile-time constant, so divisions are shifts)."""
-    C: tl.constexpr = POOL**LEVEL
-    slot = position // C
-    covered = p_mask & (slot < padded_len // C)
-    weight = 1.0 / C
-    for member in tl.static_range(GROUP):
-        found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, covered, selected_len, dim, inverse_len,
-                                          LEVEL, LEVELS)
-        rows_a = tl.load(src_a + row_start + d[None, :], mask=found[:, None] & d_mask[None, :], other=0.0)
-        total_a += rows_a.to(tl.float32) * weight
-        if TWO:
-            offsets = row_start + d[None, :]
-            total_b += tl.load(src_b + offsets, mask=found[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * weight
-    return total_a, total_b
-
-
-@triton.jit
-def _sum_levels(
-    src_a, src_b, inverse, total_a, total_b, reached, bx, first, position, p_mask,
-    d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-    GROUP: tl.constexpr, FROM: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, SHIFTED: tl.constexpr,
-    TWO: tl.constexpr, BY_ENTRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
-):
-    """``positions_kernel``'s sums over levels ``FROM`` and up (see there)."""
-    if BY_ENTRY:
-        for member in tl.static_range(GROUP):
-            total_a, reached = _levels_by_entry(
-                src_a, inverse, total_a, reached, bx, first, d, d_mask, member,
-                seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-                GROUP, FROM, LEVELS, POOL, SHIFTED, BLOCK_P, BLOCK_D, MEAN,
-            )
-    else:
-        for level in tl.static_range(FROM, LEVELS):
-            total_a, total_b = _level_by_position(
-                src_a, src_b, inverse, total_a, total_b, bx, position, p_mask, d, d_mask,
-                dim, selected_len, padded_len, inverse_len,
-                GROUP, level, LEVELS, POOL, TWO,
-            )
-    return total_a, total_b, reached
-
-
-@triton.jit
-def positions_kernel(
-    src_a, src_b,  # [B*H, selected_len, D] contiguous
-    dst_a, dst_b,  # [B, heads_out, S, D] contiguous
+def scatter_kernel(
+    src,  # [B*H, selected_len, D] contiguous: SDPA's output on the compressed sequence
+    dst,  # out [B, H, S, D] contiguous
     inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``; inverse_len: the plan's sequence)
     counts,  # with MEAN: out [B*H, S] float32, how many entries reach each position
-    seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-    # unrolled, so GQA's dk+dv issue every query head's loads together (NOTES-kernels.md, "R and R2 outcomes")
-    GROUP: tl.constexpr,
+    seq_len, dim, selected_len, real_len, inverse_len,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
-    SHIFTED: tl.constexpr,
-    TWO: tl.constexpr,
-    BY_ENTRY: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MEAN: tl.constexpr,
     SKIP_FINER: tl.constexpr,
 ):
-    """Per position (grid: blocks, output heads, B): the sum over levels and over the ``GROUP`` query
-    heads of the output head of the compressed row that covers it, from
-    ``src_a`` (and ``src_b`` when ``TWO``). ``SHIFTED``: entry j of width c covers
-    ``[j*c + c - 1, j*c + 2c - 1)`` and only real entries count (the scatter back); otherwise it
-    covers ``[j*c, (j+1)*c)`` with weight 1/c (the gradient of the mean pooling; span-end RoPE's
-    dq and dk, which turn back, are ``turned_back_kernel``'s).
+    """The scatter back (grid: blocks, heads, B): per position, the sum over levels of the output
+    row of the real selected entry covering it, entry j of width c covering
+    ``[j*c + c - 1, j*c + 2c - 1)``. A program loads each covering entry's row once and broadcasts
+    it over the positions it covers (``_scatter_levels``), and starts one position early
+    (``cdiv(seq_len + 1, BLOCK_P)`` programs), so that every level's spans align with its block.
 
-    Two ways to load, the same sums up to float32 rounding (they add in different orders):
-    ``BY_ENTRY`` (one source) loads each covering entry's row once per program and
-    broadcasts it over the positions it covers, a query head at a time, every level's rows loaded
-    before any is broadcast and the coarsest level added first (``_levels_by_entry``); a ``SHIFTED``
-    program then starts one position early (``cdiv(seq_len + 1, BLOCK_P)`` programs), so that every
-    level's spans align with its block. Otherwise (``TWO``, never ``SHIFTED`` or ``MEAN``) every
-    position loads its own rows: broadcasting two sources would pass through shared memory, and
-    these launches run fastest in blocks of 16 positions (NOTES-kernels.md, "v11 and v12
-    outcomes"); they add level by level, the heads inner.
-
-    ``MEAN`` (with ``SHIFTED``; ``combine="mean"``): the sum is divided by how many levels reach the
-    position (times one reciprocal per row), which is written to ``counts``. ``SKIP_FINER`` (needs
-    ``LEVELS > 1``): a block that no selected entry below the coarsest level reaches
-    (``_finer_levels_reached``) sums the coarsest level alone, by the same code: the same numbers
-    bit for bit, since the finer levels would add +0.0 or -0.0 to a total that is +0.0 or nonzero."""
-    tl.static_assert(not BY_ENTRY or not TWO)
+    ``MEAN`` (``combine="mean"``): the sum is divided by how many levels reach the position (times
+    one reciprocal per row), which is written to ``counts``. ``SKIP_FINER`` (needs ``LEVELS > 1``):
+    a block that no selected entry below the coarsest level reaches (``_finer_levels_reached``)
+    sums the coarsest level alone, by the same code: the same numbers bit for bit, since the finer
+    levels would add +0.0 or -0.0 to a total that is +0.0 or nonzero."""
     tl.static_assert(not SKIP_FINER or LEVELS > 1)
-    tl.static_assert(BY_ENTRY or (not SHIFTED and not MEAN))
     first = tl.program_id(0) * BLOCK_P
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-    position = first - (1 if SHIFTED else 0) + tl.arange(0, BLOCK_P)
+    position = first - 1 + tl.arange(0, BLOCK_P)
     p_mask = (position >= 0) & (position < seq_len)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < dim
-    total_a = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    total_b = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    total = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     reached = tl.zeros((BLOCK_P, 1), dtype=tl.float32)  # with MEAN
     finer = True
     if SKIP_FINER:
-        finer = _finer_levels_reached(inverse, bx, position, seq_len, padded_len, real_len, inverse_len,
-                                      GROUP, LEVELS, POOL, SHIFTED)
+        finer = _finer_levels_reached(inverse, bx, position, real_len, inverse_len, LEVELS, POOL)
     if finer:
-        total_a, total_b, reached = _sum_levels(
-            src_a, src_b, inverse, total_a, total_b, reached, bx, first, position, p_mask,
-            d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, 0, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, MEAN,
-        )
+        total, reached = _scatter_levels(src, inverse, total, reached, bx, first, d, d_mask, dim, selected_len,
+                                         real_len, inverse_len, 0, LEVELS, POOL, BLOCK_P, BLOCK_D, MEAN)
     else:  # the same sums, less the finer levels' zeros
-        total_a, total_b, reached = _sum_levels(
-            src_a, src_b, inverse, total_a, total_b, reached, bx, first, position, p_mask,
-            d, d_mask, seq_len, dim, selected_len, padded_len, real_len, inverse_len,
-            GROUP, LEVELS - 1, LEVELS, POOL, SHIFTED, TWO, BY_ENTRY, BLOCK_P, BLOCK_D, MEAN,
-        )
+        total, reached = _scatter_levels(src, inverse, total, reached, bx, first, d, d_mask, dim, selected_len,
+                                         real_len, inverse_len, LEVELS - 1, LEVELS, POOL, BLOCK_P, BLOCK_D, MEAN)
     if MEAN:
-        total_a = total_a * (1.0 / tl.maximum(reached, 1.0))  # one reciprocal per row (NOTES-kernels.md, "v21")
+        total = total * (1.0 / tl.maximum(reached, 1.0))  # one reciprocal per row (NOTES-kernels.md, "v21")
         tl.store(counts + bx.to(tl.int64) * seq_len + position[:, None], reached, mask=p_mask[:, None])
     out_start = (bx.to(tl.int64) * seq_len + position)[:, None] * dim
-    tl.store(dst_a + out_start + d[None, :], total_a.to(dst_a.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
-    if TWO:
-        tl.store(dst_b + out_start + d[None, :], total_b.to(dst_b.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
+    tl.store(dst + out_start + d[None, :], total.to(dst.dtype.element_ty), mask=p_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -958,104 +870,167 @@ def _turn_back(lo, hi, cos, sin):
 
 
 @triton.jit
-def _group_rows(src, inverse, bx, end, seq_len, selected_len, padded_len, inverse_len, f,
+def _group_rows(src_a, src_b, inverse, bx, end, seq_len, dim, selected_len, padded_len, inverse_len, f,
                 GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr,
-                HALF: tl.constexpr):
+                HALF: tl.constexpr, EVEN: tl.constexpr, TWO: tl.constexpr):
     """The sum over the output head's ``GROUP`` query heads of the selected rows of the ``LEVEL``
-    entries that cover positions ``end`` (``[rows]``), zero where none is selected, as float32 halves."""
+    entries that cover positions ``end`` (``[rows]``), zero where none is selected, as float32 halves
+    (columns ``[0, HALF)`` and ``[HALF, 2 HALF)``; columns past ``dim``, only where not ``EVEN``,
+    are zero): of ``src_a``, and with ``TWO`` of ``src_b`` too, from the same lookups."""
     C: tl.constexpr = POOL**LEVEL
     slot = end // C
     valid = (slot * C < seq_len) & (slot < padded_len // C)
-    lo = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
-    hi = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
+    a_lo = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
+    a_hi = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
+    b_lo = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
+    b_hi = tl.zeros((slot.shape[0], HALF), dtype=tl.float32)
     for member in tl.static_range(GROUP):
-        found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, valid, selected_len, 2 * HALF,
-                                          inverse_len, LEVEL, LEVELS)
-        lo += tl.load(src + row_start + f[None, :], mask=found[:, None], other=0.0).to(tl.float32)
-        hi += tl.load(src + row_start + HALF + f[None, :], mask=found[:, None], other=0.0).to(tl.float32)
-    return lo, hi
+        found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, valid, selected_len,
+                                          2 * HALF if EVEN else dim, inverse_len, LEVEL, LEVELS)
+        lo_mask = found[:, None]
+        hi_mask = found[:, None]
+        if not EVEN:
+            lo_mask = lo_mask & (f < dim)[None, :]
+            hi_mask = hi_mask & (f + HALF < dim)[None, :]
+        a_lo = _add_after(a_lo, tl.load(src_a + row_start + f[None, :], mask=lo_mask, other=0.0), member)
+        a_hi = _add_after(a_hi, tl.load(src_a + row_start + HALF + f[None, :], mask=hi_mask, other=0.0), member)
+        if TWO:
+            b_lo = _add_after(b_lo, tl.load(src_b + row_start + f[None, :], mask=lo_mask, other=0.0), member)
+            b_hi = _add_after(b_hi, tl.load(src_b + row_start + HALF + f[None, :], mask=hi_mask, other=0.0), member)
+    return a_lo, a_hi, b_lo, b_hi
 
 
 @triton.jit
-def _turned_back_spans(
-    src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end, f, seq_len, selected_len, padded_len, inverse_len,
+def _add_after(total, rows, member: tl.constexpr):
+    """``rows`` in float32, added to ``total`` after the first member (0.0 + x is not x for x = -0.0,
+    so the compiler keeps an add that starting from zeros would cost every element)."""
+    if member == 0:
+        return rows.to(tl.float32)
+    return total + rows.to(tl.float32)
+
+
+@triton.jit
+def _store_halves(dst, lo, hi, bx, end, f, seq_len, dim, HALF: tl.constexpr, EVEN: tl.constexpr):
+    """Rows ``lo``, ``hi`` (two halves) at positions ``end`` of ``dst``, none past the sequence or ``dim``."""
+    out = dst + ((bx.to(tl.int64) * seq_len + end) * (2 * HALF if EVEN else dim))[:, None] + f[None, :]
+    lo_mask = (end < seq_len)[:, None]
+    hi_mask = (end < seq_len)[:, None]
+    if not EVEN:
+        lo_mask = lo_mask & (f < dim)[None, :]
+        hi_mask = hi_mask & (f + HALF < dim)[None, :]
+    tl.store(out, lo.to(dst.dtype.element_ty), mask=lo_mask)
+    tl.store(out + HALF, hi.to(dst.dtype.element_ty), mask=hi_mask)
+
+
+@triton.jit
+def _walked_spans(
+    src_a, src_b, dst_a, dst_b, inverse, rotary, a_lo, a_hi, b_lo, b_hi, one_cos, one_sin, bx, end, f,
+    seq_len, dim, selected_len, padded_len, inverse_len,
     GROUP: tl.constexpr, LEVEL: tl.constexpr, LEVELS: tl.constexpr, POOL: tl.constexpr, HALF: tl.constexpr,
+    EVEN: tl.constexpr, TURN: tl.constexpr, TWO: tl.constexpr,
 ):
-    """Every position of the spans of ``LEVEL`` that end at ``end`` (``[rows]``), given in ``lo``, ``hi``
-    the coarser levels' rows turned back to ``end``: this level's rows join them, and each child span
-    (last first) receives the sum turned back by the children's width from the previous child."""
+    """Every position of the spans of ``LEVEL`` that end at ``end`` (``[rows]``), given the coarser
+    levels' sums at ``end`` (``a_lo``, ``a_hi``: turned back to ``end`` where ``TURN``; ``b_lo``,
+    ``b_hi``: never turned): this level's rows join them, and each child span (last first) receives
+    the sums, ``a``'s turned back by the children's width from the previous child."""
     C: tl.constexpr = POOL**LEVEL
-    rows_lo, rows_hi = _group_rows(src, inverse, bx, end, seq_len, selected_len, padded_len, inverse_len, f,
-                                   GROUP, LEVEL, LEVELS, POOL, HALF)
-    lo += rows_lo * (1.0 / C)
-    hi += rows_hi * (1.0 / C)
+    rows_a_lo, rows_a_hi, rows_b_lo, rows_b_hi = _group_rows(
+        src_a, src_b, inverse, bx, end, seq_len, dim, selected_len, padded_len, inverse_len, f,
+        GROUP, LEVEL, LEVELS, POOL, HALF, EVEN, TWO)
+    a_lo += rows_a_lo * (1.0 / C)
+    a_hi += rows_a_hi * (1.0 / C)
+    if TWO:
+        b_lo += rows_b_lo * (1.0 / C)
+        b_hi += rows_b_hi * (1.0 / C)
     if LEVEL == 0:
-        out = dst + ((bx.to(tl.int64) * seq_len + end) * (2 * HALF))[:, None] + f[None, :]
-        tl.store(out, lo.to(dst.dtype.element_ty), mask=(end < seq_len)[:, None])
-        tl.store(out + HALF, hi.to(dst.dtype.element_ty), mask=(end < seq_len)[:, None])
+        _store_halves(dst_a, a_lo, a_hi, bx, end, f, seq_len, dim, HALF, EVEN)
+        if TWO:
+            _store_halves(dst_b, b_lo, b_hi, bx, end, f, seq_len, dim, HALF, EVEN)
     else:
         CHILD: tl.constexpr = C // POOL
-        if CHILD == 1:
-            cos, sin = one_cos, one_sin
-        else:
+        cos = one_cos
+        sin = one_sin
+        if TURN and CHILD > 1:
             cos = tl.load(rotary + CHILD * (2 * HALF) + f)[None, :]
             sin = tl.load(rotary + CHILD * (2 * HALF) + HALF + f)[None, :]
         if POOL <= 16:  # unrolled, so that the children's loads are issued together
             for child in tl.static_range(POOL):
-                _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end - child * CHILD, f,
-                                   seq_len, selected_len, padded_len, inverse_len, GROUP, LEVEL - 1, LEVELS, POOL, HALF)
-                if child + 1 < POOL:
-                    lo, hi = _turn_back(lo, hi, cos, sin)
+                _walked_spans(src_a, src_b, dst_a, dst_b, inverse, rotary, a_lo, a_hi, b_lo, b_hi, one_cos, one_sin,
+                              bx, end - child * CHILD, f, seq_len, dim, selected_len, padded_len, inverse_len,
+                              GROUP, LEVEL - 1, LEVELS, POOL, HALF, EVEN, TURN, TWO)
+                if TURN and child + 1 < POOL:
+                    a_lo, a_hi = _turn_back(a_lo, a_hi, cos, sin)
         else:
             for child in range(POOL):
-                _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end - child * CHILD, f,
-                                   seq_len, selected_len, padded_len, inverse_len, GROUP, LEVEL - 1, LEVELS, POOL, HALF)
-                lo, hi = _turn_back(lo, hi, cos, sin)
+                _walked_spans(src_a, src_b, dst_a, dst_b, inverse, rotary, a_lo, a_hi, b_lo, b_hi, one_cos, one_sin,
+                              bx, end - child * CHILD, f, seq_len, dim, selected_len, padded_len, inverse_len,
+                              GROUP, LEVEL - 1, LEVELS, POOL, HALF, EVEN, TURN, TWO)
+                if TURN:
+                    a_lo, a_hi = _turn_back(a_lo, a_hi, cos, sin)
 
 
 @triton.jit
-def turned_back_kernel(
-    src,  # [B*H, selected_len, D] contiguous: the gradient of the gathered rows of q or k
-    dst,  # out [B, heads_out, S, D] contiguous
+def walk_kernel(
+    src_a, src_b,  # [B*H, selected_len, D] contiguous: the gradients of the gathered rows (q; or k and v)
+    dst_a, dst_b,  # out [B, heads_out, S, D] contiguous
     inverse,  # [B*H, LEVELS, inverse_len] int32 (see ``select_kernel``)
-    rotary,  # the rotary table (``rotary_table`` in fused.py): [POOL**(LEVELS-1), 2, HALF] float32
-    seq_len, selected_len, padded_len, inverse_len,
+    rotary,  # with TURN: the rotary table (``rotary_table`` in fused.py): [POOL**(LEVELS-1), 2, HALF] float32
+    seq_len, dim, selected_len, padded_len, inverse_len,
     GROUP: tl.constexpr,
     LEVELS: tl.constexpr,
     POOL: tl.constexpr,
     SPAN_LEVEL: tl.constexpr,
     ROWS: tl.constexpr,
     HALF: tl.constexpr,
+    EVEN: tl.constexpr,
+    TURN: tl.constexpr,
+    TWO: tl.constexpr,
 ):
-    """The gradient of span-end pooling (grid: blocks, output heads, B): per position ``t``, the sum over
+    """The gradient of the pooling (grid: blocks, output heads, B): per position ``t``, the sum over
     levels and over the ``GROUP`` query heads of the output head of the selected row covering it, a
-    level-l row weighted ``1/c`` (``c = POOL**l``) and turned back by ``end - t`` positions (``end``
-    the last position of its span). Needs ``D == 2 * HALF``; rows are read and written as their two
-    rotate_half halves, so that a column and its partner share a thread.
+    level-l row weighted ``1/c`` (``c = POOL**l``), from ``src_a`` into ``dst_a`` and, with ``TWO``,
+    from ``src_b`` into ``dst_b``. ``TURN`` turns ``src_a``'s rows only (never ``src_b``'s) back by
+    ``end - t`` positions (``end`` the last position of its span); span-end RoPE launches dq and dk
+    with it and dv without.
+    Rows are read and written as two halves of ``HALF`` columns (``D <= 2 * HALF``; ``EVEN``: equal),
+    so that under ``TURN`` (which needs ``EVEN``) a column and its rotate_half partner share a thread.
 
-    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (``fused._turned_back_span_level``: at
+    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (``fused._walked_span_level``: at
     most 16 positions wide where ``POOL <= 16``), side by side, and walks each from its end back.
-    The coarser levels' rows enter at the span's end, turned by the table's angles; inside it, the
-    sum of the levels from l up is turned back by the width of level l-1's spans, from one child
-    span's end to the next (the table's row for that width), so a position's rows are turned by a
-    few products rather than by angles loaded per position and level (NOTES-kernels.md, "v24"). A
-    row reaches position t through at most ``POOL - 1`` turns per level, each one float32 rounding
-    from the table's angle, for gradients stored in q's dtype."""
+    The coarser levels' rows enter at the span's end (turned by the table's angles); inside it, the
+    sums of the levels from l up pass from one child span of level l-1 to the next (``a``'s turned
+    back by the children's width, the table's row for it), so each distinct row is loaded once a
+    program and a position costs one add (and one turn) per source, rather than a load and an add
+    per level (NOTES-kernels.md, "v24" and "v25"). A turned row reaches position t through at most
+    ``POOL - 1`` turns per level, each one float32 rounding from the table's angle, for gradients
+    stored in q's dtype."""
+    tl.static_assert(not TURN or EVEN)  # a column and its rotate_half partner in one thread
     W: tl.constexpr = POOL**SPAN_LEVEL
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     end = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)) * W + (W - 1)
     f = tl.arange(0, HALF)
-    lo = tl.zeros((ROWS, HALF), dtype=tl.float32)
-    hi = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    a_lo = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    a_hi = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    b_lo = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    b_hi = tl.zeros((ROWS, HALF), dtype=tl.float32)
     for level in tl.static_range(SPAN_LEVEL + 1, LEVELS):
         width = POOL**level
-        rows_lo, rows_hi = _group_rows(src, inverse, bx, end, seq_len, selected_len, padded_len, inverse_len, f,
-                                       GROUP, level, LEVELS, POOL, HALF)
-        angle = rotary + (width - 1 - end % width)[:, None] * (2 * HALF) + f[None, :]
-        rows_lo, rows_hi = _turn_back(rows_lo, rows_hi, tl.load(angle), tl.load(angle + HALF))
-        lo += rows_lo * (1.0 / width)
-        hi += rows_hi * (1.0 / width)
-    one_cos = tl.load(rotary + 2 * HALF + f)[None, :]
-    one_sin = tl.load(rotary + 3 * HALF + f)[None, :]
-    _turned_back_spans(src, dst, inverse, rotary, lo, hi, one_cos, one_sin, bx, end, f, seq_len, selected_len,
-                       padded_len, inverse_len, GROUP, SPAN_LEVEL, LEVELS, POOL, HALF)
+        rows_a_lo, rows_a_hi, rows_b_lo, rows_b_hi = _group_rows(
+            src_a, src_b, inverse, bx, end, seq_len, dim, selected_len, padded_len, inverse_len, f,
+            GROUP, level, LEVELS, POOL, HALF, EVEN, TWO)
+        if TURN:
+            angle = rotary + (width - 1 - end % width)[:, None] * (2 * HALF) + f[None, :]
+            rows_a_lo, rows_a_hi = _turn_back(rows_a_lo, rows_a_hi, tl.load(angle), tl.load(angle + HALF))
+        a_lo += rows_a_lo * (1.0 / width)
+        a_hi += rows_a_hi * (1.0 / width)
+        if TWO:
+            b_lo += rows_b_lo * (1.0 / width)
+            b_hi += rows_b_hi * (1.0 / width)
+    one_cos = tl.zeros((1, HALF), dtype=tl.float32)
+    one_sin = tl.zeros((1, HALF), dtype=tl.float32)
+    if TURN:
+        one_cos = tl.load(rotary + 2 * HALF + f)[None, :]
+        one_sin = tl.load(rotary + 3 * HALF + f)[None, :]
+    _walked_spans(src_a, src_b, dst_a, dst_b, inverse, rotary, a_lo, a_hi, b_lo, b_hi, one_cos, one_sin, bx, end, f,
+                  seq_len, dim, selected_len, padded_len, inverse_len, GROUP, SPAN_LEVEL, LEVELS, POOL, HALF, EVEN, TURN,
+                  TWO)
