@@ -385,7 +385,8 @@ def walk_row(item: tuple) -> dict:
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim) if span_end else None
     listing = fused.select_entries(q, k, plan, rope_inv_freq=inv_freq)
     selection = fused.selection_from_listing(listing.entry_local, listing.entry_row, plan)
-    return dict(case=case, span_end=span_end, span_level=fused._walked_span_level(plan), rows=fused._WALKED_ROWS,
+    span_levels = (fused._walked_span_level(plan, 1), fused._walked_span_level(plan, heads // kv_heads))  # dq; dk, dv
+    return dict(case=case, span_end=span_end, span_levels=span_levels, rows=fused._WALKED_ROWS,
                 grad_error=gather_grad_error(q, k, v, listing, selection, plan, inv_freq))
 
 

@@ -109,7 +109,7 @@ def walk_ptx(plan: LighthousePlan, dim: int, *, turn: bool, two: bool, group: in
     values = dict(seq_len=plan.seq_len, dim=dim, selected_len=plan.compressed_len, padded_len=plan.padded_len,
                   inverse_len=plan.seq_len)
     half, even = fused.walked_halves(dim)
-    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SPAN_LEVEL=fused._walked_span_level(plan),
+    constexprs = dict(GROUP=group, LEVELS=plan.levels, POOL=plan.pooling, SPAN_LEVEL=fused._walked_span_level(plan, group),
                       ROWS=rows or fused._WALKED_ROWS, HALF=half, EVEN=even, TURN=turn, TWO=two)
     pointers = dict(src_a="*bf16", src_b="*bf16", dst_a="*bf16", dst_b="*bf16", inverse="*i32",
                     rotary="*fp32" if turn else "*i32")
@@ -207,9 +207,9 @@ def main() -> None:
             block_p = fused._positions_per_program(dim, fused._SCATTER_BLOCK_ELEMENTS)
             print(f"| {name} | {dim} | {block_p} | {regs} | {spills} | {loads} | {traffic['bar.sync']} | "
                   f"{traffic['st.shared']} |", flush=True)
-    span_level = fused._walked_span_level(plan)
     print(f"\nwalk_kernel (the gather's backward), same setting: {fused._WALKED_ROWS} spans of "
-          f"{args.pooling**span_level} positions a program")
+          f"{args.pooling ** fused._walked_span_level(plan, 1)} positions a program "
+          f"(4 query heads a KV head: {args.pooling ** fused._walked_span_level(plan, 4)})")
     print("| output | D | registers | spill bytes | ld.global | bar.sync | st.shared |")
     print("|---|---|---|---|---|---|---|")
     for dim in args.dims:

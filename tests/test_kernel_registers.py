@@ -153,9 +153,9 @@ def test_the_gathers_backward_unrolls_a_gqa_group(levels, pooling, turn, two):
 WALKED_SETTINGS = [(3, 4), (5, 2), (4, 8), (5, 4)]
 
 
-def _elements_per_thread(plan: LighthousePlan) -> int:
+def _elements_per_thread(plan: LighthousePlan, group: int) -> int:
     """Element-positions a thread of a ``walk_kernel`` program stores per source (4 warps, D = 128)."""
-    return plan.pooling ** fused._walked_span_level(plan) * fused._WALKED_ROWS * 128 // (4 * 32)
+    return plan.pooling ** fused._walked_span_level(plan, group) * fused._WALKED_ROWS * 128 // (4 * 32)
 
 
 @pytest.mark.parametrize("group", [1, 4])
@@ -165,15 +165,30 @@ def test_the_span_end_walk_turns_each_position_once(levels, pooling, group):
     # levels turned once per position by the table's row for one position (the by-position launch
     # before v24 turned every level's row by angles loaded per position: 9 float32 products per
     # element at L3 p4, 15 at L5 p2, as counted here; 0.411 -> 0.358 ms fwd+bwd at 128K L3 p4 on the
-    # H200). At most 3 products per element and position (a turn is 2, the levels' weights and wider
-    # levels' turns the rest), no shared memory, no spills, and the walk unrolled so that its loads
-    # are issued together.
+    # H200). At most 3 products per element and position (a turn is 2, the levels' weights and the
+    # children's turns the rest), and 3 per element and span for each level wider than the span (a
+    # turn and a weight where it enters; GQA's spans are narrower), no shared memory, no spills, and
+    # the walk unrolled so that its loads are issued together.
     plan = LighthousePlan(SEQ, levels, pooling, 1536)
     ptx = walk_ptx(plan, 128, turn=True, two=False, group=group)
-    products = _float32_products(ptx)
-    assert products <= 3 * _elements_per_thread(plan), (products, _elements_per_thread(plan))
+    products, elements = _float32_products(ptx), _elements_per_thread(plan, group)
+    span_level = fused._walked_span_level(plan, group)
+    per_position = 3 + 3 * (levels - 1 - span_level) / pooling**span_level
+    assert products <= per_position * elements, (products, elements, per_position)
     assert cross_thread_traffic(ptx) == {"bar.sync": 0, "st.shared": 0} and ptxas_usage(ptx)[1] == 0
     assert _loops(ptx) == 0
+
+
+@pytest.mark.parametrize("levels, pooling", [(3, 4), (5, 2)])
+def test_a_gqa_walk_unrolls_about_as_many_loads_as_an_mha_walk(levels, pooling):
+    # v26 (NOTES-kernels.md): a walk unrolls its span's positions and the group's members, so GQA's
+    # dk and dv walk spans narrower by the group (positions times group at most 16). With MHA's
+    # 16-position spans, GQA 32/8 at 128K L5 p2 unrolled 4x the loads, took about a minute to compile
+    # on the GPU's host and ran 1.445 ms fwd+bwd against 1.340 with 4-position spans.
+    plan = LighthousePlan(SEQ, levels, pooling, 2048)
+    mha, gqa = (len(re.findall(r"\bld\.global", walk_ptx(plan, 128, turn=False, two=True, group=group)))
+                for group in (1, 4))
+    assert gqa <= 1.25 * mha, (gqa, mha)
 
 
 @pytest.mark.parametrize("levels, pooling", WALKED_SETTINGS)
@@ -186,8 +201,8 @@ def test_the_unturned_walk_adds_each_position_once(levels, pooling):
     # once at the span's end). No shared memory, spills or loops.
     plan = LighthousePlan(SEQ, levels, pooling, 1536)
     ptx = walk_ptx(plan, 128, turn=False, two=True, group=1)
-    elements = 2 * _elements_per_thread(plan)
-    span_level = fused._walked_span_level(plan)
+    elements = 2 * _elements_per_thread(plan, 1)
+    span_level = fused._walked_span_level(plan, 1)
     weights = sum(pooling**-level for level in range(1, span_level + 1))
     weights += (levels - 1 - span_level) / pooling**span_level
     adds = len(re.findall(r"\badd(?:\.rn)?\.f32", ptx))

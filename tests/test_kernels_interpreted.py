@@ -136,12 +136,16 @@ def test_the_scatter_kernels_two_ways_to_sum_give_the_same_bits_under_the_interp
 @pytest.mark.slow
 def test_the_gathers_gradient_walks_spans_under_the_interpreter(interpreted_rows):
     # pooling 32: walk_kernel walks level 1's 32 positions in a loop (16 or fewer: unrolled), turned
-    # back (span-end RoPE) or not; a turn of the wrong angle, a span entered at the wrong end or a
-    # level's row given to the wrong span is an O(1) error, a float32 rounding 1e-7.
+    # back (span-end RoPE) or not; under GQA dk and dv walk narrower spans than dq (positions times
+    # group at most 16). A turn of the wrong angle, a span entered at the wrong end or a level's row
+    # given to the wrong span is an O(1) error, a float32 rounding 1e-7.
     rows = interpreted_rows["walk"]
     assert sorted((row["case"][6], row["span_end"]) for row in rows) == [
         (2, False), (4, True), (32, False), (32, True), (32, True)]
     for row in rows:
-        assert row["span_level"] == {32: 1, 4: 2, 2: 3}[row["case"][6]], row  # L4 p4: level 3 enters at span end
+        pooling, group = row["case"][6], row["case"][1] // row["case"][2]
+        dq_level = {32: 1, 4: 2, 2: 3}[pooling]  # L4 p4: level 3 enters at the span's end
+        dkv_level = {(32, 1): 1, (32, 2): 1, (4, 2): 1, (2, 2): 3}[pooling, group]  # L4 p4 GQA: level 1
+        assert row["span_levels"] == [dq_level, dkv_level], row
         assert row["rows"] == fused._WALKED_ROWS, row  # the GPU's spans a program, not the other modes' 64
         assert row["grad_error"] < 1e-6, row

@@ -382,11 +382,13 @@ def _run_scatter(source: Tensor, destination: Tensor, inverse: Tensor, plan: Lig
 _WALKED_ROWS = 8
 
 
-def _walked_span_level(plan: LighthousePlan) -> int:
-    """The level whose spans ``walk_kernel``'s programs walk: the widest of at most 16 positions
-    (unrolled, one row of each span a step), else level 1 (``pooling > 16``; its positions in a
-    loop). Plans that compress have ``levels >= 2``."""
-    return max([1] + [level for level in range(1, plan.levels) if plan.pooling**level <= 16])
+def _walked_span_level(plan: LighthousePlan, group: int) -> int:
+    """The level whose spans ``walk_kernel``'s programs walk for output heads of ``group`` query
+    heads: the widest whose positions times ``group`` are at most 16, else level 1. The kernel
+    unrolls a span (``pooling <= 16``) and a group's members, so its row loads grow with both: GQA
+    32/8 at 128K L5 p2 with MHA's 16-position spans took about a minute to compile and ran slower
+    than with 4-position spans (NOTES-kernels.md, "v26"). Plans that compress have ``levels >= 2``."""
+    return max([1] + [level for level in range(1, plan.levels) if plan.pooling**level * group <= 16])
 
 
 def walked_halves(dim: int) -> tuple[int, bool]:
@@ -404,12 +406,13 @@ def _run_walk(sources: list[Tensor], destinations: list[Tensor], inverse: Tensor
     query heads."""
     batch, heads_out, seq_len, dim = destinations[0].shape
     half, even = walked_halves(dim)
-    span_level = _walked_span_level(plan)
+    group = sources[0].shape[1] // heads_out
+    span_level = _walked_span_level(plan, group)
     positions = _WALKED_ROWS * plan.pooling**span_level
     _kernels().walk_kernel[(_cdiv(seq_len, positions), heads_out, batch)](
         sources[0], sources[-1], destinations[0], destinations[-1], inverse, inverse if rotary is None else rotary,
         seq_len, dim, sources[0].shape[2], plan.padded_len, inverse.shape[-1],
-        GROUP=sources[0].shape[1] // heads_out,
+        GROUP=group,
         LEVELS=plan.levels,
         POOL=plan.pooling,
         SPAN_LEVEL=span_level,

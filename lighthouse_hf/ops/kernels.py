@@ -995,15 +995,15 @@ def walk_kernel(
     Rows are read and written as two halves of ``HALF`` columns (``D <= 2 * HALF``; ``EVEN``: equal),
     so that under ``TURN`` (which needs ``EVEN``) a column and its rotate_half partner share a thread.
 
-    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (``fused._walked_span_level``: at
-    most 16 positions wide where ``POOL <= 16``), side by side, and walks each from its end back.
-    The coarser levels' rows enter at the span's end (turned by the table's angles); inside it, the
-    sums of the levels from l up pass from one child span of level l-1 to the next (``a``'s turned
-    back by the children's width, the table's row for it), so each distinct row is loaded once a
-    program and a position costs one add (and one turn) per source, rather than a load and an add
-    per level (NOTES-kernels.md, "v24" and "v25"). A turned row reaches position t through at most
-    ``POOL - 1`` turns per level, each one float32 rounding from the table's angle, for gradients
-    stored in q's dtype."""
+    Each program takes ``ROWS`` spans of level ``SPAN_LEVEL`` (``fused._walked_span_level``: at most
+    16 positions times ``GROUP`` where ``POOL * GROUP <= 16``), side by side, and walks each from
+    its end back. The coarser levels' rows enter at the span's end (turned by the table's angles);
+    inside it, the sums of the levels from l up pass from one child span of level l-1 to the next
+    (``a``'s turned back by the children's width, the table's row for it), so each distinct row is
+    loaded once a program and a position costs one add (and one turn) per source, rather than a load
+    and an add per level (NOTES-kernels.md, "v24" and "v25"). A turned row reaches position t
+    through at most ``POOL - 1`` turns per level, each one float32 rounding from the table's angle,
+    for gradients stored in q's dtype."""
     tl.static_assert(not TURN or EVEN)  # a column and its rotate_half partner in one thread
     W: tl.constexpr = POOL**SPAN_LEVEL
     bx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
