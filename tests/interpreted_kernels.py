@@ -133,9 +133,10 @@ def gpu_blocks(dim: int) -> Iterator[None]:
 
 # The interpreter runs a program's operations one at a time in NumPy, so walk_kernel's unrolled walk
 # costs it per program, not per row: 64 spans a program run the float32 cases 3x faster than the
-# GPU's 8. Every mode but ``walk`` walks 64 (the rows are the same; only how many a program takes
-# differs); ``walk`` keeps the GPU's.
-INTERPRETED_WALKED_ROWS = 64
+# GPU's 8, and 256 keep GQA's dk and dv (spans narrower by the group since v26) from adding
+# programs (every mode: 370 s at 64, 289 s at 256 on two cores). Every mode but ``walk`` walks 256
+# (the rows are the same; only how many a program takes differs); ``walk`` keeps the GPU's.
+INTERPRETED_WALKED_ROWS = 256
 
 
 @contextlib.contextmanager

@@ -147,5 +147,5 @@ def test_the_gathers_gradient_walks_spans_under_the_interpreter(interpreted_rows
         dq_level = {32: 1, 4: 2, 2: 3}[pooling]  # L4 p4: level 3 enters at the span's end
         dkv_level = {(32, 1): 1, (32, 2): 1, (4, 2): 1, (2, 2): 3}[pooling, group]  # L4 p4 GQA: level 1
         assert row["span_levels"] == [dq_level, dkv_level], row
-        assert row["rows"] == fused._WALKED_ROWS, row  # the GPU's spans a program, not the other modes' 64
+        assert row["rows"] == fused._WALKED_ROWS, row  # the GPU's spans a program, not the other modes' 256
         assert row["grad_error"] < 1e-6, row
