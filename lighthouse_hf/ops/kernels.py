@@ -887,17 +887,25 @@ def _group_rows(src_a, src_b, inverse, bx, end, seq_len, dim, selected_len, padd
     for member in tl.static_range(GROUP):
         found, row_start = _covering_rows(inverse, bx, member, GROUP, slot, valid, selected_len,
                                           2 * HALF if EVEN else dim, inverse_len, LEVEL, LEVELS)
-        lo_mask = found[:, None]
-        hi_mask = found[:, None]
-        if not EVEN:
-            lo_mask = lo_mask & (f < dim)[None, :]
-            hi_mask = hi_mask & (f + HALF < dim)[None, :]
+        lo_mask, hi_mask = _half_masks(found, f, dim, HALF, EVEN)
         a_lo = _add_after(a_lo, tl.load(src_a + row_start + f[None, :], mask=lo_mask, other=0.0), member)
         a_hi = _add_after(a_hi, tl.load(src_a + row_start + HALF + f[None, :], mask=hi_mask, other=0.0), member)
         if TWO:
             b_lo = _add_after(b_lo, tl.load(src_b + row_start + f[None, :], mask=lo_mask, other=0.0), member)
             b_hi = _add_after(b_hi, tl.load(src_b + row_start + HALF + f[None, :], mask=hi_mask, other=0.0), member)
     return a_lo, a_hi, b_lo, b_hi
+
+
+@triton.jit
+def _half_masks(rows, f, dim, HALF: tl.constexpr, EVEN: tl.constexpr):
+    """The masks of a row's two halves (columns ``f`` and ``HALF + f``) for the rows ``rows``
+    (``[rows]`` bool): columns past ``dim`` too where not ``EVEN``."""
+    lo_mask = rows[:, None]
+    hi_mask = rows[:, None]
+    if not EVEN:
+        lo_mask = lo_mask & (f < dim)[None, :]
+        hi_mask = hi_mask & (f + HALF < dim)[None, :]
+    return lo_mask, hi_mask
 
 
 @triton.jit
@@ -913,11 +921,7 @@ def _add_after(total, rows, member: tl.constexpr):
 def _store_halves(dst, lo, hi, bx, end, f, seq_len, dim, HALF: tl.constexpr, EVEN: tl.constexpr):
     """Rows ``lo``, ``hi`` (two halves) at positions ``end`` of ``dst``, none past the sequence or ``dim``."""
     out = dst + ((bx.to(tl.int64) * seq_len + end) * (2 * HALF if EVEN else dim))[:, None] + f[None, :]
-    lo_mask = (end < seq_len)[:, None]
-    hi_mask = (end < seq_len)[:, None]
-    if not EVEN:
-        lo_mask = lo_mask & (f < dim)[None, :]
-        hi_mask = hi_mask & (f + HALF < dim)[None, :]
+    lo_mask, hi_mask = _half_masks(end < seq_len, f, dim, HALF, EVEN)
     tl.store(out, lo.to(dst.dtype.element_ty), mask=lo_mask)
     tl.store(out + HALF, hi.to(dst.dtype.element_ty), mask=hi_mask)
 
